@@ -1,0 +1,59 @@
+"""The small public Python API: prune, evaluate, load and save."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from prunekit.core.text import TextProtocol, calibration_windows, test_windows
+from prunekit.evaluate.perplexity import PerplexityResult, perplexity
+from prunekit.io.checkpoint import load, save_compressed, save_dense
+from prunekit.models.loading import LoadedModel, load_causal_lm
+from prunekit.weights.pipeline import PruneResult, prune_weights
+
+__all__ = ["evaluate_perplexity", "load", "load_model", "prune", "save_compressed", "save_dense"]
+
+
+def load_model(model: str | os.PathLike | None = None, dtype: str = "float32", device: str = "cpu",
+               trust_remote_code: bool = False) -> LoadedModel:
+    """A causal LM and its tokenizer: a local directory, a hub id (online), or None for SmolLM2-135M."""
+    return load_causal_lm(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+def prune(model: nn.Module, method: str | Mapping[str, Any] = "wanda", sparsity: float | None = 0.5,
+          pattern: str | None = None, allocation: str | Mapping[str, Any] = "uniform",
+          calibration: torch.Tensor | TextProtocol | str | None = None, tokenizer=None,
+          include: Sequence[str] = (), exclude: Sequence[str] = (), overrides: Mapping[str, float] | None = None,
+          sequential: str = "layer", batch_size: int = 4, untie_embeddings: bool = False) -> PruneResult:
+    """Prune a model's weights in place.
+
+    ``calibration`` is a tensor of token ids (samples, seq_len), a ``TextProtocol``, or the name
+    of a text source ("wiki" or a .txt/.jsonl path) turned into windows with ``tokenizer``.
+
+    >>> lm = prunekit.load_model()
+    >>> result = prunekit.prune(lm.model, "sparsegpt", pattern="2:4", calibration="wiki", tokenizer=lm.tokenizer)
+    """
+    if isinstance(calibration, str):
+        calibration = TextProtocol(calibration=calibration)
+    if isinstance(calibration, TextProtocol):
+        if tokenizer is None:
+            raise ValueError("a tokenizer is needed to turn calibration text into token windows")
+        calibration = calibration_windows(tokenizer, calibration)
+    if pattern is not None and sparsity == 0.5:
+        sparsity = None  # the default yields to the pattern's own sparsity
+    return prune_weights(model, method=method, sparsity=sparsity, pattern=pattern, allocation=allocation,
+                         calibration=calibration, include=include, exclude=exclude, overrides=overrides,
+                         sequential=sequential, batch_size=batch_size, untie_embeddings=untie_embeddings)
+
+
+def evaluate_perplexity(model: nn.Module, tokenizer=None, protocol: TextProtocol | None = None,
+                        windows: torch.Tensor | None = None, batch_size: int = 4) -> PerplexityResult:
+    """Perplexity on the protocol's test windows (default: the pinned wiki protocol)."""
+    if windows is None:
+        if tokenizer is None:
+            raise ValueError("give test windows or a tokenizer")
+        windows = test_windows(tokenizer, protocol or TextProtocol())
+    return perplexity(model, windows, batch_size)

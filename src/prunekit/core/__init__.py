@@ -1,0 +1,1 @@
+"""Machinery shared by every pruning dimension: masks, registries, allocation, calibration, configs."""

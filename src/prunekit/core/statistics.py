@@ -1,0 +1,70 @@
+"""Per-layer statistics of a linear layer's calibration inputs, accumulated batch by batch."""
+
+from __future__ import annotations
+
+import torch
+
+
+class LayerStatistics:
+    """Base class: ``add`` sees each batch of inputs (..., in_features) once."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        self.in_features = in_features
+        self.rows = 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def _flatten(inputs: torch.Tensor) -> torch.Tensor:
+        return inputs.reshape(-1, inputs.shape[-1]).float()
+
+
+class InputNorms(LayerStatistics):
+    """Squared L2 norm of every input feature over all calibration tokens (Wanda's ``‖X_j‖²``)."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        super().__init__(in_features, device)
+        self.squared_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
+
+    def add(self, inputs: torch.Tensor) -> None:
+        x = self._flatten(inputs)
+        self.squared_sum += torch.linalg.vector_norm(x, dim=0).double().square()
+        self.rows += x.shape[0]
+
+    def norms(self) -> torch.Tensor:
+        return self.squared_sum.sqrt().float()
+
+    def merge_(self, other: "InputNorms") -> "InputNorms":
+        self.squared_sum += other.squared_sum.to(self.squared_sum.device)
+        self.rows += other.rows
+        return self
+
+
+class InputHessian(InputNorms):
+    """``X Xᵀ`` over calibration tokens, the layer-wise Hessian of the squared reconstruction error.
+
+    It carries the input norms too (its diagonal), so one pass serves magnitude-, Wanda- and
+    SparseGPT-style criteria alike.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        super().__init__(in_features, device)
+        self.gram = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+
+    def add(self, inputs: torch.Tensor) -> None:
+        x = self._flatten(inputs)
+        self.gram.addmm_(x.T, x)
+        self.rows += x.shape[0]
+
+    def norms(self) -> torch.Tensor:
+        return self.gram.diagonal().clamp_min(0).sqrt()
+
+    def hessian(self) -> torch.Tensor:
+        """``2/n · X Xᵀ`` (a fresh tensor, so the shared accumulator is never modified)."""
+        return self.gram * (2.0 / max(self.rows, 1))
+
+    def merge_(self, other: "InputHessian") -> "InputHessian":  # type: ignore[override]
+        self.gram += other.gram.to(self.gram.device)
+        self.rows += other.rows
+        return self

@@ -1,0 +1,1 @@
+"""Measuring what pruning bought: quality, speed, memory and size, and the reports that show it."""

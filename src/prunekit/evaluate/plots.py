@@ -1,0 +1,52 @@
+"""Plots written as PNG files (matplotlib without a display)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _save(fig, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_layer_sparsity(names: Sequence[str], target: Sequence[float], achieved: Sequence[float],
+                        path: str | Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.05 + 4), 4))
+    xs = range(len(names))
+    ax.bar(xs, [a * 100 for a in achieved], width=1.0, color="#4c72b0", label="achieved")
+    ax.plot(xs, [t * 100 for t in target], color="#dd8452", linewidth=1.2, label="allocated")
+    ax.set_xlabel("layer (execution order)")
+    ax.set_ylabel("sparsity (%)")
+    ax.set_ylim(0, 100)
+    ax.set_xlim(-0.5, len(names) - 0.5)
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    _save(fig, path)
+
+
+def plot_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: str | Path, xlabel: str,
+                ylabel: str, title: str, log_y: bool = False, reference: tuple[str, float] | None = None) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, (xs, ys) in curves.items():
+        ax.plot(xs, ys, marker="o", label=label)
+    if reference is not None:
+        ax.axhline(reference[1], color="grey", linestyle="--", label=reference[0])
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)

@@ -1,0 +1,49 @@
+"""Wall time and resident memory of a step, measured while it runs."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import threading
+import time
+
+import psutil
+
+
+def process_peak_rss() -> int:
+    """Peak resident set size of this process since it started, in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+class Measured:
+    """``with Measured() as m: ...`` then ``m.seconds`` and ``m.peak_rss`` (sampled every ``interval`` s).
+
+    The process-lifetime peak cannot isolate one step, so a background thread samples the RSS;
+    a spike shorter than the interval can be missed, which the reports state.
+    """
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.seconds = 0.0
+        self.peak_rss = 0
+        self._stop = threading.Event()
+        self._process = psutil.Process()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "Measured":
+        self.peak_rss = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self._started
+        self._stop.set()
+        self._thread.join()
+        self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)

@@ -1,0 +1,177 @@
+"""Saving and loading pruned models: a plain Hugging Face directory, or prunekit's compressed one."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+
+from prunekit.errors import PrunekitError
+from prunekit.io import sparse_format
+from prunekit.io.atomic import atomic_directory
+
+COMPRESSED_WEIGHTS = "model.sparse.safetensors"
+COMPRESSED_MARKER = "prunekit_compressed.json"
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with every mask baked into its weight, under the weight's own name.
+
+    Masks attached during training live in parametrizations (``...parametrizations.weight.original``);
+    a saved checkpoint must not depend on them. The model itself is left untouched: squashing a deep
+    copy is not an option because parametrized modules share their generated class.
+    """
+    from torch.nn.utils import parametrize
+
+    state = model.state_dict()
+    for module_name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        prefix = f"{module_name}." if module_name else ""
+        for tensor_name in module.parametrizations.keys():
+            inner = f"{prefix}parametrizations.{tensor_name}."
+            for key in [k for k in state if k.startswith(inner)]:
+                del state[key]
+            state[f"{prefix}{tensor_name}"] = getattr(module, tensor_name).detach()
+    return state
+
+
+def unique_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict (masks baked in) without aliases, so tied weights are stored once, and the alias -> owner map."""
+    state: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    owners: dict[tuple[int, int, tuple], str] = {}
+    for name, tensor in plain_state_dict(model).items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.numel() and key in owners:
+            aliases[name] = owners[key]
+            continue
+        owners[key] = name
+        state[name] = tensor
+    return state, aliases
+
+
+def save_dense(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
+    """A directory that ``transformers.AutoModel*.from_pretrained`` loads: dense tensors with zeros."""
+    with atomic_directory(out_dir, overwrite) as tmp:
+        write_dense(model, tmp, tokenizer)
+    return Path(out_dir)
+
+
+def write_dense(model: nn.Module, directory: Path, tokenizer=None) -> None:
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(directory, state_dict=plain_state_dict(model))
+    else:
+        state, _ = unique_state_dict(model)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def save_compressed(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, codec: str = "zstd",
+                    overwrite: bool = False) -> Path:
+    with atomic_directory(out_dir, overwrite) as tmp:
+        write_compressed(model, tmp, tokenizer, codec)
+    return Path(out_dir)
+
+
+def write_compressed(model: nn.Module, directory: Path, tokenizer=None, codec: str = "zstd") -> dict:
+    state, aliases = unique_state_dict(model)
+    stored, manifest = sparse_format.encode(state, codec=codec)
+    manifest["aliases"] = aliases
+    save_file(stored, str(directory / COMPRESSED_WEIGHTS), metadata=sparse_format.manifest_to_metadata(manifest))
+    config = getattr(model, "config", None)
+    marker = {"format": sparse_format.FORMAT_NAME, "version": sparse_format.FORMAT_VERSION, "codec": codec,
+              "weights": COMPRESSED_WEIGHTS,
+              "architecture": type(model).__name__ if config is not None else None}
+    if config is not None:
+        config.save_pretrained(directory)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and hasattr(model, "can_generate") and model.can_generate():
+            generation.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    (directory / COMPRESSED_MARKER).write_text(json.dumps(marker, indent=2))
+    return manifest
+
+
+def is_compressed_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / COMPRESSED_MARKER).exists()
+
+
+def read_compressed_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    weights = Path(path) / COMPRESSED_WEIGHTS
+    if not weights.exists():
+        raise PrunekitError(f"{path} is marked compressed but {COMPRESSED_WEIGHTS} is missing")
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            manifest = sparse_format.metadata_to_manifest(handle.metadata())
+        stored = load_file(str(weights))
+        state = sparse_format.decode(stored, manifest)
+    except (SafetensorError, ValueError, KeyError, OSError, RuntimeError) as exc:
+        raise PrunekitError(f"corrupt compressed checkpoint {weights}: {exc}") from None
+    return state, manifest.get("aliases", {})
+
+
+def load_compressed(path: str | os.PathLike, dtype: torch.dtype | None = None, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild a model from a compressed directory; ``model`` supplies the skeleton for non-HF modules."""
+    path = Path(path)
+    marker = json.loads((path / COMPRESSED_MARKER).read_text())
+    state, aliases = read_compressed_state(path)
+    if model is None:
+        model = _skeleton_from_config(path, marker)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected:
+        raise PrunekitError(f"{path} holds tensors the model does not have: {', '.join(unexpected[:3])}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    for alias, owner in aliases.items():
+        if alias in missing:
+            module_name, _, attr = alias.rpartition(".")
+            owner_module, _, owner_attr = owner.rpartition(".")
+            setattr(model.get_submodule(module_name), attr, getattr(model.get_submodule(owner_module), owner_attr))
+    still_missing = [k for k in missing if k not in aliases]
+    if still_missing:
+        raise PrunekitError(f"{path} lacks tensors the model needs: {', '.join(still_missing[:3])}")
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def _skeleton_from_config(path: Path, marker: dict) -> nn.Module:
+    import transformers
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    architecture = marker.get("architecture")
+    model_cls = getattr(transformers, architecture, None) if architecture else None
+    if model_cls is None:
+        raise PrunekitError(f"{path}: unknown architecture {architecture!r}; pass the model skeleton to prunekit.load")
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights():
+        return model_cls._from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a model saved by prunekit, in either format, restoring every tensor bit for bit."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise PrunekitError(f"no such model directory: {path}")
+    if is_compressed_dir(path):
+        return load_compressed(path, dtype=dtype, model=model)
+    if model is not None:
+        weights = path / "model.safetensors"
+        if not weights.exists():
+            raise PrunekitError(f"{path} has no model.safetensors")
+        model.load_state_dict(load_file(str(weights)), strict=False)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+        return model
+    from prunekit.models.loading import load_causal_lm
+
+    return load_causal_lm(str(path), dtype=dtype or "float32", need_tokenizer=False).model

@@ -1,0 +1,234 @@
+"""One-shot weight pruning of a model: choose targets, allocate sparsity, calibrate, prune."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from prunekit.core.allocation import Allocation, LayerInfo, apply_overrides, get_allocation
+from prunekit.core.allocation.base import name_matches
+from prunekit.core.calibration import HEAD, Target, run_sequential
+from prunekit.core.masks import sparsity_of
+from prunekit.core.patterns import SparsityPattern, check_sparsity
+from prunekit.core.progress import track
+from prunekit.core.statistics import InputNorms, LayerStatistics
+from prunekit.errors import PrunekitError
+from prunekit.models.base import ModelAdapter, adapter_for
+from prunekit.weights.base import OneShotMethod, get_method
+
+
+@dataclass
+class LayerResult:
+    name: str
+    shape: tuple[int, ...]
+    block: int | None
+    target_sparsity: float
+    achieved_sparsity: float
+
+
+@dataclass
+class PruneResult:
+    method: dict
+    pattern: str
+    allocation: dict
+    sparsity: float
+    sequential: str
+    layers: list[LayerResult] = field(default_factory=list)
+    seconds: float = 0.0
+    allocation_seconds: float = 0.0
+    calibration_windows: int = 0
+
+    @property
+    def achieved_sparsity(self) -> float:
+        total = sum(_numel(layer.shape) for layer in self.layers)
+        zeros = sum(layer.achieved_sparsity * _numel(layer.shape) for layer in self.layers)
+        return zeros / max(total, 1)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["achieved_sparsity"] = self.achieved_sparsity
+        data["target_parameters"] = sum(_numel(layer.shape) for layer in self.layers)
+        return data
+
+
+def _numel(shape: Sequence[int]) -> int:
+    total = 1
+    for size in shape:
+        total *= size
+    return total
+
+
+def select_targets(model: nn.Module, adapter: ModelAdapter, include: Sequence[str] = (),
+                   exclude: Sequence[str] = ()) -> list[Target]:
+    """Linear layers of the blocks by default; ``include`` may also name the head or the embeddings."""
+    block_of: dict[str, int] = {}
+    for index, block in enumerate(adapter.blocks()):
+        for local, module in block.named_modules():
+            if isinstance(module, nn.Linear):
+                block_of[f"{adapter.block_name(index)}.{local}"] = index
+    head, embeddings = adapter.head(), adapter.embeddings()
+    candidates: list[Target] = []
+    for name, module in model.named_modules():
+        if name in block_of:
+            candidates.append(Target(name, module, block_of[name]))
+        elif module is head and isinstance(module, nn.Linear):
+            candidates.append(Target(name, module, HEAD))
+        elif module is embeddings and isinstance(module, nn.Embedding):
+            candidates.append(Target(name, module, None))
+    if include:
+        chosen = [t for t in candidates if name_matches(t.name, list(include))]
+    else:
+        chosen = [t for t in candidates if t.block is not None and t.block >= 0]
+    chosen = [t for t in chosen if not name_matches(t.name, list(exclude))]
+    if not chosen:
+        raise PrunekitError("no layer matches the include/exclude patterns"
+                            + (f" (include: {', '.join(include)})" if include else ""))
+    return chosen
+
+
+def _untie(model: nn.Module, adapter: ModelAdapter) -> None:
+    head = adapter.head()
+    head.weight = nn.Parameter(head.weight.detach().clone())
+    if hasattr(model, "config"):
+        model.config.tie_word_embeddings = False
+        text_config = getattr(model.config, "get_text_config", lambda: None)()
+        if text_config is not None:
+            text_config.tie_word_embeddings = False
+
+
+def _check_tied(model: nn.Module, adapter: ModelAdapter, targets: list[Target], untie: bool) -> None:
+    touches = [t for t in targets if t.module is adapter.head() or t.module is adapter.embeddings()]
+    if not touches or not adapter.heads_are_tied():
+        return
+    if len(touches) == 2:
+        raise PrunekitError("lm_head and the input embedding share one tensor; target one of them, not both")
+    if not untie:
+        raise PrunekitError(f"{touches[0].name} shares its weight with the tied "
+                            f"{'input embedding' if touches[0].block == HEAD else 'lm_head'}; "
+                            "pass --untie-embeddings to prune it alone")
+    _untie(model, adapter)
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    for name, parameter in model.named_parameters():
+        if parameter.is_floating_point() and not torch.isfinite(parameter).all():
+            raise PrunekitError(f"weight {name} contains NaN or inf; refusing to prune a broken model")
+
+
+class _StatsCollector:
+    """A dense pass that only records input norms (OWL's outlier scores)."""
+
+    def __init__(self) -> None:
+        self.norms: dict[str, torch.Tensor] = {}
+
+    def statistics(self, target: Target) -> type[LayerStatistics]:
+        return InputNorms
+
+    def process(self, target: Target, stats: LayerStatistics | None) -> None:
+        assert isinstance(stats, InputNorms)
+        self.norms[target.name] = stats.norms()
+
+
+class _Pruner:
+    def __init__(self, method: OneShotMethod, sparsities: Mapping[str, float], pattern: SparsityPattern):
+        self.method, self.sparsities, self.pattern = method, sparsities, pattern
+
+    def statistics(self, target: Target) -> type[LayerStatistics] | None:
+        return self.method.statistics
+
+    def process(self, target: Target, stats: LayerStatistics | None) -> None:
+        self.method.prune(target.module.weight.data, stats, self.sparsities[target.name], self.pattern)
+
+
+def prune_weights(model: nn.Module, method: str | Mapping[str, Any] | OneShotMethod = "wanda",
+                  sparsity: float | None = 0.5, pattern: str | SparsityPattern | None = None,
+                  allocation: str | Mapping[str, Any] | Allocation = "uniform",
+                  calibration: torch.Tensor | None = None, include: Sequence[str] = (), exclude: Sequence[str] = (),
+                  overrides: Mapping[str, float] | None = None, sequential: str = "layer", batch_size: int = 4,
+                  untie_embeddings: bool = False) -> PruneResult:
+    """Prune ``model`` in place (like ``torch.nn.utils.prune``); copy it first to keep the original.
+
+    ``calibration`` is a (samples, seq_len) tensor of token ids, needed by calibrated methods
+    and by OWL. With an N:M ``pattern`` the sparsity is the pattern's own (1 - N/M).
+    """
+    started = time.perf_counter()
+    method = get_method(method)
+    pattern = SparsityPattern.parse(pattern)
+    allocation = get_allocation(allocation)
+    if pattern.is_nm:
+        if sparsity is not None and abs(float(sparsity) - pattern.sparsity) > 1e-9:
+            raise PrunekitError(f"sparsity {sparsity} conflicts with pattern {pattern}, which is "
+                                f"{pattern.sparsity:.0%} sparse; leave the sparsity out")
+        if allocation.name != "uniform":
+            raise PrunekitError(f"pattern {pattern} fixes every layer's sparsity; allocation '{allocation.name}' does not apply")
+        sparsity = pattern.sparsity
+    if sparsity is None:
+        raise PrunekitError("give a sparsity in [0, 1) or an N:M pattern")
+    sparsity = check_sparsity(sparsity)
+    adapter = adapter_for(model)
+    targets = select_targets(model, adapter, include, exclude)
+    _check_tied(model, adapter, targets, untie_embeddings)
+    for target in targets:
+        if pattern.is_nm:
+            pattern.check_width(target.name, target.module.weight.shape[1])
+    check_finite_weights(model)
+    data_needed = method.needs_calibration or allocation.needs == "activation_scores"
+    if data_needed and calibration is None:
+        needer = method.name if method.needs_calibration else f"allocation {allocation.name}"
+        raise PrunekitError(f"{needer} needs calibration data")
+    if method.needs_calibration:
+        outside = [t.name for t in targets if t.block is None]
+        if outside:
+            raise PrunekitError(f"{method.name} needs the inputs of {outside[0]}, which calibration does not see; "
+                                "prune embeddings with magnitude")
+
+    infos = [LayerInfo(t.name, tuple(t.module.weight.shape), t.block) for t in targets]
+    by_name = {t.name: t for t in targets}
+    alloc_started = time.perf_counter()
+    scores = None
+    if allocation.needs == "scores":
+        if not method.comparable_across_layers or method.needs_calibration:
+            raise PrunekitError(f"allocation '{allocation.name}' ranks scores across layers, but {method.name}'s "
+                                "scores are only comparable within a layer; use magnitude, or uniform/owl")
+
+        def scores(name: str) -> torch.Tensor:
+            return method.scores(by_name[name].module.weight.detach().float(), None)
+    elif allocation.needs == "activation_scores":
+        collector = _StatsCollector()
+        calibrated = [t for t in targets if t.block is not None]
+        run_sequential(model, adapter, calibration, calibrated, collector, mode="dense", batch_size=batch_size,
+                       description="Outlier scores")
+
+        def scores(name: str) -> torch.Tensor:
+            weight = by_name[name].module.weight.detach().float().abs()
+            norms = collector.norms.get(name)
+            return weight if norms is None else weight * norms.unsqueeze(0)
+    sparsities = apply_overrides(allocation.allocate(infos, sparsity, scores), overrides)
+    allocation_seconds = time.perf_counter() - alloc_started if allocation.needs != "nothing" else 0.0
+    if pattern.is_nm:
+        wrong = [n for n, s in sparsities.items() if s not in (0.0, pattern.sparsity)]
+        if wrong:
+            raise PrunekitError(f"with pattern {pattern} a layer is either dense (0) or {pattern.sparsity}; "
+                                f"{wrong[0]} was given {sparsities[wrong[0]]}")
+
+    active = [t for t in targets if sparsities[t.name] > 0]
+    pruner = _Pruner(method, sparsities, pattern)
+    if method.needs_calibration:
+        run_sequential(model, adapter, calibration, active, pruner, mode=sequential, batch_size=batch_size,
+                       description=f"Pruning ({method.name})")
+    else:
+        with torch.no_grad():
+            for target in track(active, f"Pruning ({method.name})"):
+                pruner.process(target, None)
+
+    layers = [LayerResult(t.name, tuple(t.module.weight.shape), t.block, sparsities[t.name],
+                          sparsity_of(t.module.weight.detach())) for t in targets]
+    return PruneResult(method={"name": method.name, **method.model_dump(by_alias=True)}, pattern=str(pattern),
+                       allocation={"name": allocation.name, **allocation.model_dump(by_alias=True)},
+                       sparsity=sparsity, sequential=sequential if method.needs_calibration else "none",
+                       layers=layers, seconds=time.perf_counter() - started, allocation_seconds=allocation_seconds,
+                       calibration_windows=0 if calibration is None or not data_needed else int(calibration.shape[0]))

@@ -1,0 +1,96 @@
+"""SparseGPT (Frantar & Alistarh, 2023): prune with the OBS update of the remaining weights.
+
+Columns are visited left to right in blocks. Within a block the mask is chosen by the OBS
+saliency w² / [H⁻¹]²_jj (for N:M, every M columns), each pruned weight's error is spread over
+the not-yet-visited columns of its row through the Cholesky factor of H⁻¹, and the block's
+accumulated error is applied to all later columns at once (lazy batch updates).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from pydantic import Field
+
+from prunekit.core.patterns import SparsityPattern
+from prunekit.core.statistics import InputHessian, LayerStatistics
+from prunekit.errors import PrunekitError
+from prunekit.weights.base import METHODS, OneShotMethod
+
+
+def _drop_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if count > 0:
+        keep.view(-1)[torch.topk(scores.reshape(-1), count, largest=False, sorted=False).indices] = False
+    return keep
+
+
+@METHODS.register("sparsegpt")
+class SparseGPT(OneShotMethod):
+    name: ClassVar[str] = "sparsegpt"
+    statistics: ClassVar[type[LayerStatistics]] = InputHessian
+
+    dampening: float = Field(0.01, gt=0, lt=1, description="fraction of the mean Hessian diagonal added to it")
+    block_size: int = Field(128, ge=1, description="columns pruned together before the lazy update")
+
+    def scores(self, weight: torch.Tensor, stats: LayerStatistics | None) -> torch.Tensor:
+        assert isinstance(stats, InputHessian)
+        inverse_diag = torch.cholesky_inverse(self._cholesky(stats.hessian())).diagonal()
+        return weight.square() / inverse_diag.unsqueeze(0).square()
+
+    def _cholesky(self, hessian: torch.Tensor) -> torch.Tensor:
+        diagonal = hessian.diagonal()
+        dead = diagonal == 0
+        diagonal[dead] = 1.0
+        damp = self.dampening * diagonal.mean()
+        for attempt in range(4):
+            factor, info = torch.linalg.cholesky_ex(hessian + damp * (10**attempt) * torch.eye(
+                hessian.shape[0], device=hessian.device, dtype=hessian.dtype))
+            if int(info) == 0:
+                return factor
+        raise PrunekitError("SparseGPT: the calibration Hessian is not positive definite even with 1000× dampening; "
+                            "use more calibration samples")
+
+    @torch.no_grad()
+    def prune(self, weight: torch.Tensor, stats: LayerStatistics | None, sparsity: float,
+              pattern: SparsityPattern) -> torch.Tensor:
+        assert isinstance(stats, InputHessian)
+        hessian = stats.hessian().to(weight.device)
+        dead = hessian.diagonal() == 0
+        # Work on the transpose so that a column of W is a contiguous row.
+        wt = weight.detach().float().t().contiguous()
+        wt[dead] = 0
+        columns, rows = wt.shape
+        upper = torch.linalg.cholesky(torch.cholesky_inverse(self._cholesky(hessian)), upper=True)
+        keep_t = torch.ones_like(wt, dtype=torch.bool)
+        step = self.block_size
+        if pattern.is_nm:
+            step = max(pattern.m, step - step % pattern.m)
+        for start in range(0, columns, step):
+            end = min(start + step, columns)
+            block = wt[start:end]
+            inv_block = upper[start:end, start:end]
+            diag = inv_block.diagonal()
+            keep = keep_t[start:end]
+            if not pattern.is_nm:
+                # Cumulative rounding makes the layer's total count exact whatever the block sizes.
+                count = int(sparsity * rows * end + 0.5) - int(sparsity * rows * start + 0.5)
+                keep.copy_(_drop_lowest(block.square() / diag.unsqueeze(1).square(), count))
+            errors = torch.zeros_like(block)
+            pruned = (~keep).to(block.dtype)
+            for i in range(end - start):
+                if pattern.is_nm and i % pattern.m == 0:
+                    group = block[i:i + pattern.m].square() / diag[i:i + pattern.m].unsqueeze(1).square()
+                    top = torch.topk(group, pattern.n, dim=0, largest=True, sorted=False).indices
+                    keep[i:i + pattern.m] = False
+                    keep[i:i + pattern.m].scatter_(0, top, True)
+                    pruned[i:i + pattern.m] = (~keep[i:i + pattern.m]).to(block.dtype)
+                error = block[i] * pruned[i] / diag[i]
+                block[i:].addr_(inv_block[i, i:], error, alpha=-1)
+                errors[i] = error
+            block.mul_(keep)
+            if end < columns:
+                wt[end:].addmm_(upper[start:end, end:].t(), errors, alpha=-1)
+        weight.copy_(wt.t())
+        return keep_t.t()

@@ -1,0 +1,128 @@
+"""The three one-shot methods: exact sparsity, valid N:M, and their error ordering on a real layer."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prunekit.core.masks import is_valid_nm, pruned_count
+from prunekit.core.patterns import SparsityPattern
+from prunekit.core.statistics import InputHessian, InputNorms
+from prunekit.core.text import TextProtocol, calibration_windows
+from prunekit.errors import PrunekitError
+from prunekit.weights import get_method
+
+LAYERS = ["model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.o_proj", "model.layers.3.mlp.down_proj"]
+
+
+@pytest.fixture(scope="module")
+def real_layers(smollm2_dir):
+    """Weights of three SmolLM2 layers with their real inputs on 8 × 256 tokens of Wikipedia."""
+    from prunekit.models.loading import load_causal_lm
+
+    lm = load_causal_lm(str(smollm2_dir))
+    windows = calibration_windows(lm.tokenizer, TextProtocol(calibration_samples=8, seq_len=256))
+    captured = {}
+    handles = [lm.model.get_submodule(name).register_forward_pre_hook(
+        lambda m, args, name=name: captured.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1])))
+        for name in LAYERS]
+    with torch.no_grad():
+        for start in range(0, 8, 4):
+            lm.model(input_ids=windows[start:start + 4], use_cache=False)
+    for handle in handles:
+        handle.remove()
+    return {name: (lm.model.get_submodule(name).weight.detach().clone(), torch.cat(captured[name])) for name in LAYERS}
+
+
+def _stats(method, x):
+    if method.statistics is None:
+        return None
+    stats = method.statistics(x.shape[1])
+    for chunk in x.split(512):
+        stats.add(chunk)
+    return stats
+
+
+def _error(weight, pruned, x):
+    return float(torch.linalg.matrix_norm(x @ weight.T - x @ pruned.T))
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+@pytest.mark.parametrize("layer", LAYERS)
+def test_reconstruction_error_orders_sparsegpt_wanda_magnitude(real_layers, layer, pattern):
+    weight, x = real_layers[layer]
+    errors = {}
+    for name in ("magnitude", "wanda", "sparsegpt"):
+        method = get_method(name)
+        pruned = weight.clone()
+        mask = method.prune(pruned, _stats(method, x), 0.5, SparsityPattern.parse(pattern))
+        assert torch.all(pruned[~mask] == 0)
+        assert int((~mask).sum()) == pruned_count(weight.numel(), 0.5)
+        errors[name] = _error(weight, pruned, x)
+    assert errors["sparsegpt"] < errors["wanda"] < errors["magnitude"], errors
+
+
+def test_sparsegpt_update_lowers_the_error_of_its_own_mask(real_layers):
+    """The OBS update of the remaining weights must beat applying the same mask without it."""
+    weight, x = real_layers[LAYERS[2]]
+    method = get_method("sparsegpt")
+    pruned = weight.clone()
+    mask = method.prune(pruned, _stats(method, x), 0.5, SparsityPattern())
+    assert not torch.equal(pruned[mask], weight[mask])
+    assert _error(weight, pruned, x) < _error(weight, weight * mask, x)
+
+
+methods = st.sampled_from(["magnitude", "wanda", "sparsegpt"])
+patterns = st.sampled_from(["unstructured", "2:4", "4:8", "1:4", "2:8"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(methods, patterns, st.integers(1, 24), st.integers(1, 6), st.floats(0.0, 0.95), st.integers(0, 1000))
+def test_exact_sparsity_and_valid_nm(method_name, pattern_text, rows, groups, sparsity, seed):
+    pattern = SparsityPattern.parse(pattern_text)
+    cols = groups * 8
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=generator)
+    x = torch.randn(3 * cols, cols, generator=generator)
+    method = get_method(method_name)
+    target = pattern.sparsity if pattern.is_nm else sparsity
+    mask = method.prune(weight, _stats(method, x), target, pattern)
+    assert torch.all(weight[~mask] == 0)
+    if pattern.is_nm:
+        assert is_valid_nm(mask, pattern)
+        assert int((~mask).sum()) == rows * cols * (pattern.m - pattern.n) // pattern.m
+    elif method.per_row:
+        assert ((~mask).sum(dim=1) == pruned_count(cols, sparsity)).all()
+    else:
+        assert int((~mask).sum()) == pruned_count(rows * cols, sparsity)
+
+
+def test_sparsegpt_settings_are_validated():
+    assert get_method({"name": "sparsegpt", "dampening": 0.05, "block_size": 64}).block_size == 64
+    with pytest.raises(PrunekitError, match="method sparsegpt: dampening"):
+        get_method({"name": "sparsegpt", "dampening": 0})
+    with pytest.raises(PrunekitError, match="method wanda: bogus"):
+        get_method({"name": "wanda", "bogus": 1})
+    with pytest.raises(PrunekitError, match="unknown method 'obs'"):
+        get_method("obs")
+
+
+def test_wanda_score_is_weight_times_input_norm():
+    weight = torch.tensor([[1.0, -2.0, 3.0, 0.5]])
+    stats = InputNorms(4)
+    stats.add(torch.tensor([[3.0, 1.0, 0.1, 10.0]]))
+    scores = get_method("wanda").scores(weight, stats)
+    torch.testing.assert_close(scores, torch.tensor([[3.0, 2.0, 0.3, 5.0]]))
+    mask = get_method("wanda").prune(weight, stats, 0.5, SparsityPattern())
+    assert mask.tolist() == [[True, False, False, True]]
+
+
+def test_sparsegpt_handles_dead_inputs():
+    x = torch.randn(64, 16)
+    x[:, 3] = 0
+    stats = InputHessian(16)
+    stats.add(x)
+    weight = torch.randn(8, 16)
+    get_method("sparsegpt").prune(weight, stats, 0.5, SparsityPattern())
+    assert torch.all(weight[:, 3] == 0)
+    assert torch.isfinite(weight).all()
