@@ -1,0 +1,1 @@
+"""Training-time pruning and the plain training loops every dimension shares."""
