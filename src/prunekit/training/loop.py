@@ -6,6 +6,7 @@ they plug into this loop through ``on_step`` / ``on_epoch`` callbacks instead of
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -49,8 +50,14 @@ def train_classifier(model: nn.Module, inputs: torch.Tensor, labels: torch.Tenso
                      seed: int = 0, cosine: bool = True,
                      on_step: Callable[[StepInfo], None] | None = None,
                      on_epoch: Callable[[int], None] | None = None,
-                     description: str = "Training") -> History:
-    """Minibatch training with a seeded shuffle; ``on_step`` runs after every ``optimizer.step()``."""
+                     description: str = "Training", start_epoch: int = 0) -> History:
+    """Minibatch training with a seeded shuffle; ``on_step`` runs after every ``optimizer.step()``.
+
+    ``start_epoch`` resumes the same run part-way (a checkpoint, or a lottery ticket rewound to an
+    epoch): the shuffles and the learning-rate schedule of the earlier epochs are replayed, not
+    trained, so epoch ``e`` sees the same batches and learning rate as in an uninterrupted run, and
+    ``StepInfo.step`` counts from the start of the run.
+    """
     generator = torch.Generator().manual_seed(seed)
     optimizer = optimizer or make_optimizer(model, lr=lr)
     steps_per_epoch = (inputs.shape[0] + batch_size - 1) // batch_size
@@ -58,9 +65,18 @@ def train_classifier(model: nn.Module, inputs: torch.Tensor, labels: torch.Tenso
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1)) if cosine else None
     device = next(model.parameters()).device
     history = History()
+    start_epoch = min(max(int(start_epoch), 0), epochs)
+    for _ in range(start_epoch):
+        torch.randperm(inputs.shape[0], generator=generator)
+    if scheduler is not None and start_epoch:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # stepping the schedule before any optimizer step is the point here
+            for _ in range(start_epoch * steps_per_epoch):
+                scheduler.step()
+    global_step = start_epoch * steps_per_epoch
     model.train()
-    with progress_bar(description, total) as bar:
-        for epoch in range(epochs):
+    with progress_bar(description, (epochs - start_epoch) * steps_per_epoch) as bar:
+        for epoch in range(start_epoch, epochs):
             order = torch.randperm(inputs.shape[0], generator=generator)
             running = 0.0
             for start in range(0, inputs.shape[0], batch_size):
@@ -74,9 +90,10 @@ def train_classifier(model: nn.Module, inputs: torch.Tensor, labels: torch.Tenso
                 if scheduler is not None:
                     scheduler.step()
                 if on_step is not None:
-                    on_step(StepInfo(epoch, history.steps, indices, logits.detach(), losses.detach(), optimizer))
+                    on_step(StepInfo(epoch, global_step, indices, logits.detach(), losses.detach(), optimizer))
                 running += float(losses.detach().sum())
                 history.steps += 1
+                global_step += 1
                 bar.advance()
             history.losses.append(running / inputs.shape[0])
             if on_epoch is not None:

@@ -1,0 +1,255 @@
+"""Sparse training of a small classifier on Fashion-MNIST: the job behind ``prunekit train fashion-mnist``
+and the benchmark. One settings object (``VisionTrainingRecipe``) fixes every choice of a run.
+
+Schedules are set relative to the run's length unless given (``method_args``):
+GMP / channel GMP / GraNet prune from 10 % to 75 % of the steps, about 20 times; SET / RigL rewire
+every ``min(100, steps/40)`` steps until 75 %; a lottery ticket rewinds to epoch 1 (when there are
+at least 4 epochs a round; else to initialisation); SNIP and GraSP score one batch of the seeded
+training order; SynFlow iterates 100 times; one-shot magnitude trains dense, prunes, fine-tunes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from prunekit.core.config import RecipeModel
+from prunekit.core.patterns import check_sparsity
+from prunekit.errors import PrunekitError
+from prunekit.evaluate.report import SPEED_NOTE, environment, markdown_table, write_json
+from prunekit.io.atomic import atomic_directory, check_output_dir
+from prunekit.models.fashion_mnist import MEAN, STD, ImageSet, load_fashion_mnist
+from prunekit.models.vision import MLP, SmallCNN
+from prunekit.training.base import SPARSIFIERS, Sparsifier, build_sparsifier
+from prunekit.training.fit import SparseRun, steps_per_epoch, train_sparse
+from prunekit.training.report import densities, plot_sparsity_over_training, plot_training, sparse_flops
+
+DENSE = "dense"
+
+
+class VisionTrainingRecipe(RecipeModel):
+    """Every setting of one Fashion-MNIST run."""
+
+    method: str = "rigl"
+    model: Literal["cnn", "mlp"] = "cnn"
+    width: int = Field(32, ge=1, description="CNN channels of the first conv block")
+    hidden: list[int] = Field(default_factory=lambda: [300, 100], description="MLP hidden sizes")
+    sparsity: float = 0.9
+    distribution: str | dict[str, Any] | None = None
+    epochs: int = Field(5, ge=1, description="epochs of training (per round for a lottery ticket)")
+    finetune_epochs: int | None = Field(None, ge=1, description="one-shot magnitude: epochs of fine-tuning after pruning")
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.05, gt=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    seed: int = 0
+    train_limit: int | None = Field(None, ge=1, description="use only the first N training images")
+    test_limit: int | None = Field(None, ge=1, description="use only the first N test images")
+    method_args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        value = value.lower()
+        if value != DENSE and value not in SPARSIFIERS:
+            raise ValueError(f"unknown method '{value}'; choose dense or one of: {', '.join(SPARSIFIERS.names())}")
+        if value == "fixed":
+            raise ValueError("'fixed' keeps an existing mask; a fresh model has none (use it from Python)")
+        return value
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity(cls, value: float) -> float:
+        try:
+            return check_sparsity(value)
+        except PrunekitError as exc:
+            raise ValueError(str(exc)) from None
+
+
+def build_model(recipe: VisionTrainingRecipe) -> nn.Module:
+    torch.manual_seed(recipe.seed)
+    if recipe.model == "cnn":
+        return SmallCNN(width=recipe.width)
+    return MLP(hidden=tuple(recipe.hidden))
+
+
+def schedule_defaults(method: str, total_steps: int, per_epoch: int, epochs: int) -> dict[str, Any]:
+    """Schedule settings relative to the run's length (see the module docstring)."""
+    start, end = int(0.1 * total_steps), max(int(0.75 * total_steps), 1)
+    if end <= start:
+        start, end = 0, max(total_steps, 1)
+    frequency = max((end - start) // 20, 1)
+    if method in ("gmp", "channel_gmp", "granet"):
+        return {"start_step": start, "end_step": end, "frequency": frequency}
+    if method in ("set", "rigl"):
+        return {"end_step": end, "update_interval": max(min(100, total_steps // 40), 1)}
+    if method == "lottery":
+        return {"steps_per_round": total_steps, "rewind_step": per_epoch if epochs >= 4 else 0}
+    return {}
+
+
+@dataclass
+class VisionOutcome:
+    recipe: VisionTrainingRecipe
+    model: nn.Module
+    sparsifier: Sparsifier | None
+    run: SparseRun
+    accuracy: float
+    flops: dict
+    dense_run: SparseRun | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def load_data(recipe: VisionTrainingRecipe) -> tuple[ImageSet, ImageSet]:
+    return load_fashion_mnist("train", recipe.train_limit), load_fashion_mnist("test", recipe.test_limit)
+
+
+def _train(model: nn.Module, sparsifier: Sparsifier | None, recipe: VisionTrainingRecipe, train: ImageSet,
+           test: ImageSet, epochs: int, description: str) -> SparseRun:
+    return train_sparse(model, sparsifier, train.images, train.labels, epochs, batch_size=recipe.batch_size,
+                        lr=recipe.lr, optimizer=recipe.optimizer, momentum=recipe.momentum,
+                        weight_decay=recipe.weight_decay, seed=recipe.seed, test=(test.images, test.labels),
+                        evaluate_every_epoch=True, description=description)
+
+
+def build_for_run(recipe: VisionTrainingRecipe, model: nn.Module, train: ImageSet) -> Sparsifier:
+    per_epoch = steps_per_epoch(len(train), recipe.batch_size)
+    total = recipe.epochs * per_epoch
+    settings: dict[str, Any] = {"sparsity": recipe.sparsity, "seed": recipe.seed,
+                                **schedule_defaults(recipe.method, total, per_epoch, recipe.epochs)}
+    if recipe.distribution is not None:
+        settings["distribution"] = recipe.distribution
+    if recipe.method in ("snip", "grasp"):
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(recipe.seed))[:recipe.batch_size]
+        settings["data"] = [(train.images[order], train.labels[order])]
+    if recipe.method == "synflow":
+        settings["input_shape"] = tuple(train.images.shape[1:])
+    settings.update(recipe.method_args)
+    if recipe.method == "lottery" and "rewind_epoch" in settings:
+        settings["rewind_step"] = int(settings.pop("rewind_epoch")) * per_epoch
+    return build_sparsifier(recipe.method, model, **settings)
+
+
+def run_vision(recipe: VisionTrainingRecipe, data: tuple[ImageSet, ImageSet] | None = None,
+               dense_state: dict[str, torch.Tensor] | None = None) -> VisionOutcome:
+    """Train one model as the recipe says. ``dense_state`` (one-shot magnitude only) skips the dense
+    training by starting from those trained weights."""
+    train, test = data or load_data(recipe)
+    model = build_model(recipe)
+    dense_run = None
+    if recipe.method == DENSE:
+        sparsifier = None
+        run = _train(model, None, recipe, train, test, recipe.epochs, "Training (dense)")
+    elif recipe.method == "magnitude":
+        if dense_state is None:
+            dense_run = _train(model, None, recipe, train, test, recipe.epochs, "Training (dense, before pruning)")
+        else:
+            model.load_state_dict(dense_state)
+        sparsifier = build_for_run(recipe, model, train)
+        finetune = recipe.finetune_epochs or max(recipe.epochs // 2, 1)
+        run = _train(model, sparsifier, recipe, train, test, finetune, "Fine-tuning (mask kept)")
+    else:
+        sparsifier = build_for_run(recipe, model, train)
+        run = _train(model, sparsifier, recipe, train, test, recipe.epochs, f"Training ({recipe.method})")
+    example = train.images[:1]
+    flops = sparse_flops(model, example, densities(sparsifier, model))
+    assert run.final_accuracy is not None
+    return VisionOutcome(recipe, model, sparsifier, run, run.final_accuracy, flops, dense_run)
+
+
+def vision_report(outcome: VisionOutcome, train_size: int, test_size: int) -> dict:
+    recipe, sparsifier = outcome.recipe, outcome.sparsifier
+    layer_rows = []
+    for name, info in outcome.flops["layers"].items():
+        layer_rows.append({"name": name, "sparsity": 1 - info["density"], "dense_flops": info["dense"],
+                           "sparse_flops": info["sparse"]})
+    return {
+        "method": sparsifier.describe() if sparsifier else {"name": DENSE},
+        "model": {"kind": recipe.model, "parameters": sum(p.numel() for p in outcome.model.parameters())},
+        "sparsity": {"target": recipe.sparsity if sparsifier else 0.0,
+                     "achieved": sparsifier.sparsity if sparsifier else 0.0},
+        "test_accuracy": outcome.accuracy,
+        "flops": outcome.flops,
+        "layers": layer_rows,
+        "training": outcome.run.to_dict(),
+        "dense_pretraining": outcome.dense_run.to_dict() if outcome.dense_run else None,
+        "sparsity_history": sparsifier.history if sparsifier else [],
+        "protocol": {"data": "Fashion-MNIST (Debian dataset-fashion-mnist)",
+                     "train_images": train_size, "test_images": test_size,
+                     "normalisation": f"(x/255 - {MEAN}) / {STD}",
+                     "order": f"seeded shuffle per epoch (seed {recipe.seed}); accuracy on the whole test split given"},
+        "speed_note": SPEED_NOTE,
+        "recipe": recipe.model_dump(mode="json"),
+        "environment": environment(),
+    }
+
+
+def vision_markdown(report: dict) -> str:
+    method = report["method"]
+    settings = ", ".join(f"{k}={v}" for k, v in method.items() if k not in ("name", "layers", "sparsity"))
+    flops = report["flops"]
+    rows = [
+        ("method", method["name"] + (f" ({settings})" if settings else "")),
+        ("model", f"{report['model']['kind']} ({report['model']['parameters']:,} parameters)"),
+        ("target sparsity", f"{report['sparsity']['target']:.2%}"),
+        ("achieved sparsity (sparsified layers)", f"{report['sparsity']['achieved']:.2%}"),
+        ("test accuracy", f"{report['test_accuracy']:.2%}"),
+        ("forward FLOPs per image, dense", f"{flops['dense']:,}"),
+        ("forward FLOPs per image, sparse (theoretical)", f"{flops['sparse']:,.0f} ({flops['ratio']:.1%} of dense)"),
+        ("optimizer steps", report["training"]["steps"]),
+        ("training wall time", f"{report['training']['seconds']:.1f} s"),
+    ]
+    epochs = report["training"]["epochs"]
+    lines = [f"# prunekit sparse training: {method['name']} on Fashion-MNIST", "", markdown_table(["", ""], rows), "",
+             "## Per-layer sparsity and FLOPs", "",
+             markdown_table(["layer", "sparsity", "dense FLOPs", "sparse FLOPs"],
+                            [(l["name"], f"{l['sparsity']:.4f}", f"{l['dense_flops']:,}", f"{l['sparse_flops']:,.0f}")
+                             for l in report["layers"]]), "",
+             "## Training", "",
+             markdown_table(["epoch", "round", "loss", "sparsity", "test accuracy"],
+                            [(i + 1, e.get("round", 0), e.get("loss"), f"{e['sparsity']:.4f}",
+                              f"{e['test_accuracy']:.4f}" if e.get("test_accuracy") is not None else None)
+                             for i, e in enumerate(epochs)]), ""]
+    if report["training"]["rounds"]:
+        lines += ["## Lottery rounds", "",
+                  markdown_table(["round", "sparsity", "test accuracy"],
+                                 [(r["round"], f"{r['sparsity']:.4f}", f"{r['test_accuracy']:.4f}")
+                                  for r in report["training"]["rounds"]]), ""]
+    protocol = report["protocol"]
+    lines += ["## Protocol", "", f"- data: {protocol['data']}; {protocol['train_images']} training and "
+              f"{protocol['test_images']} test images; normalised {protocol['normalisation']}",
+              f"- {protocol['order']}", f"- FLOPs: {flops['note']}", "", "## Speed", "", report["speed_note"], "",
+              f"Environment: {json.dumps(report['environment'])}", ""]
+    return "\n".join(lines)
+
+
+def run_vision_job(recipe: VisionTrainingRecipe, out: str | Path, overwrite: bool = False) -> tuple[dict, str]:
+    """Train, then write the model (masks baked in), its report and plots to ``out`` atomically."""
+    from prunekit.io.checkpoint import write_dense
+
+    out_path = check_output_dir(out, overwrite)
+    data = load_data(recipe)
+    started = time.perf_counter()
+    outcome = run_vision(recipe, data)
+    report = vision_report(outcome, len(data[0]), len(data[1]))
+    report["wall_seconds"] = time.perf_counter() - started
+    markdown = vision_markdown(report)
+    with atomic_directory(out_path, overwrite) as tmp:
+        if outcome.sparsifier is not None:
+            plot_sparsity_over_training(outcome.sparsifier.history, tmp / "sparsity_over_training.png",
+                                        f"{recipe.method}: per-layer sparsity", total_steps=outcome.run.steps)
+            outcome.sparsifier.squash()
+        write_dense(outcome.model, tmp)
+        plot_training(outcome.run.epochs, tmp / "training.png", f"{recipe.method} on Fashion-MNIST ({recipe.model})")
+        write_json(tmp / "report.json", report)
+        (tmp / "report.md").write_text(markdown)
+        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+    return report, markdown
