@@ -50,8 +50,16 @@ def train_classifier(model: nn.Module, inputs: torch.Tensor, labels: torch.Tenso
                      seed: int = 0, cosine: bool = True,
                      on_step: Callable[[StepInfo], None] | None = None,
                      on_epoch: Callable[[int], None] | None = None,
-                     description: str = "Training", start_epoch: int = 0) -> History:
+                     description: str = "Training", start_epoch: int = 0,
+                     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                     stop_epoch: int | None = None, sampler=None) -> History:
     """Minibatch training with a seeded shuffle; ``on_step`` runs after every ``optimizer.step()``.
+
+    ``loss_fn(logits, labels)`` returns per-example losses (default: cross-entropy). ``stop_epoch``
+    ends the run after that many epochs while the learning-rate schedule still spans ``epochs``, so
+    early-training states (data-pruning scores) are those of the full schedule. ``sampler`` (a
+    ``torch.utils.data.Sampler`` of dataset indices with a fixed ``len``, such as a dynamic data-pruning
+    sampler) replaces the seeded shuffle; its ``set_epoch(epoch)`` is called before every epoch.
 
     ``start_epoch`` resumes the same run part-way (a checkpoint, or a lottery ticket rewound to an
     epoch): the shuffles and the learning-rate schedule of the earlier epochs are replayed, not
@@ -60,13 +68,14 @@ def train_classifier(model: nn.Module, inputs: torch.Tensor, labels: torch.Tenso
     """
     generator = torch.Generator().manual_seed(seed)
     optimizer = optimizer or make_optimizer(model, lr=lr)
-    steps_per_epoch = (inputs.shape[0] + batch_size - 1) // batch_size
+    per_epoch = len(sampler) if sampler is not None else inputs.shape[0]
+    steps_per_epoch = (per_epoch + batch_size - 1) // batch_size
     total = epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1)) if cosine else None
     device = next(model.parameters()).device
     history = History()
     start_epoch = min(max(int(start_epoch), 0), epochs)
-    for _ in range(start_epoch):
+    for _ in range(start_epoch if sampler is None else 0):
         torch.randperm(inputs.shape[0], generator=generator)
     if scheduler is not None and start_epoch:
         with warnings.catch_warnings():
@@ -75,15 +84,21 @@ def train_classifier(model: nn.Module, inputs: torch.Tensor, labels: torch.Tenso
                 scheduler.step()
     global_step = start_epoch * steps_per_epoch
     model.train()
-    with progress_bar(description, (epochs - start_epoch) * steps_per_epoch) as bar:
-        for epoch in range(start_epoch, epochs):
-            order = torch.randperm(inputs.shape[0], generator=generator)
+    end_epoch = epochs if stop_epoch is None else min(max(int(stop_epoch), start_epoch), epochs)
+    with progress_bar(description, (end_epoch - start_epoch) * steps_per_epoch) as bar:
+        for epoch in range(start_epoch, end_epoch):
+            if sampler is not None:
+                if hasattr(sampler, "set_epoch"):
+                    sampler.set_epoch(epoch)
+                order = torch.as_tensor(list(iter(sampler)), dtype=torch.long)
+            else:
+                order = torch.randperm(inputs.shape[0], generator=generator)
             running = 0.0
-            for start in range(0, inputs.shape[0], batch_size):
+            for start in range(0, order.numel(), batch_size):
                 indices = order[start:start + batch_size]
                 x, y = inputs[indices].to(device), labels[indices].to(device)
                 logits = model(x)
-                losses = F.cross_entropy(logits, y, reduction="none")
+                losses = loss_fn(logits, y) if loss_fn is not None else F.cross_entropy(logits, y, reduction="none")
                 optimizer.zero_grad(set_to_none=True)
                 losses.mean().backward()
                 optimizer.step()
@@ -95,7 +110,7 @@ def train_classifier(model: nn.Module, inputs: torch.Tensor, labels: torch.Tenso
                 history.steps += 1
                 global_step += 1
                 bar.advance()
-            history.losses.append(running / inputs.shape[0])
+            history.losses.append(running / max(order.numel(), 1))
             if on_epoch is not None:
                 on_epoch(epoch)
     model.eval()
