@@ -8,13 +8,16 @@ from torch import nn
 class SmallCNN(nn.Module):
     """Two conv blocks and a two-layer classifier: about 89 % on Fashion-MNIST after 2 epochs."""
 
-    def __init__(self, num_classes: int = 10, width: int = 32, in_channels: int = 1):
+    def __init__(self, num_classes: int = 10, width: int = 32, in_channels: int = 1,
+                 image_size: int | tuple[int, int] = 28):
         super().__init__()
+        # two 2x2 max-pools: the classifier sees a (size // 4) grid; 28 -> 7 for Fashion-MNIST
+        height, width_px = (image_size, image_size) if isinstance(image_size, int) else image_size
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(), nn.MaxPool2d(2),
         )
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 7 * 7, 128), nn.ReLU(),
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * (height // 4) * (width_px // 4), 128), nn.ReLU(),
                                         nn.Linear(128, num_classes))
 
     def forward(self, x):
