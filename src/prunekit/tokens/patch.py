@@ -1,0 +1,251 @@
+"""``apply``: patch a model so its layers drop or merge tokens, and the handle that undoes it exactly.
+
+The patch replaces the ``forward`` of the model's layers on the instances (never on the classes)
+and adds hooks; removing it deletes exactly those attributes and hooks, so the model is the very
+object it was before. Nothing touches a parameter or a buffer.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from prunekit.errors import PrunekitError
+from prunekit.tokens.attention import AttentionView
+from prunekit.tokens.base import ReductionStep, TokenMethod, get_method
+from prunekit.tokens.state import TokenState, apply_reduction, pool_mean
+
+if TYPE_CHECKING:
+    from prunekit.tokens.families.base import TokenFamily
+
+_MARKER = "_prunekit_token_patch"
+
+
+@dataclass
+class LayerRecord:
+    """Tokens per sample (mean over the batch's real tokens) before and after one reducing layer."""
+
+    layer: int
+    tokens_before: float
+    tokens_after: float
+
+
+@dataclass
+class ForwardTrace:
+    """What the last forward pass did: the batch, its tokens at the start and end, every reduction."""
+
+    batch: int = 0
+    tokens_in: float = 0.0
+    tokens_out: float = 0.0
+    steps: list[LayerRecord] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"batch": self.batch, "tokens_in": self.tokens_in, "tokens_out": self.tokens_out,
+                "steps": [vars(step) for step in self.steps]}
+
+
+class TokenPatch:
+    """A token-reduction patch on a model; ``remove()`` (or leaving a ``with`` block) undoes it.
+
+    After a forward pass, ``state`` describes the tokens the model ended with (their sizes, which
+    are padding, which original position each stands for) and ``pool`` averages hidden states
+    over them, weighted by size, as mean pooling of the unreduced sequence would.
+    """
+
+    def __init__(self, model: nn.Module, family: "TokenFamily", method: TokenMethod, layers: Sequence[int],
+                 seed: int, protect_ids: Sequence[int]):
+        self.model = model
+        self.family = family
+        self.method = method
+        self.layers = tuple(sorted(layers))
+        self.seed = seed
+        self.protect_ids = tuple(int(i) for i in protect_ids)
+        self.state: TokenState | None = None
+        self.trace = ForwardTrace()
+        self.active = False
+        self._reducing = frozenset(self.layers)
+        self._pending: dict[str, Any] | None = None
+        self._restore: list[Callable[[], None]] = []
+        self._generator: torch.Generator | None = None
+
+    # ----- installing and removing -------------------------------------------------------------
+    def replace_forward(self, module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+        """Give ``module`` an instance-level forward built from its current one; undone on removal."""
+        had_own = "forward" in module.__dict__
+        own = module.__dict__.get("forward")
+        original = module.forward
+        module.forward = types.MethodType(make(original), module)
+
+        def restore() -> None:
+            if had_own:
+                module.forward = own
+            else:
+                del module.forward
+
+        self._restore.append(restore)
+
+    def add_handle(self, handle: Any) -> None:
+        self._restore.append(handle.remove)
+
+    def install(self) -> "TokenPatch":
+        try:
+            self.family.install(self)
+        except BaseException:
+            self._undo()
+            raise
+        setattr(self.model, _MARKER, self)
+        self._restore.append(lambda: delattr(self.model, _MARKER))
+        self.active = True
+        return self
+
+    def _undo(self) -> None:
+        while self._restore:
+            self._restore.pop()()
+
+    def remove(self) -> None:
+        """Restore the model exactly as it was. Removing twice is harmless."""
+        if not self.active:
+            return
+        self._undo()
+        self.active = False
+        self.state = None
+        self._pending = None
+
+    def __enter__(self) -> "TokenPatch":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    # ----- one forward pass (called by the family's code) ------------------------------------
+    def start(self, valid: torch.Tensor | None = None, input_ids: torch.Tensor | None = None) -> None:
+        """A new forward pass begins; its token state is built when the first layer sees its input."""
+        self._pending = {"valid": valid, "input_ids": input_ids}
+        self.state = None
+        self.trace = ForwardTrace()
+        if self._generator is None:
+            self._generator = torch.Generator()
+        self._generator.manual_seed(self.seed)
+
+    def state_for(self, hidden: torch.Tensor) -> TokenState:
+        if self._pending is None:
+            if self.state is None:
+                raise RuntimeError("a patched layer ran outside a patched forward pass")
+            return self.state
+        pending, self._pending = self._pending, None
+        batch, tokens = hidden.shape[:2]
+        valid = pending["valid"]
+        if valid is not None:
+            if valid.shape != (batch, tokens):
+                raise PrunekitError(f"the attention mask has shape {tuple(valid.shape)}, but the input has "
+                                    f"{batch} sequences of {tokens} tokens")
+            valid = valid.to(hidden.device).bool()
+            if not bool(valid.any(dim=1).all()):
+                raise PrunekitError("a sequence in the batch is all padding; every sequence needs a real token")
+        state = TokenState.initial(batch, tokens, hidden.device, valid=valid)
+        state.protected = self.family.protected(state.valid, pending["input_ids"], self.protect_ids)
+        state.proportional = self.method.uses_proportional_attention()
+        self.state = state
+        real = float(state.valid.sum()) / batch
+        self.trace = ForwardTrace(batch=batch, tokens_in=real, tokens_out=real)
+        return state
+
+    def reduces_at(self, layer: int) -> bool:
+        return layer in self._reducing
+
+    def reduce(self, layer: int, hidden: torch.Tensor, attention: AttentionView) -> torch.Tensor:
+        """Run the method at a reducing layer; returns the new hidden states and updates ``state``."""
+        state = self.state_for(hidden)
+        remove = self.method.removal_counts(state.reducible.sum(dim=1), layer)
+        if not bool((remove > 0).any()):
+            return hidden
+        step = ReductionStep(hidden=hidden, state=state, attention=attention, remove=remove, layer=layer,
+                             generator=self._generator, anchor=self.family.anchor)
+        result = self.method.reduce(step)
+        before = float(state.valid.sum()) / hidden.shape[0]
+        hidden, self.state = apply_reduction(hidden, state, result, align_right=self.family.causal)
+        after = float(self.state.valid.sum()) / hidden.shape[0]
+        self.trace.steps.append(LayerRecord(layer, before, after))
+        self.trace.tokens_out = after
+        return hidden
+
+    # ----- after a forward pass --------------------------------------------------------------
+    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Size-weighted mean of the last forward pass's final tokens (padding excluded)."""
+        if self.state is None or self.state.valid.shape != hidden.shape[:2]:
+            raise PrunekitError("pool() needs the final hidden states of the last forward pass of the patched model")
+        return pool_mean(hidden, self.state)
+
+    def kept_positions(self) -> torch.Tensor:
+        """(batch, tokens) original index of every final token of the last forward pass; -1 marks
+        padding and fused tokens."""
+        if self.state is None:
+            raise PrunekitError("kept_positions() needs a forward pass of the patched model first")
+        return self.state.source
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.method.settings(), "family": self.family.name, "layers": list(self.layers),
+                "seed": self.seed, "protected": self.family.protection_rule(self.protect_ids)}
+
+    def __repr__(self) -> str:
+        status = "active" if self.active else "removed"
+        return (f"TokenPatch({self.method.name}, rate={self.method.rate:g}, layers={list(self.layers)}, "
+                f"family={self.family.name}, {status})")
+
+
+def default_layers(method: TokenMethod, depth: int) -> list[int]:
+    """Where a method reduces by default: ToMe in every block; FastV once after block 2; the others
+    at a quarter, half and three quarters of the depth (EViT's 4th/7th/10th of 12 blocks)."""
+    if method.stages == "every":
+        return list(range(depth))
+    if method.stages == "single":
+        return [min(2, depth - 1)]
+    return sorted({depth // 4, depth // 2, (3 * depth) // 4})
+
+
+def resolve_layers(method: TokenMethod, layers: Sequence[int] | None, depth: int) -> list[int]:
+    if layers is None:
+        return default_layers(method, depth)
+    chosen = [int(layer) for layer in layers]
+    if not chosen:
+        raise PrunekitError("layers is empty; give at least one block index, or leave it out for the method's default")
+    wrong = [layer for layer in chosen if not 0 <= layer < depth]
+    if wrong:
+        raise PrunekitError(f"layer {wrong[0]} does not exist: the model has {depth} blocks (0..{depth - 1})")
+    if len(set(chosen)) != len(chosen):
+        raise PrunekitError(f"layers {chosen} repeat a block")
+    return sorted(chosen)
+
+
+def apply(model: nn.Module, method: str = "tome", rate: float = 0.25, *, layers: Sequence[int] | None = None,
+          seed: int = 0, protect_ids: Sequence[int] = (), **options: Any) -> TokenPatch:
+    """Make ``model`` drop or merge tokens inside its forward pass; returns the handle that undoes it.
+
+    ``rate`` is the fraction of the reducible tokens (real, unprotected) that each reducing layer
+    removes; ``layers`` lists the blocks that reduce (after their attention, before their MLP),
+    by default the method's own schedule. ``protect_ids`` adds token ids that are never removed
+    (for text models; [CLS]/first, [SEP]/last and padding are handled by rule). Method settings
+    (``r`` for ToMe, ``iterations`` for Zero-TPrune, ...) are keyword arguments.
+
+    >>> with prunekit.tokens.apply(vit, "tome", rate=0.2) as patch:
+    ...     logits = vit(images)
+    """
+    from prunekit.tokens.families import find_family
+
+    if not isinstance(model, nn.Module):
+        raise PrunekitError(f"expected a torch model (nn.Module), got {type(model).__name__}")
+    existing = getattr(model, _MARKER, None)
+    if existing is not None:
+        raise PrunekitError(f"the model already carries a token patch ({existing.method.name}); remove it first")
+    family = find_family(model)
+    built = method if isinstance(method, TokenMethod) else get_method(str(method), rate, **options)
+    if isinstance(method, TokenMethod) and options:
+        raise PrunekitError("give settings either in the method object or as keyword arguments, not both")
+    family.check(built)
+    chosen = resolve_layers(built, layers, family.depth)
+    return TokenPatch(model, family, built, chosen, seed, protect_ids).install()
+

@@ -1,0 +1,198 @@
+"""The tokens of one forward pass as they shrink: sizes, padding, protection and origin of each token.
+
+Reductions keep the batch rectangular: every sample keeps its own number of real tokens, packed
+in their original order at the front, and the rest of the row is padding that no attention sees.
+Padding is therefore never kept in place of a real token, and a sample's result does not depend on
+what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from prunekit.tokens.base import DROPPED, FUSED, Assignment, Selection
+
+FUSED_SOURCE = -1  # ``source`` of a token that stands for a fusion, not for one original position
+
+
+@dataclass
+class TokenState:
+    sizes: torch.Tensor  # (batch, tokens) float32: how many original tokens each token stands for
+    valid: torch.Tensor  # (batch, tokens) bool: False for padding
+    protected: torch.Tensor  # (batch, tokens) bool: never dropped or merged ([CLS], special tokens, ...)
+    source: torch.Tensor  # (batch, tokens) long: original index of each token (FUSED_SOURCE for a fusion)
+    reduced: bool = False  # whether any token has been removed in this forward pass
+    proportional: bool = False  # whether attention adds log(size) to its logits (ToMe)
+    padded: bool = False  # whether any row holds padding
+    merged: bool = False  # whether any token stands for more than one original token
+
+    @classmethod
+    def initial(cls, batch: int, tokens: int, device: torch.device, valid: torch.Tensor | None = None,
+                protected: torch.Tensor | None = None) -> "TokenState":
+        if valid is None:
+            valid = torch.ones(batch, tokens, dtype=torch.bool, device=device)
+        if protected is None:
+            protected = torch.zeros(batch, tokens, dtype=torch.bool, device=device)
+        return cls(sizes=valid.to(torch.float32), valid=valid, protected=protected & valid,
+                   source=torch.arange(tokens, device=device).expand(batch, tokens).clone(),
+                   padded=not bool(valid.all()))
+
+    @property
+    def reducible(self) -> torch.Tensor:
+        return self.valid & ~self.protected
+
+    @property
+    def tokens(self) -> int:
+        return self.valid.shape[1]
+
+    def has_padding(self) -> bool:
+        return self.padded
+
+    def key_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """(batch, 1, 1, tokens) additive attention bias: padding masked out, plus log(size) under
+        proportional attention. None when neither applies, so attention runs exactly as unpatched."""
+        proportional = self.proportional and self.merged
+        if not proportional and not self.padded:
+            return None
+        bias = torch.zeros(self.valid.shape, dtype=torch.float32, device=self.valid.device)
+        if proportional:
+            bias = torch.log(self.sizes.clamp_min(1.0))
+        bias = bias.masked_fill(~self.valid, torch.finfo(dtype).min)
+        return bias.to(dtype)[:, None, None, :]
+
+    def causal_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """(batch, 1, tokens, tokens) additive causal mask over the current tokens (kept in their
+        original order), with padding keys masked out."""
+        n = self.tokens
+        device = self.valid.device
+        allowed = torch.ones(n, n, dtype=torch.bool, device=device).tril()[None] & self.valid[:, None, :]
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        return bias[:, None]
+
+    def anchor_index(self, anchor: str) -> torch.Tensor:
+        """(batch,) index of the token whose attention row ranks the others: the first token
+        ([CLS]) or the last real token (a decoder's newest query)."""
+        if anchor == "first":
+            return torch.zeros(self.valid.shape[0], dtype=torch.long, device=self.valid.device)
+        positions = torch.arange(self.tokens, device=self.valid.device).expand_as(self.valid)
+        return torch.where(self.valid, positions, -1).amax(dim=1)
+
+
+def _packing_order(survivors: torch.Tensor, align_right: bool = False) -> torch.Tensor:
+    """(batch, tokens): indices that gather each row's survivors, in their original order, to the
+    front of the row (or, with ``align_right``, so that they end the row's first ``max count``)."""
+    n = survivors.shape[1]
+    positions = torch.arange(n, device=survivors.device)
+    key = torch.where(survivors, positions, positions + n)
+    order = torch.sort(key, dim=1, stable=True).indices
+    if align_right:
+        counts = survivors.sum(dim=1, keepdim=True)
+        width = counts.max()
+        # slot j of a row holds survivor j - (width - count); the leading slots hold padding.
+        shift = (positions[None, :] - (width - counts)) % n
+        order = order.gather(1, shift)
+    return order
+
+
+def apply_selection(hidden: torch.Tensor, state: TokenState, selection: Selection,
+                    align_right: bool = False) -> tuple[torch.Tensor, TokenState]:
+    """Drop every token not kept; survivors are packed in order, shorter rows padded (after the
+    survivors, or before them with ``align_right`` so a decoder's last token stays last)."""
+    keep = (selection.keep | state.protected) & state.valid
+    counts = keep.sum(dim=1)
+    width = int(counts.max())
+    index = _packing_order(keep, align_right)[:, :width]
+    slots = torch.arange(width, device=keep.device)[None, :]
+    valid = slots >= (width - counts)[:, None] if align_right else slots < counts[:, None]
+    gathered = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+    new_state = TokenState(
+        sizes=state.sizes.gather(1, index) * valid,
+        valid=valid,
+        protected=state.protected.gather(1, index) & valid,
+        source=torch.where(valid, state.source.gather(1, index), FUSED_SOURCE),
+        reduced=True,
+        proportional=state.proportional,
+        padded=not bool(valid.all()),
+        merged=state.merged,
+    )
+    return gathered, new_state
+
+
+def apply_assignment(hidden: torch.Tensor, state: TokenState, assignment: Assignment) -> tuple[torch.Tensor, TokenState]:
+    """Merge tokens into their destinations (size-weighted mean), fuse the ``FUSED`` ones into one
+    extra token appended after the survivors, drop the rest."""
+    batch, n, width = hidden.shape
+    device = hidden.device
+    positions = torch.arange(n, device=device).expand(batch, n)
+    dest = assignment.dest.masked_fill(~state.valid, DROPPED)
+    dest = torch.where(state.protected, positions, dest)
+    survivors = dest == positions
+    merged_away = (dest >= 0) & ~survivors
+    if bool((merged_away & ~survivors.gather(1, dest.clamp_min(0))).any()):
+        raise RuntimeError("a token was merged into a token that does not survive")
+    fused = dest == FUSED
+    has_fused = fused.any(dim=1)
+    counts = survivors.sum(dim=1) + has_fused.long()
+    new_width = int(counts.max())
+    order = _packing_order(survivors)
+    new_position = torch.empty_like(order)
+    new_position.scatter_(1, order, positions)  # packed slot of every survivor
+    dump = new_width  # an extra slot collecting dropped tokens, cut off at the end
+    target = torch.full_like(dest, dump)
+    target = torch.where(survivors, new_position, target)
+    merge_target = new_position.gather(1, dest.clamp_min(0))
+    target = torch.where(dest >= 0, merge_target, target)
+    fused_slot = survivors.sum(dim=1, keepdim=True).expand(batch, n)
+    target = torch.where(fused, fused_slot, target)
+
+    weights = state.sizes.to(hidden.dtype)
+    if assignment.fuse_weights is not None:
+        weights = torch.where(fused, assignment.fuse_weights.to(hidden.dtype), weights)
+    weights = weights * state.valid
+    total = torch.zeros(batch, new_width + 1, width, dtype=hidden.dtype, device=device)
+    total.scatter_add_(1, target[..., None].expand(-1, -1, width), hidden * weights[..., None])
+    weight_sum = torch.zeros(batch, new_width + 1, dtype=hidden.dtype, device=device)
+    weight_sum.scatter_add_(1, target, weights)
+    sizes = torch.zeros(batch, new_width + 1, dtype=torch.float32, device=device)
+    sizes.scatter_add_(1, target, state.sizes * state.valid)
+    averaged = (total / weight_sum.clamp_min(torch.finfo(hidden.dtype).tiny)[..., None])[:, :new_width]
+
+    # A survivor nothing merged into keeps its exact hidden state (no (s*x)/s rounding).
+    received = torch.zeros(batch, new_width + 1, dtype=torch.bool, device=device)
+    received.scatter_(1, torch.where(merged_away | fused, target, dump), True)
+    received = received[:, :new_width]
+    gather_index = order[:, :new_width]
+    exact = hidden.gather(1, gather_index[..., None].expand(-1, -1, width))
+    valid = torch.arange(new_width, device=device)[None, :] < counts[:, None]
+    is_fused_slot = has_fused[:, None] & (torch.arange(new_width, device=device)[None, :] == (counts - 1)[:, None])
+    new_hidden = torch.where((received | is_fused_slot)[..., None], averaged, exact) * valid[..., None]
+    kept_source = state.source.gather(1, gather_index)
+    new_state = TokenState(
+        sizes=sizes[:, :new_width] * valid,
+        valid=valid,
+        protected=state.protected.gather(1, gather_index) & valid & ~is_fused_slot,
+        source=torch.where(valid & ~is_fused_slot, kept_source, FUSED_SOURCE),
+        reduced=True,
+        proportional=state.proportional,
+        padded=not bool(valid.all()),
+        merged=state.merged or bool((merged_away | fused).any()),
+    )
+    return new_hidden, new_state
+
+
+def apply_reduction(hidden: torch.Tensor, state: TokenState, result: Selection | Assignment,
+                    align_right: bool = False) -> tuple[torch.Tensor, TokenState]:
+    if isinstance(result, Selection):
+        return apply_selection(hidden, state, result, align_right)
+    if align_right:
+        raise ValueError("merging keeps survivors at the front of each row; it cannot align them right")
+    return apply_assignment(hidden, state, result)
+
+
+def pool_mean(hidden: torch.Tensor, state: TokenState) -> torch.Tensor:
+    """Mean of the real tokens weighted by how many original tokens each stands for: equal to plain
+    mean pooling of the unreduced sequence when nothing was removed."""
+    weights = (state.sizes * state.valid).to(hidden.dtype)
+    return (hidden * weights[..., None]).sum(dim=1) / weights.sum(dim=1, keepdim=True).clamp_min(1e-9)
