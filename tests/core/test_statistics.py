@@ -23,3 +23,20 @@ def test_hessian_is_a_fresh_tensor():
     h = hessian.hessian()
     h.zero_()
     assert hessian.gram.abs().sum() > 0
+
+
+def test_triangular_and_symmetric_storage_agree_and_merge():
+    torch.manual_seed(1)
+    a, b = torch.randn(40, 9), torch.randn(30, 9)
+    fast, plain = InputHessian(9), InputHessian(9)
+    plain.upper_only = False
+    fast.add(a)
+    plain.add(a)
+    torch.testing.assert_close(fast.hessian(), plain.hessian())
+    other = InputHessian(9)
+    other.add(b)
+    fast.merge_(other)
+    plain.merge_(other)
+    expected = 2 * torch.cat([a, b]).T @ torch.cat([a, b]) / 70
+    torch.testing.assert_close(fast.hessian(), expected)
+    torch.testing.assert_close(plain.hessian(), expected)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+try:  # symmetric rank-k update: half the multiply-adds of X Xᵀ through a general matmul
+    from scipy.linalg.blas import ssyrk as _ssyrk
+except ImportError:  # pragma: no cover - scipy comes with gensim
+    _ssyrk = None
 
 
 class LayerStatistics:
@@ -51,20 +57,43 @@ class InputHessian(InputNorms):
     def __init__(self, in_features: int, device: torch.device | str = "cpu"):
         super().__init__(in_features, device)
         self.gram = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        # Decided once, so the storage is either all upper-triangular or all symmetric.
+        self.upper_only = _ssyrk is not None and self.gram.device.type == "cpu"
 
     def add(self, inputs: torch.Tensor) -> None:
-        x = self._flatten(inputs)
-        self.gram.addmm_(x.T, x)
+        x = self._flatten(inputs).detach()
+        if self.upper_only:
+            # Column-major views of the same memory: BLAS updates the lower triangle of gramᵀ,
+            # i.e. the upper triangle of gram, which is all ``hessian()`` reads.
+            target = self.gram.numpy().T
+            result = _ssyrk(1.0, x.contiguous().numpy().T, beta=1.0, c=target, trans=0, lower=1, overwrite_c=1)
+            if not np.shares_memory(result, target):
+                self.gram.copy_(torch.from_numpy(np.ascontiguousarray(result.T)))
+        else:
+            self.gram.addmm_(x.T, x)
         self.rows += x.shape[0]
+
+    def gram_matrix(self) -> torch.Tensor:
+        """The full symmetric ``X Xᵀ`` (a fresh tensor)."""
+        if not self.upper_only:
+            return self.gram.clone()
+        full = self.gram + self.gram.T  # the lower triangle is still all zeros
+        full.diagonal().sub_(self.gram.diagonal())
+        return full
 
     def norms(self) -> torch.Tensor:
         return self.gram.diagonal().clamp_min(0).sqrt()
 
     def hessian(self) -> torch.Tensor:
         """``2/n · X Xᵀ`` (a fresh tensor, so the shared accumulator is never modified)."""
-        return self.gram * (2.0 / max(self.rows, 1))
+        return self.gram_matrix() * (2.0 / max(self.rows, 1))
 
     def merge_(self, other: "InputHessian") -> "InputHessian":  # type: ignore[override]
-        self.gram += other.gram.to(self.gram.device)
+        if self.upper_only != other.upper_only:
+            self.gram, self.upper_only = self.gram_matrix(), False
+            other_gram = other.gram_matrix()
+        else:
+            other_gram = other.gram
+        self.gram += other_gram.to(self.gram.device)
         self.rows += other.rows
         return self

@@ -40,13 +40,16 @@ class SparseGPT(OneShotMethod):
         return weight.square() / inverse_diag.unsqueeze(0).square()
 
     def _cholesky(self, hessian: torch.Tensor) -> torch.Tensor:
+        """Lower Cholesky factor of the dampened Hessian; modifies ``hessian`` (a private copy)."""
         diagonal = hessian.diagonal()
-        dead = diagonal == 0
-        diagonal[dead] = 1.0
+        diagonal[diagonal == 0] = 1.0
         damp = self.dampening * diagonal.mean()
+        applied = 0.0
         for attempt in range(4):
-            factor, info = torch.linalg.cholesky_ex(hessian + damp * (10**attempt) * torch.eye(
-                hessian.shape[0], device=hessian.device, dtype=hessian.dtype))
+            wanted = damp * 10**attempt
+            diagonal.add_(wanted - applied)
+            applied = wanted
+            factor, info = torch.linalg.cholesky_ex(hessian)
             if int(info) == 0:
                 return factor
         raise PrunekitError("SparseGPT: the calibration Hessian is not positive definite even with 1000× dampening; "
@@ -65,8 +68,10 @@ class SparseGPT(OneShotMethod):
         upper = torch.linalg.cholesky(torch.cholesky_inverse(self._cholesky(hessian)), upper=True)
         keep_t = torch.ones_like(wt, dtype=torch.bool)
         step = self.block_size
+        inner = 16
         if pattern.is_nm:
             step = max(pattern.m, step - step % pattern.m)
+            inner = max(pattern.m, inner - inner % pattern.m)
         for start in range(0, columns, step):
             end = min(start + step, columns)
             block = wt[start:end]
@@ -78,17 +83,29 @@ class SparseGPT(OneShotMethod):
                 count = int(sparsity * rows * end + 0.5) - int(sparsity * rows * start + 0.5)
                 keep.copy_(_drop_lowest(block.square() / diag.unsqueeze(1).square(), count))
             errors = torch.zeros_like(block)
-            pruned = (~keep).to(block.dtype)
-            for i in range(end - start):
-                if pattern.is_nm and i % pattern.m == 0:
-                    group = block[i:i + pattern.m].square() / diag[i:i + pattern.m].unsqueeze(1).square()
-                    top = torch.topk(group, pattern.n, dim=0, largest=True, sorted=False).indices
-                    keep[i:i + pattern.m] = False
-                    keep[i:i + pattern.m].scatter_(0, top, True)
-                    pruned[i:i + pattern.m] = (~keep[i:i + pattern.m]).to(block.dtype)
-                error = block[i] * pruned[i] / diag[i]
-                block[i:].addr_(inv_block[i, i:], error, alpha=-1)
-                errors[i] = error
+            # scale[i] = pruned_i / d_i: the error of column i is its pruned weights over [H⁻¹]_ii.
+            scale = (~keep).to(block.dtype).div_(diag.unsqueeze(1))
+            count = end - start
+            # Two-level lazy updates: rank-1 updates stay inside a small sub-block, and each
+            # finished sub-block reaches the rest of the block as one matrix product. Same
+            # arithmetic as the column-by-column sweep, a fraction of its memory traffic.
+            for sub_start in range(0, count, inner):
+                sub_end = min(sub_start + inner, count)
+                for i in range(sub_start, sub_end):
+                    if pattern.is_nm and i % pattern.m == 0:
+                        group = block[i:i + pattern.m].square() / diag[i:i + pattern.m].unsqueeze(1).square()
+                        top = torch.topk(group, pattern.n, dim=0, largest=True, sorted=False).indices
+                        keep[i:i + pattern.m] = False
+                        keep[i:i + pattern.m].scatter_(0, top, True)
+                        scale[i:i + pattern.m] = ((~keep[i:i + pattern.m]).to(block.dtype)
+                                                  / diag[i:i + pattern.m].unsqueeze(1))
+                    error = torch.mul(block[i], scale[i], out=errors[i])
+                    # Column i itself ends at 0 (pruned) or unchanged (kept), so only later columns move.
+                    if i + 1 < sub_end:
+                        block[i + 1:sub_end].addr_(inv_block[i, i + 1:sub_end], error, alpha=-1)
+                if sub_end < count:
+                    block[sub_end:].addmm_(inv_block[sub_start:sub_end, sub_end:].t(), errors[sub_start:sub_end],
+                                           alpha=-1)
             block.mul_(keep)
             if end < columns:
                 wt[end:].addmm_(upper[start:end, end:].t(), errors, alpha=-1)
