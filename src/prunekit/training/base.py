@@ -426,6 +426,12 @@ def build_sparsifier(name: str, model: nn.Module, **settings: Any) -> Sparsifier
     unknown = sorted(set(settings) - accepted - {"kwargs", "common"})
     if unknown:
         raise PrunekitError(f"{cls.name} has no setting '{unknown[0]}'; it accepts: {', '.join(sorted(accepted - {'kwargs', 'common'}))}")
+    required = [name for name, p in inspect.signature(cls.__init__).parameters.items()
+                if name not in ("self", "model") and p.default is inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    missing = [name for name in required if name not in settings]
+    if missing:
+        raise PrunekitError(f"{cls.name} needs the setting '{missing[0]}'")
     return cls(model, **settings)
 
 

@@ -71,10 +71,14 @@ def train_classifier(model: nn.Module, inputs: torch.Tensor, labels: torch.Tenso
     per_epoch = len(sampler) if sampler is not None else inputs.shape[0]
     steps_per_epoch = (per_epoch + batch_size - 1) // batch_size
     total = epochs * steps_per_epoch
+    start_epoch = min(max(int(start_epoch), 0), epochs)
+    if start_epoch and cosine:
+        # a resumed optimizer holds the decayed rate; the replayed schedule starts from the original one
+        for group in optimizer.param_groups:
+            group["lr"] = group.get("initial_lr", group["lr"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1)) if cosine else None
     device = next(model.parameters()).device
     history = History()
-    start_epoch = min(max(int(start_epoch), 0), epochs)
     for _ in range(start_epoch if sampler is None else 0):
         torch.randperm(inputs.shape[0], generator=generator)
     if scheduler is not None and start_epoch:

@@ -149,6 +149,7 @@ def run_vision(recipe: VisionTrainingRecipe, data: tuple[ImageSet, ImageSet] | N
         sparsifier = None
         run = _train(model, None, recipe, train, test, recipe.epochs, "Training (dense)")
     elif recipe.method == "magnitude":
+        build_for_run(recipe, build_model(recipe), train)  # bad settings fail now, not after the dense training
         if dense_state is None:
             dense_run = _train(model, None, recipe, train, test, recipe.epochs, "Training (dense, before pruning)")
         else:

@@ -1,0 +1,150 @@
+"""``prunekit train ...``: sparse training on Fashion-MNIST, recovery fine-tuning of a pruned LM, method list."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from prunekit.cli.app import app
+from prunekit.errors import PrunekitError
+
+train_app = typer.Typer(help="Sparse training (GMP, lottery tickets, SNIP/GraSP/SynFlow, SET/RigL, ...) and "
+                             "recovery fine-tuning that keeps a pruned model's mask.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+
+def _settings(items: list[str] | None, what: str) -> dict[str, Any]:
+    """``key=value`` pairs, values read as YAML scalars or flow lists (``schedule=[0.5,0.8]``)."""
+    import yaml
+
+    result: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise PrunekitError(f"{what} '{item}' must look like key=value")
+        try:
+            result[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            raise PrunekitError(f"{what} '{item}': the value is not a number, word or [list]") from None
+    return result
+
+
+def _distribution(name: Optional[str], args: dict[str, Any]) -> Any:
+    if name is None and not args:
+        return None
+    if name is None:
+        raise PrunekitError("--distribution-arg needs --distribution")
+    return {"name": name, **args} if args else name
+
+
+def _recipe(cls, base_file: Optional[Path], values: dict[str, Any]):
+    data: dict[str, Any] = {}
+    if base_file is not None:
+        data = cls.from_yaml(base_file).model_dump(mode="json")
+    for key, value in values.items():
+        if value is not None:
+            data[key] = value
+    return cls.build(data, where="settings")
+
+
+@train_app.command("fashion-mnist")
+def fashion_mnist(
+    out: Path = typer.Option(..., "--out", "-o", help="output directory (must not exist, unless --overwrite)"),
+    method: Optional[str] = typer.Option(None, help="dense, gmp, channel_gmp, lottery, snip, grasp, synflow, random, "
+                                                    "set, rigl, granet or magnitude (one-shot, then fine-tune) [default: rigl]"),
+    model: Optional[str] = typer.Option(None, help="cnn or mlp [default: cnn]"),
+    sparsity: Optional[float] = typer.Option(None, help="target sparsity in [0, 1) [default: 0.9]"),
+    distribution: Optional[str] = typer.Option(None, help="uniform, er, erk, global or lamp [default: the method's own]"),
+    distribution_arg: Optional[list[str]] = typer.Option(None, help="distribution setting, e.g. dense_first_layer=true"),
+    epochs: Optional[int] = typer.Option(None, help="training epochs (per round for a lottery ticket) [default: 5]"),
+    finetune_epochs: Optional[int] = typer.Option(None, help="magnitude: fine-tuning epochs after pruning [default: epochs/2]"),
+    batch_size: Optional[int] = typer.Option(None, help="[default: 128]"),
+    lr: Optional[float] = typer.Option(None, help="peak learning rate (cosine decay) [default: 0.05]"),
+    optimizer: Optional[str] = typer.Option(None, help="sgd (Nesterov momentum) or adamw [default: sgd]"),
+    seed: Optional[int] = typer.Option(None, help="fixes the initialisation, data order and every random mask [default: 0]"),
+    train_limit: Optional[int] = typer.Option(None, help="train on the first N images only"),
+    test_limit: Optional[int] = typer.Option(None, help="test on the first N test images only"),
+    method_arg: Optional[list[str]] = typer.Option(None, help="method setting KEY=VALUE, e.g. per_round=0.2, "
+                                                              "rewind_epoch=1, update_interval=50, drop_fraction=0.3"),
+    recipe: Optional[Path] = typer.Option(None, help="YAML recipe; options given here override it"),
+    overwrite: bool = typer.Option(False, help="replace an existing output directory"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch [default: torch's choice]"),
+) -> None:
+    """Train a small CNN or MLP on Fashion-MNIST with a sparse-training method; write the model and a report."""
+    import torch
+
+    from prunekit.training.vision_job import VisionTrainingRecipe, run_vision_job
+
+    if threads:
+        torch.set_num_threads(threads)
+    values = {"method": method, "model": model, "sparsity": sparsity, "epochs": epochs,
+              "finetune_epochs": finetune_epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
+              "seed": seed, "train_limit": train_limit, "test_limit": test_limit,
+              "distribution": _distribution(distribution, _settings(distribution_arg, "--distribution-arg"))}
+    if method_arg:
+        values["method_args"] = _settings(method_arg, "--method-arg")
+    built = _recipe(VisionTrainingRecipe, recipe, values)
+    _report, markdown = run_vision_job(built, out, overwrite)
+    typer.echo(markdown.split("## Per-layer")[0].rstrip())
+    typer.echo(f"\nwritten: {out} (model.safetensors, report.md, report.json, plots, recipe.yaml)")
+
+
+@train_app.command("recover")
+def recover(
+    model: Optional[str] = typer.Argument(None, help="a pruned model directory (e.g. from prunekit prune), "
+                                                     "or with --prune any model; default: SmolLM2-135M"),
+    out: Path = typer.Option(..., "--out", "-o", help="output directory (must not exist, unless --overwrite)"),
+    prune: Optional[str] = typer.Option(None, help="prune first with this one-shot method (wanda, sparsegpt, magnitude)"),
+    sparsity: Optional[float] = typer.Option(None, help="with --prune: target sparsity [default: 0.5]"),
+    mode: Optional[str] = typer.Option(None, help="full (every parameter, mask kept) or lora (masked LoRA, merged) [default: full]"),
+    steps: Optional[int] = typer.Option(None, help="optimizer steps [default: 100]"),
+    batch_size: Optional[int] = typer.Option(None, help="windows per step [default: 4]"),
+    lr: Optional[float] = typer.Option(None, help="peak learning rate [default: 2e-5 full, 2e-4 lora]"),
+    rank: Optional[int] = typer.Option(None, help="LoRA rank [default: 16]"),
+    alpha: Optional[float] = typer.Option(None, help="LoRA alpha [default: 32]"),
+    train_windows: Optional[int] = typer.Option(None, help="calibration-split windows to train on [default: 256]"),
+    train_seq_len: Optional[int] = typer.Option(None, help="tokens per training window [default: 256]"),
+    test_windows: Optional[int] = typer.Option(None, help="perplexity test windows [default: 40]"),
+    seed: Optional[int] = typer.Option(None, help="[default: 0]"),
+    recipe: Optional[Path] = typer.Option(None, help="YAML recipe; options given here override it"),
+    overwrite: bool = typer.Option(False, help="replace an existing output directory"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch"),
+) -> None:
+    """Fine-tune a one-shot-pruned language model on the calibration text, keeping every pruned weight at zero."""
+    import torch
+
+    from prunekit.training.recovery import RecoveryRecipe, run_recovery_job
+
+    if threads:
+        torch.set_num_threads(threads)
+    values: dict[str, Any] = {"model": model, "prune": prune, "sparsity": sparsity, "mode": mode, "steps": steps,
+                              "batch_size": batch_size, "lr": lr, "rank": rank, "alpha": alpha,
+                              "train_windows": train_windows, "train_seq_len": train_seq_len, "seed": seed}
+    if test_windows is not None:
+        values["data"] = {"test_windows": test_windows}
+    built = _recipe(RecoveryRecipe, recipe, values)
+    _report, markdown = run_recovery_job(built, out, overwrite)
+    typer.echo(markdown)
+
+
+@train_app.command("methods")
+def methods() -> None:
+    """List the sparse-training methods and layer-wise distributions."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from prunekit.core.allocation import ALLOCATIONS
+    from prunekit.training.base import SPARSIFIERS
+
+    table = Table(title="sparse-training methods")
+    table.add_column("name")
+    table.add_column("what")
+    table.add_column("default distribution")
+    for name in SPARSIFIERS.names():
+        cls = SPARSIFIERS.get(name)
+        doc = (cls.__module__ and __import__(cls.__module__, fromlist=["_"]).__doc__ or "").strip().splitlines()
+        table.add_row(name, doc[0] if doc else "", cls.default_distribution)
+    Console().print(table)
+    typer.echo("distributions: " + ", ".join(n for n in ALLOCATIONS.names() if n != "owl"))
