@@ -75,3 +75,14 @@ def test_overrides_win_and_must_match():
         apply_overrides(allocated, {"lm_head": 0.3})
     with pytest.raises(PrunekitError, match="in \\[0, 1\\)"):
         apply_overrides(allocated, {"*": 1.2})
+
+
+def test_kth_smallest_radix_selection_matches_sorting():
+    from prunekit.core.allocation.global_threshold import kth_smallest
+
+    generator = torch.Generator().manual_seed(3)
+    layers = {f"l{i}": torch.randn(17, 23, generator=generator).abs() * 10 ** (i - 2) for i in range(4)}
+    layers["l4"] = torch.zeros(5, 5)
+    everything = torch.cat([v.flatten() for v in layers.values()]).sort().values
+    for k in (1, 2, 25, 26, 500, everything.numel()):
+        assert kth_smallest(lambda n: layers[n], layers, k) == everything[k - 1]

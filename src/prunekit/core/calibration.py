@@ -207,54 +207,108 @@ def _collect_block(block: nn.Module, inputs: BlockInputs, targets: dict[nn.Modul
     return order, stats, outputs
 
 
-@torch.no_grad()
-def run_sequential(model: nn.Module, adapter: ModelAdapter, windows: torch.Tensor, targets: list[Target],
-                   processor: LayerProcessor, mode: Mode = "layer", batch_size: int = 4,
-                   description: str = "Calibrating", on_block_done: Callable[[int], None] | None = None) -> None:
-    """Feed ``windows`` block by block, calling ``processor.process`` on every target as described above.
+StatsReducer = Callable[[LayerStatistics], None]
 
-    ``mode="dense"`` only collects: statistics of every layer of the unmodified model, outputs
-    propagated from the same pass (the processor must not change weights).
+
+class SequentialCalibration:
+    """The calibration activations as they travel block by block, and the steps that move them.
+
+    ``run_sequential`` drives it over an in-memory model; the streaming pipeline drives it over
+    blocks materialised one at a time from disk. ``reduce`` (e.g. an all-reduce across processes)
+    sees every statistic once it is complete on this process and before it is used.
     """
-    if mode not in ("layer", "block", "dense"):
-        raise PrunekitError(f"unknown sequential mode '{mode}'; choose layer, block or dense")
-    blocks = adapter.blocks()
+
+    def __init__(self, adapter: ModelAdapter, processor: LayerProcessor, mode: Mode = "layer",
+                 reduce: StatsReducer | None = None):
+        if mode not in ("layer", "block", "dense"):
+            raise PrunekitError(f"unknown sequential mode '{mode}'; choose layer, block or dense")
+        self.adapter, self.processor, self.mode = adapter, processor, mode
+        self.reduce = reduce
+        self.inputs: BlockInputs | None = None
+
+    def capture(self, model: nn.Module, windows: torch.Tensor, batch_size: int) -> None:
+        self.inputs = capture_block_inputs(model, self.adapter, windows, batch_size)
+        _check_finite(self.inputs.hidden, "before the first block")
+
+    def _reduced(self, processor: LayerProcessor) -> LayerProcessor:
+        if self.reduce is None:
+            return processor
+        reduce = self.reduce
+        done: list[LayerStatistics] = []  # statistics shared by several layers are reduced once
+
+        class Reducing:
+            def statistics(self, target: Target):
+                return processor.statistics(target)
+
+            def process(self, target: Target, stats: LayerStatistics | None) -> None:
+                if stats is not None and not any(stats is seen for seen in done):
+                    reduce(stats)
+                    done.append(stats)
+                processor.process(target, stats)
+
+        return Reducing()
+
+    @torch.no_grad()
+    def run_block(self, index: int, block: nn.Module, targets: dict[nn.Module, Target]) -> None:
+        """Process the block's targets and replace the activations by the block's outputs."""
+        assert self.inputs is not None, "capture() first"
+        inputs = self.inputs
+        processor = self._reduced(self.processor)
+        if not targets:
+            outputs = [inputs.call(block, i) for i in range(len(inputs.hidden))]
+        elif self.mode == "layer":
+            outputs = _run_block_layerwise(block, inputs, targets, processor)
+        else:
+            order, stats, outputs = _collect_block(block, inputs, targets, processor)
+            for target in order:
+                processor.process(target, stats[target.module])
+            del stats
+            if self.mode == "block":
+                outputs = [inputs.call(block, i) for i in range(len(inputs.hidden))]
+        _check_finite(outputs, f"after block {index}")
+        inputs.hidden = outputs
+
+    @torch.no_grad()
+    def run_head(self, targets: list[Target]) -> None:
+        """Targets after the blocks (the LM head) see the final norm's output."""
+        assert self.inputs is not None
+        norm = self.adapter.final_norm()
+        processor = self._reduced(self.processor)
+        for target in targets:
+            stats = _new_stats(processor, target)
+            if stats is not None:
+                for hidden in self.inputs.hidden:
+                    stats.add(norm(hidden) if norm is not None else hidden)
+            processor.process(target, stats)
+
+
+def group_by_block(targets: list[Target]) -> dict[int, dict[nn.Module, Target]]:
     by_block: dict[int, dict[nn.Module, Target]] = {}
     for target in targets:
         if target.block is None:
             raise ValueError(f"{target.name} is outside the blocks; it needs no calibration pass")
         by_block.setdefault(target.block, {})[target.module] = target
+    return by_block
+
+
+def run_sequential(model: nn.Module, adapter: ModelAdapter, windows: torch.Tensor, targets: list[Target],
+                   processor: LayerProcessor, mode: Mode = "layer", batch_size: int = 4,
+                   description: str = "Calibrating", reduce: StatsReducer | None = None) -> None:
+    """Feed ``windows`` block by block, calling ``processor.process`` on every target as described above.
+
+    ``mode="dense"`` only collects: statistics of every layer of the unmodified model, outputs
+    propagated from the same pass (the processor must not change weights).
+    """
+    calibration = SequentialCalibration(adapter, processor, mode, reduce)
+    by_block = group_by_block(targets)
+    blocks = adapter.blocks()
     last_block = max((b for b in by_block if b != HEAD), default=-1)
-    needs_head = HEAD in by_block
-    inputs = capture_block_inputs(model, adapter, windows, batch_size)
-    _check_finite(inputs.hidden, "before the first block")
-    stop = len(blocks) if needs_head else last_block + 1
+    stop = len(blocks) if HEAD in by_block else last_block + 1
+    calibration.capture(model, windows, batch_size)
     with progress_bar(description, stop) as bar:
         for index in range(stop):
-            block = blocks[index]
             bar.describe(f"{description} block {index + 1}/{len(blocks)}")
-            block_targets = by_block.get(index, {})
-            if not block_targets:
-                outputs = [inputs.call(block, i) for i in range(len(inputs.hidden))]
-            elif mode == "layer":
-                outputs = _run_block_layerwise(block, inputs, block_targets, processor)
-            else:
-                order, stats, outputs = _collect_block(block, inputs, block_targets, processor)
-                for target in order:
-                    processor.process(target, stats[target.module])
-                del stats
-                if mode == "block":
-                    outputs = [inputs.call(block, i) for i in range(len(inputs.hidden))]
-            _check_finite(outputs, f"after block {index}")
-            inputs.hidden = outputs
-            if on_block_done is not None:
-                on_block_done(index)
+            calibration.run_block(index, blocks[index], by_block.get(index, {}))
             bar.advance()
-    if needs_head:
-        norm = adapter.final_norm()
-        for target in by_block[HEAD].values():
-            stats = _new_stats(processor, target)
-            if stats is not None:
-                for hidden in inputs.hidden:
-                    stats.add(norm(hidden) if norm is not None else hidden)
-            processor.process(target, stats)
+    if HEAD in by_block:
+        calibration.run_head(list(by_block[HEAD].values()))
