@@ -1,0 +1,42 @@
+"""GraNd (Paul, Ganguli & Dziugaite 2021): the norm of each example's own loss gradient.
+
+Computed over every trainable parameter with ``torch.func`` (one vmap'd gradient per example,
+the model in eval mode so an example's gradient does not depend on its batch), early in
+training (``epoch=0`` is the paper's "at initialisation"), averaged over seeds. Large = hard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from prunekit.data.base import HIGHER, SCORES, Score
+from prunekit.errors import PrunekitError
+
+
+@SCORES.register("grand")
+@dataclass
+class GraNd(Score):
+    name = "grand"
+    summary = "norm of the example's loss gradient over all parameters early in training, averaged over seeds (Paul et al. 2021)"
+    harder = HIGHER
+    needs_labels = True
+
+    epoch: int = 1  # read after this many proxy epochs (0: at initialisation)
+
+    def __post_init__(self) -> None:
+        if self.epoch < 0:
+            raise PrunekitError(f"grand epoch must be at least 0, got {self.epoch}")
+
+    def epochs_needed(self, proxy_epochs: int) -> int:
+        return self.epoch
+
+    def attach(self, run):
+        result: dict[str, np.ndarray] = {}
+
+        def read(r) -> None:
+            result["values"] = r.gradient_norms().double().numpy()
+
+        run.at_epoch(self.epoch if run.config.train else 0, read)
+        return lambda: result["values"]

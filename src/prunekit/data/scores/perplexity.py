@@ -1,0 +1,84 @@
+"""Perplexity of each text under a reference causal language model (SmolLM2-135M by default).
+
+The filter of CCNet (Wenzek et al. 2020) and "When Less is More" (Marion et al. 2023): a small
+reference LM rates every document; very high perplexity marks noise or unusual text, very low
+perplexity marks boilerplate and repetition. Each text is scored on its own (the beginning-of-text
+token prepended, so the first word is predicted too, truncated to ``max_tokens``); batches are
+right-padded and padding never enters a loss. Texts are streamed: the data is never held whole.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from prunekit.data.base import HIGHER, SCORES, Score
+from prunekit.data.sources import TEXT
+from prunekit.errors import PrunekitError
+
+
+@functools.lru_cache(maxsize=1)
+def _reference_model(spec: str):
+    from prunekit.models.loading import load_causal_lm
+
+    loaded = load_causal_lm(None if spec in ("", "smollm2", "default") else spec)
+    if loaded.tokenizer is None:
+        raise PrunekitError(f"the reference model {spec} has no tokenizer")
+    return loaded
+
+
+@torch.no_grad()
+def text_perplexities(model, tokenizer, texts: list[str], max_tokens: int = 512) -> np.ndarray:
+    """exp(mean next-token loss) of every text on its own, in one padded batch."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    encoded = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_tokens - (start is not None))
+    sequences = [([start] if start is not None else []) + ids for ids in encoded["input_ids"]]
+    for text, ids in zip(texts, sequences):
+        if len(ids) < 2:
+            raise PrunekitError(f"text {text[:40]!r} has too few tokens to score")
+    longest = max(len(ids) for ids in sequences)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(sequences), longest), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        mask[row, :len(ids)] = 1
+    device = next(model.parameters()).device
+    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float().cpu()
+    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), input_ids[:, 1:], reduction="none")
+    scored = mask[:, 1:].to(losses.dtype)
+    mean = (losses * scored).sum(dim=1) / scored.sum(dim=1)
+    return mean.double().exp().numpy()
+
+
+@SCORES.register("perplexity")
+@dataclass
+class Perplexity(Score):
+    name = "perplexity"
+    summary = "perplexity of the text under a reference causal LM, SmolLM2-135M by default (Wenzek et al. 2020; Marion et al. 2023)"
+    harder = HIGHER
+    needs_labels = False
+
+    model: str = "smollm2"  # a local causal-LM directory, or smollm2
+    max_tokens: int = 512
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 2:
+            raise PrunekitError(f"perplexity max_tokens must be at least 2, got {self.max_tokens}")
+        if self.batch_size < 1:
+            raise PrunekitError(f"perplexity batch_size must be at least 1, got {self.batch_size}")
+
+    def uses_proxy(self, context) -> bool:
+        return False
+
+    def compute(self, context) -> np.ndarray:
+        if context.modality != TEXT:
+            raise PrunekitError(f"perplexity scores text; {context.source.description} holds {context.modality} data")
+        loaded = _reference_model(self.model)
+        return context.map_texts(lambda texts: text_perplexities(loaded.model, loaded.tokenizer, texts, self.max_tokens),
+                                 "Perplexity", batch_size=self.batch_size)

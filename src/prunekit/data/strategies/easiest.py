@@ -1,0 +1,20 @@
+"""Keep the easiest examples (what helps when data are scarce or noisy; Sorscher et al. 2022)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from prunekit.data.base import STRATEGIES, Strategy
+from prunekit.data.strategies._order import hardest_first
+
+
+@STRATEGIES.register("easiest")
+@dataclass
+class Easiest(Strategy):
+    name = "easiest"
+    summary = "keep the lowest-hardness examples"
+
+    def choose(self, hardness: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+        return hardest_first(-hardness, rng)[:count]
