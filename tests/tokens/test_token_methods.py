@@ -228,3 +228,26 @@ def test_unknown_methods_and_settings_are_named():
         get_method("tome", 0.1, iterations=3)
     with pytest.raises(PrunekitError, match="zero-tprune: iterations"):
         get_method("zero-tprune", 0.1, iterations=0)
+
+
+def test_tomes_rectangular_shortcut_merges_exactly_like_the_general_path():
+    generator = torch.Generator().manual_seed(7)
+    state = make_state(3, 17)
+    state.find_protected_prefix()
+    state.sizes = torch.randint(1, 4, (3, 17), generator=generator).float()
+    keys = torch.randn(3, 2, 17, 5, generator=generator)
+    hidden = torch.randn(3, 17, 6, generator=generator)
+    view = AttentionView.from_probabilities(torch.zeros(3, 2, 17, 17), keys, state)
+    method = get_method("tome", rate=0.4)
+    step = step_for(state, view, method.removal_counts(state.reducible.sum(1), 0), hidden=hidden)
+    fast_hidden, fast = method.reduce_fast(step)
+    slow_hidden, slow = apply_reduction(hidden, state, method.reduce(step))
+    assert fast.source[:, 0].tolist() == [0, 0, 0] and fast.protected_prefix == 1
+    for row in range(3):
+        fast_order, slow_order = fast.source[row].argsort(), slow.source[row].argsort()
+        assert torch.equal(fast.source[row, fast_order], slow.source[row, slow_order])
+        assert torch.equal(fast.sizes[row, fast_order], slow.sizes[row, slow_order])
+        assert torch.allclose(fast_hidden[row, fast_order], slow_hidden[row, slow_order], atol=1e-6)
+    padded = make_state(1, 5, torch.tensor([[True, True, True, True, False]]))
+    padded.find_protected_prefix()
+    assert method.reduce_fast(step_for(padded, view, [1])) is None

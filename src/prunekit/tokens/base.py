@@ -91,11 +91,11 @@ class TokenMethod(BaseModel):
 
     def check_rate(self) -> None:
         rate = self.rate
+        if rate >= 1.0:
+            raise PrunekitError(f"rate {rate:g} would remove every token at each reducing layer; "
+                                f"give a rate in [0, 1) (the fraction of the reducible tokens removed)")
         too_high = rate > self.max_rate if self.max_rate_inclusive else rate >= self.max_rate
         if too_high:
-            if self.max_rate >= 1.0:
-                raise PrunekitError(f"rate {rate:g} would remove every token at each reducing layer; "
-                                    f"give a rate in [0, 1) (the fraction of the reducible tokens removed)")
             bound = f"<= {self.max_rate:g}" if self.max_rate_inclusive else f"< {self.max_rate:g}"
             raise PrunekitError(f"{self.name} removes at most {self.max_rate:.0%} of the tokens per layer; "
                                 f"give a rate {bound}, got {rate:g}")
@@ -109,6 +109,11 @@ class TokenMethod(BaseModel):
 
     def reduce(self, step: ReductionStep) -> Selection | Assignment:
         raise NotImplementedError
+
+    def reduce_fast(self, step: ReductionStep) -> "tuple[torch.Tensor, TokenState] | None":
+        """An optional shortcut for the common rectangular case (no padding, protected tokens first),
+        returning the new hidden states and state directly; None falls back to ``reduce``."""
+        return None
 
     def settings(self) -> dict[str, Any]:
         return {"name": self.name, **self.model_dump(mode="json")}

@@ -149,6 +149,7 @@ class TokenPatch:
         state = TokenState.initial(batch, tokens, hidden.device, valid=valid)
         state.protected = self.family.protected(state.valid, pending["input_ids"], self.protect_ids)
         state.proportional = self.method.uses_proportional_attention()
+        state.find_protected_prefix()
         self.state = state
         real = float(state.valid.sum()) / batch
         self.trace = ForwardTrace(batch=batch, tokens_in=real, tokens_out=real)
@@ -165,9 +166,12 @@ class TokenPatch:
             return hidden
         step = ReductionStep(hidden=hidden, state=state, attention=attention, remove=remove, layer=layer,
                              generator=self._generator, anchor=self.family.anchor)
-        result = self.method.reduce(step)
         before = float(state.valid.sum()) / hidden.shape[0]
-        hidden, self.state = apply_reduction(hidden, state, result, align_right=self.family.causal)
+        fast = None if self.family.causal else self.method.reduce_fast(step)
+        if fast is not None:
+            hidden, self.state = fast
+        else:
+            hidden, self.state = apply_reduction(hidden, state, self.method.reduce(step), align_right=self.family.causal)
         after = float(self.state.valid.sum()) / hidden.shape[0]
         self.trace.steps.append(LayerRecord(layer, before, after))
         self.trace.tokens_out = after

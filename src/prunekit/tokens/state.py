@@ -27,6 +27,13 @@ class TokenState:
     proportional: bool = False  # whether attention adds log(size) to its logits (ToMe)
     padded: bool = False  # whether any row holds padding
     merged: bool = False  # whether any token stands for more than one original token
+    protected_prefix: int | None = None  # when the protected tokens are exactly each row's first k: k
+
+    def find_protected_prefix(self) -> None:
+        counts = self.protected.sum(dim=1)
+        prefix = int(counts[0]) if counts.numel() else 0
+        is_prefix = bool((counts == prefix).all()) and bool(self.protected[:, :prefix].all())
+        self.protected_prefix = prefix if is_prefix else None
 
     @classmethod
     def initial(cls, batch: int, tokens: int, device: torch.device, valid: torch.Tensor | None = None,
@@ -116,68 +123,64 @@ def apply_selection(hidden: torch.Tensor, state: TokenState, selection: Selectio
         proportional=state.proportional,
         padded=not bool(valid.all()),
         merged=state.merged,
+        protected_prefix=state.protected_prefix,
     )
     return gathered, new_state
 
 
 def apply_assignment(hidden: torch.Tensor, state: TokenState, assignment: Assignment) -> tuple[torch.Tensor, TokenState]:
     """Merge tokens into their destinations (size-weighted mean), fuse the ``FUSED`` ones into one
-    extra token appended after the survivors, drop the rest."""
+    extra token appended after the survivors, drop the rest. A survivor nothing merged into keeps
+    its hidden state exactly."""
     batch, n, width = hidden.shape
     device = hidden.device
-    positions = torch.arange(n, device=device).expand(batch, n)
-    dest = assignment.dest.masked_fill(~state.valid, DROPPED)
-    dest = torch.where(state.protected, positions, dest)
+    positions = torch.arange(n, device=device)
+    dest = torch.where(state.protected, positions, assignment.dest).masked_fill(~state.valid, DROPPED)
     survivors = dest == positions
-    merged_away = (dest >= 0) & ~survivors
-    if bool((merged_away & ~survivors.gather(1, dest.clamp_min(0))).any()):
+    moving = (dest >= 0) & ~survivors
+    if bool((moving & ~survivors.gather(1, dest.clamp_min(0))).any()):
         raise RuntimeError("a token was merged into a token that does not survive")
     fused = dest == FUSED
     has_fused = fused.any(dim=1)
-    counts = survivors.sum(dim=1) + has_fused.long()
+    kept = survivors.sum(dim=1)
+    counts = kept + has_fused.long()
     new_width = int(counts.max())
     order = _packing_order(survivors)
-    new_position = torch.empty_like(order)
-    new_position.scatter_(1, order, positions)  # packed slot of every survivor
-    dump = new_width  # an extra slot collecting dropped tokens, cut off at the end
-    target = torch.full_like(dest, dump)
-    target = torch.where(survivors, new_position, target)
-    merge_target = new_position.gather(1, dest.clamp_min(0))
-    target = torch.where(dest >= 0, merge_target, target)
-    fused_slot = survivors.sum(dim=1, keepdim=True).expand(batch, n)
-    target = torch.where(fused, fused_slot, target)
+    slot = torch.empty_like(order).scatter_(1, order, positions.expand(batch, n))  # packed slot of each survivor
+    dump = new_width  # an extra slot for tokens that go nowhere, cut off at the end
+    target = torch.where(dest >= 0, slot.gather(1, dest.clamp_min(0)),
+                         torch.where(fused, kept[:, None], torch.full_like(dest, dump)))
 
-    weights = state.sizes.to(hidden.dtype)
+    sizes = state.sizes * state.valid
+    weights = sizes.to(hidden.dtype)
     if assignment.fuse_weights is not None:
         weights = torch.where(fused, assignment.fuse_weights.to(hidden.dtype), weights)
-    weights = weights * state.valid
-    total = torch.zeros(batch, new_width + 1, width, dtype=hidden.dtype, device=device)
-    total.scatter_add_(1, target[..., None].expand(-1, -1, width), hidden * weights[..., None])
-    weight_sum = torch.zeros(batch, new_width + 1, dtype=hidden.dtype, device=device)
-    weight_sum.scatter_add_(1, target, weights)
-    sizes = torch.zeros(batch, new_width + 1, dtype=torch.float32, device=device)
-    sizes.scatter_add_(1, target, state.sizes * state.valid)
-    averaged = (total / weight_sum.clamp_min(torch.finfo(hidden.dtype).tiny)[..., None])[:, :new_width]
+    weights = weights * (moving | fused)
+    incoming = torch.zeros(batch, new_width + 1, width, dtype=hidden.dtype, device=device)
+    incoming.scatter_add_(1, target[..., None].expand(-1, -1, width), hidden * weights[..., None])
+    incoming_weight = torch.zeros(batch, new_width + 1, dtype=hidden.dtype, device=device).scatter_add_(1, target, weights)
+    incoming, incoming_weight = incoming[:, :new_width], incoming_weight[:, :new_width]
 
-    # A survivor nothing merged into keeps its exact hidden state (no (s*x)/s rounding).
-    received = torch.zeros(batch, new_width + 1, dtype=torch.bool, device=device)
-    received.scatter_(1, torch.where(merged_away | fused, target, dump), True)
-    received = received[:, :new_width]
     gather_index = order[:, :new_width]
-    exact = hidden.gather(1, gather_index[..., None].expand(-1, -1, width))
-    valid = torch.arange(new_width, device=device)[None, :] < counts[:, None]
-    is_fused_slot = has_fused[:, None] & (torch.arange(new_width, device=device)[None, :] == (counts - 1)[:, None])
-    new_hidden = torch.where((received | is_fused_slot)[..., None], averaged, exact) * valid[..., None]
-    kept_source = state.source.gather(1, gather_index)
+    slots = torch.arange(new_width, device=device)[None, :]
+    is_survivor_slot = slots < kept[:, None]
+    own = hidden.gather(1, gather_index[..., None].expand(-1, -1, width))
+    own_weight = (sizes.gather(1, gather_index) * is_survivor_slot).to(hidden.dtype)
+    merged = (own * own_weight[..., None] + incoming) / (own_weight + incoming_weight).clamp_min(
+        torch.finfo(hidden.dtype).tiny)[..., None]
+    valid = slots < counts[:, None]
+    new_hidden = torch.where((incoming_weight > 0)[..., None], merged, own) * valid[..., None]
+    new_sizes = torch.zeros(batch, new_width + 1, dtype=torch.float32, device=device).scatter_add_(1, target, sizes)
     new_state = TokenState(
-        sizes=sizes[:, :new_width] * valid,
+        sizes=new_sizes[:, :new_width] * valid,
         valid=valid,
-        protected=state.protected.gather(1, gather_index) & valid & ~is_fused_slot,
-        source=torch.where(valid & ~is_fused_slot, kept_source, FUSED_SOURCE),
+        protected=state.protected.gather(1, gather_index) & is_survivor_slot,
+        source=torch.where(is_survivor_slot, state.source.gather(1, gather_index), FUSED_SOURCE),
         reduced=True,
         proportional=state.proportional,
         padded=not bool(valid.all()),
-        merged=state.merged or bool((merged_away | fused).any()),
+        merged=True,
+        protected_prefix=state.protected_prefix,
     )
     return new_hidden, new_state
 

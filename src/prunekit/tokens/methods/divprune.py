@@ -24,20 +24,18 @@ def max_min_diverse(features: torch.Tensor, candidates: torch.Tensor, count: tor
     nearest = distance.masked_fill(outside | eye, float("inf")).amin(dim=-1)
     nearest = nearest.masked_fill(~candidates, float("-inf"))
     # A lone candidate has no neighbour: its nearest distance is inf, which still picks it first.
-    rows = torch.arange(batch, device=features.device)
     chosen = torch.zeros(batch, n, dtype=torch.bool, device=features.device)
-    active = count > 0
-    pick = nearest.argmax(dim=1)
-    chosen[rows[active], pick[active]] = True
-    closest = distance[rows, pick]  # (batch, n): distance of every token to the chosen set
-    for picked in range(1, int(count.max()) if count.numel() else 0):
-        active = count > picked
-        if not bool(active.any()):
-            break
-        gain = closest.masked_fill(~candidates | chosen, float("-inf"))
-        pick = gain.argmax(dim=1)
-        chosen[rows[active], pick[active]] = True
-        closest = torch.where(active[:, None], torch.minimum(closest, distance[rows, pick]), closest)
+    closest = torch.full((batch, n), float("inf"), device=features.device)  # distance to the chosen set
+    gain = nearest
+    steps = int(count.max()) if count.numel() else 0
+    wanted = count[:, None] > torch.arange(steps, device=features.device)[None, :]  # (batch, steps)
+    excluded = ~candidates
+    for picked in range(steps):
+        pick = gain.argmax(dim=1, keepdim=True)
+        # rows that already have their count keep their choice (writing back what is there)
+        chosen.scatter_(1, pick, chosen.gather(1, pick) | wanted[:, picked:picked + 1])
+        closest = torch.minimum(closest, distance.gather(1, pick[..., None].expand(-1, 1, n))[:, 0])
+        gain = closest.masked_fill(excluded | chosen, float("-inf"))
     return chosen
 
 

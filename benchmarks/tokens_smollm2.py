@@ -1,0 +1,61 @@
+"""Benchmark (c): FastV-style prefill token pruning in SmolLM2-135M (run by hand).
+
+    python benchmarks/tokens_smollm2.py run [GROUP ...]   # measure methods (default: all), resumable
+    python benchmarks/tokens_smollm2.py report
+
+Perplexity of a 128-token continuation after a pruned 384-token prompt (16 wiki test windows),
+and the prefill's time at batch 1 and 4, at several keep ratios (keep ratio = 1 - rate).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from tokens_common import LOCK_NOTE, RESULTS, cli, load, measure_group, ordering, plot, table
+
+NAME = "tokens_smollm2"
+KEEP_RATES = [0.25, 0.5, 0.75, 0.9]  # keep 75 %, 50 %, 25 %, 10 % of the prompt
+GROUPS = {  # label: (method, rates, layers) -- every selection rule prunes once, after block K
+    "fastv@2": ("fastv", KEEP_RATES, [2]),
+    "fastv@8": ("fastv", KEEP_RATES, [8]),
+    "attention-magnitude@2": ("attention-magnitude", KEEP_RATES, [2]),
+    "zero-tprune@2": ("zero-tprune", KEEP_RATES, [2]),
+    "divprune@2": ("divprune", KEEP_RATES, [2]),
+    "random@2": ("random", KEEP_RATES, [2]),
+}
+
+
+def run(groups: list[str]) -> None:
+    from prunekit.models.loading import load_causal_lm
+    from prunekit.tokens.evaluation import Prefill
+
+    lm = load_causal_lm(None)
+    task = Prefill.wiki(lm.tokenizer)
+    for label in groups:
+        method, rates, layers = GROUPS[label]
+        measure_group(NAME, label, lm.model, task, method, rates, layers, batch_sizes=(1, 4), repeats=5, warmup=2)
+        print(f"measured {label}", flush=True)
+
+
+def render() -> None:
+    data = load(NAME)
+    if not data["groups"]:
+        print("no results yet: run `python benchmarks/tokens_smollm2.py run`")
+        return
+    sizes = ["1", "4"]
+    lines = ["# Prefill token pruning in SmolLM2-135M", "",
+             next(iter(data["groups"].values()))["protocol"]["text"] + ".", "",
+             "Model: SmolLM2-135M-Instruct (Llama, 30 blocks), fp32, sdpa attention. The first and last prompt tokens "
+             "are protected. A label `method@K` prunes once, after block K's attention; keep ratio = 1 − rate. "
+             "\"items/s\" is prompts prefilled per second (384 tokens each, key/value cache built, last logits only).",
+             "", LOCK_NOTE, "", table(data, "perplexity", sizes, digits=3), "",
+             "## Selection rules at equal measured prefill speed (batch 1)", "",
+             ordering(data, "perplexity", [1.2, 1.5, 2.0], "1", False, digits=3), "",
+             "![perplexity against measured prefill throughput](tokens_smollm2.png)", ""]
+    (RESULTS / f"{NAME}.md").write_text("\n".join(lines))
+    plot(data, "perplexity", "1", RESULTS / f"{NAME}.png", "SmolLM2-135M prefill pruning", log_y=True)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(cli(run, render, list(GROUPS)))

@@ -1,0 +1,84 @@
+"""Token reduction on the real offline models: all-MiniLM-L6-v2 and SmolLM2-135M."""
+
+import pytest
+import torch
+
+from prunekit.tokens import apply
+from prunekit.tokens.evaluation import PassageProtocol, Prefill, PrefillProtocol, TextEmbedding, wiki_passages
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    from transformers import AutoModel, AutoTokenizer
+
+    from prunekit.models.assets import minilm_path
+
+    path = minilm_path()
+    return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def passages(minilm):
+    return wiki_passages(minilm[1], PassageProtocol(count=12))
+
+
+def test_minilm_padded_batches_reduce_each_paragraph_as_it_would_alone(minilm, passages):
+    model, tokenizer = minilm
+    texts = [passages[0], passages[1][:200], passages[2][:90]]
+    encoded = tokenizer(texts, padding=True, return_tensors="pt")
+    assert len(set(encoded["attention_mask"].sum(dim=1).tolist())) == 3
+    with torch.no_grad():
+        for method in ("tome", "evit", "zero-tprune"):
+            with apply(model, method, rate=0.3) as patch:
+                pooled = patch.pool(model(**encoded).last_hidden_state)
+                kept = patch.kept_positions().clone()
+                for row, text in enumerate(texts):
+                    alone = patch.pool(model(**tokenizer([text], return_tensors="pt")).last_hidden_state)
+                    assert torch.allclose(alone[0], pooled[row], atol=1e-4), (method, row)
+                    assert kept[row][kept[row] >= 0].tolist()[:5] == patch.kept_positions()[0].tolist()[:5]
+
+
+def test_minilm_fidelity_falls_with_the_rate_and_attention_beats_random(minilm, passages):
+    model, tokenizer = minilm
+    task = TextEmbedding(tokenizer, passages, PassageProtocol(count=12), batch_size=12)
+    assert task.quality(model, None)["cosine"] == pytest.approx(1.0, abs=1e-6)
+    cosine = {}
+    with torch.no_grad():
+        for method in ("evit", "zero-tprune", "random"):
+            for rate in (0.0, 0.1, 0.3):
+                with apply(model, method, rate=rate) as patch:
+                    cosine[method, rate] = task.quality(model, patch)["cosine"]
+    for method in ("evit", "zero-tprune", "random"):
+        assert cosine[method, 0.0] == pytest.approx(1.0, abs=1e-6)
+        assert 1.0 > cosine[method, 0.1] > cosine[method, 0.3] > 0.5
+    assert cosine["evit", 0.3] > cosine["random", 0.3] + 0.02
+    assert cosine["zero-tprune", 0.3] > cosine["random", 0.3] + 0.02
+
+
+@pytest.fixture(scope="module")
+def smollm2_loaded(smollm2_dir):
+    from prunekit.models.loading import load_causal_lm
+
+    return load_causal_lm(str(smollm2_dir))
+
+
+def test_smollm2_prefill_pruning_keeps_the_continuation_predictable(smollm2_loaded):
+    from prunekit.core.text import wiki_articles
+
+    lm = smollm2_loaded
+    text = "\n\n".join(wiki_articles()[90:92])
+    ids = lm.tokenizer(text, return_tensors="pt")["input_ids"][:, :2 * 160].reshape(2, 160)
+    task = Prefill(ids, PrefillProtocol(prompt_tokens=128, continuation_tokens=32, windows=2), batch_size=2)
+    baseline = task.quality(lm.model, None)["perplexity"]
+    with apply(lm.model, "fastv", rate=0.0) as patch:
+        assert task.quality(lm.model, patch)["perplexity"] == baseline
+    with apply(lm.model, "fastv", rate=0.5) as patch:
+        pruned = task.quality(lm.model, patch)
+        assert pruned["prompt_tokens_kept"] == 128 - 63
+        assert baseline < pruned["perplexity"] < 2 * baseline
+        prompt = ids[:1, :128]
+        with torch.no_grad():
+            next_token = lm.model(input_ids=prompt).logits[0, -1].argmax()
+            generated = lm.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3,
+                                          do_sample=False, pad_token_id=lm.tokenizer.eos_token_id)
+        assert generated[0, 128] == next_token and generated.shape == (1, 131)
