@@ -76,7 +76,7 @@ class SparseLayer:
 
     @property
     def active(self) -> int:
-        return int(self.mask.sum())
+        return int(torch.count_nonzero(self.mask))
 
     @property
     def sparsity(self) -> float:
@@ -378,8 +378,12 @@ class Sparsifier:
                 value.masked_fill_(positions.to(value.device), 0)
 
     def record(self, event: str) -> None:
-        self.history.append({"step": self.steps, "event": event, "sparsity": self.sparsity,
-                             "layers": self.layer_sparsity()})
+        active = {layer.name: layer.active for layer in self.layers}
+        total = sum(layer.numel for layer in self.layers)
+        self.history.append({"step": self.steps, "event": event,
+                             "sparsity": 1.0 - sum(active.values()) / max(total, 1),
+                             "layers": {layer.name: 1.0 - active[layer.name] / max(layer.numel, 1)
+                                        for layer in self.layers}})
 
     def gradients(self) -> dict[str, torch.Tensor]:
         """Dense gradients of the effective weights from the backward passes since the last update."""

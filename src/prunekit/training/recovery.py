@@ -177,6 +177,8 @@ def run_recovery(recipe: RecoveryRecipe, loaded=None) -> dict:
     from prunekit.weights.pipeline import prune_weights
 
     loaded = loaded or load_causal_lm(recipe.model)
+    if recipe.prune is None:
+        pruned_layers(loaded.model)  # a dense model is refused before any slow step
     protocol = recipe.data.protocol()
     test = test_windows(loaded.tokenizer, protocol)
     report: dict[str, Any] = {"model": loaded.name, "protocol": protocol.describe(), "recipe": recipe.model_dump(mode="json")}
