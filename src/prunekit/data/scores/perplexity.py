@@ -2,7 +2,7 @@
 
 The filter of CCNet (Wenzek et al. 2020) and "When Less is More" (Marion et al. 2023): a small
 reference LM rates every document; very high perplexity marks noise or unusual text, very low
-perplexity marks boilerplate and repetition. Each text is scored on its own (the beginning-of-text
+perplexity marks boilerplate and repetition. Each text is scored on its own (the document-start
 token prepended, so the first word is predicted too, truncated to ``max_tokens``); batches are
 right-padded and padding never enters a loss. Texts are streamed: the data is never held whole.
 """
@@ -31,10 +31,27 @@ def _reference_model(spec: str):
     return loaded
 
 
+DOCUMENT_SEPARATOR = "<|endoftext|>"
+
+
+def start_token(tokenizer) -> int | None:
+    """The token a document starts after in pretraining.
+
+    GPT-2 style vocabularies (SmolLM2, Pythia, GPT-2) separate documents with ``<|endoftext|>``;
+    an instruct model's ``bos`` may instead open a chat turn (SmolLM2-Instruct: ``<|im_start|>``),
+    which would make plain text look unlikely. Otherwise the tokenizer's bos, then its eos.
+    """
+    separator = tokenizer.convert_tokens_to_ids(DOCUMENT_SEPARATOR) if DOCUMENT_SEPARATOR in tokenizer.get_vocab() else None
+    for candidate in (separator, tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return None
+
+
 @torch.no_grad()
 def text_perplexities(model, tokenizer, texts: list[str], max_tokens: int = 512) -> np.ndarray:
     """exp(mean next-token loss) of every text on its own, in one padded batch."""
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    start = start_token(tokenizer)
     encoded = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_tokens - (start is not None))
     sequences = [([start] if start is not None else []) + ids for ids in encoded["input_ids"]]
     for text, ids in zip(texts, sequences):
