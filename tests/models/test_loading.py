@@ -33,10 +33,13 @@ def test_adapters_cover_opt_and_neox():
 
 def test_unsupported_family_names_the_supported_ones():
     import pytest
-    from transformers import BertConfig, BertForMaskedLM
+    from transformers import PretrainedConfig
 
     from prunekit.errors import PrunekitError
 
-    model = BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
-    with pytest.raises(PrunekitError, match="unsupported model family 'bert'; supported: .*llama"):
-        adapter_for(model)
+    class Unknown(torch.nn.Module):  # a family no adapter claims
+        config = PretrainedConfig()
+        config.model_type = "prunekit-test-unknown"
+
+    with pytest.raises(PrunekitError, match="unsupported model family 'prunekit-test-unknown'; supported: .*llama"):
+        adapter_for(Unknown())

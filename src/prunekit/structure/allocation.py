@@ -1,0 +1,179 @@
+"""How many units each family keeps, for one target: a fraction of the model's parameters (or MACs).
+
+Two strategies, one knob each:
+
+- ``uniform``: every family loses the same fraction of its units;
+- ``global``: one threshold on normalised scores across all families (the least important units
+  of the whole model go first), never below a per-family floor.
+
+Kept widths are rounded to a multiple (``round_to``, for neurons and channels; heads are whole
+units already, and grouped-query heads stay a multiple of the number of groups). Per-family
+overrides fix a family's removed fraction; the rest is solved so the whole model reaches the
+target. Costs come from the graph's exact cost model, so interactions (a Linear losing rows to
+one family and columns to another) are counted exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Mapping
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from prunekit.errors import PrunekitError
+from prunekit.structure.graph import DependencyGraph, Family
+from prunekit.structure.importance.base import Normalization, normalize_scores
+
+Target = Literal["params", "macs"]
+
+
+class WidthAllocation(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Literal["uniform", "global"] = "global"
+    floor: float = Field(0.1, ge=0.0, le=1.0, description="smallest fraction of a family's units that is kept")
+    round_to: int = Field(8, ge=1, description="kept neurons/channels are a multiple of this (families of at least 2×)")
+    normalize: Normalization | None = Field(None, description="cross-family normalisation for global ranking; "
+                                                              "default: the criterion's own (kind for flap, else mean)")
+
+
+@dataclass
+class WidthPlan:
+    removal: dict[str, list[int]]
+    widths: dict[str, tuple[int, int]]  # family -> (units, kept)
+    target: str
+    ratio: float
+    total_before: int
+    total_after: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def achieved(self) -> float:
+        return 1 - self.total_after / self.total_before if self.total_before else 0.0
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "ratio": self.ratio, "achieved": self.achieved,
+                "total_before": self.total_before, "total_after": self.total_after,
+                "widths": {k: list(v) for k, v in self.widths.items()}, "notes": self.notes}
+
+
+def check_ratio(ratio: float, what: str = "ratio") -> float:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
+        raise PrunekitError(f"the {what} must be a number in [0, 1), got {ratio!r}")
+    if not 0.0 <= ratio < 1.0:
+        raise PrunekitError(f"the {what} must be in [0, 1) (the fraction removed), got {ratio}")
+    return float(ratio)
+
+
+def _step(family: Family, round_to: int) -> int:
+    step = family.groups
+    if family.kind != "heads" and family.size >= 2 * round_to:
+        step = math.lcm(step, round_to)
+    return step
+
+
+class _Bounds:
+    def __init__(self, family: Family, floor: float, round_to: int):
+        self.family = family
+        self.step = _step(family, round_to)
+        minimum = max(math.ceil(floor * family.size - 1e-9), 1)
+        minimum = math.ceil(minimum / self.step) * self.step
+        self.min_keep = min(minimum, family.size)
+
+    def kept(self, removed: float) -> int:
+        size = self.family.size
+        kept = size - removed
+        kept = math.floor(kept / self.step + 0.5) * self.step
+        return int(min(max(kept, self.min_keep), size))
+
+
+def allocate(graph: DependencyGraph, families: list[Family], scores: Mapping[str, torch.Tensor], ratio: float,
+             target: Target = "params", strategy: WidthAllocation | None = None,
+             overrides: Mapping[str, float] | None = None, default_normalize: Normalization = "mean") -> WidthPlan:
+    """Choose the units to remove so that ``ratio`` of the model's ``target`` goes."""
+    strategy = strategy or WidthAllocation()
+    ratio = check_ratio(ratio)
+    if target not in ("params", "macs"):
+        raise PrunekitError(f"unknown target '{target}'; choose params or macs")
+    if not families:
+        raise PrunekitError("nothing to prune: no family of the chosen granularities is left (check --ignore)")
+    measure = graph.parameter_count if target == "params" else graph.mac_count
+    total = measure()
+    if total == 0:
+        raise PrunekitError(f"the model has no {target} to remove")
+    notes: list[str] = []
+    bounds = {f.name: _Bounds(f, strategy.floor, strategy.round_to) for f in families}
+
+    fixed: dict[str, int] = {}
+    for pattern, value in (overrides or {}).items():
+        value = check_ratio(value, f"override for '{pattern}'")
+        matched = [f for f in families if f.matches([pattern])]
+        if not matched:
+            raise PrunekitError(f"override pattern '{pattern}' matches no prunable family")
+        for family in matched:
+            bound = bounds[family.name]
+            kept = bound.kept(value * family.size)
+            if family.size - value * family.size < bound.min_keep - 1e-9:
+                notes.append(f"override {pattern}={value} would leave {family.name} below its floor; "
+                             f"it keeps {kept} of {family.size} {family.unit}s")
+            fixed[family.name] = family.size - kept
+    free = [f for f in families if f.name not in fixed]
+
+    if strategy.name == "global" and free:
+        normalized = normalize_scores({f.name: scores[f.name] for f in free}, {f.name: f for f in free},
+                                      strategy.normalize or default_normalize)
+        pooled = torch.sort(torch.cat(list(normalized.values()))).values
+
+    def counts(t: float) -> dict[str, int]:
+        result = dict(fixed)
+        if strategy.name == "uniform":
+            for family in free:
+                result[family.name] = family.size - bounds[family.name].kept(t * family.size)
+        else:
+            threshold = math.inf if t >= 1.0 else float(pooled[min(int(t * len(pooled)), len(pooled) - 1)])
+            for family in free:
+                below = int((normalized[family.name] < threshold).sum())
+                result[family.name] = family.size - bounds[family.name].kept(below)
+        return result
+
+    goal = ratio * total
+    if total - measure(counts(1.0)) < goal - 1e-9:
+        reachable = 1 - measure(counts(1.0)) / total
+        raise PrunekitError(f"a ratio of {ratio:.0%} of the {target} cannot be reached: with every family at its "
+                            f"floor ({strategy.floor:.0%} of its units{', ' + str(len(fixed)) + ' overridden' if fixed else ''}) "
+                            f"at most {reachable:.1%} can be removed; lower the ratio, the floor, or add granularities")
+    low, high = 0.0, 1.0
+    if total - measure(counts(0.0)) >= goal:
+        high = 0.0
+    else:
+        for _ in range(48):
+            middle = (low + high) / 2
+            if total - measure(counts(middle)) >= goal:
+                high = middle
+            else:
+                low = middle
+    chosen = counts(high)
+    removal: dict[str, list[int]] = {}
+    widths: dict[str, tuple[int, int]] = {}
+    for family in families:
+        count = chosen.get(family.name, 0)
+        widths[family.name] = (family.size, family.size - count)
+        if count:
+            removal[family.name] = _lowest(family, scores[family.name], count)
+    return WidthPlan(removal, widths, target, ratio, total, measure(chosen), notes)
+
+
+def _lowest(family: Family, scores: torch.Tensor, count: int) -> list[int]:
+    """The ``count`` lowest-scoring units; with groups, the same number from every group."""
+    scores = scores.double()
+    if family.groups <= 1:
+        return sorted(torch.argsort(scores, stable=True)[:count].tolist())
+    per_group = family.size // family.groups
+    each = count // family.groups
+    chosen = []
+    for group in range(family.groups):
+        local = scores[group * per_group:(group + 1) * per_group]
+        chosen += (torch.argsort(local, stable=True)[:each] + group * per_group).tolist()
+    return sorted(chosen)

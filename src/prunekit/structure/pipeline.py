@@ -1,0 +1,197 @@
+"""Structural pruning of any model in one call: trace, score, allocate, shrink.
+
+>>> from prunekit.structure import prune_structure, classifier_calibration
+>>> result = prune_structure(model, 0.5, example_inputs=(images[:2],), importance="taylor", target="macs",
+...                          calibration=classifier_calibration(images[:512], labels[:512]))
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunekit.errors import PrunekitError
+from prunekit.models.base import ModelAdapter, adapter_for
+from prunekit.structure.allocation import Target, WidthAllocation, WidthPlan, allocate, check_ratio
+from prunekit.structure.graph import KINDS, DependencyGraph, build_graph
+from prunekit.structure.heads import HeadMode
+from prunekit.structure.importance.base import Importance, ScoringContext, get_importance, is_consumer
+from prunekit.structure.shrink import ShrinkResult, shrink
+from prunekit.structure.statistics import accumulate_gradients, input_moments
+
+GRANULARITY_ALIASES = {"channels": "channels", "neurons": "channels", "heads": "heads", "hidden": "hidden",
+                       "width": "hidden"}
+
+
+@dataclass
+class Calibration:
+    """Data for activation statistics and gradients: model inputs batch by batch, and a loss."""
+
+    batches: Sequence[Any]  # each a tuple of positional or a dict of keyword model inputs
+    loss_fn: Callable[[nn.Module, Any, Any], torch.Tensor] | None = None  # (model, batch, target) -> loss
+    targets: Sequence[Any] | None = None  # aligned with batches (labels), when the loss needs them
+    windows: torch.Tensor | None = None  # token ids, for block-by-block calibration of language models
+    batch_size: int = 4
+
+
+def _lm_loss(model: nn.Module, batch: dict, _target) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss
+
+
+def _classifier_loss(model: nn.Module, batch: tuple, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(*batch), target)
+
+
+def lm_calibration(windows: torch.Tensor, batch_size: int = 4) -> Calibration:
+    """Calibration from token windows (samples, seq_len) for a causal language model."""
+    batches = [{"input_ids": windows[i:i + batch_size], "use_cache": False}
+               for i in range(0, windows.shape[0], batch_size)]
+    return Calibration(batches, _lm_loss, None, windows, batch_size)
+
+
+def encoder_calibration(windows: torch.Tensor, batch_size: int = 8) -> Calibration:
+    """Calibration for an encoder without a training objective (no Taylor scores)."""
+    batches = [{"input_ids": windows[i:i + batch_size]} for i in range(0, windows.shape[0], batch_size)]
+    return Calibration(batches, None, None, None, batch_size)
+
+
+def classifier_calibration(inputs: torch.Tensor, labels: torch.Tensor | None = None,
+                           batch_size: int = 128) -> Calibration:
+    """Calibration from images (or any inputs) and, for Taylor scores, their labels."""
+    starts = range(0, inputs.shape[0], batch_size)
+    batches = [(inputs[i:i + batch_size],) for i in starts]
+    if labels is None:
+        return Calibration(batches, None, None, None, batch_size)
+    return Calibration(batches, _classifier_loss, [labels[i:i + batch_size] for i in starts], None, batch_size)
+
+
+def lm_example_inputs(tokens: int = 4) -> dict:
+    """A short token batch for tracing a language model (its channels do not depend on the length)."""
+    return {"input_ids": torch.arange(1, tokens + 1).unsqueeze(0), "use_cache": False}
+
+
+@dataclass
+class StructuredResult:
+    plan: WidthPlan
+    shrink: ShrinkResult
+    families: list[dict]
+    importance: dict
+    allocation: dict
+    granularity: list[str]
+    head_mode: str
+    notes: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"plan": self.plan.to_dict(), "shrink": self.shrink.to_dict(), "families": self.families,
+                "importance": self.importance, "allocation": self.allocation, "granularity": self.granularity,
+                "head_mode": self.head_mode, "notes": self.notes, "seconds": self.seconds}
+
+
+def resolve_granularity(granularity: Iterable[str] | str) -> list[str]:
+    items = [granularity] if isinstance(granularity, str) else list(granularity)
+    result = []
+    for item in items:
+        for part in str(item).split(","):
+            part = part.strip().lower()
+            if not part:
+                continue
+            if part not in GRANULARITY_ALIASES:
+                raise PrunekitError(f"unknown granularity '{part}'; choose from channels (neurons), heads, hidden")
+            kind = GRANULARITY_ALIASES[part]
+            if kind not in result:
+                result.append(kind)
+    if not result:
+        raise PrunekitError("choose at least one granularity: channels (neurons), heads, hidden")
+    return result
+
+
+def _adapter(model: nn.Module, adapter: ModelAdapter | str | None) -> ModelAdapter | None:
+    if adapter != "auto":
+        return adapter  # type: ignore[return-value]
+    if getattr(getattr(model, "config", None), "model_type", None) is None:
+        return None
+    try:
+        return adapter_for(model)
+    except PrunekitError:
+        return None
+
+
+def score_families(graph: DependencyGraph, families, importance: Importance, calibration: Calibration | None,
+                   adapter: ModelAdapter | None, seed: int = 0) -> tuple[dict[str, torch.Tensor], ScoringContext]:
+    model = graph.model
+    context = ScoringContext(graph, seed=seed)
+    needs_moments = "moments" in importance.needs or importance.compensation()
+    if needs_moments or "gradients" in importance.needs:
+        if calibration is None:
+            raise PrunekitError(f"importance '{importance.name}' needs calibration data")
+    if needs_moments:
+        consumers = sorted({m.tensor for f in families for m in f.members if is_consumer(context, m)})
+        context.moments = input_moments(model, graph, consumers, calibration.batches, adapter=adapter,
+                                        windows=calibration.windows, batch_size=calibration.batch_size)
+    if "gradients" in importance.needs:
+        if calibration.loss_fn is None:
+            raise PrunekitError(f"importance '{importance.name}' needs a loss: give labels (classifiers) or use a "
+                                "language model; encoders without a task have no gradients to score with")
+        tensors = sorted({m.tensor for f in families for m in f.members if not graph.tensors[m.tensor].is_buffer})
+        context.gradients = accumulate_gradients(model, calibration.batches, calibration.loss_fn, tensors,
+                                                      calibration.targets)
+    return {f.name: importance.score(f, context) for f in families}, context
+
+
+def prune_structure(model: nn.Module, ratio: float = 0.2, *, example_inputs: tuple | dict,
+                    importance: str | Mapping[str, Any] | Importance = "l2",
+                    granularity: Iterable[str] | str = ("channels", "heads"), target: Target = "params",
+                    allocation: WidthAllocation | Mapping[str, Any] | str | None = None, head_mode: HeadMode = "kv",
+                    ignore: Sequence[str] = (), overrides: Mapping[str, float] | None = None,
+                    calibration: Calibration | None = None, adapter: ModelAdapter | str | None = "auto",
+                    seed: int = 0, strict: bool = True, check: bool = True) -> StructuredResult:
+    """Remove ``ratio`` of the model's parameters (or MACs) as whole channels, heads or hidden width, in place.
+
+    ``example_inputs`` is one small batch (a tuple of positional or a dict of keyword arguments)
+    used to trace the model; ``calibration`` feeds activation-aware (wanda, flap) and gradient
+    (taylor) criteria. ``ignore`` names modules or families (globs, ``re:`` regexes) to leave
+    whole; ``overrides`` fixes the removed fraction of matching families.
+    """
+    ratio = check_ratio(ratio)
+    importance = get_importance(importance)
+    if isinstance(allocation, str):
+        allocation = {"name": allocation}
+    strategy = allocation if isinstance(allocation, WidthAllocation) else WidthAllocation(**(allocation or {}))
+    kinds = resolve_granularity(granularity)
+    adapter = _adapter(model, adapter)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    graph = build_graph(model, example_inputs, adapter=adapter, head_mode=head_mode, strict=strict)
+    timings["graph_seconds"] = time.perf_counter() - started
+    families = graph.select(kinds, ignore)
+    notes = list(graph.frozen)
+    if "heads" in kinds and not any(f.kind == "heads" for f in graph.families):
+        notes.append("no attention heads were found that prunekit knows how to remove")
+    inexact = [f.name for f in families if not f.exact]
+    if inexact:
+        notes.append(f"{len(inexact)} families are read by a statistic over channels (LayerNorm/RMSNorm): removing "
+                     "them changes the remaining channels' normalisation, so it is not exact")
+    started = time.perf_counter()
+    scores, context = score_families(graph, families, importance, calibration, adapter, seed)
+    timings["scoring_seconds"] = time.perf_counter() - started
+    started = time.perf_counter()
+    default_normalize = "kind" if importance.name == "flap" else "mean"
+    plan = allocate(graph, families, scores, ratio, target, strategy, overrides, default_normalize)
+    compensation = None
+    if importance.compensation():
+        compensation = {name: moments.mean() for name, moments in context.moments.items()}
+    result = shrink(graph, plan.removal, compensation, adapter, check)
+    timings["apply_seconds"] = time.perf_counter() - started
+    return StructuredResult(plan, result, graph.summary(), importance.settings(),
+                            {**strategy.model_dump(), "normalize": strategy.normalize or default_normalize},
+                            kinds, head_mode, notes + plan.notes, timings)
+
+
+__all__ = ["Calibration", "KINDS", "StructuredResult", "classifier_calibration", "encoder_calibration",
+           "lm_calibration", "lm_example_inputs", "prune_structure", "resolve_granularity", "score_families"]
