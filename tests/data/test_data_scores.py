@@ -209,3 +209,25 @@ def test_score_settings_are_validated(blobs):
         score_data((inputs, labels), "forgetting", proxy=ProxyConfig(model="mlp", epochs=1, seeds=1))
     with pytest.raises(PrunekitError, match="listed twice"):
         score_data((inputs, labels), ["random", "random"])
+
+
+def test_the_users_own_model_and_loss(blobs):
+    inputs, labels = blobs
+
+    def smoothed(logits, targets):
+        return F.cross_entropy(logits, targets, reduction="none", label_smoothing=0.2)
+
+    model = tiny_classifier()
+    table = score_data((inputs, labels), ["loss", "grand"], proxy=ProxyConfig(model=model, train=False, loss_fn=smoothed))
+    with torch.no_grad():
+        expected = smoothed(model(inputs), labels)
+    np.testing.assert_allclose(table.scores["loss"], expected, rtol=1e-5)
+    model.zero_grad()
+    smoothed(model(inputs[:1]), labels[:1]).sum().backward()
+    first = float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters())))
+    assert table.scores["grand"][0] == pytest.approx(first, rel=1e-5)
+    # a factory is trained per seed with the same loss; the given module itself is never modified
+    before = [p.detach().clone() for p in model.parameters()]
+    trained = score_data((inputs, labels), "el2n", proxy=ProxyConfig(model=model, epochs=1, seeds=2, loss_fn=smoothed))
+    assert trained.meta["proxy"]["loss"] == "smoothed" and trained.meta["proxy"]["model"] == "Sequential"
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
