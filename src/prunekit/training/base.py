@@ -318,7 +318,8 @@ class Sparsifier:
         if self.distribution.needs == "scores":
             if scores is None:
                 raise PrunekitError(f"{self.name}: distribution '{self.distribution.name}' needs scores")
-            score_fn = lambda name: scores[name]  # noqa: E731
+            ranked = global_ranks(scores) if self.signed_scores else scores
+            score_fn = lambda name: ranked[name]  # noqa: E731
         return self.distribution.allocate(infos, sparsity, score_fn)
 
     def masks_from_scores(self, scores: ScoreMap, sparsities: Mapping[str, float],
@@ -403,6 +404,24 @@ class Sparsifier:
                     self._captured[name] = grad.detach().clone() if previous is None else previous + grad.detach()
                 output.register_hook(keep)
         return on_forward
+
+
+def global_ranks(scores: ScoreMap) -> dict[str, torch.Tensor]:
+    """Signed scores replaced by their rank among all layers' scores (0 = lowest).
+
+    Allocations rank non-negative importances (the global threshold reads magnitudes); ranks keep
+    the order of signed scores such as GraSP's across layers, so their per-layer counts stay exact.
+    """
+    names = list(scores)
+    flat = torch.cat([scores[name].detach().reshape(-1).double().cpu() for name in names])
+    ranks = torch.empty_like(flat)
+    ranks[flat.argsort(stable=True)] = torch.arange(flat.numel(), dtype=torch.float64)
+    result, offset = {}, 0
+    for name in names:
+        size = scores[name].numel()
+        result[name] = ranks[offset:offset + size].reshape(scores[name].shape)
+        offset += size
+    return result
 
 
 def drop_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
