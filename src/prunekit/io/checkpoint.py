@@ -164,6 +164,10 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, dtype: torch.d
         raise PrunekitError(f"no such model directory: {path}")
     if is_compressed_dir(path):
         return load_compressed(path, dtype=dtype, model=model)
+    from prunekit.structure.saving import is_structured_dir, load_structured
+
+    if is_structured_dir(path):  # structurally pruned: rebuilt from its shape spec
+        return load_structured(path, model=model, dtype=dtype)
     if model is not None:
         weights = path / "model.safetensors"
         if not weights.exists():

@@ -81,6 +81,10 @@ def load_causal_lm(spec: str | os.PathLike | None = None, dtype: str | torch.dty
         try:
             if path is not None and is_compressed_dir(path):
                 model = load_compressed(path, dtype=torch_dtype)
+            elif path is not None and needs_shape_spec(path):
+                from prunekit.structure.saving import load_structured
+
+                model = load_structured(path, dtype=torch_dtype)
             else:
                 model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype,
                                                              trust_remote_code=trust_remote_code)
@@ -102,6 +106,17 @@ def load_causal_lm(spec: str | os.PathLike | None = None, dtype: str | torch.dty
     if device != "cpu":
         model.to(device)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=path)
+
+
+def needs_shape_spec(path: Path) -> bool:
+    """A structurally pruned directory whose widths its config cannot describe (see prunekit.structure.saving)."""
+    spec = path / "prunekit_structure.json"
+    if not spec.exists():
+        return False
+    try:
+        return not json.loads(spec.read_text()).get("from_pretrained", False)
+    except (OSError, json.JSONDecodeError):
+        return True
 
 
 def _first_line(exc: BaseException) -> str:

@@ -36,6 +36,9 @@ class ChannelMoments(LayerStatistics):
         self.squares += x.square().sum(0)
         self.rows += x.shape[0]
 
+    def accumulators(self) -> list[torch.Tensor]:
+        return [self.total, self.squares]
+
     def mean(self) -> torch.Tensor:
         return (self.total / max(self.rows, 1)).float()
 

@@ -1,0 +1,134 @@
+"""What shrinking bought, measured the same way before and after.
+
+- parameters (unique tensors: a tied embedding counts once);
+- MACs of one forward pass, from ``torch.utils.flop_counter`` (FLOPs / 2);
+- CPU latency and throughput at each batch size: warm-up runs, then the median of ``runs`` timed
+  forward passes under ``torch.inference_mode`` with a fixed thread count;
+- peak resident memory while the largest batch runs (``prunekit.evaluate.resources.Measured``);
+- size on disk of the saved weights (measured by the caller after saving);
+- quality: perplexity, accuracy or embedding fidelity (also by the caller).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from prunekit.evaluate.resources import Measured
+
+
+@dataclass
+class SpeedProtocol:
+    batch_sizes: tuple[int, ...] = (1, 8)
+    runs: int = 5
+    warmup: int = 2
+    threads: int | None = 2
+    seq_len: int = 128  # tokens per sequence for language models
+
+    def describe(self) -> str:
+        return (f"median of {self.runs} timed forward passes after {self.warmup} warm-up passes, "
+                f"torch.inference_mode, {self.threads or torch.get_num_threads()} threads"
+                + (f", sequences of {self.seq_len} tokens" if self.seq_len else ""))
+
+
+@dataclass
+class Measurement:
+    parameters: int
+    macs: int
+    latency_ms: dict[int, float] = field(default_factory=dict)
+    throughput: dict[int, float] = field(default_factory=dict)  # items (tokens or images) per second
+    unit: str = "items"
+    peak_rss_bytes: int = 0
+    model_bytes: int = 0
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["latency_ms"] = {str(k): v for k, v in self.latency_ms.items()}
+        data["throughput"] = {str(k): v for k, v in self.throughput.items()}
+        return data
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def model_bytes(model: nn.Module) -> int:
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def count_macs(model: nn.Module, inputs: tuple | dict) -> int:
+    args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), inputs)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(*args, **kwargs)
+    return int(counter.get_total_flops() // 2)
+
+
+def time_forward(model: nn.Module, inputs: tuple | dict, runs: int, warmup: int) -> list[float]:
+    args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), inputs)
+    times = []
+    with torch.inference_mode():
+        for index in range(warmup + runs):
+            started = time.perf_counter()
+            model(*args, **kwargs)
+            elapsed = time.perf_counter() - started
+            if index >= warmup:
+                times.append(elapsed)
+    return times
+
+
+def measure(model: nn.Module, make_inputs: Callable[[int], tuple | dict], items_per_sample: int = 1,
+            protocol: SpeedProtocol | None = None, unit: str = "items") -> Measurement:
+    """``make_inputs(batch)`` returns one batch; ``items_per_sample`` (tokens per sequence) scales throughput."""
+    protocol = protocol or SpeedProtocol()
+    previous_threads = torch.get_num_threads()
+    if protocol.threads:
+        torch.set_num_threads(protocol.threads)
+    was_training = model.training
+    model.eval()
+    try:
+        result = Measurement(count_parameters(model), count_macs(model, make_inputs(1)), unit=unit,
+                             model_bytes=model_bytes(model))
+        for batch in protocol.batch_sizes:
+            inputs = make_inputs(batch)
+            with Measured() as measured:
+                times = time_forward(model, inputs, protocol.runs, protocol.warmup)
+            median = statistics.median(times)
+            result.latency_ms[batch] = median * 1000
+            result.throughput[batch] = batch * items_per_sample / median
+            result.peak_rss_bytes = max(result.peak_rss_bytes, measured.peak_rss)
+    finally:
+        torch.set_num_threads(previous_threads)
+        model.train(was_training)
+    return result
+
+
+def lm_inputs(seq_len: int, vocab_size: int, seed: int = 0) -> Callable[[int], dict]:
+    def make(batch: int) -> dict:
+        generator = torch.Generator().manual_seed(seed)
+        return {"input_ids": torch.randint(0, vocab_size, (batch, seq_len), generator=generator), "use_cache": False}
+    return make
+
+
+def image_inputs(shape: tuple[int, ...], seed: int = 0) -> Callable[[int], tuple]:
+    def make(batch: int) -> tuple:
+        generator = torch.Generator().manual_seed(seed)
+        return (torch.randn(batch, *shape, generator=generator),)
+    return make
+
+
+def compare(before: Measurement, after: Measurement) -> dict:
+    """Ratios after/before (speedup = throughput after / before)."""
+    return {
+        "parameters": after.parameters / before.parameters,
+        "macs": after.macs / before.macs if before.macs else None,
+        "speedup": {str(b): after.throughput[b] / before.throughput[b] for b in before.throughput if b in after.throughput},
+        "latency": {str(b): after.latency_ms[b] / before.latency_ms[b] for b in before.latency_ms if b in after.latency_ms},
+    }

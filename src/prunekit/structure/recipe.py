@@ -1,0 +1,113 @@
+"""The settings of a structural pruning job (``prunekit shrink``), validated up front and round-tripped to YAML."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from prunekit.core.config import RecipeModel, TextDataConfig
+from prunekit.errors import PrunekitError
+from prunekit.structure.allocation import WidthAllocation, check_ratio
+from prunekit.structure.importance.base import get_importance
+from prunekit.structure.pipeline import resolve_granularity
+
+
+class DepthConfig(RecipeModel):
+    """Whole blocks to remove before any width pruning."""
+
+    blocks: int = Field(0, ge=0, description="number of blocks to remove")
+    criterion: Literal["influence", "perplexity"] = "influence"
+    windows: int = Field(8, ge=1, description="calibration windows per evaluation (perplexity criterion)")
+
+
+class RecoveryConfig(RecipeModel):
+    """A short fine-tune after shrinking, on calibration text."""
+
+    mode: Literal["distill", "plain"] = "distill"
+    seconds: float | None = Field(600.0, gt=0, description="wall-time budget")
+    steps: int | None = Field(None, ge=1, description="step budget (whichever comes first)")
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(1, ge=1)
+    samples: int = Field(256, ge=1, description="calibration windows to train on (seeded random offsets)")
+    temperature: float = Field(1.0, gt=0)
+    train_embeddings: bool = False
+
+    @model_validator(mode="after")
+    def _budget(self) -> "RecoveryConfig":
+        if self.seconds is None and self.steps is None:
+            raise PrunekitError("recovery needs a budget: seconds or steps")
+        return self
+
+
+class MeasureConfig(RecipeModel):
+    """How speed is measured before and after."""
+
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 8])
+    seq_len: int = Field(128, ge=1, description="tokens per sequence in the speed runs")
+    runs: int = Field(5, ge=1)
+    warmup: int = Field(2, ge=0)
+    threads: int = Field(2, ge=1)
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _batches(cls, value: list[int]) -> list[int]:
+        if not value or any(b < 1 for b in value):
+            raise ValueError("batch sizes must be positive")
+        return sorted(set(value))
+
+
+class ShrinkRecipe(RecipeModel):
+    """Everything ``prunekit shrink`` does, as data."""
+
+    model: str | None = Field(None, description="model directory or hub id; None = the embedded SmolLM2-135M")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    ratio: float = Field(0.2, description="fraction of the model's parameters (or MACs) removed by width pruning")
+    target: Literal["params", "macs"] = "params"
+    granularity: list[str] = Field(default_factory=lambda: ["channels", "heads"])
+    heads: Literal["kv", "query"] = Field("kv", description="grouped-query heads: remove whole KV groups, or "
+                                                           "query heads equally from every group")
+    importance: dict[str, Any] = Field(default_factory=lambda: {"name": "flap"})
+    allocation: WidthAllocation = Field(default_factory=WidthAllocation)
+    overrides: dict[str, float] = Field(default_factory=dict, description="family/module pattern -> removed fraction")
+    ignore: list[str] = Field(default_factory=list, description="family/module patterns left whole")
+    depth: DepthConfig = Field(default_factory=DepthConfig)
+    recovery: RecoveryConfig | None = None
+    data: TextDataConfig = Field(default_factory=TextDataConfig)
+    measure: MeasureConfig = Field(default_factory=MeasureConfig)
+    evaluate: bool = True
+    onnx: bool = False
+    batch_size: int = Field(4, ge=1)
+    trust_remote_code: bool = False
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio(cls, value: float) -> float:
+        return check_ratio(value)
+
+    @field_validator("importance", mode="before")
+    @classmethod
+    def _importance(cls, value: Any) -> dict[str, Any]:
+        importance = get_importance({"name": value} if isinstance(value, str) else value)
+        return importance.settings()
+
+    @field_validator("allocation", mode="before")
+    @classmethod
+    def _allocation(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @field_validator("granularity", mode="before")
+    @classmethod
+    def _granularity(cls, value: Any) -> list[str]:
+        return resolve_granularity(value)
+
+    @field_validator("overrides")
+    @classmethod
+    def _overrides(cls, value: dict[str, float]) -> dict[str, float]:
+        return {k: check_ratio(v, f"override for '{k}'") for k, v in value.items()}
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> "ShrinkRecipe":
+        if self.ratio == 0 and self.depth.blocks == 0:
+            raise PrunekitError("nothing to prune: give a ratio above 0 or a number of blocks to remove")
+        return self
