@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 
-
 @pytest.fixture(scope="session")
 def fmnist_small():
     """The first 800 Fashion-MNIST training images (real data, all ten classes)."""

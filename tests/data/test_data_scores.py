@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from data_helpers import fast_proxy, tiny_classifier
 
 from prunekit.data import ProxyConfig, score_data
 from prunekit.data.proxy import build_model
@@ -16,8 +17,6 @@ from prunekit.data.scores.prototypes import prototype_distances
 from prunekit.data.scores.vog import class_normalise
 from prunekit.errors import PrunekitError
 from prunekit.training.loop import make_optimizer, train_classifier
-
-from data_helpers import fast_proxy, tiny_classifier
 
 
 @pytest.fixture()

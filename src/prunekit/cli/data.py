@@ -175,7 +175,8 @@ def select_command(
     keep: Optional[float] = typer.Option(None, help="fraction of examples kept, in (0, 1]"),
     count: Optional[int] = typer.Option(None, help="number of examples kept (instead of --keep)"),
     strategy: str = typer.Option("hardest", help="hardest, easiest, middle, random or ccs"),
-    strategy_arg: Optional[list[str]] = typer.Option(None, help="strategy setting KEY=VALUE, e.g. hard_cut=0.2, strata=50, start=0.1"),
+    strategy_arg: Optional[list[str]] = typer.Option(
+        None, help="strategy setting KEY=VALUE, e.g. hard_cut=0.2, strata=50, start=0.1"),
     balance: str = typer.Option("none", help="class balance: none, proportional (keep each class's share) or equal"),
     seed: int = typer.Option(0, help="seed for ties and random choices"),
     data: Optional[str] = typer.Option(None, "--data", help="the scored data: also write the selected rows in its format"),

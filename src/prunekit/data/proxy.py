@@ -205,7 +205,10 @@ class ProxyRun:
         if need_features and head is None:
             raise PrunekitError("prototypes on proxy features need a model whose classifier is an nn.Linear")
         captured: list[torch.Tensor] = []
-        handle = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().flatten(1).float().cpu())) if head else None
+        handle = None
+        if head is not None:
+            handle = head.register_forward_pre_hook(
+                lambda _module, args: captured.append(args[0].detach().flatten(1).float().cpu()))
         was_training = self.model.training
         self.model.eval()
         logits = []

@@ -196,7 +196,7 @@ def _run_proxies(context: ScoringContext, scores: list[Score], info: dict[str, A
         finishers = {s.name: s.attach(run) for s in scores}
         accuracy: list[float] = []
         if labels is not None:
-            run.at_end(lambda r: accuracy.append(float((r.outputs()[0].argmax(1) == labels).float().mean())))
+            run.at_end(lambda r, into=accuracy: into.append(float((r.outputs()[0].argmax(1) == labels).float().mean())))
         run.run()
         local[unit] = {"scores": {name: np.asarray(f(), dtype=np.float64) for name, f in finishers.items()},
                        "train_accuracy": accuracy[0] if accuracy else None,

@@ -150,8 +150,6 @@ def _as_tensor(value: Any, what: str) -> torch.Tensor:
 def _float_inputs(raw: torch.Tensor) -> torch.Tensor:
     if raw.dtype == torch.uint8:
         return raw.float() / 255.0  # 8-bit images: the usual [0, 1] scale
-    if raw.dtype == torch.bool or not raw.is_floating_point():
-        return raw.float()
     return raw.float()
 
 

@@ -19,7 +19,8 @@ from prunekit.errors import PrunekitError
 @dataclass
 class GraNd(Score):
     name = "grand"
-    summary = "norm of the example's loss gradient over all parameters early in training, averaged over seeds (Paul et al. 2021)"
+    summary = ("norm of the example's loss gradient over all parameters early in training, averaged over seeds "
+               "(Paul et al. 2021)")
     harder = HIGHER
     needs_labels = True
 

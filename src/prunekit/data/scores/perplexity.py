@@ -76,7 +76,8 @@ def text_perplexities(model, tokenizer, texts: list[str], max_tokens: int = 512)
 @dataclass
 class Perplexity(Score):
     name = "perplexity"
-    summary = "perplexity of the text under a reference causal LM, SmolLM2-135M by default (Wenzek et al. 2020; Marion et al. 2023)"
+    summary = ("perplexity of the text under a reference causal LM, SmolLM2-135M by default "
+               "(Wenzek et al. 2020; Marion et al. 2023)")
     harder = HIGHER
     needs_labels = False
 

@@ -32,7 +32,8 @@ def class_normalise(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
 @dataclass
 class VoG(Score):
     name = "vog"
-    summary = "variance of input gradients of the true-class logit across training checkpoints, class-normalised (Agarwal et al. 2022)"
+    summary = ("variance of input gradients of the true-class logit across training checkpoints, class-normalised "
+               "(Agarwal et al. 2022)")
     harder = HIGHER
     needs_labels = True
 
