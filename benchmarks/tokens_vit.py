@@ -50,7 +50,7 @@ def render() -> None:
     lines = ["# Token reduction on prunekit's ViT (Fashion-MNIST)", "",
              next(iter(data["groups"].values()))["protocol"]["text"] + ".", "",
              "Model: prunekit ViT, patch 4 on 28×28 (49 patches + [CLS] = 50 tokens), 6 blocks, width 192, 3 heads, "
-             "MLP ratio 2, trained by `benchmarks/tokens_vit.py train` (AdamW, 6 epochs). Rate = fraction of the "
+             "MLP ratio 2, trained by `benchmarks/tokens_vit.py train` (AdamW, 4 epochs). Rate = fraction of the "
              "reducible tokens each reducing block removes; reductions happen after a block's attention, before its "
              "MLP.", "", LOCK_NOTE, "", "Accuracy in percent.", "",
              table(data, "accuracy", sizes, scale=100, digits=2), "",

@@ -14,7 +14,7 @@ from prunekit.tokens.vision import load_vit, save_vit
 from tests.tokens.conftest import hf_vit, prunekit_vit
 
 needs_fashion = pytest.mark.skipif(not fashion_mnist.available(), reason="dataset-fashion-mnist is not installed")
-QUICK = ["--batch-sizes", "1,4", "--warmup", "1", "--repeats", "2"]
+QUICK = ["--batch-sizes", "1,2", "--warmup", "0", "--repeats", "1"]
 
 
 @pytest.fixture()
@@ -26,7 +26,7 @@ def image_task():
 
 def test_a_sweep_measures_every_method_and_rate_against_the_unpatched_model(image_task):
     model = prunekit_vit()
-    settings = SweepSettings(methods=["tome", "fastv"], rates=[0.0, 0.4], batch_sizes=[1, 8], warmup=1, repeats=2)
+    settings = SweepSettings(methods=["tome", "fastv"], rates=[0.0, 0.4], batch_sizes=[1, 8], warmup=0, repeats=1)
     result = run_sweep(model, image_task, settings)
     base = result["baseline"]
     assert base["quality"]["images"] == 40 and set(base["throughput"]) == {"1", "8"}
@@ -66,7 +66,7 @@ def test_the_cli_evaluates_a_hugging_face_vit_and_writes_its_report(tmp_path):
     hf_vit().save_pretrained(model_dir)
     before = sorted(p.name for p in model_dir.iterdir())
     code = main(["tokens", "eval", str(model_dir), "--methods", "tome,random", "--rates", "0,0.3",
-                 "--method-arg", "tome.proportional=false", "--samples", "64", *QUICK, "--out", str(out)])
+                 "--method-arg", "tome.proportional=false", "--samples", "32", *QUICK, "--out", str(out)])
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == ["quality_vs_throughput.png", "report.json", "report.md"]
     report = json.loads((out / "report.json").read_text())

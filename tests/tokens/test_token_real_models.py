@@ -44,12 +44,12 @@ def test_minilm_fidelity_falls_with_the_rate_and_attention_beats_random(minilm, 
     assert task.quality(model, None)["cosine"] == pytest.approx(1.0, abs=1e-6)
     cosine = {}
     with torch.no_grad():
-        for method in ("evit", "zero-tprune", "random"):
-            for rate in (0.0, 0.1, 0.3):
-                with apply(model, method, rate=rate) as patch:
-                    cosine[method, rate] = task.quality(model, patch)["cosine"]
-    for method in ("evit", "zero-tprune", "random"):
-        assert cosine[method, 0.0] == pytest.approx(1.0, abs=1e-6)
+        for method, rate in [("evit", 0.0), ("evit", 0.1), ("evit", 0.3), ("zero-tprune", 0.3), ("random", 0.1),
+                             ("random", 0.3)]:
+            with apply(model, method, rate=rate) as patch:
+                cosine[method, rate] = task.quality(model, patch)["cosine"]
+    assert cosine["evit", 0.0] == pytest.approx(1.0, abs=1e-6)
+    for method in ("evit", "random"):
         assert 1.0 > cosine[method, 0.1] > cosine[method, 0.3] > 0.5
     assert cosine["evit", 0.3] > cosine["random", 0.3] + 0.02
     assert cosine["zero-tprune", 0.3] > cosine["random", 0.3] + 0.02
@@ -67,18 +67,29 @@ def test_smollm2_prefill_pruning_keeps_the_continuation_predictable(smollm2_load
 
     lm = smollm2_loaded
     text = "\n\n".join(wiki_articles()[90:92])
-    ids = lm.tokenizer(text, return_tensors="pt")["input_ids"][:, :2 * 160].reshape(2, 160)
-    task = Prefill(ids, PrefillProtocol(prompt_tokens=128, continuation_tokens=32, windows=2), batch_size=2)
+    ids = lm.tokenizer(text, return_tensors="pt")["input_ids"][:, :2 * 120].reshape(2, 120)
+    task = Prefill(ids, PrefillProtocol(prompt_tokens=96, continuation_tokens=24, windows=2), batch_size=2)
     baseline = task.quality(lm.model, None)["perplexity"]
     with apply(lm.model, "fastv", rate=0.0) as patch:
         assert task.quality(lm.model, patch)["perplexity"] == baseline
     with apply(lm.model, "fastv", rate=0.5) as patch:
         pruned = task.quality(lm.model, patch)
-        assert pruned["prompt_tokens_kept"] == 128 - 63
+        assert pruned["prompt_tokens_kept"] == 96 - 47
         assert baseline < pruned["perplexity"] < 2 * baseline
-        prompt = ids[:1, :128]
+        prompt = ids[:1, :96]
         with torch.no_grad():
             next_token = lm.model(input_ids=prompt).logits[0, -1].argmax()
             generated = lm.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3,
                                           do_sample=False, pad_token_id=lm.tokenizer.eos_token_id)
-        assert generated[0, 128] == next_token and generated.shape == (1, 131)
+        assert generated[0, 96] == next_token and generated.shape == (1, 99)
+
+
+def test_minilm_sentence_pairs_keep_every_special_token_given_the_tokenizer(minilm, passages):
+    model, tokenizer = minilm
+    encoded = tokenizer(passages[3][:300], passages[4][:300], return_tensors="pt")
+    specials = [i for i, t in enumerate(encoded["input_ids"][0].tolist()) if t in tokenizer.all_special_ids]
+    assert len(specials) == 3  # [CLS], the middle [SEP], the final [SEP]
+    with torch.no_grad(), apply(model, "random", rate=0.9, tokenizer=tokenizer) as patch:
+        model(**encoded)
+        assert set(specials) <= set(patch.kept_positions()[0].tolist())
+        assert patch.describe()["protected"].startswith("the first real token ([CLS]), the last real token, token ids")

@@ -195,8 +195,8 @@ class Prefill(Task):
     metric = "perplexity"
     higher_is_better = False
 
-    def __init__(self, windows: torch.Tensor, protocol: PrefillProtocol, batch_size: int = 4):
-        self.windows, self.protocol, self.batch_size = windows, protocol, batch_size
+    def __init__(self, windows: torch.Tensor, protocol: PrefillProtocol, batch_size: int = 4, tokenizer=None):
+        self.windows, self.protocol, self.batch_size, self.tokenizer = windows, protocol, batch_size, tokenizer
 
     @classmethod
     def wiki(cls, tokenizer, protocol: PrefillProtocol = PrefillProtocol()) -> "Prefill":
@@ -204,7 +204,8 @@ class Prefill(Task):
 
         _calibration, test = wiki_split(protocol.split)
         length = protocol.prompt_tokens + protocol.continuation_tokens
-        return cls(consecutive_windows(tokenize(tokenizer, test), protocol.windows, length), protocol)
+        return cls(consecutive_windows(tokenize(tokenizer, test), protocol.windows, length), protocol,
+                   tokenizer=tokenizer)
 
     def quality(self, model: nn.Module, patch: TokenPatch | None) -> dict[str, float]:
         split = self.protocol.prompt_tokens
@@ -293,7 +294,7 @@ def run_sweep(model: nn.Module, task: Task, settings: SweepSettings,
             for rate in settings.rates:
                 bar.describe(f"{method} at rate {rate:g}")
                 with apply(model, method, rate, layers=settings.layers, seed=settings.seed,
-                           **settings.options.get(method, {})) as patch:
+                           tokenizer=getattr(task, "tokenizer", None), **settings.options.get(method, {})) as patch:
                     point = {"method": method, "rate": rate, "patch": patch.describe(),
                              **measure_point(model, task, settings, patch)}
                 _add_relative(point, baseline, task)

@@ -225,14 +225,22 @@ def resolve_layers(method: TokenMethod, layers: Sequence[int] | None, depth: int
     return sorted(chosen)
 
 
+def special_token_ids(tokenizer: Any) -> list[int]:
+    """Every special token id of a Hugging Face tokenizer except the unknown token's."""
+    ids = set(getattr(tokenizer, "all_special_ids", None) or [])
+    ids.discard(getattr(tokenizer, "unk_token_id", None))
+    return sorted(i for i in ids if i is not None)
+
+
 def apply(model: nn.Module, method: str = "tome", rate: float = 0.25, *, layers: Sequence[int] | None = None,
-          seed: int = 0, protect_ids: Sequence[int] = (), **options: Any) -> TokenPatch:
+          seed: int = 0, protect_ids: Sequence[int] = (), tokenizer: Any = None, **options: Any) -> TokenPatch:
     """Make ``model`` drop or merge tokens inside its forward pass; returns the handle that undoes it.
 
     ``rate`` is the fraction of the reducible tokens (real, unprotected) that each reducing layer
     removes; ``layers`` lists the blocks that reduce (after their attention, before their MLP),
     by default the method's own schedule. ``protect_ids`` adds token ids that are never removed
-    (for text models; [CLS]/first, [SEP]/last and padding are handled by rule). Method settings
+    (for text models; [CLS]/first, [SEP]/last and padding are handled by rule); give ``tokenizer``
+    to protect every special token it defines (a pair's middle [SEP], chat markers). Method settings
     (``r`` for ToMe, ``iterations`` for Zero-TPrune, ...) are keyword arguments.
 
     >>> with prunekit.tokens.apply(vit, "tome", rate=0.2) as patch:
@@ -251,5 +259,6 @@ def apply(model: nn.Module, method: str = "tome", rate: float = 0.25, *, layers:
         raise PrunekitError("give settings either in the method object or as keyword arguments, not both")
     family.check(built)
     chosen = resolve_layers(built, layers, family.depth)
-    return TokenPatch(model, family, built, chosen, seed, protect_ids).install()
+    protected = sorted(set(int(i) for i in protect_ids) | set(special_token_ids(tokenizer) if tokenizer else ()))
+    return TokenPatch(model, family, built, chosen, seed, protected).install()
 

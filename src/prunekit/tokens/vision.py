@@ -26,7 +26,7 @@ from prunekit.models.vit import ViT
 
 FASHION_VIT_SETTINGS: dict[str, Any] = {"image_size": 28, "patch_size": 4, "in_channels": 1, "num_classes": 10,
                                         "dim": 192, "depth": 6, "num_heads": 3, "mlp_ratio": 2.0}
-TRAINING: dict[str, Any] = {"epochs": 6, "batch_size": 128, "optimizer": "adamw", "lr": 5e-4, "weight_decay": 0.05,
+TRAINING: dict[str, Any] = {"epochs": 4, "batch_size": 128, "optimizer": "adamw", "lr": 5e-4, "weight_decay": 0.05,
                             "schedule": "cosine over epochs (constant within an epoch)", "seed": 0,
                             "data": "Fashion-MNIST train split, all 60000 images, normalised"}
 FASHION_VIT_NAME = "fashion-vit"
@@ -86,7 +86,7 @@ def load_fashion_vit() -> ViT:
     folder = fashion_vit_dir()
     if not (folder / _WEIGHTS).exists():
         raise PrunekitError(f"the Fashion-MNIST ViT is not trained yet ({folder} is empty); train it with "
-                            "`python benchmarks/tokens_vit.py train` (6 epochs of 5 to 25 minutes each on 2 cores, resumable)")
+                            "`python benchmarks/tokens_vit.py train` (4 epochs of 5 to 30 minutes each on 2 cores, resumable)")
     return load_vit(folder)
 
 
