@@ -3,8 +3,9 @@
 Grid: 8 rows (full data, random, EL2N, GraNd, forgetting, AUM, prototypes, CCS) x kept fractions
 90/70/50/30/10 % x 3 training seeds. The scores are computed once by a short proxy training
 (SmallCNN width 8, 5 epochs, 3 seeds; EL2N/GraNd read after epoch 1) and each subset is trained
-with the same *step budget* as the full-data run (2 epochs of 60 k examples = 938 steps of 128),
-so a smaller subset is seen for more epochs: the comparison is about which data, not how much compute.
+with the same *step budget* as the full-data run (one epoch of 60 k examples = 469 steps of 128,
+drawn as consecutive shuffles of the subset), so a smaller subset is seen more often: the
+comparison is about which data, not how much compute.
 
 Phases (run by hand; raw per-run results go to benchmarks/results/raw/data_fmnist/, resumable):
 
@@ -42,7 +43,7 @@ RAW = ROOT / "raw" / "data_fmnist"
 FRACTIONS = (0.9, 0.7, 0.5, 0.3, 0.1)
 SEEDS = (0, 1, 2)
 WIDTH = 8  # the trained CNN and the proxy: SmallCNN(width=8), ~105 k parameters
-BUDGET_EPOCHS = 2  # step budget of every training run: 2 epochs of the full 60 k set
+BUDGET_EPOCHS = 1  # step budget of every training run: 1 epoch of the full 60 k set (469 steps of 128)
 BATCH = 128
 LR = 0.05
 PROXY = ProxyConfig(model="cnn", cnn_width=WIDTH, epochs=5, seeds=3, batch_size=BATCH, lr=LR)
@@ -77,10 +78,27 @@ def phase_score(name: str) -> None:
     print(f"{name}: {measured.seconds:.1f} s, timings {table.meta['timings']}")
 
 
-def _train(images: torch.Tensor, labels: torch.Tensor, seed: int, epochs: int) -> torch.nn.Module:
+class StepBudget(torch.utils.data.Sampler):
+    """``length`` indices made of consecutive seeded shuffles of ``size`` rows: a fixed number of steps for any subset."""
+
+    def __init__(self, size: int, length: int, seed: int):
+        self.size, self.length, self.seed = size, length, seed
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        rounds = -(-self.length // self.size)
+        return iter(torch.cat([torch.randperm(self.size, generator=generator) for _ in range(rounds)])[:self.length].tolist())
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def _train(images: torch.Tensor, labels: torch.Tensor, seed: int, examples: int) -> torch.nn.Module:
+    """One cosine schedule over ``examples`` presentations (``examples / BATCH`` steps), whatever the subset size."""
     torch.manual_seed(seed)
     model = SmallCNN(10, width=WIDTH)
-    train_classifier(model, images, labels, epochs=epochs, batch_size=BATCH, lr=LR, seed=seed)
+    train_classifier(model, images, labels, epochs=1, batch_size=BATCH, lr=LR, seed=seed,
+                     sampler=StepBudget(len(labels), examples, seed))
     return model
 
 
@@ -89,7 +107,7 @@ def phase_fullrun() -> None:
     torch.set_num_threads(2)
     train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
     with Measured() as measured:
-        model = _train(train.images, train.labels, 0, BUDGET_EPOCHS)
+        model = _train(train.images, train.labels, 0, BUDGET_EPOCHS * len(train))
     result = {"seconds": measured.seconds, "test_accuracy": accuracy(model, test.images, test.labels),
               "steps": BUDGET_EPOCHS * ((len(train) + BATCH - 1) // BATCH), "threads": torch.get_num_threads()}
     RAW.mkdir(parents=True, exist_ok=True)
@@ -99,6 +117,15 @@ def phase_fullrun() -> None:
 
 def _run_file(row: str, fraction: float, seed: int) -> Path:
     return RAW / "runs" / f"{row}_{int(round(fraction * 100))}_{seed}.json"
+
+
+def _claim(path: Path) -> bool:
+    """Let several train phases share the grid: a run is taken by the first to create its claim file."""
+    try:
+        os.close(os.open(path.with_suffix(".claim"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
 
 
 def phase_train(max_minutes: float) -> None:
@@ -122,6 +149,8 @@ def phase_train(max_minutes: float) -> None:
         if (time.time() - started) / 60 > max_minutes:
             print("time limit reached; run again to continue")
             return
+        if not _claim(path):
+            continue
         if row == "full":
             indices = np.arange(total)
             meta: dict = {}
@@ -135,13 +164,14 @@ def phase_train(max_minutes: float) -> None:
             indices = selection.indices
             meta = {"strategy": selection.meta["strategy"], "notes": selection.meta.get("strategy_notes")}
         index = torch.from_numpy(indices)
-        epochs = max(1, round(BUDGET_EPOCHS * total / len(indices)))  # the same number of steps as the full run
         t0 = time.time()
-        model = _train(train.images[index], train.labels[index], seed, epochs)
-        result = {"row": row, "fraction": fraction, "seed": seed, "kept": int(len(indices)), "epochs": epochs,
-                  "steps": epochs * ((len(indices) + BATCH - 1) // BATCH), "train_seconds": time.time() - t0,
+        model = _train(train.images[index], train.labels[index], seed, BUDGET_EPOCHS * total)
+        result = {"row": row, "fraction": fraction, "seed": seed, "kept": int(len(indices)),
+                  "passes_over_subset": BUDGET_EPOCHS * total / len(indices),
+                  "steps": -(-BUDGET_EPOCHS * total // BATCH), "train_seconds": time.time() - t0,
                   "test_accuracy": accuracy(model, test.images, test.labels), **meta}
         path.write_text(json.dumps(result, indent=2))
+        path.with_suffix(".claim").unlink()
         print(f"{row:>10} {fraction:.0%} seed {seed}: {result['test_accuracy']:.4f} ({result['train_seconds']:.0f} s)",
               flush=True)
 
@@ -207,8 +237,8 @@ def phase_report() -> None:
 
 def _protocol() -> dict:
     return {"dataset": "Fashion-MNIST, 60 k train / 10 k test", "model": f"SmallCNN(width={WIDTH})",
-            "budget": f"{BUDGET_EPOCHS} epochs of the full set in steps ({BUDGET_EPOCHS * 469} steps of {BATCH}); "
-                      "a subset of fraction f trains round(2/f) epochs",
+            "budget": f"{BUDGET_EPOCHS} epoch(s) of the full set in steps ({BUDGET_EPOCHS * 469} steps of {BATCH}); "
+                      "a subset of fraction f is shuffled and repeated to fill them (about 1/f passes)",
             "optimizer": f"SGD momentum 0.9 Nesterov, lr {LR}, weight decay 5e-4, cosine", "seeds": list(SEEDS),
             "fractions": list(FRACTIONS), "proxy": PROXY.describe(), "score_settings": SCORE_SETTINGS,
             "rows": {k: {"score": v[0], "strategy": v[1], **v[2]} for k, v in ROWS.items()}}
@@ -216,8 +246,9 @@ def _protocol() -> dict:
 
 def _protocol_text() -> str:
     return (f"Protocol: SmallCNN(width={WIDTH}) trained with SGD (lr {LR}, Nesterov momentum 0.9, weight decay 5e-4, "
-            f"cosine) for the step budget of {BUDGET_EPOCHS} full epochs ({BUDGET_EPOCHS * 469} steps of {BATCH}); a "
-            "subset keeping fraction f trains round(2/f) epochs, so every run takes the same number of steps. "
+            f"cosine) for the step budget of {BUDGET_EPOCHS} full epoch(s) ({BUDGET_EPOCHS * 469} steps of {BATCH}); "
+            "a subset keeping fraction f is shuffled and repeated to fill them (about 1/f passes), so every run "
+            "takes the same number of steps. "
             "Test accuracy on the 10 k test set, 3 training seeds (0, 1, 2: initialisation and shuffle; random and "
             "CCS also draw their subset with it). Scores come from one scoring pass: proxy SmallCNN(width=8), "
             "5 epochs, 3 proxy seeds averaged, EL2N and GraNd read after epoch 1, forgetting and AUM over the 5 "
