@@ -3,7 +3,7 @@
     python benchmarks/tokens_minilm.py run [GROUP ...]   # measure methods (default: all), resumable
     python benchmarks/tokens_minilm.py report
 
-Mean cosine similarity of the pooled sentence embedding to the unpatched model's, on 256 paragraphs
+Mean cosine similarity of the pooled sentence embedding to the unpatched model's, on 128 paragraphs
 of 128-256 tokens, against measured CPU throughput at batch 1 and 32; target: at least 0.98
 cosine at 1.3x throughput.
 """
@@ -15,10 +15,11 @@ import sys
 from tokens_common import LOCK_NOTE, RESULTS, cli, load, measure_group, ordering, plot, points, table
 
 NAME = "tokens_minilm"
+PASSAGES = 128  # the CLI's default is 256; halved here so the whole benchmark fits a shared 2-core machine
 STAGED = [0.1, 0.2, 0.3]
 GROUPS = {  # label: (method, rates, layers)
     "tome": ("tome", [0.03, 0.06, 0.1], None),
-    "tome@3-5": ("tome", [0.1, 0.2, 0.3, 0.4], [3, 4, 5]),
+    "tome@3-5": ("tome", [0.1, 0.2, 0.3], [3, 4, 5]),
     "evit": ("evit", STAGED, None),
     "zero-tprune": ("zero-tprune", STAGED, None),
     "attention-magnitude": ("attention-magnitude", STAGED, None),
@@ -34,14 +35,14 @@ def run(groups: list[str]) -> None:
     from transformers import AutoModel, AutoTokenizer
 
     from prunekit.models.assets import minilm_path
-    from prunekit.tokens.evaluation import TextEmbedding
+    from prunekit.tokens.evaluation import PassageProtocol, TextEmbedding
 
     path = minilm_path()
     model = AutoModel.from_pretrained(path).eval()
-    task = TextEmbedding.wiki(AutoTokenizer.from_pretrained(path))
+    task = TextEmbedding.wiki(AutoTokenizer.from_pretrained(path), PassageProtocol(count=PASSAGES))
     for label in groups:
         method, rates, layers = GROUPS[label]
-        measure_group(NAME, label, model, task, method, rates, layers)
+        measure_group(NAME, label, model, task, method, rates, layers, repeats=5, warmup=2)
         print(f"measured {label}", flush=True)
 
 

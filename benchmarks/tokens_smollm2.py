@@ -3,7 +3,7 @@
     python benchmarks/tokens_smollm2.py run [GROUP ...]   # measure methods (default: all), resumable
     python benchmarks/tokens_smollm2.py report
 
-Perplexity of a 128-token continuation after a pruned 384-token prompt (16 wiki test windows),
+Perplexity of a 128-token continuation after a pruned 384-token prompt (8 wiki test windows),
 and the prefill's time at batch 1 and 4, at several keep ratios (keep ratio = 1 - rate).
 """
 
@@ -14,7 +14,8 @@ import sys
 from tokens_common import LOCK_NOTE, RESULTS, cli, load, measure_group, ordering, plot, table
 
 NAME = "tokens_smollm2"
-KEEP_RATES = [0.25, 0.5, 0.75, 0.9]  # keep 75 %, 50 %, 25 %, 10 % of the prompt
+WINDOWS = 8  # the CLI's default is 16; halved here so the whole benchmark fits a shared 2-core machine
+KEEP_RATES = [0.25, 0.5, 0.75]  # keep 75 %, 50 % and 25 % of the prompt
 GROUPS = {  # label: (method, rates, layers) -- every selection rule prunes once, after block K
     "fastv@2": ("fastv", KEEP_RATES, [2]),
     "fastv@8": ("fastv", KEEP_RATES, [8]),
@@ -27,10 +28,10 @@ GROUPS = {  # label: (method, rates, layers) -- every selection rule prunes once
 
 def run(groups: list[str]) -> None:
     from prunekit.models.loading import load_causal_lm
-    from prunekit.tokens.evaluation import Prefill
+    from prunekit.tokens.evaluation import Prefill, PrefillProtocol
 
     lm = load_causal_lm(None)
-    task = Prefill.wiki(lm.tokenizer)
+    task = Prefill.wiki(lm.tokenizer, PrefillProtocol(windows=WINDOWS))
     for label in groups:
         method, rates, layers = GROUPS[label]
         measure_group(NAME, label, lm.model, task, method, rates, layers, batch_sizes=(1, 4), repeats=5, warmup=2)
