@@ -112,8 +112,7 @@ class TokenPatch:
             return
         self._undo()
         self.active = False
-        self.state = None
-        self._pending = None
+        self._pending = None  # the last pass's state stays readable (pool, kept_positions)
 
     def __enter__(self) -> "TokenPatch":
         return self
@@ -133,8 +132,8 @@ class TokenPatch:
 
     def state_for(self, hidden: torch.Tensor) -> TokenState:
         if self._pending is None:
-            if self.state is None:
-                raise RuntimeError("a patched layer ran outside a patched forward pass")
+            if self.state is None or self.state.valid.shape != hidden.shape[:2]:
+                raise PrunekitError("a patched layer ran outside the model's forward pass; call the model itself")
             return self.state
         pending, self._pending = self._pending, None
         batch, tokens = hidden.shape[:2]
