@@ -93,6 +93,8 @@ def prune(
     codec: Optional[str] = typer.Option(None, help="entropy coding of the compressed copy: zstd or none [default: zstd]"),
     dense: Optional[bool] = typer.Option(None, "--dense/--no-dense", help="write the from_pretrained-loadable model [default: on]"),
     compressed: Optional[bool] = typer.Option(None, "--compressed/--no-compressed", help="write the compressed copy [default: on]"),
+    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="out-of-core: one block in memory at a time, shards written as they finish [default: off]"),
+    resume: bool = typer.Option(False, help="continue an interrupted --stream run into the same --out (implies --stream)"),
     untie_embeddings: bool = typer.Option(False, help="give lm_head its own copy of a tied embedding so it can be pruned alone"),
     trust_remote_code: bool = typer.Option(False, help="allow model code from the model directory"),
     recipe: Optional[Path] = typer.Option(None, help="YAML recipe; options given here override it"),
@@ -110,15 +112,17 @@ def prune(
                 "evaluate": evaluate, "include": include or None, "exclude": exclude or None,
                 "overrides": _overrides(layer_sparsity) or None, "sequential": sequential, "batch_size": batch_size,
                 "dtype": dtype, "device": device, "codec": codec, "save_dense": dense, "save_compressed": compressed,
-                "untie_embeddings": untie_embeddings or None, "trust_remote_code": trust_remote_code or None}
+                "untie_embeddings": untie_embeddings or None, "trust_remote_code": trust_remote_code or None,
+                "stream": stream}
     data = {"calibration": calib, "test": test, "calibration_samples": calib_samples, "test_windows": test_windows,
             "seq_len": seq_len, "seed": seed, "text_field": text_field}
     built = _build_recipe(recipe, settings, data, _key_values(method_arg, "--method-arg"),
                           _key_values(allocation_arg, "--allocation-arg"))
     if not (built.save_dense or built.save_compressed):
         raise PrunekitError("--no-dense and --no-compressed together would write no model")
-    outcome = run_prune_job(built, out, overwrite)
-    _print_summary(outcome.report, outcome.out_dir)
+    outcome = run_prune_job(built, out, overwrite, resume=resume)
+    if outcome.out_dir is not None:  # under torchrun only rank 0 writes and reports
+        _print_summary(outcome.report, outcome.out_dir)
 
 
 def _print_summary(report: dict, out_dir: Path | None) -> None:
@@ -130,9 +134,11 @@ def _print_summary(report: dict, out_dir: Path | None) -> None:
                               f"of targeted weights ({report['sparsity']['achieved_in_model']:.2%} of all)")
     if ppl["before"] is not None:
         table.add_row("perplexity", f"{ppl['before']:.3f} → {ppl['after']:.3f}")
-    table.add_row("prune time", f"{report['timing']['prune_seconds']:.1f} s")
+    table.add_row("prune time", f"{report['timing']['prune_seconds']:.1f} s"
+                  + (f" ({report['run']['processes']} processes)" if report.get("run", {}).get("processes", 1) > 1 else "")
+                  + (" (streamed)" if report.get("run", {}).get("streamed") else ""))
     table.add_row("peak RSS (pruning)", f"{report['memory']['peak_rss_during_prune_bytes'] / 2**20:.0f} MiB")
-    if "compressed_bytes" in size:
+    if size.get("compressed_bytes"):
         table.add_row("size on disk", f"dense {size['dense_bytes'] / 2**20:.1f} MiB → compressed "
                                       f"{size['compressed_bytes'] / 2**20:.1f} MiB ({size['compressed_ratio']:.1%})")
     table.add_row("protocol", f"calibration {report['protocol']['calibration_windows']}; "

@@ -21,6 +21,10 @@ class LayerStatistics:
     def add(self, inputs: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def accumulators(self) -> list[torch.Tensor]:
+        """The tensors that are sums over inputs (what merging across processes adds up)."""
+        raise NotImplementedError
+
     @staticmethod
     def _flatten(inputs: torch.Tensor) -> torch.Tensor:
         return inputs.reshape(-1, inputs.shape[-1]).float()
@@ -40,6 +44,9 @@ class InputNorms(LayerStatistics):
 
     def norms(self) -> torch.Tensor:
         return self.squared_sum.sqrt().float()
+
+    def accumulators(self) -> list[torch.Tensor]:
+        return [self.squared_sum]
 
     def merge_(self, other: "InputNorms") -> "InputNorms":
         self.squared_sum += other.squared_sum.to(self.squared_sum.device)
@@ -72,6 +79,9 @@ class InputHessian(InputNorms):
         else:
             self.gram.addmm_(x.T, x)
         self.rows += x.shape[0]
+
+    def accumulators(self) -> list[torch.Tensor]:
+        return [self.gram]
 
     def gram_matrix(self) -> torch.Tensor:
         """The full symmetric ``X Xᵀ`` (a fresh tensor)."""

@@ -36,20 +36,63 @@ def window_losses(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
         for start in range(0, windows.shape[0], batch_size):
             batch = windows[start:start + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits
-            shifted = logits[:, :-1].float()
-            targets = batch[:, 1:]
-            loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), reduction="none")
-            losses.extend(loss.view(batch.shape[0], -1).mean(dim=1).tolist())
+            losses.extend(_next_token_losses(logits, batch))
             bar.advance(batch.shape[0])
-            del logits, shifted
+            del logits
     return losses
 
 
-def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
-               description: str = "Perplexity") -> PerplexityResult:
-    losses = window_losses(model, windows, batch_size, description)
+def _next_token_losses(logits: torch.Tensor, batch: torch.Tensor) -> list[float]:
+    shifted = logits[:, :-1].float()
+    loss = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), batch[:, 1:].reshape(-1), reduction="none")
+    return loss.view(batch.shape[0], -1).mean(dim=1).tolist()
+
+
+def from_losses(losses: list[float], seq_len: int) -> PerplexityResult:
     mean = sum(losses) / len(losses)
     if not math.isfinite(mean):
         raise PrunekitError("the model produced NaN or inf losses; its weights or activations are not finite")
-    return PerplexityResult(perplexity=math.exp(mean), mean_loss=mean, window_losses=losses,
-                            windows=windows.shape[0], seq_len=windows.shape[1])
+    return PerplexityResult(perplexity=math.exp(mean), mean_loss=mean, window_losses=losses, windows=len(losses),
+                            seq_len=seq_len)
+
+
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, description: str = "Perplexity",
+               group=None) -> PerplexityResult:
+    """``group`` (a ``prunekit.core.distributed.ProcessGroup``) splits the windows across processes."""
+    if group is None:
+        return from_losses(window_losses(model, windows, batch_size, description), windows.shape[1])
+    mine = window_losses(model, group.share(windows), batch_size, description)
+    return from_losses(group.gather_lists(mine), windows.shape[1])
+
+
+@torch.no_grad()
+def streamed_perplexity(directory, windows: torch.Tensor, batch_size: int = 4, device: str = "cpu",
+                        description: str = "Perplexity (streamed)") -> PerplexityResult:
+    """The same figure as ``perplexity``, with only one block of the model in memory at a time."""
+    from prunekit.core.calibration import SequentialCalibration
+    from prunekit.models.streamed import StreamedModel
+
+    streamed = StreamedModel(directory, device=device)
+    adapter = streamed.adapter
+    steps = SequentialCalibration(adapter, processor=None, mode="dense")
+    with streamed.loaded(*streamed.pre_block_modules()):
+        steps.capture(streamed.model, windows, batch_size)
+    blocks = adapter.blocks()
+    with progress_bar(description, len(blocks) + 1) as bar:
+        for index, block in enumerate(blocks):
+            with streamed.loaded(block):
+                steps.run_block(index, block, {})
+            bar.advance()
+        head, norm = adapter.head(), adapter.final_norm()
+        modules = [m for m in (norm, head, adapter.embeddings() if streamed.tied else None) if m is not None]
+        if streamed.tied:
+            modules.remove(head)
+        losses: list[float] = []
+        with streamed.loaded(*modules):
+            if streamed.tied:
+                head.weight = adapter.embeddings().weight
+            for start, hidden in zip(range(0, windows.shape[0], batch_size), steps.inputs.hidden):
+                logits = head(norm(hidden) if norm is not None else hidden)
+                losses.extend(_next_token_losses(logits, windows[start:start + batch_size].to(logits.device)))
+        bar.advance()
+    return from_losses(losses, windows.shape[1])

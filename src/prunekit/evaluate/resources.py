@@ -42,8 +42,14 @@ class Measured:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> None:
+        """End the measurement early (what follows inside the block is not counted)."""
+        if self._stop.is_set():
+            return
         self.seconds = time.perf_counter() - self._started
         self._stop.set()
         self._thread.join()
         self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

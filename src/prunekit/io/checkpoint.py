@@ -82,9 +82,7 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None
 
 def write_compressed(model: nn.Module, directory: Path, tokenizer=None, codec: str = "zstd") -> dict:
     state, aliases = unique_state_dict(model)
-    stored, manifest = sparse_format.encode(state, codec=codec)
-    manifest["aliases"] = aliases
-    save_file(stored, str(directory / COMPRESSED_WEIGHTS), metadata=sparse_format.manifest_to_metadata(manifest))
+    manifest = write_compressed_shard(state, directory / COMPRESSED_WEIGHTS, codec, aliases)
     config = getattr(model, "config", None)
     marker = {"format": sparse_format.FORMAT_NAME, "version": sparse_format.FORMAT_VERSION, "codec": codec,
               "weights": COMPRESSED_WEIGHTS,
@@ -105,17 +103,38 @@ def is_compressed_dir(path: str | os.PathLike) -> bool:
 
 
 def read_compressed_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    weights = Path(path) / COMPRESSED_WEIGHTS
-    if not weights.exists():
-        raise PrunekitError(f"{path} is marked compressed but {COMPRESSED_WEIGHTS} is missing")
+    """Every tensor of a compressed directory (one weights file, or one per shard) and the alias map."""
+    path = Path(path)
     try:
-        with safe_open(str(weights), framework="pt") as handle:
-            manifest = sparse_format.metadata_to_manifest(handle.metadata())
-        stored = load_file(str(weights))
-        state = sparse_format.decode(stored, manifest)
-    except (SafetensorError, ValueError, KeyError, OSError, RuntimeError) as exc:
-        raise PrunekitError(f"corrupt compressed checkpoint {weights}: {exc}") from None
-    return state, manifest.get("aliases", {})
+        marker = json.loads((path / COMPRESSED_MARKER).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PrunekitError(f"corrupt compressed checkpoint marker in {path}: {exc}") from None
+    files = marker.get("weights", COMPRESSED_WEIGHTS)
+    state: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for file in [files] if isinstance(files, str) else files:
+        weights = path / file
+        if not weights.exists():
+            raise PrunekitError(f"{path} is marked compressed but {file} is missing")
+        try:
+            with safe_open(str(weights), framework="pt") as handle:
+                manifest = sparse_format.metadata_to_manifest(handle.metadata())
+            state.update(sparse_format.decode(load_file(str(weights)), manifest))
+        except (SafetensorError, ValueError, KeyError, OSError, RuntimeError) as exc:
+            raise PrunekitError(f"corrupt compressed checkpoint {weights}: {exc}") from None
+        aliases.update(manifest.get("aliases", {}))
+    return state, aliases
+
+
+def write_compressed_shard(tensors: dict[str, torch.Tensor], path: Path, codec: str = "zstd",
+                           aliases: dict[str, str] | None = None) -> dict:
+    """One compressed weights file (a shard of a streamed model, or a whole small one), written atomically."""
+    stored, manifest = sparse_format.encode(tensors, codec=codec)
+    manifest["aliases"] = aliases or {}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(stored, str(tmp), metadata=sparse_format.manifest_to_metadata(manifest))
+    os.replace(tmp, path)
+    return manifest
 
 
 def load_compressed(path: str | os.PathLike, dtype: torch.dtype | None = None, model: nn.Module | None = None) -> nn.Module:
@@ -135,7 +154,9 @@ def load_compressed(path: str | os.PathLike, dtype: torch.dtype | None = None, m
             module_name, _, attr = alias.rpartition(".")
             owner_module, _, owner_attr = owner.rpartition(".")
             setattr(model.get_submodule(module_name), attr, getattr(model.get_submodule(owner_module), owner_attr))
-    still_missing = [k for k in missing if k not in aliases]
+    # A key left out because it is tied to another (HF's tie_weights restored it) is not missing.
+    current = model.state_dict()
+    still_missing = [k for k in missing if k not in aliases and (k not in current or current[k].is_meta)]
     if still_missing:
         raise PrunekitError(f"{path} lacks tensors the model needs: {', '.join(still_missing[:3])}")
     if dtype is not None:

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 
+from prunekit.core.distributed import ProcessGroup, from_environment
 from prunekit.core.masks import sparsity_of
-from prunekit.core.progress import status
+from prunekit.core.progress import set_enabled, status
 from prunekit.core.text import TextProtocol, calibration_windows, test_windows
-from prunekit.evaluate.perplexity import PerplexityResult, perplexity
+from prunekit.evaluate.perplexity import PerplexityResult, perplexity, streamed_perplexity
 from prunekit.evaluate.plots import plot_curves, plot_layer_sparsity
 from prunekit.evaluate.report import SPEED_NOTE, environment, human_bytes, markdown_table, write_json
 from prunekit.evaluate.resources import Measured, process_peak_rss
@@ -20,9 +21,12 @@ from prunekit.io.atomic import atomic_directory, check_output_dir, directory_siz
 from prunekit.io.checkpoint import COMPRESSED_WEIGHTS, write_compressed, write_dense
 from prunekit.io.sparse_format import manifest_size_without_codec
 from prunekit.models.base import adapter_for
-from prunekit.models.loading import LoadedModel, load_causal_lm
+from prunekit.io.shards import ShardedCheckpoint
+from prunekit.models.loading import LoadedModel, load_causal_lm, resolve_model_dir
+from prunekit.errors import PrunekitError
 from prunekit.weights.pipeline import PruneResult, check_finite_weights, prune_weights
 from prunekit.weights.recipe import WeightPruningRecipe
+from prunekit.weights.streaming import StreamResult, prune_streaming
 
 COMPRESSED_SUBDIR = "compressed"
 
@@ -58,12 +62,19 @@ def _load(recipe: WeightPruningRecipe) -> LoadedModel:
     return loaded
 
 
-def _windows(loaded: LoadedModel, protocol: TextProtocol, calibrate: bool, evaluate: bool):
-    if loaded.tokenizer is None:
-        raise ValueError("a tokenizer is needed")
-    calibration = calibration_windows(loaded.tokenizer, protocol) if calibrate else None
-    test = test_windows(loaded.tokenizer, protocol) if evaluate else None
+def _windows(tokenizer, protocol: TextProtocol, calibrate: bool, evaluate: bool, vocab_size: int | None):
+    calibration = calibration_windows(tokenizer, protocol) if calibrate else None
+    test = test_windows(tokenizer, protocol) if evaluate else None
+    for windows in (calibration, test):
+        if windows is not None and vocab_size is not None and int(windows.max()) >= vocab_size:
+            raise PrunekitError(f"the tokenizer produces token id {int(windows.max())}, but the model's vocabulary "
+                                f"has {vocab_size} entries; the tokenizer does not belong to this model")
     return calibration, test
+
+
+def _vocab_size(model: torch.nn.Module) -> int | None:
+    embeddings = adapter_for(model).embeddings()
+    return getattr(embeddings, "num_embeddings", None)
 
 
 def _needs_calibration(recipe: WeightPruningRecipe) -> bool:
@@ -73,28 +84,48 @@ def _needs_calibration(recipe: WeightPruningRecipe) -> bool:
     return get_method(recipe.method).needs_calibration or get_allocation(recipe.allocation).needs == "activation_scores"
 
 
-def _prune(loaded: LoadedModel, recipe: WeightPruningRecipe, calibration: torch.Tensor | None) -> PruneResult:
+def _prune(loaded: LoadedModel, recipe: WeightPruningRecipe, calibration: torch.Tensor | None,
+           group: ProcessGroup | None = None) -> PruneResult:
+    if group is not None and calibration is not None:
+        calibration = group.share(calibration)
     return prune_weights(loaded.model, method=recipe.method, sparsity=recipe.effective_sparsity,
                          pattern=recipe.pattern, allocation=recipe.allocation, calibration=calibration,
                          include=recipe.include, exclude=recipe.exclude, overrides=recipe.overrides,
                          sequential=recipe.sequential, batch_size=recipe.batch_size,
-                         untie_embeddings=recipe.untie_embeddings)
+                         untie_embeddings=recipe.untie_embeddings,
+                         reduce=group.reduce_statistics if group is not None else None)
 
 
-def run_prune_job(recipe: WeightPruningRecipe, out: str | Path, overwrite: bool = False) -> JobOutcome:
+def _model_info(name: str, path, adapter_description: dict, parameters: int, dtype: str) -> dict:
+    return {"name": name, "path": str(path) if path else None, "family": adapter_description,
+            "parameters": parameters, "dtype": dtype}
+
+
+def run_prune_job(recipe: WeightPruningRecipe, out: str | Path, overwrite: bool = False,
+                  resume: bool = False) -> JobOutcome:
+    """Run the main job; under ``torchrun`` calibration is split across processes and rank 0 writes."""
+    group = from_environment(recipe.device)
+    if group is not None and not group.is_writer:
+        set_enabled(False)
+    if recipe.stream or resume:
+        return _run_streamed(recipe, out, overwrite, resume, group)
     out_path = check_output_dir(out, overwrite, inputs=(recipe.model,))
-    if not (recipe.save_dense or recipe.save_compressed):
-        raise ValueError("nothing to save")
     torch.manual_seed(recipe.data.seed)
     protocol = recipe.data.protocol()
     loaded = _load(recipe)
     # Recipes are checked before the (slow) data and pruning steps, against the loaded model.
-    calibration, test = _windows(loaded, protocol, _needs_calibration(recipe), recipe.evaluate)
-    before = perplexity(loaded.model, test, recipe.batch_size, "Perplexity before") if test is not None else None
+    calibration, test = _windows(loaded.tokenizer, protocol, _needs_calibration(recipe), recipe.evaluate,
+                                 _vocab_size(loaded.model))
+    before = perplexity(loaded.model, test, recipe.batch_size, "Perplexity before", group) if test is not None else None
     with Measured() as measured:
-        result = _prune(loaded, recipe, calibration)
-    after = perplexity(loaded.model, test, recipe.batch_size, "Perplexity after") if test is not None else None
-
+        result = _prune(loaded, recipe, calibration, group)
+    after = perplexity(loaded.model, test, recipe.batch_size, "Perplexity after", group) if test is not None else None
+    info = _model_info(loaded.name, loaded.path, adapter_for(loaded.model).describe(), parameter_count(loaded.model),
+                       recipe.dtype)
+    extra = {"processes": group.world_size if group else 1}
+    if group is not None and not group.is_writer:
+        group.barrier()
+        return JobOutcome(report={}, out_dir=None)
     with atomic_directory(out_path, overwrite) as tmp:
         sizes = {}
         if recipe.save_dense:
@@ -107,45 +138,123 @@ def run_prune_job(recipe: WeightPruningRecipe, out: str | Path, overwrite: bool 
                 manifest = write_compressed(loaded.model, tmp / COMPRESSED_SUBDIR, loaded.tokenizer, recipe.codec)
             sizes["compressed_bytes"] = (tmp / COMPRESSED_SUBDIR / COMPRESSED_WEIGHTS).stat().st_size
             sizes["compressed_without_codec_bytes"] = manifest_size_without_codec(manifest)
-            sizes["codec"] = recipe.codec
         if "dense_bytes" not in sizes:
             sizes["dense_bytes"] = sum(p.numel() * p.element_size()
                                        for p in {id(p): p for p in loaded.model.parameters()}.values())
-        if "compressed_bytes" in sizes:
-            sizes["compressed_ratio"] = sizes["compressed_bytes"] / sizes["dense_bytes"]
-        report = build_report(loaded, recipe, protocol, result, before, after, measured, sizes)
-        markdown = report_markdown(report)
-        write_json(tmp / "report.json", report)
-        (tmp / "report.md").write_text(markdown)
-        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-        plot_layer_sparsity([l.name for l in result.layers], [l.target_sparsity for l in result.layers],
-                            [l.achieved_sparsity for l in result.layers], tmp / "sparsity.png",
-                            f"{loaded.name}: {result.method['name']} {result.pattern}, {result.allocation['name']}")
+        report = build_report(info, recipe, protocol, result, before, after, measured, _sizes(sizes, recipe.codec),
+                              model_sparsity(loaded.model), extra)
+        markdown = _write_reports(tmp, report, recipe, result, loaded.name)
+    if group is not None:
+        group.barrier()
     return JobOutcome(report=report, out_dir=out_path, markdown=markdown)
 
 
-def build_report(loaded: LoadedModel, recipe: WeightPruningRecipe, protocol: TextProtocol, result: PruneResult,
+def _sizes(sizes: dict, codec: str) -> dict:
+    if "compressed_bytes" in sizes:
+        sizes["codec"] = codec
+        sizes["compressed_ratio"] = sizes["compressed_bytes"] / sizes["dense_bytes"]
+    return sizes
+
+
+def _write_reports(directory: Path, report: dict, recipe: WeightPruningRecipe, result: PruneResult, name: str) -> str:
+    markdown = report_markdown(report)
+    write_json(directory / "report.json", report)
+    (directory / "report.md").write_text(markdown)
+    (directory / "recipe.yaml").write_text(recipe.to_yaml())
+    plot_layer_sparsity([l.name for l in result.layers], [l.target_sparsity for l in result.layers],
+                        [l.achieved_sparsity for l in result.layers], directory / "sparsity.png",
+                        f"{name}: {result.method['name']} {result.pattern}, {result.allocation['name']}")
+    return markdown
+
+
+def checkpoint_sparsity(directory: Path) -> float:
+    """Zeros over all stored parameters, read tensor by tensor."""
+    checkpoint = ShardedCheckpoint(directory)
+    total = zeros = 0
+    for name in checkpoint.names():
+        tensor = checkpoint.get(name)
+        if tensor.is_floating_point():
+            total += tensor.numel()
+            zeros += tensor.numel() - int(torch.count_nonzero(tensor))
+    return zeros / max(total, 1)
+
+
+def _run_streamed(recipe: WeightPruningRecipe, out: str | Path, overwrite: bool, resume: bool,
+                  group: ProcessGroup | None) -> JobOutcome:
+    from transformers import AutoTokenizer
+
+    from prunekit.models.streamed import StreamedModel
+
+    name, model_dir = resolve_model_dir(recipe.model)
+    if model_dir is None:
+        raise PrunekitError("streaming reads a local model directory; download the model first")
+    out_path = Path(out).expanduser().resolve()
+    check_output_dir(out_path, overwrite=True, inputs=(str(model_dir),))  # existence is checked by the stream
+    torch.manual_seed(recipe.data.seed)
+    protocol = recipe.data.protocol()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as exc:
+        raise PrunekitError(f"could not load the tokenizer from {model_dir}: {exc}") from None
+    skeleton = StreamedModel(model_dir, device=recipe.device)
+    info = _model_info(name, model_dir, skeleton.adapter.describe(), parameter_count(skeleton.model),
+                       recipe.dtype)
+    calibration, test = _windows(tokenizer, protocol, _needs_calibration(recipe), recipe.evaluate,
+                                 _vocab_size(skeleton.model))
+    before = None
+    if test is not None and not resume and (group is None or group.is_writer):
+        before = streamed_perplexity(model_dir, test, recipe.batch_size, recipe.device, "Perplexity before (streamed)")
+    measured = Measured()
+    holder: dict = {}
+
+    def finalize(work: Path, outcome: StreamResult) -> None:
+        measured.stop()
+        after = (streamed_perplexity(work, test, recipe.batch_size, recipe.device, "Perplexity after (streamed)")
+                 if test is not None else None)
+        sizes = _sizes({"dense_bytes": outcome.dense_bytes, "compressed_bytes": outcome.compressed_bytes,
+                        "compressed_without_codec_bytes": outcome.compressed_without_codec_bytes}
+                       if recipe.save_compressed else {"dense_bytes": outcome.dense_bytes}, recipe.codec)
+        extra = {"processes": group.world_size if group else 1, "streamed": True,
+                 "block_seconds": outcome.block_seconds, "resumed_from_block": outcome.resumed_from_block}
+        report = build_report(info, recipe, protocol, outcome.result, before, after, measured, sizes,
+                              checkpoint_sparsity(work), extra)
+        holder["report"] = report
+        holder["markdown"] = _write_reports(work, report, recipe, outcome.result, name)
+
+    with measured:
+        prune_streaming(model_dir, out_path, method=recipe.method, sparsity=recipe.effective_sparsity,
+                        pattern=recipe.pattern, allocation=recipe.allocation, calibration=calibration,
+                        include=recipe.include, exclude=recipe.exclude, overrides=recipe.overrides,
+                        sequential=recipe.sequential, batch_size=recipe.batch_size, device=recipe.device,
+                        untie_embeddings=recipe.untie_embeddings, save_compressed=recipe.save_compressed,
+                        codec=recipe.codec, resume=resume, overwrite=overwrite, group=group,
+                        extra_settings={"protocol": protocol.describe()}, finalize=finalize)
+    return JobOutcome(report=holder.get("report", {}), out_dir=out_path if "report" in holder else None,
+                      markdown=holder.get("markdown", ""))
+
+
+def build_report(model_info: dict, recipe: WeightPruningRecipe, protocol: TextProtocol, result: PruneResult,
                  before: PerplexityResult | None, after: PerplexityResult | None, measured: Measured,
-                 sizes: dict) -> dict:
-    adapter = adapter_for(loaded.model)
+                 sizes: dict, sparsity_in_model: float, extra: dict | None = None) -> dict:
     return {
-        "model": {"name": loaded.name, "path": str(loaded.path) if loaded.path else None,
-                  "family": adapter.describe(), "parameters": parameter_count(loaded.model), "dtype": recipe.dtype},
+        "model": model_info,
         "method": result.method,
         "pattern": result.pattern,
         "allocation": result.allocation,
         "sequential": result.sequential,
         "sparsity": {"target": result.sparsity, "achieved_in_targets": result.achieved_sparsity,
-                     "achieved_in_model": model_sparsity(loaded.model),
+                     "achieved_in_model": sparsity_in_model,
                      "target_parameters": result.to_dict()["target_parameters"]},
         "layers": [{"name": l.name, "shape": list(l.shape), "block": l.block, "target": l.target_sparsity,
                     "achieved": l.achieved_sparsity} for l in result.layers],
         "protocol": protocol.describe(),
         "perplexity": {"before": before.perplexity if before else None, "after": after.perplexity if after else None},
-        "timing": {"prune_seconds": measured.seconds, "allocation_seconds": result.allocation_seconds},
-        "memory": {"peak_rss_during_prune_bytes": measured.peak_rss, "process_peak_rss_bytes": process_peak_rss()},
+        "timing": {"prune_seconds": result.seconds, "allocation_seconds": result.allocation_seconds},
+        "memory": {"peak_rss_during_prune_bytes": measured.peak_rss, "process_peak_rss_bytes": process_peak_rss(),
+                   "note": "sampled every 20 ms while pruning"},
         "size": sizes,
         "speed_note": SPEED_NOTE,
+        "run": extra or {},
         "recipe": recipe.model_dump(mode="json", by_alias=True),
         "environment": environment(),
     }
@@ -171,7 +280,7 @@ def report_markdown(report: dict) -> str:
         ("peak RSS during pruning", human_bytes(report["memory"]["peak_rss_during_prune_bytes"])),
         ("dense weights on disk", human_bytes(size["dense_bytes"])),
     ]
-    if "compressed_bytes" in size:
+    if size.get("compressed_bytes"):
         rows.append(("compressed weights on disk",
                      f"{human_bytes(size['compressed_bytes'])} ({size['compressed_ratio']:.1%} of dense; "
                      f"{human_bytes(size['compressed_without_codec_bytes'])} as bitmask + values before {size['codec']})"))
@@ -193,7 +302,8 @@ def run_sweep(recipe: WeightPruningRecipe, sparsities: list[float], out: str | P
     out_path = check_output_dir(out, overwrite, inputs=(recipe.model,))
     protocol = recipe.data.protocol()
     loaded = _load(recipe)
-    calibration, test = _windows(loaded, protocol, _needs_calibration(recipe), True)
+    calibration, test = _windows(loaded.tokenizer, protocol, _needs_calibration(recipe), True,
+                                 _vocab_size(loaded.model))
     pristine = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
     dense = perplexity(loaded.model, test, recipe.batch_size, "Perplexity dense")
     points = []

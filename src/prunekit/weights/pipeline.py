@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from prunekit.core.allocation import Allocation, LayerInfo, apply_overrides, get_allocation
 from prunekit.core.allocation.base import name_matches
-from prunekit.core.calibration import HEAD, Target, run_sequential
+from prunekit.core.calibration import HEAD, StatsReducer, Target, run_sequential
 from prunekit.core.masks import sparsity_of
 from prunekit.core.patterns import SparsityPattern, check_sparsity
 from prunekit.core.progress import track
@@ -119,7 +119,7 @@ def check_finite_weights(model: nn.Module) -> None:
             raise PrunekitError(f"weight {name} contains NaN or inf; refusing to prune a broken model")
 
 
-class _StatsCollector:
+class NormCollector:
     """A dense pass that only records input norms (OWL's outlier scores)."""
 
     def __init__(self) -> None:
@@ -133,7 +133,9 @@ class _StatsCollector:
         self.norms[target.name] = stats.norms()
 
 
-class _Pruner:
+class Pruner:
+    """Prunes each target at its allocated sparsity when its statistics are complete."""
+
     def __init__(self, method: OneShotMethod, sparsities: Mapping[str, float], pattern: SparsityPattern):
         self.method, self.sparsities, self.pattern = method, sparsities, pattern
 
@@ -144,18 +146,28 @@ class _Pruner:
         self.method.prune(target.module.weight.data, stats, self.sparsities[target.name], self.pattern)
 
 
-def prune_weights(model: nn.Module, method: str | Mapping[str, Any] | OneShotMethod = "wanda",
-                  sparsity: float | None = 0.5, pattern: str | SparsityPattern | None = None,
-                  allocation: str | Mapping[str, Any] | Allocation = "uniform",
-                  calibration: torch.Tensor | None = None, include: Sequence[str] = (), exclude: Sequence[str] = (),
-                  overrides: Mapping[str, float] | None = None, sequential: str = "layer", batch_size: int = 4,
-                  untie_embeddings: bool = False) -> PruneResult:
-    """Prune ``model`` in place (like ``torch.nn.utils.prune``); copy it first to keep the original.
+@dataclass
+class PrunePlan:
+    """A validated pruning job on one model: what to prune, how, and how much overall."""
 
-    ``calibration`` is a (samples, seq_len) tensor of token ids, needed by calibrated methods
-    and by OWL. With an N:M ``pattern`` the sparsity is the pattern's own (1 - N/M).
-    """
-    started = time.perf_counter()
+    method: OneShotMethod
+    pattern: SparsityPattern
+    allocation: Allocation
+    sparsity: float
+    targets: list[Target]
+    adapter: ModelAdapter
+
+    @property
+    def needs_data(self) -> bool:
+        return self.method.needs_calibration or self.allocation.needs == "activation_scores"
+
+
+def plan_pruning(model: nn.Module, method: str | Mapping[str, Any] | OneShotMethod = "wanda",
+                 sparsity: float | None = 0.5, pattern: str | SparsityPattern | None = None,
+                 allocation: str | Mapping[str, Any] | Allocation = "uniform", include: Sequence[str] = (),
+                 exclude: Sequence[str] = (), untie_embeddings: bool = False,
+                 has_calibration: bool = True) -> PrunePlan:
+    """Check every setting against the model (shapes only: it may live on the meta device)."""
     method = get_method(method)
     pattern = SparsityPattern.parse(pattern)
     allocation = get_allocation(allocation)
@@ -172,12 +184,11 @@ def prune_weights(model: nn.Module, method: str | Mapping[str, Any] | OneShotMet
     adapter = adapter_for(model)
     targets = select_targets(model, adapter, include, exclude)
     _check_tied(model, adapter, targets, untie_embeddings)
-    for target in targets:
-        if pattern.is_nm:
+    if pattern.is_nm:
+        for target in targets:
             pattern.check_width(target.name, target.module.weight.shape[1])
-    check_finite_weights(model)
-    data_needed = method.needs_calibration or allocation.needs == "activation_scores"
-    if data_needed and calibration is None:
+    plan = PrunePlan(method, pattern, allocation, sparsity, targets, adapter)
+    if plan.needs_data and not has_calibration:
         needer = method.name if method.needs_calibration else f"allocation {allocation.name}"
         raise PrunekitError(f"{needer} needs calibration data")
     if method.needs_calibration:
@@ -185,50 +196,89 @@ def prune_weights(model: nn.Module, method: str | Mapping[str, Any] | OneShotMet
         if outside:
             raise PrunekitError(f"{method.name} needs the inputs of {outside[0]}, which calibration does not see; "
                                 "prune embeddings with magnitude")
+    if allocation.needs == "scores" and (not method.comparable_across_layers or method.needs_calibration):
+        raise PrunekitError(f"allocation '{allocation.name}' ranks scores across layers, but {method.name}'s "
+                            "scores are only comparable within a layer; use magnitude, or uniform/owl")
+    return plan
 
-    infos = [LayerInfo(t.name, tuple(t.module.weight.shape), t.block) for t in targets]
-    by_name = {t.name: t for t in targets}
-    alloc_started = time.perf_counter()
-    scores = None
-    if allocation.needs == "scores":
-        if not method.comparable_across_layers or method.needs_calibration:
-            raise PrunekitError(f"allocation '{allocation.name}' ranks scores across layers, but {method.name}'s "
-                                "scores are only comparable within a layer; use magnitude, or uniform/owl")
+
+def allocate_sparsities(plan: PrunePlan, weight_of: Callable[[str], torch.Tensor],
+                        dense_norms: Callable[[list[Target]], dict[str, torch.Tensor]] | None,
+                        overrides: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Per-layer sparsities: the allocation's, then the explicit overrides.
+
+    ``weight_of(name)`` gives a target's weight (from memory or from disk); ``dense_norms`` runs
+    the unpruned model over the calibration data and returns every target's input norms.
+    """
+    infos = [LayerInfo(t.name, tuple(t.module.weight.shape), t.block) for t in plan.targets]
+    scores: Callable[[str], torch.Tensor] | None = None
+    if plan.allocation.needs == "scores":
+        def scores(name: str) -> torch.Tensor:
+            return plan.method.scores(weight_of(name).detach().float(), None)
+    elif plan.allocation.needs == "activation_scores":
+        assert dense_norms is not None
+        norms = dense_norms([t for t in plan.targets if t.block is not None])
 
         def scores(name: str) -> torch.Tensor:
-            return method.scores(by_name[name].module.weight.detach().float(), None)
-    elif allocation.needs == "activation_scores":
-        collector = _StatsCollector()
-        calibrated = [t for t in targets if t.block is not None]
-        run_sequential(model, adapter, calibration, calibrated, collector, mode="dense", batch_size=batch_size,
-                       description="Outlier scores")
-
-        def scores(name: str) -> torch.Tensor:
-            weight = by_name[name].module.weight.detach().float().abs()
-            norms = collector.norms.get(name)
-            return weight if norms is None else weight * norms.unsqueeze(0)
-    sparsities = apply_overrides(allocation.allocate(infos, sparsity, scores), overrides)
-    allocation_seconds = time.perf_counter() - alloc_started if allocation.needs != "nothing" else 0.0
-    if pattern.is_nm:
-        wrong = [n for n, s in sparsities.items() if s not in (0.0, pattern.sparsity)]
+            weight = weight_of(name).detach().float().abs()
+            return weight if name not in norms else weight * norms[name].unsqueeze(0)
+    sparsities = apply_overrides(plan.allocation.allocate(infos, plan.sparsity, scores), overrides)
+    if plan.pattern.is_nm:
+        wrong = [n for n, s in sparsities.items() if s not in (0.0, plan.pattern.sparsity)]
         if wrong:
-            raise PrunekitError(f"with pattern {pattern} a layer is either dense (0) or {pattern.sparsity}; "
+            raise PrunekitError(f"with pattern {plan.pattern} a layer is either dense (0) or {plan.pattern.sparsity}; "
                                 f"{wrong[0]} was given {sparsities[wrong[0]]}")
+    return sparsities
 
-    active = [t for t in targets if sparsities[t.name] > 0]
-    pruner = _Pruner(method, sparsities, pattern)
-    if method.needs_calibration:
-        run_sequential(model, adapter, calibration, active, pruner, mode=sequential, batch_size=batch_size,
-                       description=f"Pruning ({method.name})")
+
+def prune_weights(model: nn.Module, method: str | Mapping[str, Any] | OneShotMethod = "wanda",
+                  sparsity: float | None = 0.5, pattern: str | SparsityPattern | None = None,
+                  allocation: str | Mapping[str, Any] | Allocation = "uniform",
+                  calibration: torch.Tensor | None = None, include: Sequence[str] = (), exclude: Sequence[str] = (),
+                  overrides: Mapping[str, float] | None = None, sequential: str = "layer", batch_size: int = 4,
+                  untie_embeddings: bool = False, reduce: StatsReducer | None = None) -> PruneResult:
+    """Prune ``model`` in place (like ``torch.nn.utils.prune``); copy it first to keep the original.
+
+    ``calibration`` is a (samples, seq_len) tensor of token ids, needed by calibrated methods
+    and by OWL. With an N:M ``pattern`` the sparsity is the pattern's own (1 - N/M). ``reduce``
+    combines statistics across processes (see ``prunekit.core.distributed``).
+    """
+    started = time.perf_counter()
+    plan = plan_pruning(model, method, sparsity, pattern, allocation, include, exclude, untie_embeddings,
+                        calibration is not None)
+    check_finite_weights(model)
+    by_name = {t.name: t for t in plan.targets}
+
+    def dense_norms(targets: list[Target]) -> dict[str, torch.Tensor]:
+        collector = NormCollector()
+        run_sequential(model, plan.adapter, calibration, targets, collector, mode="dense", batch_size=batch_size,
+                       description="Outlier scores", reduce=reduce)
+        return collector.norms
+
+    alloc_started = time.perf_counter()
+    sparsities = allocate_sparsities(plan, lambda name: by_name[name].module.weight, dense_norms, overrides)
+    allocation_seconds = time.perf_counter() - alloc_started if plan.allocation.needs != "nothing" else 0.0
+
+    active = [t for t in plan.targets if sparsities[t.name] > 0]
+    pruner = Pruner(plan.method, sparsities, plan.pattern)
+    if plan.method.needs_calibration:
+        run_sequential(model, plan.adapter, calibration, active, pruner, mode=sequential, batch_size=batch_size,
+                       description=f"Pruning ({plan.method.name})", reduce=reduce)
     else:
         with torch.no_grad():
-            for target in track(active, f"Pruning ({method.name})"):
+            for target in track(active, f"Pruning ({plan.method.name})"):
                 pruner.process(target, None)
+    return PruneResult(method=describe(plan.method), pattern=str(plan.pattern), allocation=describe(plan.allocation),
+                       sparsity=plan.sparsity, sequential=sequential if plan.method.needs_calibration else "none",
+                       layers=[layer_result(t, sparsities[t.name]) for t in plan.targets],
+                       seconds=time.perf_counter() - started, allocation_seconds=allocation_seconds,
+                       calibration_windows=int(calibration.shape[0]) if calibration is not None and plan.needs_data else 0)
 
-    layers = [LayerResult(t.name, tuple(t.module.weight.shape), t.block, sparsities[t.name],
-                          sparsity_of(t.module.weight.detach())) for t in targets]
-    return PruneResult(method={"name": method.name, **method.model_dump(by_alias=True)}, pattern=str(pattern),
-                       allocation={"name": allocation.name, **allocation.model_dump(by_alias=True)},
-                       sparsity=sparsity, sequential=sequential if method.needs_calibration else "none",
-                       layers=layers, seconds=time.perf_counter() - started, allocation_seconds=allocation_seconds,
-                       calibration_windows=0 if calibration is None or not data_needed else int(calibration.shape[0]))
+
+def describe(item: OneShotMethod | Allocation) -> dict:
+    return {"name": item.name, **item.model_dump(by_alias=True)}
+
+
+def layer_result(target: Target, allocated: float, weight: torch.Tensor | None = None) -> LayerResult:
+    weight = target.module.weight if weight is None else weight
+    return LayerResult(target.name, tuple(weight.shape), target.block, allocated, sparsity_of(weight.detach()))

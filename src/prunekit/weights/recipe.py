@@ -40,6 +40,7 @@ class WeightPruningRecipe(RecipeModel):
     save_compressed: bool = True
     codec: Literal["zstd", "none"] = "zstd"
     device: str = "cpu"
+    stream: bool = Field(False, description="keep one block in memory at a time and write shards as they finish")
     trust_remote_code: bool = False
 
     @field_validator("method", mode="before")

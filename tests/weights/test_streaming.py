@@ -1,0 +1,139 @@
+"""Out-of-core pruning: equal to the in-memory path, resumable after SIGKILL, strict about its inputs."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from prunekit.errors import PrunekitError
+from prunekit.weights import prune_weights
+from prunekit.weights.streaming import STATE_FILE, partial_dir, prune_streaming
+from tests.conftest import tiny_llama
+
+
+def _state(directory: Path) -> dict[str, torch.Tensor]:
+    state = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    return state
+
+
+def _hashes(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*.safetensors"))}
+
+
+@pytest.fixture(scope="module")
+def smollm2_windows(tokenizer):
+    from prunekit.core.text import TextProtocol, calibration_windows
+
+    return calibration_windows(tokenizer, TextProtocol(calibration_samples=4, seq_len=128))
+
+
+# SparseGPT prunes the first blocks only (the rest is streamed through unchanged) to keep the test short.
+@pytest.mark.parametrize("method,pattern,include", [("wanda", None, ()), ("sparsegpt", "2:4", ("model.layers.[0-3].*",))])
+def test_streaming_equals_in_memory_on_smollm2(smollm2, smollm2_dir, smollm2_windows, tmp_path, method, pattern,
+                                               include):
+    sparsity = None if pattern else 0.5
+    prune_weights(smollm2.model, method, sparsity, pattern, calibration=smollm2_windows, include=include)
+    prune_streaming(smollm2_dir, tmp_path / "out", method=method, sparsity=sparsity, pattern=pattern,
+                    calibration=smollm2_windows, save_compressed=False, include=include)
+    streamed = _state(tmp_path / "out")
+    reference = smollm2.model.state_dict()
+    assert set(streamed) == set(reference) - {"lm_head.weight"}
+    for name, tensor in streamed.items():
+        assert torch.equal(tensor, reference[name]), name
+
+
+def _tiny_checkpoint(root: Path, tokenizer, layers: int = 6, hidden: int = 128) -> Path:
+    path = root / "model"
+    tiny_llama(layers=layers, hidden=hidden, intermediate=2 * hidden).save_pretrained(path, max_shard_size="2MB")
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _cli(*args: str, **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, PRUNEKIT_QUIET="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "prunekit", "prune", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+COMMON = ["--method", "sparsegpt", "--pattern", "2:4", "--calib-samples", "8", "--seq-len", "256", "--no-eval",
+          "--stream"]
+
+
+def test_killed_run_resumes_to_the_same_model(tmp_path, tokenizer):
+    model = _tiny_checkpoint(tmp_path, tokenizer, layers=8, hidden=256)
+    reference = tmp_path / "reference"
+    done = _cli(str(model), *COMMON, "--out", str(reference))
+    assert done.wait(timeout=300) == 0, done.stderr.read()
+
+    out = tmp_path / "out"
+    state_file = partial_dir(out) / STATE_FILE
+    run = _cli(str(model), *COMMON, "--out", str(out))
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if state_file.exists() and json.loads(state_file.read_text() or "{}").get("completed_blocks", 0) >= 3:
+            break
+        time.sleep(0.02)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert not out.exists() and partial_dir(out).exists()
+    completed = json.loads(state_file.read_text())["completed_blocks"]
+    assert 3 <= completed < 8
+
+    again = _cli(str(model), *COMMON, "--out", str(out))  # without --resume: refused, partial run kept
+    assert again.wait(timeout=120) == 2 and "add --resume" in again.stderr.read()
+
+    resumed = _cli(str(model), *COMMON, "--out", str(out), "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert not partial_dir(out).exists()
+    assert _hashes(out) == _hashes(reference)
+    report = json.loads((out / "report.json").read_text())
+    assert report["run"]["resumed_from_block"] == completed
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, tokenizer):
+    model = _tiny_checkpoint(tmp_path, tokenizer, layers=2, hidden=64)
+    windows = torch.randint(0, 1000, (4, 32))
+    out = tmp_path / "out"
+    work = partial_dir(out)
+    work.mkdir()
+    (work / STATE_FILE).write_text(json.dumps({"settings": {"method": {"name": "wanda"}, "sparsity": 0.5},
+                                               "completed_blocks": 1}))
+    with pytest.raises(PrunekitError, match="other settings .*method"):
+        prune_streaming(model, out, method="sparsegpt", calibration=windows, resume=True)
+    with pytest.raises(PrunekitError, match="nothing to resume"):
+        prune_streaming(model, tmp_path / "elsewhere", method="wanda", calibration=windows, resume=True)
+
+
+def test_missing_and_corrupt_shards(tmp_path, tokenizer):
+    model = _tiny_checkpoint(tmp_path, tokenizer, layers=4, hidden=128)
+    shards = sorted(model.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    windows = torch.randint(0, 1000, (4, 32))
+    shards[1].write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    with pytest.raises(PrunekitError, match=f"shard {shards[1].name} .* is corrupt"):
+        prune_streaming(model, tmp_path / "out", method="wanda", calibration=windows)
+    shards[1].unlink()
+    with pytest.raises(PrunekitError, match=f"shard {shards[1].name} .* is missing"):
+        prune_streaming(model, tmp_path / "out", method="wanda", calibration=windows)
+    assert not (tmp_path / "out").exists() and not partial_dir(tmp_path / "out").exists()
+
+
+def test_too_little_disk_is_refused_before_starting(tmp_path, tokenizer, monkeypatch):
+    import shutil
+
+    model = _tiny_checkpoint(tmp_path, tokenizer, layers=2, hidden=64)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    with pytest.raises(PrunekitError, match="not enough disk space"):
+        prune_streaming(model, tmp_path / "out", method="magnitude")
+    assert not (tmp_path / "out").exists() and not partial_dir(tmp_path / "out").exists()
