@@ -96,7 +96,7 @@ class InputHessian(InputNorms):
 
     def hessian(self) -> torch.Tensor:
         """``2/n · X Xᵀ`` (a fresh tensor, so the shared accumulator is never modified)."""
-        return self.gram_matrix() * (2.0 / max(self.rows, 1))
+        return self.gram_matrix().mul_(2.0 / max(self.rows, 1))
 
     def merge_(self, other: "InputHessian") -> "InputHessian":  # type: ignore[override]
         if self.upper_only != other.upper_only:

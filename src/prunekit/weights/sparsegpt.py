@@ -39,6 +39,14 @@ class SparseGPT(OneShotMethod):
         inverse_diag = torch.cholesky_inverse(self._cholesky(stats.hessian())).diagonal()
         return weight.square() / inverse_diag.unsqueeze(0).square()
 
+    def _inverse_upper_factor(self, hessian: torch.Tensor) -> torch.Tensor:
+        """Upper Cholesky factor of H⁻¹; each d×d intermediate is freed as soon as it is used,
+        which bounds the memory of wide layers (an 8640-wide Hessian is 300 MB in fp32)."""
+        factor = self._cholesky(hessian)
+        inverse = torch.cholesky_inverse(factor)
+        del factor
+        return torch.linalg.cholesky(inverse, upper=True)
+
     def _cholesky(self, hessian: torch.Tensor) -> torch.Tensor:
         """Lower Cholesky factor of the dampened Hessian; modifies ``hessian`` (a private copy)."""
         diagonal = hessian.diagonal()
@@ -65,7 +73,8 @@ class SparseGPT(OneShotMethod):
         wt = weight.detach().float().t().contiguous()
         wt[dead] = 0
         columns, rows = wt.shape
-        upper = torch.linalg.cholesky(torch.cholesky_inverse(self._cholesky(hessian)), upper=True)
+        upper = self._inverse_upper_factor(hessian)
+        del hessian
         keep_t = torch.ones_like(wt, dtype=torch.bool)
         step = self.block_size
         inner = 16
