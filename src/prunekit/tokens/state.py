@@ -8,7 +8,7 @@ what else is in the batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +28,7 @@ class TokenState:
     padded: bool = False  # whether any row holds padding
     merged: bool = False  # whether any token stands for more than one original token
     protected_prefix: int | None = None  # when the protected tokens are exactly each row's first k: k
+    _bias: dict = field(default_factory=dict, repr=False, compare=False)  # key_bias per dtype
 
     def find_protected_prefix(self) -> None:
         counts = self.protected.sum(dim=1)
@@ -59,15 +60,20 @@ class TokenState:
 
     def key_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         """(batch, 1, 1, tokens) additive attention bias: padding masked out, plus log(size) under
-        proportional attention. None when neither applies, so attention runs exactly as unpatched."""
+        proportional attention. None when neither applies, so attention runs exactly as unpatched.
+        Built once per state: the blocks between two reductions share it."""
         proportional = self.proportional and self.merged
         if not proportional and not self.padded:
             return None
+        cached = self._bias.get(dtype)
+        if cached is not None:
+            return cached
         bias = torch.zeros(self.valid.shape, dtype=torch.float32, device=self.valid.device)
         if proportional:
             bias = torch.log(self.sizes.clamp_min(1.0))
-        bias = bias.masked_fill(~self.valid, torch.finfo(dtype).min)
-        return bias.to(dtype)[:, None, None, :]
+        bias = bias.masked_fill(~self.valid, torch.finfo(dtype).min).to(dtype)[:, None, None, :]
+        self._bias[dtype] = bias
+        return bias
 
     def causal_bias(self, dtype: torch.dtype) -> torch.Tensor:
         """(batch, 1, tokens, tokens) additive causal mask over the current tokens (kept in their
