@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -112,12 +113,12 @@ def load_data(recipe: VisionTrainingRecipe) -> tuple[ImageSet, ImageSet]:
     return load_fashion_mnist("train", recipe.train_limit), load_fashion_mnist("test", recipe.test_limit)
 
 
-def _train(model: nn.Module, sparsifier: Sparsifier | None, recipe: VisionTrainingRecipe, train: ImageSet,
-           test: ImageSet, epochs: int, description: str) -> SparseRun:
+def _train_once(model: nn.Module, sparsifier: Sparsifier | None, recipe: VisionTrainingRecipe, train: ImageSet,
+           test: ImageSet, epochs: int, description: str, every_epoch: bool = True) -> SparseRun:
     return train_sparse(model, sparsifier, train.images, train.labels, epochs, batch_size=recipe.batch_size,
                         lr=recipe.lr, optimizer=recipe.optimizer, momentum=recipe.momentum,
                         weight_decay=recipe.weight_decay, seed=recipe.seed, test=(test.images, test.labels),
-                        evaluate_every_epoch=True, description=description)
+                        evaluate_every_epoch=every_epoch, description=description)
 
 
 def build_for_run(recipe: VisionTrainingRecipe, model: nn.Module, train: ImageSet) -> Sparsifier:
@@ -139,27 +140,29 @@ def build_for_run(recipe: VisionTrainingRecipe, model: nn.Module, train: ImageSe
 
 
 def run_vision(recipe: VisionTrainingRecipe, data: tuple[ImageSet, ImageSet] | None = None,
-               dense_state: dict[str, torch.Tensor] | None = None) -> VisionOutcome:
+               dense_state: dict[str, torch.Tensor] | None = None, evaluate_every_epoch: bool = True) -> VisionOutcome:
     """Train one model as the recipe says. ``dense_state`` (one-shot magnitude only) skips the dense
-    training by starting from those trained weights."""
+    training by starting from those trained weights; without ``evaluate_every_epoch`` the test set is
+    measured only at the end (and at the end of each lottery round)."""
     train, test = data or load_data(recipe)
+    train_run = partial(_train_once, every_epoch=evaluate_every_epoch)
     model = build_model(recipe)
     dense_run = None
     if recipe.method == DENSE:
         sparsifier = None
-        run = _train(model, None, recipe, train, test, recipe.epochs, "Training (dense)")
+        run = train_run(model, None, recipe, train, test, recipe.epochs, "Training (dense)")
     elif recipe.method == "magnitude":
         build_for_run(recipe, build_model(recipe), train)  # bad settings fail now, not after the dense training
         if dense_state is None:
-            dense_run = _train(model, None, recipe, train, test, recipe.epochs, "Training (dense, before pruning)")
+            dense_run = train_run(model, None, recipe, train, test, recipe.epochs, "Training (dense, before pruning)")
         else:
             model.load_state_dict(dense_state)
         sparsifier = build_for_run(recipe, model, train)
         finetune = recipe.finetune_epochs or max(recipe.epochs // 2, 1)
-        run = _train(model, sparsifier, recipe, train, test, finetune, "Fine-tuning (mask kept)")
+        run = train_run(model, sparsifier, recipe, train, test, finetune, "Fine-tuning (mask kept)")
     else:
         sparsifier = build_for_run(recipe, model, train)
-        run = _train(model, sparsifier, recipe, train, test, recipe.epochs, f"Training ({recipe.method})")
+        run = train_run(model, sparsifier, recipe, train, test, recipe.epochs, f"Training ({recipe.method})")
     example = train.images[:1]
     flops = sparse_flops(model, example, densities(sparsifier, model))
     assert run.final_accuracy is not None
