@@ -27,6 +27,7 @@ from prunekit.errors import PrunekitError
 from prunekit.models.base import ModelAdapter
 
 STRUCTURE_FILE = "prunekit_structure.json"
+SPEC_WEIGHTS = "model.shrunk.safetensors"  # weights of directories only the shape spec describes
 FORMAT = "prunekit-structure"
 VERSION = 1
 _SKIPPED_ATTRIBUTES = {"training", "_is_hf_initialized"}
@@ -100,6 +101,7 @@ def save_structured(model: nn.Module, directory: str | os.PathLike, tokenizer=No
     directory = Path(directory)
     reasons: list[str] = []
     huggingface = hasattr(model, "save_pretrained") and getattr(model, "config", None) is not None
+    loadable = False
     if huggingface:
         if adapter is not None:
             updates, blockers = adapter.structure_config()
@@ -109,32 +111,43 @@ def save_structured(model: nn.Module, directory: str | os.PathLike, tokenizer=No
         wrong = _config_mismatches(model)
         if wrong and not reasons:
             reasons.append(f"the config cannot describe {len(wrong)} tensor shapes (first: {wrong[0]})")
-        model.save_pretrained(directory)
+        loadable = not wrong
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
-        loadable = not wrong
+    if loadable:
+        model.save_pretrained(directory)
     else:
-        state = {k: v.contiguous() for k, v in _unique_state(model).items()}
-        save_file(state, str(directory / "model.safetensors"))
-        loadable = False
-        reasons.append("not a Hugging Face model: rebuild it with prunekit.load(path, model=<unpruned skeleton>)")
+        # A weights file from_pretrained does not look for: transformers would otherwise re-initialise
+        # every mismatched tensor with only a warning, and hand back a broken model.
+        if huggingface:
+            model.config.save_pretrained(directory)
+            generation = getattr(model, "generation_config", None)
+            if generation is not None and getattr(model, "can_generate", lambda: False)():
+                generation.save_pretrained(directory)
+        else:
+            reasons.append("not a Hugging Face model: rebuild it with prunekit.load(path, model=<unpruned skeleton>)")
+        state, aliases = _unique_state(model)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(directory / SPEC_WEIGHTS))
     spec = shape_spec(model, blocks)
     spec["from_pretrained"] = loadable
     spec["reasons"] = reasons
+    spec["aliases"] = {} if loadable else aliases
     (directory / STRUCTURE_FILE).write_text(json.dumps(spec, indent=1))
     weights = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
     return SaveReport(loadable, reasons if not loadable else [], weights)
 
 
-def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    state, seen = {}, set()
-    for name, tensor in model.state_dict().items():
+def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Each shared tensor (a tied embedding) stored once, and the alias -> owner names."""
+    state, aliases, owners = {}, {}, {}
+    for name, tensor in model.state_dict(keep_vars=False).items():
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if tensor.numel() and key in seen:
+        if tensor.numel() and key in owners:
+            aliases[name] = owners[key]
             continue
-        seen.add(key)
+        owners[key] = name
         state[name] = tensor
-    return state
+    return state, aliases
 
 
 def is_structured_dir(path: str | os.PathLike) -> bool:
@@ -165,7 +178,8 @@ def apply_spec(model: nn.Module, spec: dict) -> nn.Module:
         if module is None:
             raise PrunekitError(f"the skeleton has no module '{name}'; it is not the architecture that was saved")
         if type(module).__name__ != entry["type"]:
-            raise PrunekitError(f"module '{name}' is a {type(module).__name__} in the skeleton but was a {entry['type']}")
+            raise PrunekitError(f"module '{name or '<root>'}' is a {type(module).__name__} in the skeleton but was a "
+                                f"{entry['type']}: pass the architecture that was saved")
         for key, value in entry["attributes"].items():
             setattr(module, key, tuple(value) if key in entry.get("tuples", ()) else value)
         for key, shape in entry["tensors"].items():
@@ -215,6 +229,15 @@ def load_structured(path: str | os.PathLike, model: nn.Module | None = None,
         raise PrunekitError(f"{path} holds tensors the model does not have: {', '.join(unexpected[:3])}")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+    for alias, owner in spec.get("aliases", {}).items():
+        alias_module, _, alias_attribute = alias.rpartition(".")
+        owner_module, _, owner_attribute = owner.rpartition(".")
+        target = model.get_submodule(alias_module) if alias_module else model
+        source = model.get_submodule(owner_module) if owner_module else model
+        if alias_attribute in target._parameters:
+            target._parameters[alias_attribute] = getattr(source, owner_attribute)
+        else:
+            target._buffers[alias_attribute] = getattr(source, owner_attribute)
     still_meta = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if still_meta:
         raise PrunekitError(f"{path} lacks tensors the model needs: {', '.join(still_meta[:3])}")

@@ -238,6 +238,11 @@ class _Tracer(TorchFunctionMode):
 
     def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
         a, b = torch.broadcast_tensors(a, b)
+        # Activations repeat their labels over batch and positions: drop dimensions along which
+        # neither side varies before looking for pairs (a conv map shrinks to one entry per channel).
+        for dim in range(a.dim()):
+            if a.shape[dim] > 1 and not _varies_along(a, dim) and not _varies_along(b, dim):
+                a, b = a.narrow(dim, 0, 1), b.narrow(dim, 0, 1)
         both = (a >= 0) & (b >= 0) & (a != b)
         if not bool(both.any()):
             return
@@ -503,10 +508,9 @@ class _Tracer(TorchFunctionMode):
             # and whole groups are removed (the per-group sizes stay, the number of groups shrinks).
             in_per, out_per = weight.shape[1], weight.shape[0] // groups
             per_channel = labels.movedim(channel_dim, 0).reshape(labels.shape[channel_dim], -1)
-            for g in range(groups):
-                group_rows = rows[g * out_per:(g + 1) * out_per]
-                self.union(group_rows[1:], group_rows[:1])
-                self.union(per_channel[g * in_per:(g + 1) * in_per], group_rows[:1].unsqueeze(1))
+            first_row = rows[(torch.arange(rows.numel()) // out_per) * out_per]
+            self.union(rows, first_row)
+            self.union(per_channel, rows[(torch.arange(per_channel.shape[0]) // in_per) * out_per].unsqueeze(1))
             self.grouped_convs[self.named(weight)[0]] = groups
         if bias is not None:
             self.union(self.dim_space(bias, 0, "convolution bias"), rows)
@@ -564,8 +568,7 @@ class _Tracer(TorchFunctionMode):
                 self.group_norms[self.named(param)[0]] = groups
         # Statistics run over whole groups: a group's channels are removed together, which is exact.
         per_channel = labels.movedim(1, 0).reshape(channels, -1)
-        for g in range(groups):
-            self.union(per_channel[g * per_group:(g + 1) * per_group], per_channel[g * per_group, :1])
+        self.union(per_channel, per_channel[(torch.arange(channels) // per_group) * per_group, :1])
         self.set_labels(out, labels.clone())
 
     def _contract(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

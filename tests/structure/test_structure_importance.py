@@ -1,0 +1,156 @@
+"""Importance criteria against hand computations, normalisation, and FLAP's bias compensation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunekit.errors import PrunekitError
+from prunekit.structure.graph import build_graph
+from prunekit.structure.importance import IMPORTANCE, ScoringContext, get_importance, normalize_scores
+from prunekit.structure.pipeline import classifier_calibration, score_families
+from prunekit.structure.shrink import shrink
+from prunekit.structure.statistics import input_moments
+
+
+class TwoLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.fc1 = nn.Linear(5, 6)
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+DATA = torch.randn(40, 5, generator=torch.Generator().manual_seed(4))
+LABELS = torch.randint(0, 3, (40,), generator=torch.Generator().manual_seed(5))
+
+
+def _setup(importance: str, **settings):
+    model = TwoLayer().eval()
+    graph = build_graph(model, (DATA[:2],))
+    family = graph.family(graph.families[0].name)
+    calibration = classifier_calibration(DATA, LABELS, batch_size=16)
+    scores, context = score_families(graph, [family], get_importance({"name": importance, **settings}), calibration, None)
+    return model, family, scores[family.name]
+
+
+def _hidden(model):
+    with torch.no_grad():
+        return torch.relu(model.fc1(DATA))
+
+
+def test_registry_names_every_criterion():
+    assert IMPORTANCE.names() == ["flap", "l1", "l2", "random", "taylor", "wanda"]
+    with pytest.raises(PrunekitError, match="unknown importance criterion 'fisher'; choose one of: flap"):
+        get_importance("fisher")
+    with pytest.raises(PrunekitError, match="importance l2: reduction"):
+        get_importance({"name": "l2", "reduction": "median"})
+
+
+def test_magnitude_sums_over_every_weight_of_the_unit():
+    model, family, scores = _setup("l2")
+    expected = model.fc1.weight.detach().square().sum(1) + model.fc2.weight.detach().square().sum(0)
+    assert torch.allclose(scores.float(), expected, atol=1e-6)
+    model, family, scores = _setup("l1", reduction="max")
+    expected = torch.maximum(model.fc1.weight.detach().abs().sum(1), model.fc2.weight.detach().abs().sum(0))
+    assert torch.allclose(scores.float(), expected, atol=1e-6)
+    model, family, scores = _setup("l2", reduction="mean", include_norms=True)
+    expected = (model.fc1.weight.detach().square().sum(1) + model.fc1.bias.detach().square()
+                + model.fc2.weight.detach().square().sum(0)) / 3
+    assert torch.allclose(scores.float(), expected, atol=1e-6)
+
+
+def test_wanda_weights_columns_by_input_norms():
+    model, family, scores = _setup("wanda")
+    norms = _hidden(model).norm(dim=0)
+    expected = model.fc2.weight.detach().abs().sum(0) * norms
+    assert torch.allclose(scores.float(), expected, rtol=1e-5)
+
+
+def test_flap_is_input_variance_times_squared_column_norm():
+    model, family, scores = _setup("flap")
+    variance = _hidden(model).var(dim=0, unbiased=True)
+    expected = model.fc2.weight.detach().square().sum(0) * variance
+    assert torch.allclose(scores.float(), expected, rtol=1e-4)
+
+
+def test_taylor_is_weight_times_gradient_summed_over_the_unit():
+    model, family, scores = _setup("taylor")
+    reference = TwoLayer()
+    total = sum(F.cross_entropy(reference(DATA[i:i + 16]), LABELS[i:i + 16]) for i in range(0, 40, 16))
+    total.backward()
+    expected = ((reference.fc1.weight * reference.fc1.weight.grad).abs().sum(1)
+                + (reference.fc1.bias * reference.fc1.bias.grad).abs()
+                + (reference.fc2.weight * reference.fc2.weight.grad).abs().sum(0))
+    assert torch.allclose(scores.float(), expected.detach(), rtol=1e-4, atol=1e-7)
+    assert all(p.grad is None for p in model.parameters())  # scoring leaves no gradients behind
+
+
+def test_random_is_seeded():
+    model = TwoLayer()
+    graph = build_graph(model, (DATA[:2],))
+    random = get_importance("random")
+    family = graph.families[0]
+    first = random.score(family, ScoringContext(graph, seed=1))
+    assert torch.equal(first, random.score(family, ScoringContext(graph, seed=1)))
+    assert not torch.equal(first, random.score(family, ScoringContext(graph, seed=2)))
+
+
+def test_activation_criteria_need_calibration():
+    model = TwoLayer()
+    graph = build_graph(model, (DATA[:2],))
+    with pytest.raises(PrunekitError, match="'flap' needs calibration data"):
+        score_families(graph, graph.families, get_importance("flap"), None, None)
+    no_labels = classifier_calibration(DATA)
+    with pytest.raises(PrunekitError, match="'taylor' needs a loss"):
+        score_families(graph, graph.families, get_importance("taylor"), no_labels, None)
+
+
+def test_normalisations():
+    scores = {"a": torch.tensor([1.0, 2.0, 3.0]), "b": torch.tensor([10.0, 30.0])}
+
+    class Kind:
+        def __init__(self, kind):
+            self.kind = kind
+
+    families = {"a": Kind("channels"), "b": Kind("heads")}
+    assert torch.allclose(normalize_scores(scores, families, "mean")["b"], torch.tensor([0.5, 1.5], dtype=torch.float64))
+    assert torch.allclose(normalize_scores(scores, families, "max")["a"], torch.tensor([1 / 3, 2 / 3, 1.0], dtype=torch.float64))
+    standardized = normalize_scores(scores, families, "standardize")["a"]
+    assert abs(float(standardized.mean())) < 1e-12 and abs(float(standardized.std()) - 1) < 1e-12
+    pooled = normalize_scores(scores, {"a": Kind("channels"), "b": Kind("channels")}, "kind")
+    together = torch.cat([pooled["a"], pooled["b"]])
+    assert abs(float(together.mean())) < 1e-12 and torch.equal(pooled["a"].argsort(), torch.arange(3))
+    assert torch.equal(normalize_scores(scores, families, "none")["b"], scores["b"].double())
+
+
+def test_flap_bias_compensation_replaces_removed_inputs_by_their_mean():
+    model = TwoLayer().eval()
+    original = copy.deepcopy(model)
+    graph = build_graph(model, (DATA[:2],))
+    family = graph.families[0]
+    moments = input_moments(model, graph, ["fc2.weight"], classifier_calibration(DATA, batch_size=8).batches)
+    removed = [1, 4]
+    shrink(graph, {family.name: removed}, compensation={"fc2.weight": moments["fc2.weight"].mean()})
+    mean = _hidden(original).mean(0)
+
+    def replace(_module, args):
+        x = args[0].clone()
+        x[:, removed] = mean[removed]
+        return (x,)
+
+    original.fc2.register_forward_pre_hook(replace)
+    with torch.no_grad():
+        assert torch.allclose(model(DATA), original(DATA), atol=1e-5)
+        plain = TwoLayer().eval()
+        plain_graph = build_graph(plain, (DATA[:2],))
+        shrink(plain_graph, {plain_graph.families[0].name: removed})
+        # without compensation the output moves by the removed channels' mean contribution
+        assert not torch.allclose(plain(DATA), original(DATA), atol=1e-3)
