@@ -4,7 +4,7 @@
     python benchmarks/tokens_smollm2.py report
 
 Perplexity of a 128-token continuation after a pruned 384-token prompt (8 wiki test windows),
-and the prefill's time at batch 1 and 4, at several keep ratios (keep ratio = 1 - rate).
+and the prefill's time at batch 1, at several keep ratios (keep ratio = 1 - rate).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def run(groups: list[str]) -> None:
     task = Prefill.wiki(lm.tokenizer, PrefillProtocol(windows=WINDOWS))
     for label in groups:
         method, rates, layers = GROUPS[label]
-        measure_group(NAME, label, lm.model, task, method, rates, layers, batch_sizes=(1, 4), repeats=5, warmup=2)
+        measure_group(NAME, label, lm.model, task, method, rates, layers, batch_sizes=(1,), repeats=5, warmup=1)
         print(f"measured {label}", flush=True)
 
 
@@ -43,7 +43,7 @@ def render() -> None:
     if not data["groups"]:
         print("no results yet: run `python benchmarks/tokens_smollm2.py run`")
         return
-    sizes = ["1", "4"]
+    sizes = ["1"]
     lines = ["# Prefill token pruning in SmolLM2-135M", "",
              next(iter(data["groups"].values()))["protocol"]["text"] + ".", "",
              "Model: SmolLM2-135M-Instruct (Llama, 30 blocks), fp32, sdpa attention. The first and last prompt tokens "
