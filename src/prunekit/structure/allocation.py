@@ -91,8 +91,11 @@ class _Bounds:
 
 def allocate(graph: DependencyGraph, families: list[Family], scores: Mapping[str, torch.Tensor], ratio: float,
              target: Target = "params", strategy: WidthAllocation | None = None,
-             overrides: Mapping[str, float] | None = None, default_normalize: Normalization = "mean") -> WidthPlan:
-    """Choose the units to remove so that ``ratio`` of the model's ``target`` goes."""
+             overrides: Mapping[str, float] | None = None, default_normalize: Normalization = "mean",
+             reserve: int = 0) -> WidthPlan:
+    """Choose the units to remove so that ``ratio`` of the model's ``target`` goes.
+
+    ``reserve`` is what later steps add back (biases created by FLAP's compensation), removed on top."""
     strategy = strategy or WidthAllocation()
     ratio = check_ratio(ratio)
     if target not in ("params", "macs"):
@@ -138,7 +141,7 @@ def allocate(graph: DependencyGraph, families: list[Family], scores: Mapping[str
                 result[family.name] = family.size - bounds[family.name].kept(below)
         return result
 
-    goal = ratio * total
+    goal = ratio * total + (reserve if ratio > 0 else 0)
     if total - measure(counts(1.0)) < goal - 1e-9:
         reachable = 1 - measure(counts(1.0)) / total
         raise PrunekitError(f"a ratio of {ratio:.0%} of the {target} cannot be reached: with every family at its "

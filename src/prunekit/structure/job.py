@@ -29,7 +29,8 @@ from prunekit.models.base import ModelAdapter, adapter_for
 from prunekit.models.loading import parse_dtype, resolve_model_dir
 from prunekit.structure.depth import prune_depth
 from prunekit.structure.measure import Measurement, SpeedProtocol, compare, lm_inputs, measure
-from prunekit.structure.pipeline import encoder_calibration, lm_calibration, lm_example_inputs, prune_structure
+from prunekit.structure.graph import build_graph
+from prunekit.structure.pipeline import check_plan, encoder_calibration, lm_calibration, lm_example_inputs, prune_structure
 from prunekit.structure.recipe import ShrinkRecipe
 from prunekit.structure.recovery import recover_lm
 from prunekit.structure.saving import check_onnx, export_onnx, save_structured
@@ -152,6 +153,15 @@ def run_shrink_job(recipe: ShrinkRecipe, out: str | Path, overwrite: bool = Fals
         if max_positions and protocol.seq_len > max_positions:
             raise PrunekitError(f"--seq-len {protocol.seq_len} exceeds the encoder's {max_positions} positions")
     started_all = time.perf_counter()
+    example = lm_example_inputs() if loaded.kind == "causal-lm" else {"input_ids": torch.arange(1, 5).unsqueeze(0)}
+    graph = None
+    if recipe.depth.blocks:
+        prune_depth_check(loaded, adapter, recipe)
+    if recipe.ratio > 0 and not recipe.depth.blocks:
+        # Checked before the slow steps; reused for pruning since the model is unchanged until then.
+        graph = build_graph(loaded.model, example, adapter=adapter, head_mode=recipe.heads)
+        check_plan(graph, recipe.ratio, recipe.granularity, recipe.target, recipe.allocation, recipe.ignore,
+                   recipe.overrides)
     if loaded.kind == "causal-lm":
         calibration = calibration_windows(loaded.tokenizer, protocol)
         test = test_windows(loaded.tokenizer, protocol) if recipe.evaluate else None
@@ -172,12 +182,12 @@ def run_shrink_job(recipe: ShrinkRecipe, out: str | Path, overwrite: bool = Fals
         if recipe.ratio > 0:
             adapter = adapter_for(loaded.model)
             make_calibration = lm_calibration if loaded.kind == "causal-lm" else encoder_calibration
-            example = lm_example_inputs() if loaded.kind == "causal-lm" else {"input_ids": torch.arange(1, 5).unsqueeze(0)}
             width_result = prune_structure(
                 loaded.model, recipe.ratio, example_inputs=example, importance=recipe.importance,
                 granularity=recipe.granularity, target=recipe.target, allocation=recipe.allocation,
                 head_mode=recipe.heads, ignore=recipe.ignore, overrides=recipe.overrides,
-                calibration=make_calibration(calibration, recipe.batch_size), adapter=adapter, seed=recipe.data.seed)
+                calibration=make_calibration(calibration, recipe.batch_size), adapter=adapter, seed=recipe.data.seed,
+                graph=graph)
     quality_pruned = _quality(loaded, test, reference, recipe, "after pruning")
     recovery_result = None
     quality_recovered = None
@@ -210,6 +220,12 @@ def run_shrink_job(recipe: ShrinkRecipe, out: str | Path, overwrite: bool = Fals
         if width_result is not None:
             _plot_widths(width_result.plan.widths, tmp / "widths.png", loaded.name)
     return ShrinkOutcome(report, out_path, markdown)
+
+
+def prune_depth_check(loaded: LoadedHF, adapter: ModelAdapter, recipe: ShrinkRecipe) -> None:
+    blocks = len(adapter.blocks())
+    if recipe.depth.blocks >= blocks:
+        raise PrunekitError(f"cannot remove {recipe.depth.blocks} of {blocks} blocks; keep at least one")
 
 
 def _depth(loaded: LoadedHF, adapter: ModelAdapter, recipe: ShrinkRecipe, calibration: torch.Tensor):

@@ -144,19 +144,49 @@ def score_families(graph: DependencyGraph, families, importance: Importance, cal
     return {f.name: importance.score(f, context) for f in families}, context
 
 
+def check_plan(graph: DependencyGraph, ratio: float, granularity: Iterable[str] | str, target: Target = "params",
+               allocation: WidthAllocation | None = None, ignore: Sequence[str] = (),
+               overrides: Mapping[str, float] | None = None) -> None:
+    """Fail fast, before any slow calibration, on requests no scores could satisfy (unreachable ratios,
+    overrides that match nothing, everything ignored)."""
+    families = graph.select(resolve_granularity(granularity), ignore)
+    zeros = {f.name: torch.zeros(f.size, dtype=torch.float64) for f in families}
+    allocate(graph, families, zeros, ratio, target, allocation, overrides)
+
+
+def _compensation_biases(graph: DependencyGraph, families, adapter: ModelAdapter | None) -> int:
+    """Parameters FLAP's compensation will add: a bias for every consumer without one (and, for a
+    config flag to describe them, for its siblings), counted at today's widths (an upper bound)."""
+    context = ScoringContext(graph)
+    modules = set()
+    for family in families:
+        for member in family.members:
+            if is_consumer(context, member):
+                name = graph.tensors[member.tensor].module
+                modules.update(adapter.bias_siblings(name) if adapter is not None else [name])
+    total = 0
+    for name in modules:
+        module = graph.model.get_submodule(name)
+        if getattr(module, "bias", "missing") is None:
+            total += module.weight.shape[0]
+    return total
+
+
 def prune_structure(model: nn.Module, ratio: float = 0.2, *, example_inputs: tuple | dict,
                     importance: str | Mapping[str, Any] | Importance = "l2",
                     granularity: Iterable[str] | str = ("channels", "heads"), target: Target = "params",
                     allocation: WidthAllocation | Mapping[str, Any] | str | None = None, head_mode: HeadMode = "kv",
                     ignore: Sequence[str] = (), overrides: Mapping[str, float] | None = None,
                     calibration: Calibration | None = None, adapter: ModelAdapter | str | None = "auto",
-                    seed: int = 0, strict: bool = True, check: bool = True) -> StructuredResult:
+                    seed: int = 0, strict: bool = True, check: bool = True,
+                    graph: DependencyGraph | None = None) -> StructuredResult:
     """Remove ``ratio`` of the model's parameters (or MACs) as whole channels, heads or hidden width, in place.
 
     ``example_inputs`` is one small batch (a tuple of positional or a dict of keyword arguments)
     used to trace the model; ``calibration`` feeds activation-aware (wanda, flap) and gradient
     (taylor) criteria. ``ignore`` names modules or families (globs, ``re:`` regexes) to leave
-    whole; ``overrides`` fixes the removed fraction of matching families.
+    whole; ``overrides`` fixes the removed fraction of matching families. ``graph`` reuses a graph
+    already built for this model in its current state.
     """
     ratio = check_ratio(ratio)
     importance = get_importance(importance)
@@ -167,7 +197,8 @@ def prune_structure(model: nn.Module, ratio: float = 0.2, *, example_inputs: tup
     adapter = _adapter(model, adapter)
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    graph = build_graph(model, example_inputs, adapter=adapter, head_mode=head_mode, strict=strict)
+    if graph is None:
+        graph = build_graph(model, example_inputs, adapter=adapter, head_mode=head_mode, strict=strict)
     timings["graph_seconds"] = time.perf_counter() - started
     families = graph.select(kinds, ignore)
     notes = list(graph.frozen)
@@ -182,7 +213,8 @@ def prune_structure(model: nn.Module, ratio: float = 0.2, *, example_inputs: tup
     timings["scoring_seconds"] = time.perf_counter() - started
     started = time.perf_counter()
     default_normalize = "kind" if importance.name == "flap" else "mean"
-    plan = allocate(graph, families, scores, ratio, target, strategy, overrides, default_normalize)
+    reserve = _compensation_biases(graph, families, adapter) if (importance.compensation() and target == "params") else 0
+    plan = allocate(graph, families, scores, ratio, target, strategy, overrides, default_normalize, reserve)
     compensation = None
     if importance.compensation():
         compensation = {name: moments.mean() for name, moments in context.moments.items()}
@@ -193,5 +225,5 @@ def prune_structure(model: nn.Module, ratio: float = 0.2, *, example_inputs: tup
                             kinds, head_mode, notes + plan.notes, timings)
 
 
-__all__ = ["Calibration", "KINDS", "StructuredResult", "classifier_calibration", "encoder_calibration",
+__all__ = ["Calibration", "KINDS", "check_plan", "StructuredResult", "classifier_calibration", "encoder_calibration",
            "lm_calibration", "lm_example_inputs", "prune_structure", "resolve_granularity", "score_families"]
