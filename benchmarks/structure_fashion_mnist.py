@@ -1,0 +1,206 @@
+"""Structural pruning of a ResNet-like CNN on Fashion-MNIST: half the MACs, a short fine-tune,
+accuracy and measured CPU speed, prunekit against Torch-Pruning with the same importance.
+
+Phases (run by hand, each under the CPU lock; raw results in benchmarks/results/raw/structure_fmnist/):
+
+    flock /tmp/prunekit-cpu.lock python benchmarks/structure_fashion_mnist.py train        # the dense model
+    flock /tmp/prunekit-cpu.lock python benchmarks/structure_fashion_mnist.py shrink --tool prunekit --importance taylor
+    flock /tmp/prunekit-cpu.lock python benchmarks/structure_fashion_mnist.py shrink --tool torch-pruning --importance taylor
+    python benchmarks/structure_fashion_mnist.py report
+
+Protocol: ResNetLike(widths 16/32/64, 2 blocks a stage), SGD + Nesterov, lr 0.05, cosine, batch 128,
+seed 0, the full 60 k training set for ``--epochs`` (dense) and ``--finetune-epochs`` (after
+shrinking); accuracy on the full 10 k test set. Pruning targets 50 % of the MACs of one image,
+keeps widths multiples of 4, calibrates on the first 1024 training images. Speed: median of 10
+timed forward passes after 3 warm-up passes, 2 threads, batches of 1, 8 and 256 images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("PRUNEKIT_QUIET", "1")
+
+import torch  # noqa: E402
+
+from prunekit.evaluate.accuracy import accuracy  # noqa: E402
+from prunekit.evaluate.report import environment, markdown_table, write_json  # noqa: E402
+from prunekit.models.fashion_mnist import load_fashion_mnist  # noqa: E402
+from prunekit.structure import classifier_calibration, prune_structure  # noqa: E402
+from prunekit.structure.measure import SpeedProtocol, count_macs, count_parameters, image_inputs, measure  # noqa: E402
+from prunekit.structure.recovery import recover_classifier  # noqa: E402
+from prunekit.structure.zoo import ResNetLike  # noqa: E402
+from prunekit.training.loop import train_classifier  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent / "results"
+RAW = ROOT / "raw" / "structure_fmnist"
+SPEED = SpeedProtocol(batch_sizes=(1, 8, 256), runs=10, warmup=3, threads=2, seq_len=0)
+TARGET_MACS = 0.5
+CALIBRATION = 1024
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return ResNetLike(widths=(16, 32, 64), blocks=(2, 2, 2))
+
+
+def _data():
+    return load_fashion_mnist("train"), load_fashion_mnist("test")
+
+
+def _speed(model) -> dict:
+    return measure(model, image_inputs((1, 28, 28)), 1, SPEED, unit="images").to_dict()
+
+
+def train(epochs: int) -> None:
+    torch.set_num_threads(2)
+    train_set, test_set = _data()
+    model = _model()
+    started = time.perf_counter()
+    history = train_classifier(model, train_set.images, train_set.labels, epochs=epochs, lr=0.05, seed=0,
+                               description="Training the dense ResNet-like")
+    seconds = time.perf_counter() - started
+    RAW.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), RAW / "dense.pt")
+    result = {"epochs": epochs, "train_seconds": seconds, "losses": history.losses,
+              "accuracy": accuracy(model, test_set.images, test_set.labels),
+              "parameters": count_parameters(model), "macs": count_macs(model, (test_set.images[:1],)),
+              "speed": _speed(model), "environment": environment()}
+    write_json(RAW / "dense.json", result)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("speed", "environment")}, indent=1))
+
+
+def _dense():
+    model = _model()
+    model.load_state_dict(torch.load(RAW / "dense.pt", weights_only=True))
+    return model.eval()
+
+
+def _prunekit(model, importance: str, calibration_images, calibration_labels) -> dict:
+    result = prune_structure(model, TARGET_MACS, example_inputs=(calibration_images[:1],), importance=importance,
+                             target="macs", allocation={"name": "global", "round_to": 4, "floor": 0.1},
+                             calibration=classifier_calibration(calibration_images, calibration_labels, 128))
+    return {"plan": result.plan.to_dict(), "notes": result.notes}
+
+
+def _torch_pruning(model, importance: str, calibration_images, calibration_labels) -> dict:
+    """Torch-Pruning's MetaPruner with global ranking; its channel ratio is searched (bisection on a copy)
+    so that half of the MACs go, as prunekit's allocation does directly."""
+    import torch_pruning as tp
+
+    def prune(target, ratio: float) -> None:
+        criteria = {"l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+                    "taylor": lambda: tp.importance.GroupTaylorImportance(),
+                    "hessian": lambda: tp.importance.GroupHessianImportance()}
+        if importance not in criteria:
+            raise SystemExit(f"the torch-pruning comparison supports {sorted(criteria)}")
+        criterion = criteria[importance]()
+        pruner = tp.pruner.MetaPruner(target, calibration_images[:1], importance=criterion, global_pruning=True,
+                                      pruning_ratio=ratio, ignored_layers=[target.fc], round_to=4)
+        target.zero_grad()
+        if importance in ("taylor", "hessian"):
+            for start in range(0, calibration_images.shape[0], 128):
+                x, y = calibration_images[start:start + 128], calibration_labels[start:start + 128]
+                if importance == "hessian":  # Torch-Pruning's Hessian needs per-sample gradients
+                    for i in range(x.shape[0]):
+                        target.zero_grad()
+                        torch.nn.functional.cross_entropy(target(x[i:i + 1]), y[i:i + 1]).backward()
+                        criterion.accumulate_grad(target)
+                else:
+                    torch.nn.functional.cross_entropy(target(x), y).backward()
+        pruner.step()
+        target.zero_grad()
+
+    base = count_macs(model, (calibration_images[:1],))
+    low, high = 0.0, 0.9
+    for _ in range(10):
+        middle = (low + high) / 2
+        trial = copy.deepcopy(model)
+        prune(trial, middle)
+        if count_macs(trial, (calibration_images[:1],)) <= (1 - TARGET_MACS) * base:
+            high = middle
+        else:
+            low = middle
+    prune(model, high)
+    return {"pruning_ratio": high, "macs_fraction": count_macs(model, (calibration_images[:1],)) / base}
+
+
+def shrink(tool: str, importance: str, finetune_epochs: int, mode: str) -> None:
+    torch.set_num_threads(2)
+    train_set, test_set = _data()
+    dense = _dense()
+    model = copy.deepcopy(dense)
+    images, labels = train_set.images[:CALIBRATION], train_set.labels[:CALIBRATION]
+    model.eval()
+    started = time.perf_counter()
+    details = (_prunekit if tool == "prunekit" else _torch_pruning)(model, importance, images, labels)
+    prune_seconds = time.perf_counter() - started
+    accuracy_pruned = accuracy(model, test_set.images, test_set.labels)
+    started = time.perf_counter()
+    recovery = recover_classifier(model, train_set.images, train_set.labels, teacher=dense if mode == "distill" else None,
+                                  mode=mode, epochs=finetune_epochs, lr=0.01, seed=0)
+    result = {"tool": tool, "importance": importance, "finetune_epochs": finetune_epochs, "mode": mode,
+              "prune_seconds": prune_seconds, "finetune_seconds": time.perf_counter() - started,
+              "accuracy_pruned": accuracy_pruned, "accuracy": accuracy(model, test_set.images, test_set.labels),
+              "parameters": count_parameters(model), "macs": count_macs(model, (test_set.images[:1],)),
+              "speed": _speed(model), "details": details, "recovery_losses": recovery.losses,
+              "environment": environment()}
+    write_json(RAW / f"{tool}-{importance}-{mode}.json", result)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("speed", "environment", "details")}, indent=1))
+
+
+def report() -> None:
+    dense = json.loads((RAW / "dense.json").read_text())
+    rows, runs = [], []
+    base_speed = dense["speed"]["throughput"]
+    rows.append(("dense", "–", dense["parameters"], dense["macs"], "1.000", f"{dense['accuracy']:.2%}", "–", "–",
+                 *(f"{base_speed[b]:.0f}" for b in ("1", "8", "256")), "1.00×", "–"))
+    for path in sorted(RAW.glob("*-*.json")):
+        run = json.loads(path.read_text())
+        runs.append(run)
+        speed = run["speed"]["throughput"]
+        rows.append((run["tool"], f"{run['importance']} ({run['mode']}, {run['finetune_epochs']} ep)", run["parameters"],
+                     run["macs"], f"{run['macs'] / dense['macs']:.3f}", f"{run['accuracy_pruned']:.2%}",
+                     f"{run['accuracy']:.2%}", f"{(run['accuracy'] - dense['accuracy']) * 100:+.2f}",
+                     *(f"{speed[b]:.0f}" for b in ("1", "8", "256")),
+                     f"{speed['256'] / base_speed['256']:.2f}×", f"{run['prune_seconds']:.1f}"))
+    headers = ["model", "importance (recovery)", "parameters", "MACs / image", "MACs vs dense", "accuracy pruned",
+               "accuracy after fine-tune", "Δ points", "img/s b1", "img/s b8", "img/s b256", "speedup b256",
+               "prune s"]
+    table = markdown_table(headers, rows)
+    text = (f"# Fashion-MNIST, ResNet-like, half the MACs\n\nDense: {dense['epochs']} epochs, "
+            f"{dense['accuracy']:.2%} test accuracy, trained in {dense['train_seconds']:.0f} s.\n\n{table}\n\n"
+            f"Speed: {SPEED.describe()}.\n")
+    write_json(ROOT / "structure_fashion_mnist.json", {"dense": dense, "runs": runs, "speed_protocol": SPEED.describe()})
+    (ROOT / "structure_fashion_mnist.md").write_text(text)
+    print(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="phase", required=True)
+    train_parser = sub.add_parser("train")
+    train_parser.add_argument("--epochs", type=int, default=4)
+    shrink_parser = sub.add_parser("shrink")
+    shrink_parser.add_argument("--tool", choices=["prunekit", "torch-pruning"], default="prunekit")
+    shrink_parser.add_argument("--importance", default="taylor")
+    shrink_parser.add_argument("--finetune-epochs", type=int, default=1)
+    shrink_parser.add_argument("--mode", choices=["plain", "distill"], default="plain")
+    sub.add_parser("report")
+    args = parser.parse_args(argv)
+    if args.phase == "train":
+        train(args.epochs)
+    elif args.phase == "shrink":
+        shrink(args.tool, args.importance, args.finetune_epochs, args.mode)
+    else:
+        report()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
