@@ -73,7 +73,8 @@ def phase_score(name: str) -> None:
         table = score_data((train.images, train.labels), [(name, SCORE_SETTINGS.get(name, {}))], proxy=PROXY, seed=0)
     folder = _scores_dir(name)
     folder.mkdir(parents=True, exist_ok=True)
-    table.meta["measured"] = {"seconds": measured.seconds, "peak_rss_bytes": measured.peak_rss}
+    table.meta["measured"] = {"seconds": measured.seconds, "peak_rss_bytes": measured.peak_rss,
+                              "load_average_1min_at_end": os.getloadavg()[0]}
     table.write(folder)
     print(f"{name}: {measured.seconds:.1f} s, timings {table.meta['timings']}")
 
@@ -109,7 +110,8 @@ def phase_fullrun() -> None:
     with Measured() as measured:
         model = _train(train.images, train.labels, 0, BUDGET_EPOCHS * len(train))
     result = {"seconds": measured.seconds, "test_accuracy": accuracy(model, test.images, test.labels),
-              "steps": BUDGET_EPOCHS * ((len(train) + BATCH - 1) // BATCH), "threads": torch.get_num_threads()}
+              "steps": BUDGET_EPOCHS * ((len(train) + BATCH - 1) // BATCH), "threads": torch.get_num_threads(),
+              "load_average_1min_at_end": os.getloadavg()[0]}
     RAW.mkdir(parents=True, exist_ok=True)
     (RAW / "fullrun.json").write_text(json.dumps(result, indent=2))
     print(result)

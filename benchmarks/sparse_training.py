@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from prunekit.evaluate.report import environment, markdown_table, write_json  # noqa: E402
 from prunekit.models.fashion_mnist import ImageSet, load_fashion_mnist  # noqa: E402
 from prunekit.training import FixedMask, LotteryTicket  # noqa: E402
-from prunekit.training.fit import steps_per_epoch, train_sparse  # noqa: E402
+from prunekit.training.fit import train_sparse  # noqa: E402
 from prunekit.training.report import plot_accuracy_vs_sparsity  # noqa: E402
 from prunekit.training.vision_job import VisionTrainingRecipe, build_for_run, build_model, run_vision  # noqa: E402
 
@@ -53,6 +53,7 @@ SEEDS = [0, 1, 2]
 METHODS = {
     "one-shot magnitude + fine-tune": ("magnitude", "global"),
     "GMP": ("gmp", "uniform"),
+    "GMP (ERK)": ("gmp", "erk"),
     "lottery ticket (rewound)": ("lottery", "global"),
     "lottery mask, random re-init": ("lottery-reinit", "global"),
     "SNIP": ("snip", "global"),

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import time
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +30,12 @@ from prunekit.models.fashion_mnist import MEAN, STD, ImageSet, load_fashion_mnis
 from prunekit.models.vision import MLP, SmallCNN
 from prunekit.training.base import SPARSIFIERS, Sparsifier, build_sparsifier
 from prunekit.training.fit import SparseRun, steps_per_epoch, train_sparse
-from prunekit.training.report import densities, plot_sparsity_over_training, plot_training, sparse_flops
+from prunekit.training.report import (
+    densities,
+    plot_sparsity_over_training,
+    plot_training,
+    sparse_flops,
+)
 
 DENSE = "dense"
 
