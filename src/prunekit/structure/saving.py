@@ -12,6 +12,7 @@ rebuilt onto a skeleton the caller passes (the unpruned architecture).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -261,6 +262,9 @@ def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike
             output = self.inner(*args)
             return output_fn(output) if output_fn is not None else output
 
+    for package in ("onnx", "onnxscript"):
+        if importlib.util.find_spec(package) is None:
+            raise PrunekitError(f"ONNX export needs {package}: pip install 'prunekit[onnx]'")
     path = Path(path)
     module = _Wrapped(model) if output_fn is not None else model
     onnx_logger = logging.getLogger("torch.onnx")
@@ -284,7 +288,7 @@ def check_onnx(path: str | os.PathLike, model: nn.Module, example_inputs: tuple,
     try:
         import onnxruntime
     except ImportError:
-        raise PrunekitError("checking ONNX needs onnxruntime: pip install onnxruntime") from None
+        raise PrunekitError("checking ONNX needs onnxruntime: pip install 'prunekit[onnx]'") from None
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {arg.name: tensor.numpy() for arg, tensor in zip(session.get_inputs(), example_inputs)}
     got = torch.from_numpy(session.run(None, feeds)[0])
