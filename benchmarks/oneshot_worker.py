@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 import traceback
@@ -47,6 +46,12 @@ def prune_with_llmcompressor(model, args, calibration):
     oneshot(model=model, dataset=dataset, recipe=[modifier], num_calibration_samples=calibration.shape[0],
             max_seq_length=calibration.shape[1], shuffle_calibration_samples=False)
     return None
+
+
+def _peak_rss() -> int:
+    """VmHWM of this process: ru_maxrss would include the runner's peak (inherited across fork/exec)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
 
 
 def main() -> int:
@@ -86,7 +91,7 @@ def main() -> int:
         print(json.dumps(record))
         return 0
     record["prune_seconds"] = time.perf_counter() - started
-    record["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    record["peak_rss_bytes"] = _peak_rss()
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     save_file(state, args.save)
     print(json.dumps(record))

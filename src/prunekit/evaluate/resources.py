@@ -11,7 +11,19 @@ import psutil
 
 
 def process_peak_rss() -> int:
-    """Peak resident set size of this process since it started, in bytes."""
+    """Peak resident set size of this process since it started, in bytes.
+
+    On Linux this is VmHWM, the high-water mark of this process's own address space: getrusage's
+    ru_maxrss is inherited across fork and exec, so a child of a large parent would report the
+    parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
