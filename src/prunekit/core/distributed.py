@@ -4,6 +4,10 @@ Every rank runs the same block-by-block pipeline on its share of the calibration
 statistics of each layer are summed across ranks before the layer is pruned, so every rank
 prunes with the statistics of the whole calibration set and ends with the same weights.
 Only rank 0 writes outputs.
+
+Summing across ranks reorders float additions, so N ranks match one within a tolerance, not
+bit for bit: identical masks, weights within rtol 1e-4 / atol 1e-6, perplexity within a
+relative 1e-4 (docs/streaming.md; asserted by tests/core/test_distributed.py).
 """
 
 from __future__ import annotations

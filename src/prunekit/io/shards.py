@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -11,28 +12,38 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from prunekit.errors import PrunekitError
+from prunekit.io.checkpoint import COMPRESSED_MARKER
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+_HEADER_LIMIT = 100 * 2**20  # safetensors refuses larger headers too
 
 
 class ShardedCheckpoint:
     """A Hugging Face safetensors checkpoint (one file, or shards listed in an index), opened lazily.
 
-    Every shard named by the index is checked up front (present, readable header, holding the
-    tensors the index promises), so a broken checkpoint fails before any work starts.
+    Every shard is checked up front (present, whole: its size matches the data its header
+    describes, readable, holding the tensors the index promises), so a broken checkpoint fails
+    before any work starts. A prunekit compressed directory (``compressed/`` of a streamed run)
+    reads the same way; each tensor is decoded when it is asked for.
     """
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
+        self._manifests: dict[str, dict] | None = None
         index = self.directory / INDEX
-        if index.exists():
+        if (self.directory / COMPRESSED_MARKER).exists():
+            files = self._compressed_files()
+            weight_map = None
+        elif index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise PrunekitError(f"{index} is corrupt: {exc}") from None
+            files = sorted(set(weight_map.values()))
         elif (self.directory / SINGLE).exists():
             weight_map = None
+            files = [SINGLE]
         elif any(self.directory.glob("*.bin")):
             raise PrunekitError(f"{self.directory} holds .bin weights; streaming needs safetensors "
                                 "(load and save_pretrained it once)")
@@ -40,24 +51,49 @@ class ShardedCheckpoint:
             raise PrunekitError(f"{self.directory} has no safetensors weights")
         self._handles = {}
         self.weight_map: dict[str, str] = {}
-        files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE]
         for file in files:
             path = self.directory / file
             if not path.exists():
                 raise PrunekitError(f"shard {file} of {self.directory} is missing")
+            check_shard_size(path, f"shard {file} of {self.directory}")
             try:
                 handle = safe_open(str(path), framework="pt")
                 keys = set(handle.keys())
             except (SafetensorError, OSError, ValueError) as exc:
                 raise PrunekitError(f"shard {file} of {self.directory} is corrupt: {exc}") from None
             self._handles[file] = handle
-            if weight_map is None:
+            if self._manifests is not None:
+                self._read_manifest(file, handle, keys)
+            elif weight_map is None:
                 self.weight_map.update({key: file for key in keys})
         if weight_map is not None:
             for name, file in weight_map.items():
                 if name not in self._handles[file].keys():
                     raise PrunekitError(f"shard {file} of {self.directory} lacks tensor {name} its index promises")
             self.weight_map = dict(weight_map)
+
+    def _compressed_files(self) -> list[str]:
+        marker = self.directory / COMPRESSED_MARKER
+        try:
+            files = json.loads(marker.read_text())["weights"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise PrunekitError(f"{marker} is corrupt: {exc}") from None
+        self._manifests = {}
+        return [files] if isinstance(files, str) else list(files)
+
+    def _read_manifest(self, file: str, handle, keys: set[str]) -> None:
+        from prunekit.io import sparse_format
+
+        try:
+            manifest = sparse_format.metadata_to_manifest(handle.metadata())
+        except (ValueError, json.JSONDecodeError) as exc:
+            raise PrunekitError(f"shard {file} of {self.directory} is corrupt: {exc}") from None
+        for name, entry in manifest["tensors"].items():
+            parts = ("::dense",) if entry["encoding"] == "dense" else ("::bitmask", "::values")
+            if any(name + part not in keys for part in parts):
+                raise PrunekitError(f"shard {file} of {self.directory} lacks the stored data of {name}")
+            self.weight_map[name] = file
+            self._manifests[name] = {**manifest, "tensors": {name: entry}}
 
     def names(self) -> list[str]:
         return list(self.weight_map)
@@ -67,10 +103,17 @@ class ShardedCheckpoint:
 
     def get(self, name: str) -> torch.Tensor:
         try:
-            return self._handles[self.weight_map[name]].get_tensor(name)
+            handle = self._handles[self.weight_map[name]]
+            if self._manifests is None:
+                return handle.get_tensor(name)
+            from prunekit.io import sparse_format
+
+            manifest = self._manifests[name]
+            stored = {key: handle.get_tensor(key) for key in handle.keys() if key.startswith(name + "::")}
+            return sparse_format.decode(stored, manifest)[name]
         except KeyError:
             raise PrunekitError(f"{self.directory} has no tensor {name}") from None
-        except (SafetensorError, OSError, RuntimeError) as exc:
+        except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
             raise PrunekitError(f"cannot read {name} from {self.weight_map[name]}: {exc}") from None
 
     def size_bytes(self) -> int:
@@ -79,6 +122,56 @@ class ShardedCheckpoint:
     def fingerprint(self) -> dict:
         """Enough to tell whether a resumed run reads the same checkpoint."""
         return {file: (self.directory / file).stat().st_size for file in sorted(self._handles)}
+
+    def tensor_bytes(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of every tensor once read, floating-point ones converted to ``dtype``."""
+        total = 0
+        for name in self.weight_map:
+            if self._manifests is not None:
+                entry = self._manifests[name]["tensors"][name]
+                shape, stored = entry["shape"], getattr(torch, entry["dtype"])
+            else:
+                tensor_slice = self._handles[self.weight_map[name]].get_slice(name)
+                shape, stored = tensor_slice.get_shape(), _dtype(tensor_slice.get_dtype())
+            target = dtype if dtype is not None and stored.is_floating_point else stored
+            numel = 1
+            for size in shape:
+                numel *= size
+            total += numel * torch.empty((), dtype=target).element_size()
+        return total
+
+
+def check_shard_size(path: Path, what: str) -> None:
+    """Refuse a file shorter (or longer) than the data its safetensors header lays out.
+
+    A copy cut short by a full disk or an interrupted download keeps a valid header; without
+    this check it would be found only when the missing tensor is read, hours into a run.
+    """
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise PrunekitError(f"{what} is truncated: {size} bytes, too short for a safetensors header")
+            (header_bytes,) = struct.unpack("<Q", prefix)
+            if header_bytes > _HEADER_LIMIT or 8 + header_bytes > size:
+                raise PrunekitError(f"{what} is truncated or corrupt: {size} bytes, its header claims "
+                                    f"{8 + header_bytes}")
+            header = json.loads(handle.read(header_bytes))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PrunekitError(f"{what} is corrupt: {exc}") from None
+    if not isinstance(header, dict):
+        raise PrunekitError(f"{what} is corrupt: its header is not a JSON object")
+    try:
+        data_end = max((int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"),
+                       default=0)
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise PrunekitError(f"{what} is corrupt: its header lacks valid data offsets") from None
+    expected = 8 + header_bytes + data_end
+    if size < expected:
+        raise PrunekitError(f"{what} is truncated: {size} bytes, its header describes {expected}")
+    if size > expected:
+        raise PrunekitError(f"{what} is corrupt: {size} bytes, its header describes only {expected}")
 
 
 def shard_name(index: int, total: int) -> str:
@@ -105,11 +198,19 @@ def write_index(directory: Path, shards: list[str]) -> None:
                 for size in tensor_slice.get_shape():
                     numel *= size
                 total += numel * torch.empty((), dtype=_dtype(tensor_slice.get_dtype())).element_size()
-    (directory / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                              indent=2))
+    text = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    tmp = directory / f".{INDEX}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, directory / INDEX)
+
+
+_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
+           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "U16": "uint16", "U32": "uint32",
+           "U64": "uint64", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
 def _dtype(name: str) -> torch.dtype:
-    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-            "BOOL": torch.bool}[name]
+    dtype = getattr(torch, _DTYPES.get(name, ""), None)
+    if not isinstance(dtype, torch.dtype):
+        raise PrunekitError(f"safetensors dtype {name} is not supported")
+    return dtype

@@ -183,24 +183,31 @@ def _run_streamed(recipe: WeightPruningRecipe, out: str | Path, overwrite: bool,
                   group: ProcessGroup | None) -> JobOutcome:
     from transformers import AutoTokenizer
 
+    from prunekit.models.loading import parse_dtype
     from prunekit.models.streamed import StreamedModel
 
     name, model_dir = resolve_model_dir(recipe.model)
     if model_dir is None:
         raise PrunekitError("streaming reads a local model directory; download the model first")
+    if recipe.trust_remote_code and recipe.evaluate and _uses_remote_code(model_dir):
+        # Streamed perplexity builds the built-in architecture only; it would measure another model.
+        raise PrunekitError("--stream cannot measure perplexity of a model that needs --trust-remote-code; "
+                            "add --no-eval")
     out_path = Path(out).expanduser().resolve()
     check_output_dir(out_path, overwrite=True, inputs=(str(model_dir),))  # existence is checked by the stream
     torch.manual_seed(recipe.data.seed)
     protocol = recipe.data.protocol()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=recipe.trust_remote_code)
     except Exception as exc:
         raise PrunekitError(f"could not load the tokenizer from {model_dir}: {exc}") from None
-    skeleton = StreamedModel(model_dir, device=recipe.device)
+    dtype = parse_dtype(recipe.dtype)
+    skeleton = StreamedModel(model_dir, device=recipe.device, dtype=dtype, trust_remote_code=recipe.trust_remote_code)
     info = _model_info(name, model_dir, skeleton.adapter.describe(), parameter_count(skeleton.model),
                        recipe.dtype)
     calibration, test = _windows(tokenizer, protocol, _needs_calibration(recipe), recipe.evaluate,
                                  _vocab_size(skeleton.model))
+    del skeleton
     before = None
     if test is not None and not resume and (group is None or group.is_writer):
         before = streamed_perplexity(model_dir, test, recipe.batch_size, recipe.device, "Perplexity before (streamed)")
@@ -209,7 +216,9 @@ def _run_streamed(recipe: WeightPruningRecipe, out: str | Path, overwrite: bool,
 
     def finalize(work: Path, outcome: StreamResult) -> None:
         measured.stop()
-        after = (streamed_perplexity(work, test, recipe.batch_size, recipe.device, "Perplexity after (streamed)")
+        # Without the dense shards the compressed ones are read back (decoded tensor by tensor).
+        weights = work if recipe.save_dense else work / COMPRESSED_SUBDIR
+        after = (streamed_perplexity(weights, test, recipe.batch_size, recipe.device, "Perplexity after (streamed)")
                  if test is not None else None)
         sizes = _sizes({"dense_bytes": outcome.dense_bytes, "compressed_bytes": outcome.compressed_bytes,
                         "compressed_without_codec_bytes": outcome.compressed_without_codec_bytes}
@@ -217,20 +226,37 @@ def _run_streamed(recipe: WeightPruningRecipe, out: str | Path, overwrite: bool,
         extra = {"processes": group.world_size if group else 1, "streamed": True,
                  "block_seconds": outcome.block_seconds, "resumed_from_block": outcome.resumed_from_block}
         report = build_report(info, recipe, protocol, outcome.result, before, after, measured, sizes,
-                              checkpoint_sparsity(work), extra)
+                              checkpoint_sparsity(weights), extra)
         holder["report"] = report
         holder["markdown"] = _write_reports(work, report, recipe, outcome.result, name)
 
     with measured:
-        prune_streaming(model_dir, out_path, method=recipe.method, sparsity=recipe.effective_sparsity,
-                        pattern=recipe.pattern, allocation=recipe.allocation, calibration=calibration,
-                        include=recipe.include, exclude=recipe.exclude, overrides=recipe.overrides,
-                        sequential=recipe.sequential, batch_size=recipe.batch_size, device=recipe.device,
-                        untie_embeddings=recipe.untie_embeddings, save_compressed=recipe.save_compressed,
-                        codec=recipe.codec, resume=resume, overwrite=overwrite, group=group,
-                        extra_settings={"protocol": protocol.describe()}, finalize=finalize)
+        outcome = prune_streaming(model_dir, out_path, method=recipe.method, sparsity=recipe.effective_sparsity,
+                                  pattern=recipe.pattern, allocation=recipe.allocation, calibration=calibration,
+                                  include=recipe.include, exclude=recipe.exclude, overrides=recipe.overrides,
+                                  sequential=recipe.sequential, batch_size=recipe.batch_size, device=recipe.device,
+                                  dtype=dtype, untie_embeddings=recipe.untie_embeddings,
+                                  save_dense=recipe.save_dense, save_compressed=recipe.save_compressed,
+                                  codec=recipe.codec, resume=resume, overwrite=overwrite,
+                                  trust_remote_code=recipe.trust_remote_code, group=group,
+                                  extra_settings={"protocol": protocol.describe()}, finalize=finalize)
+    if outcome.already_finished and (group is None or group.is_writer):
+        # Killed after its reports were written: the finished run's own report stands.
+        report_path = out_path / "report.json"
+        if not report_path.exists():
+            raise PrunekitError(f"{out_path} is already finished, but holds no report.json to show")
+        holder["report"] = json.loads(report_path.read_text())
+        markdown_path = out_path / "report.md"
+        holder["markdown"] = markdown_path.read_text() if markdown_path.exists() else ""
     return JobOutcome(report=holder.get("report", {}), out_dir=out_path if "report" in holder else None,
                       markdown=holder.get("markdown", ""))
+
+
+def _uses_remote_code(model_dir: Path) -> bool:
+    try:
+        return "auto_map" in json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
 
 
 def build_report(model_info: dict, recipe: WeightPruningRecipe, protocol: TextProtocol, result: PruneResult,

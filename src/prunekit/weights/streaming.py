@@ -5,17 +5,33 @@ loaded, calibrated and pruned exactly as in memory (the same ``SequentialCalibra
 written as its own output shard, and released. Peak memory is about one block, the calibration
 activations and the embeddings, whatever the depth.
 
-Work happens in ``OUT.partial``. After each block the run records, atomically, the block's shard,
-the calibration activations and a state file; a run killed at any point and restarted with
-``resume=True`` continues after the last completed block and produces the same model. Only a
-finished run is renamed to ``OUT``, so partial output is never mistaken for finished output.
+Work happens in ``OUT.partial``; ``prunekit_run.json`` there is the run's state, always replaced
+atomically. Every step either leaves the state as it was (and is redone, identically, on resume)
+or ends with a state commit that is only made once the files it vouches for exist:
+
+1. the partial directory appears whole, state included (it is built beside and renamed);
+2. the per-layer sparsities (OWL's dense pass) are committed;
+3. per block ``i``: its output shards are written, then its outputs are saved as the inputs of
+   block ``i + 1`` (``activations.rank<R>.block<i+1>.pt``), then the state says ``i + 1`` blocks
+   are done, and only then are block ``i``'s inputs deleted. A resumed run reads the inputs of
+   the first block not done, which therefore always exist and are never a block's own outputs;
+4. the last shard (embeddings, norm, head) is written and committed, then activations go;
+5. index, config and compressed marker are (re)written, the caller's ``finalize`` writes
+   reports, the state is marked ``complete`` and the directory is renamed to ``OUT``.
+
+A run killed at any point and restarted with ``resume=True`` produces byte-identical output; a
+run already renamed is recognised as finished. ``PRUNEKIT_FAULT_AT`` (see ``_fault``) lets tests
+kill the process after each of these steps.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +42,7 @@ from safetensors import safe_open
 
 from prunekit.core.calibration import HEAD, BlockInputs, SequentialCalibration, group_by_block
 from prunekit.core.distributed import ProcessGroup
-from prunekit.core.progress import progress_bar, status
+from prunekit.core.progress import progress_bar
 from prunekit.errors import PrunekitError
 from prunekit.io.atomic import replace_directory, write_text
 from prunekit.io.checkpoint import COMPRESSED_MARKER, write_compressed_shard
@@ -47,6 +63,13 @@ from prunekit.weights.pipeline import (
 
 STATE_FILE = "prunekit_run.json"
 COMPRESSED_SUBDIR = "compressed"
+FAULT_ENV = "PRUNEKIT_FAULT_AT"
+# Every point ``_fault`` is called at, in run order; those marked per block take ``:<block>``.
+FAULT_POINTS = ("created", "allocated", "shard:", "activations:", "committed:", "cleaned:", "outside",
+                "outside_committed", "released", "assembled", "finalized", "complete", "renamed")
+# Compressed shards of pruned weights stay below this share of the dense ones (bitmask + values
+# at 50 % is about 0.53; layers kept dense count fully, hence the margin).
+_COMPRESSED_SHARE = 0.7
 
 
 @dataclass
@@ -58,10 +81,22 @@ class StreamResult:
     compressed_bytes: int = 0
     compressed_without_codec_bytes: int = 0
     resumed_from_block: int = 0
+    already_finished: bool = False  # the run had completed before: no finalize, its reports stand
 
 
 def partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
+
+
+def _fault(point: str, block: int | None = None) -> None:
+    """Test-only fault injection: ``PRUNEKIT_FAULT_AT=<point>[:<block>]`` SIGKILLs this process there.
+
+    SIGKILL, not an exception, so no ``finally`` or cleanup runs: exactly what a kill or a
+    power loss leaves behind. Not meant for users; the points are ``FAULT_POINTS``.
+    """
+    wanted = os.environ.get(FAULT_ENV)
+    if wanted and wanted == (point if block is None else f"{point}:{block}"):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _windows_digest(windows: torch.Tensor | None) -> str | None:
@@ -70,25 +105,47 @@ def _windows_digest(windows: torch.Tensor | None) -> str | None:
     return hashlib.sha256(windows.contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
+def _activations_path(work: Path, rank: int, block: int) -> Path:
+    return work / f"activations.rank{rank}.block{block:05d}.pt"
+
+
 def _save_activations(path: Path, inputs: BlockInputs) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save({"hidden": inputs.hidden, "args": inputs.args, "kwargs": inputs.kwargs,
                 "hidden_as_kwarg": inputs.hidden_as_kwarg}, tmp)
-    tmp.replace(path)
+    os.replace(tmp, path)
 
 
 def _load_activations(path: Path) -> BlockInputs:
     if not path.exists():
-        raise PrunekitError(f"cannot resume: {path.name} is missing from the partial run")
-    data = torch.load(path, weights_only=True)
-    return BlockInputs(data["hidden"], data["args"], data["kwargs"], data["hidden_as_kwarg"])
+        raise PrunekitError(f"cannot resume: {path.name} is missing from the partial run; "
+                            "start over with --overwrite")
+    try:
+        data = torch.load(path, weights_only=True)
+        return BlockInputs(data["hidden"], data["args"], data["kwargs"], data["hidden_as_kwarg"])
+    except Exception as exc:  # torch.load raises many types for a damaged file
+        raise PrunekitError(f"cannot resume: {path.name} is unreadable ({type(exc).__name__}); "
+                            "start over with --overwrite") from None
 
 
-def _copy_side_files(source: Path, target: Path) -> None:
-    """Config, generation config and tokenizer files: everything but the weights."""
+def _copy_side_files(source: Path, target: Path, untied: bool, dtype: torch.dtype) -> None:
+    """Config, generation config and tokenizer files: everything but the weights and our own state."""
     for item in source.iterdir():
-        if item.is_file() and not item.name.endswith((".safetensors", ".bin", ".pt", ".gguf")) and item.name != INDEX:
+        if (item.is_file() and not item.name.endswith((".safetensors", ".bin", ".pt", ".gguf"))
+                and item.name not in (INDEX, STATE_FILE, COMPRESSED_MARKER)):
             shutil.copy2(item, target / item.name)
+    config_path = target / "config.json"
+    if not config_path.exists():
+        return
+    config = json.loads(config_path.read_text())
+    updates = {"dtype": str(dtype).removeprefix("torch.")}
+    if "torch_dtype" in config:
+        updates["torch_dtype"] = updates["dtype"]
+    if untied:
+        updates["tie_word_embeddings"] = False
+    # The config must describe the stored weights: streamed evaluation and from_pretrained read it.
+    if any(config.get(key) != value for key, value in updates.items()):
+        write_text(config_path, json.dumps({**config, **updates}, indent=2))
 
 
 def _check_disk(out: Path, needed: int) -> None:
@@ -103,19 +160,52 @@ def _different_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) ->
     return [f"{key}: {saved.get(key)!r} → {current.get(key)!r}" for key in keys if saved.get(key) != current.get(key)]
 
 
+def _read_state(path: Path) -> dict:
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PrunekitError(f"{path} is unreadable ({exc}); start over with --overwrite") from None
+    if not isinstance(state, dict) or "settings" not in state:
+        raise PrunekitError(f"{path} is not a prunekit run state; start over with --overwrite")
+    return state
+
+
+def _needed_bytes(streamed: StreamedModel, windows: torch.Tensor | None, save_dense: bool,
+                  save_compressed: bool) -> int:
+    dense = streamed.checkpoint.tensor_bytes(streamed.dtype)
+    needed = (dense if save_dense else 0) + (int(dense * _COMPRESSED_SHARE) if save_compressed else 0)
+    if windows is not None:
+        # A block's inputs and outputs are on disk together for a moment.
+        hidden = getattr(streamed.config, "hidden_size", 0) or 0
+        needed += 2 * windows.numel() * hidden * torch.empty((), dtype=streamed.dtype).element_size()
+    return needed
+
+
 def prune_streaming(model_dir: str | Path, out: str | Path, *, method: Any = "wanda", sparsity: float | None = 0.5,
                     pattern: str | None = None, allocation: Any = "uniform", calibration: torch.Tensor | None = None,
                     include: Sequence[str] = (), exclude: Sequence[str] = (),
                     overrides: Mapping[str, float] | None = None, sequential: str = "layer", batch_size: int = 4,
-                    device: str = "cpu", dtype: torch.dtype | None = None, untie_embeddings: bool = False,
-                    save_compressed: bool = True, codec: str = "zstd", resume: bool = False, overwrite: bool = False,
+                    device: str = "cpu", dtype: torch.dtype | str | None = None, untie_embeddings: bool = False,
+                    save_dense: bool = True, save_compressed: bool = True, codec: str = "zstd",
+                    resume: bool = False, overwrite: bool = False, trust_remote_code: bool = False,
                     group: ProcessGroup | None = None, extra_settings: Mapping[str, Any] | None = None,
                     finalize: Callable[[Path, StreamResult], None] | None = None) -> StreamResult:
-    """Prune a safetensors checkpoint block by block into ``out`` (see the module docstring)."""
+    """Prune a safetensors checkpoint block by block into ``out`` (see the module docstring).
+
+    ``dtype`` (default: the checkpoint's) is the dtype blocks are computed and stored in.
+    ``save_dense=False`` writes only the compressed copy (``out/compressed``).
+    """
+    if not (save_dense or save_compressed):
+        raise PrunekitError("writing neither the dense nor the compressed model would write no model")
+    if isinstance(dtype, str):
+        from prunekit.models.loading import parse_dtype
+
+        dtype = parse_dtype(dtype)
     started = time.perf_counter()
     model_dir, out = Path(model_dir), Path(out).expanduser().resolve()
     writer = group is None or group.is_writer
-    streamed = StreamedModel(model_dir, device=device, dtype=dtype)
+    rank = group.rank if group is not None else 0
+    streamed = StreamedModel(model_dir, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     plan = plan_pruning(streamed.model, method, sparsity, pattern, allocation, include, exclude, untie_embeddings,
                         calibration is not None)
     windows = group.share(calibration) if group is not None and calibration is not None else calibration
@@ -123,24 +213,32 @@ def prune_streaming(model_dir: str | Path, out: str | Path, *, method: Any = "wa
                 "pattern": str(plan.pattern), "allocation": describe(plan.allocation), "sparsity": plan.sparsity,
                 "include": list(include), "exclude": list(exclude), "overrides": dict(overrides or {}),
                 "sequential": sequential, "batch_size": batch_size, "dtype": str(streamed.dtype),
-                "untie_embeddings": untie_embeddings, "compressed": save_compressed, "codec": codec,
-                "calibration": _windows_digest(calibration), "processes": group.world_size if group else 1,
-                **(extra_settings or {})}
+                "untie_embeddings": untie_embeddings, "dense": save_dense, "compressed": save_compressed,
+                "codec": codec, "calibration": _windows_digest(calibration),
+                "processes": group.world_size if group else 1, **(extra_settings or {})}
     work = partial_dir(out)
-    if writer:
-        state = _open_work_dir(work, out, settings, resume, overwrite, streamed.checkpoint.size_bytes(),
-                               save_compressed)
-    if group is not None:
-        group.barrier()
-        if not writer:  # the writer validated and prepared the work directory
-            state = json.loads((work / STATE_FILE).read_text())
+    calibrated = plan.method.needs_calibration
     adapter = streamed.adapter
     blocks = adapter.blocks()
     total_shards = len(blocks) + 1
-    by_name = {t.name: t for t in plan.targets}
 
-    def weight_of(name: str) -> torch.Tensor:
-        return streamed.checkpoint.get(f"{name}.weight")
+    def open_work() -> tuple[dict, bool]:
+        return _open_work_dir(work, out, settings, resume, overwrite,
+                              lambda: _needed_bytes(streamed, calibration, save_dense, save_compressed),
+                              calibrated)
+
+    state, finished = _on_writer(group, open_work)
+    _fault("created")
+    if finished:
+        outcome = StreamResult(result=_result(plan, state, sequential, calibration, started), out_dir=out,
+                               block_seconds=state["block_seconds"], resumed_from_block=len(blocks),
+                               already_finished=True)
+        if group is not None:
+            group.barrier()
+        return outcome
+
+    def weight_of(name: str) -> torch.Tensor:  # as the pruned block will hold it: in the compute dtype
+        return streamed.checkpoint.get(f"{name}.weight").to(streamed.dtype)
 
     if state.get("sparsities") is None:
         def dense_norms(targets):
@@ -151,6 +249,8 @@ def prune_streaming(model_dir: str | Path, out: str | Path, *, method: Any = "wa
             return collector.norms
 
         state["sparsities"] = allocate_sparsities(plan, weight_of, dense_norms, overrides)
+        _commit(work, state, writer, None)
+        _fault("allocated")
     sparsities: dict[str, float] = state["sparsities"]
     pruner = Pruner(plan.method, sparsities, plan.pattern)
     active = [t for t in plan.targets if sparsities[t.name] > 0]
@@ -158,10 +258,9 @@ def prune_streaming(model_dir: str | Path, out: str | Path, *, method: Any = "wa
     calibration_steps = SequentialCalibration(adapter, pruner, sequential if sequential != "dense" else "layer",
                                               group.reduce_statistics if group else None)
     first = state["completed_blocks"]
-    activations = work / f"activations.rank{group.rank if group else 0}.pt"
-    if plan.method.needs_calibration:
+    if calibrated and state.get("outside") is None:
         if first > 0:
-            calibration_steps.inputs = _load_activations(activations)
+            calibration_steps.inputs = _load_activations(_activations_path(work, rank, first))
         else:
             with streamed.loaded(*streamed.pre_block_modules()):
                 calibration_steps.capture(streamed.model, windows, batch_size)
@@ -175,7 +274,7 @@ def prune_streaming(model_dir: str | Path, out: str | Path, *, method: Any = "wa
             targets = by_block.get(index, {})
             with streamed.loaded(block):
                 _check_finite_block(block, adapter.block_name(index))
-                if plan.method.needs_calibration:
+                if calibrated:
                     calibration_steps.run_block(index, block, targets)
                 else:
                     with torch.no_grad():
@@ -185,91 +284,197 @@ def prune_streaming(model_dir: str | Path, out: str | Path, *, method: Any = "wa
                 tensors = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
                 layers.extend(asdict(layer_result(t, sparsities[t.name])) for t in plan.targets if t.block == index)
                 if writer:
-                    write_shard(work, shard_name(index, total_shards), tensors)
-                    if save_compressed:
-                        write_compressed_shard(tensors, work / COMPRESSED_SUBDIR / _compressed_name(index, total_shards),
-                                               codec)
+                    _write_shards(work, index, total_shards, tensors, save_dense, save_compressed, codec)
             del tensors
-            if plan.method.needs_calibration:
-                _save_activations(activations, calibration_steps.inputs)
+            _fault("shard", index)
+            if calibrated:
+                _save_activations(_activations_path(work, rank, index + 1), calibration_steps.inputs)
+                _fault("activations", index)
             block_seconds.append(time.perf_counter() - block_started)
-            if group is not None:
-                group.barrier()
             state["completed_blocks"] = index + 1
-            if writer:
-                write_text(work / STATE_FILE, json.dumps(state, indent=1))
+            _commit(work, state, writer, group)
+            _fault("committed", index)
+            if calibrated:
+                _activations_path(work, rank, index).unlink(missing_ok=True)
+            _fault("cleaned", index)
             bar.advance()
 
-    outside = _finish_outside_blocks(streamed, plan, by_name, sparsities, pruner, calibration_steps, work,
-                                     total_shards, writer, save_compressed, codec, layers)
-    result = PruneResult(method=describe(plan.method), pattern=str(plan.pattern), allocation=describe(plan.allocation),
-                         sparsity=plan.sparsity, sequential=sequential if plan.method.needs_calibration else "none",
-                         layers=[LayerResult(**{**layer, "shape": tuple(layer["shape"])}) for layer in layers],
-                         seconds=time.perf_counter() - started,
-                         calibration_windows=int(calibration.shape[0]) if calibration is not None and plan.needs_data else 0)
+    if state.get("outside") is None:
+        state["outside"] = _finish_outside_blocks(streamed, plan, sparsities, pruner, calibration_steps, work,
+                                                  total_shards, writer, save_dense, save_compressed, codec, layers)
+        _fault("outside")
+        _commit(work, state, writer, group)
+        _fault("outside_committed")
+    calibration_steps.inputs = None
+    for leftover in work.glob(f"activations.rank{rank}.block*.pt"):
+        leftover.unlink()
+    _fault("released")
+
+    result = _result(plan, state, sequential, calibration, started)
     outcome = StreamResult(result=result, out_dir=out, block_seconds=block_seconds, resumed_from_block=first)
     if writer:
-        shards = [shard_name(i, total_shards) for i in range(total_shards)]
-        write_index(work, shards)
-        output_dirs = [work] + ([work / COMPRESSED_SUBDIR] if save_compressed else [])
-        for directory in output_dirs:
-            _copy_side_files(model_dir, directory)
-            if outside["untied"]:
-                config = json.loads((directory / "config.json").read_text())
-                config["tie_word_embeddings"] = False
-                (directory / "config.json").write_text(json.dumps(config, indent=2))
-        outcome.dense_bytes = sum((work / s).stat().st_size for s in shards)
-        if save_compressed:
-            compressed = work / COMPRESSED_SUBDIR
-            files = [_compressed_name(i, total_shards) for i in range(total_shards)]
-            marker = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "codec": codec, "weights": files,
-                      "architecture": type(streamed.model).__name__}
-            (compressed / COMPRESSED_MARKER).write_text(json.dumps(marker, indent=2))
-            outcome.compressed_bytes = sum((compressed / f).stat().st_size for f in files)
-            outcome.compressed_without_codec_bytes = outside["without_codec"]
-        for leftover in work.glob("activations.rank*.pt"):
-            leftover.unlink()
-        state["status"] = "complete"
-        state["seconds"] = result.seconds
-        write_text(work / STATE_FILE, json.dumps(state, indent=1))
-        if finalize is not None:
-            finalize(work, outcome)
+        if state.get("status") != "complete":  # complete: reports are written, only the rename was missing
+            _assemble(work, model_dir, streamed, total_shards, state["outside"]["untied"], save_dense,
+                      save_compressed, codec, outcome)
+            _fault("assembled")
+            if finalize is not None:
+                finalize(work, outcome)
+            _fault("finalized")
+            state["status"] = "complete"
+            state["seconds"] = result.seconds
+            write_text(work / STATE_FILE, json.dumps(state, indent=1))
+            _fault("complete")
+        else:
+            outcome.already_finished = True
         replace_directory(work, out)
+        _fault("renamed")
     if group is not None:
         group.barrier()
     return outcome
+
+
+def _on_writer(group: ProcessGroup | None, action: Callable[[], Any]) -> Any:
+    """Run ``action`` on the writer only and hand its result (or its refusal) to every rank."""
+    if group is None:
+        return action()
+    outcome: tuple[str, Any] | None = None
+    if group.is_writer:
+        try:
+            outcome = ("ok", action())
+        except PrunekitError as exc:
+            outcome = ("error", str(exc))
+    kind, value = group.broadcast_object(outcome)
+    if kind == "error":
+        raise PrunekitError(value)
+    return value
+
+
+def _commit(work: Path, state: dict, writer: bool, group: ProcessGroup | None) -> None:
+    """Record ``state`` once every rank has written what it vouches for; return once it is recorded."""
+    if group is not None:
+        group.barrier()
+    if writer:
+        write_text(work / STATE_FILE, json.dumps(state, indent=1))
+    if group is not None:
+        group.barrier()
+
+
+def _result(plan, state: dict, sequential: str, calibration: torch.Tensor | None, started: float) -> PruneResult:
+    return PruneResult(method=describe(plan.method), pattern=str(plan.pattern), allocation=describe(plan.allocation),
+                       sparsity=plan.sparsity, sequential=sequential if plan.method.needs_calibration else "none",
+                       layers=[LayerResult(**{**layer, "shape": tuple(layer["shape"])}) for layer in state["layers"]],
+                       seconds=time.perf_counter() - started,
+                       calibration_windows=int(calibration.shape[0]) if calibration is not None and plan.needs_data
+                       else 0)
 
 
 def _compressed_name(index: int, total: int) -> str:
     return f"model.sparse-{index + 1:05d}-of-{total:05d}.safetensors"
 
 
-def _open_work_dir(work: Path, out: Path, settings: dict, resume: bool, overwrite: bool, input_bytes: int,
-                   save_compressed: bool) -> dict:
-    if out.exists() and not overwrite:
-        raise PrunekitError(f"output {out} already exists; pass --overwrite to replace it")
+def _write_shards(work: Path, index: int, total: int, tensors: dict[str, torch.Tensor], save_dense: bool,
+                  save_compressed: bool, codec: str) -> None:
+    if save_dense:
+        write_shard(work, shard_name(index, total), tensors)
+    if save_compressed:
+        write_compressed_shard(tensors, work / COMPRESSED_SUBDIR / _compressed_name(index, total), codec)
+
+
+def _assemble(work: Path, model_dir: Path, streamed: StreamedModel, total_shards: int, untied: bool,
+              save_dense: bool, save_compressed: bool, codec: str, outcome: StreamResult) -> None:
+    """Index, config, tokenizer and marker next to the shards, and the sizes; safe to repeat."""
+    directories = []
+    if save_dense:
+        shards = [shard_name(i, total_shards) for i in range(total_shards)]
+        write_index(work, shards)
+        outcome.dense_bytes = sum((work / s).stat().st_size for s in shards)
+        directories.append(work)
+    if save_compressed:
+        compressed = work / COMPRESSED_SUBDIR
+        files = [_compressed_name(i, total_shards) for i in range(total_shards)]
+        plain = without_codec = 0
+        for file in files:
+            with safe_open(str(compressed / file), "pt") as handle:
+                manifest = sparse_format.metadata_to_manifest(handle.metadata())
+            without_codec += manifest_size_without_codec(manifest)
+            for entry in manifest["tensors"].values():
+                numel = 1
+                for size in entry["shape"]:
+                    numel *= size
+                plain += numel * torch.empty((), dtype=getattr(torch, entry["dtype"])).element_size()
+        marker = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "codec": codec, "weights": files,
+                  "architecture": type(streamed.model).__name__}
+        write_text(compressed / COMPRESSED_MARKER, json.dumps(marker, indent=2))
+        outcome.compressed_bytes = sum((compressed / f).stat().st_size for f in files)
+        outcome.compressed_without_codec_bytes = without_codec
+        if not save_dense:  # what the dense model would take, as the in-memory path reports it
+            outcome.dense_bytes = plain
+        directories.append(compressed)
+    for directory in directories:
+        _copy_side_files(model_dir, directory, untied, streamed.dtype)
+
+
+def _open_work_dir(work: Path, out: Path, settings: dict, resume: bool, overwrite: bool,
+                   needed_bytes: Callable[[], int], calibrated: bool) -> tuple[dict, bool]:
+    """The run's state, and whether the run had already finished (``out`` is complete, nothing to do)."""
     state_path = work / STATE_FILE
     if resume:
         if not state_path.exists():
+            finished = out / STATE_FILE
+            if finished.exists() and _read_state(finished).get("status") == "complete":
+                state = _read_state(finished)
+                differences = _different_settings(state["settings"], settings)
+                if differences:
+                    raise PrunekitError(f"{out} holds a finished run with other settings ("
+                                        + "; ".join(differences) + "); choose another --out")
+                return state, True
             raise PrunekitError(f"nothing to resume: {work} holds no interrupted run")
-        state = json.loads(state_path.read_text())
+        if out.exists() and not overwrite:
+            raise PrunekitError(f"output {out} already exists; pass --overwrite to replace it")
+        state = _read_state(state_path)
         differences = _different_settings(state["settings"], settings)
         if differences:
             raise PrunekitError("the interrupted run used other settings (" + "; ".join(differences)
                                 + "); rerun with its settings, or start over without --resume")
-        return state
+        _remove_stale(work, state, calibrated)
+        return state, False
+    if out.exists() and not overwrite:
+        raise PrunekitError(f"output {out} already exists; pass --overwrite to replace it")
     if work.exists():
         if not overwrite:
             raise PrunekitError(f"an interrupted run is in {work}; add --resume to continue it, "
                                 "or --overwrite to start over")
-        shutil.rmtree(work)
-    needed = int(input_bytes * (1.7 if save_compressed else 1.05))
-    _check_disk(out, needed)
+        _remove_tree(work)
+    for abandoned in work.parent.glob(f".{work.name}.*"):  # left by a kill while creating or removing
+        _remove_tree(abandoned)
+    _check_disk(out, needed_bytes())
     state = {"status": "running", "settings": settings, "completed_blocks": 0, "layers": [], "block_seconds": [],
-             "sparsities": None}
-    (work / COMPRESSED_SUBDIR).mkdir(parents=True, exist_ok=True)
-    write_text(state_path, json.dumps(state, indent=1))
-    return state
+             "sparsities": None, "outside": None}
+    # Built beside and renamed, so a partial directory always holds a state to resume from.
+    fresh = Path(tempfile.mkdtemp(prefix=f".{work.name}.new-", dir=work.parent))
+    (fresh / COMPRESSED_SUBDIR).mkdir()
+    write_text(fresh / STATE_FILE, json.dumps(state, indent=1))
+    os.replace(fresh, work)
+    return state, False
+
+
+def _remove_tree(path: Path) -> None:
+    """Rename first: a directory half deleted by a kill must not look like a run to resume."""
+    trash = path.with_name(f".{path.name}.trash-{os.getpid()}") if not path.name.startswith(".") else path
+    if trash != path:
+        os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_stale(work: Path, state: dict, calibrated: bool) -> None:
+    """Files a killed step left behind: half-written temporaries, activations no step will read."""
+    for directory in (work, work / COMPRESSED_SUBDIR):
+        for tmp in directory.glob(".*.tmp*"):
+            tmp.unlink(missing_ok=True)
+    keep = state["completed_blocks"] if calibrated and state.get("outside") is None else None
+    for path in work.glob("activations.rank*.block*.pt"):
+        if keep is None or not path.name.endswith(f".block{keep:05d}.pt"):
+            path.unlink()
 
 
 def _check_finite_block(block: torch.nn.Module, name: str) -> None:
@@ -292,8 +497,8 @@ def _stream_pass(streamed: StreamedModel, steps: SequentialCalibration, windows:
             bar.advance()
 
 
-def _finish_outside_blocks(streamed: StreamedModel, plan, by_name, sparsities, pruner, steps, work: Path,
-                           total_shards: int, writer: bool, save_compressed: bool, codec: str,
+def _finish_outside_blocks(streamed: StreamedModel, plan, sparsities, pruner, steps, work: Path, total_shards: int,
+                           writer: bool, save_dense: bool, save_compressed: bool, codec: str,
                            layers: list[dict]) -> dict:
     """Prune targets outside the blocks (head, embeddings) and write the last shard."""
     adapter = streamed.adapter
@@ -301,31 +506,28 @@ def _finish_outside_blocks(streamed: StreamedModel, plan, by_name, sparsities, p
     outside_targets = [t for t in plan.targets if t.block is None or t.block == HEAD]
     # Pruning either half of a tied pair stores the head separately from then on.
     untied = streamed.tied and any(t.module is head or t.module is embeddings for t in outside_targets)
-    tensors = {name: streamed.checkpoint.get(name) for name in streamed.outside_blocks()}
+    tensors = {}
+    for name in streamed.outside_blocks():
+        value = streamed.checkpoint.get(name)
+        tensors[name] = value.to(streamed.dtype) if value.is_floating_point() else value
     if outside_targets:
         modules = [m for m in (embeddings, norm, head) if m is not None and not (m is head and streamed.tied)]
         with streamed.loaded(*modules):
             if untied:
                 head.weight = torch.nn.Parameter(embeddings.weight.detach().clone())
+            calibrated = plan.method.needs_calibration
             head_targets = [t for t in outside_targets if t.block == HEAD and sparsities[t.name] > 0]
-            if head_targets:
+            if head_targets and calibrated:
                 steps.run_head(head_targets)
             with torch.no_grad():
                 for target in outside_targets:
-                    if target.block is None and sparsities[target.name] > 0:
+                    if (target.block is None or not calibrated) and sparsities[target.name] > 0:
                         pruner.process(target, None)
             for target in outside_targets:
                 tensors[f"{target.name}.weight"] = target.module.weight.detach().clone()
                 layers.append(asdict(layer_result(target, sparsities[target.name])))
             if untied:
                 tensors[f"{adapter.head_path}.weight"] = head.weight.detach().clone()
-    without_codec = 0
     if writer:
-        write_shard(work, shard_name(total_shards - 1, total_shards), tensors)
-        if save_compressed:
-            write_compressed_shard(tensors, work / COMPRESSED_SUBDIR / _compressed_name(total_shards - 1, total_shards),
-                                   codec)
-            for i in range(total_shards):
-                with safe_open(str(work / COMPRESSED_SUBDIR / _compressed_name(i, total_shards)), "pt") as handle:
-                    without_codec += manifest_size_without_codec(sparse_format.metadata_to_manifest(handle.metadata()))
-    return {"untied": untied, "without_codec": without_codec}
+        _write_shards(work, total_shards - 1, total_shards, tensors, save_dense, save_compressed, codec)
+    return {"untied": untied}
