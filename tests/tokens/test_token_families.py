@@ -129,3 +129,34 @@ def test_decoder_misuse_is_refused():
         cache = model(input_ids=ids, use_cache=True).past_key_values
         with pytest.raises(PrunekitError, match="decode with the batch the prefill used"):
             model(input_ids=ids[:, :1].repeat(2, 1), past_key_values=cache, use_cache=True)
+
+
+def test_generate_on_left_padded_prompts_matches_each_prompt_alone():
+    """generate() builds position ids from the padding mask: the batch must continue each prompt as it would alone."""
+    model = tiny_decoder()
+    generator = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(5, 500, (length,), generator=generator) for length in (26, 15)]
+    ids = torch.zeros(2, 26, dtype=torch.long)
+    mask = torch.zeros(2, 26, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, 26 - len(prompt):] = prompt
+        mask[row, 26 - len(prompt):] = 1
+    with torch.no_grad(), apply(model, "fastv", rate=0.5):
+        batch = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        for row, prompt in enumerate(prompts):
+            alone = model.generate(input_ids=prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                   max_new_tokens=6, do_sample=False, pad_token_id=0)
+            assert batch[row, 26:].tolist() == alone[0, len(prompt):].tolist()
+
+
+def test_a_cache_of_fixed_length_is_refused():
+    from transformers import StaticCache
+
+    model = tiny_decoder()
+    ids = torch.randint(5, 500, (1, 16), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad(), apply(model, "fastv", rate=0.5):
+        with pytest.raises(PrunekitError, match="DynamicCache"):
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
+                           pad_token_id=0, cache_implementation="static")
+        with pytest.raises(PrunekitError, match="DynamicCache"):
+            model(input_ids=ids, past_key_values=StaticCache(config=model.config, max_cache_len=32), use_cache=True)

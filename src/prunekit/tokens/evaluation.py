@@ -91,6 +91,16 @@ def _logits(output: Any) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output
 
 
+def _cache_argument(model: nn.Module, output: Any) -> dict[str, Any]:
+    """The key/value cache of ``output`` as the keyword ``model`` takes it: ``cache`` in newer transformers 5.x,
+    ``past_key_values`` before."""
+    import inspect
+
+    cache = output.get("cache") if output.get("cache") is not None else output.get("past_key_values")
+    accepts_cache = "cache" in inspect.signature(model.forward).parameters
+    return {"cache" if accepts_cache else "past_key_values": cache}
+
+
 class Task:
     """One way of judging a model: a quality metric and a fixed batch to time."""
 
@@ -218,7 +228,7 @@ class Prefill(Task):
                 first = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
                 if patch is not None:
                     kept.append(patch.trace.tokens_out)
-                rest = model(input_ids=continuation[:, :-1], past_key_values=first.past_key_values, use_cache=True)
+                rest = model(input_ids=continuation[:, :-1], use_cache=True, **_cache_argument(model, first))
                 logits = torch.cat([first.logits[:, -1:], rest.logits], dim=1).float()
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), continuation.reshape(-1), reduction="none")
                 losses.extend(loss.view(window.shape[0], -1).mean(dim=1).tolist())

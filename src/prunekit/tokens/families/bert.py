@@ -51,7 +51,9 @@ class BertEncoder(TokenFamily):
 
         def begin(_module: nn.Module, args: tuple, kwargs: dict) -> None:
             bound = signature.bind_partial(*args, **kwargs).arguments
-            if bound.get("past_key_values") is not None:
+            extra = bound.get("kwargs") or {}
+            # the cache is called ``cache`` in newer transformers 5.x, ``past_key_values`` before
+            if any(bound.get(name) is not None or extra.get(name) is not None for name in ("cache", "past_key_values")):
                 raise PrunekitError("token reduction in an encoder does not take a key/value cache")
             mask = bound.get("attention_mask")
             if mask is not None and mask.dim() != 2:
@@ -80,8 +82,7 @@ def _layer_forward(patch: "TokenPatch", index: int, capture: ProjectionCapture |
             kwargs.pop("encoder_attention_mask", None)
             # BertLayer.forward, split after attention so the tokens can shrink before the MLP.
             with capture:
-                attention_output, _ = layer.attention(hidden_states, attention_mask,
-                                                      past_key_values=kwargs.pop("past_key_values", None), **kwargs)
+                attention_output, _ = layer.attention(hidden_states, attention_mask, **kwargs)
             self_attention = layer.attention.self
             head_dim = self_attention.attention_head_size
             view = AttentionView(capture.heads("q", head_dim), capture.heads("k", head_dim), self_attention.scaling,

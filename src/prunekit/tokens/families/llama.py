@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from prunekit.tokens.patch import TokenPatch
 
 MODEL_TYPES = ("llama",)
+# What the key/value cache is called in the forward arguments: ``cache`` in newer transformers 5.x (the old
+# name still accepted, with a deprecation warning), ``past_key_values`` before.
+CACHE_NAMES = ("cache", "past_key_values")
 
 
 @dataclass
@@ -83,21 +86,24 @@ class LlamaDecoder(TokenFamily):
 
         def begin(_module: nn.Module, args: tuple, kwargs: dict) -> None:
             bound = signature.bind_partial(*args, **kwargs).arguments
-            cache = bound.get("past_key_values")
+            cache = _argument(bound, *CACHE_NAMES)
+            _check_cache_kind(cache)
             past = cache.get_seq_length() if cache is not None else 0
-            mask = bound.get("attention_mask")
+            mask = _argument(bound, "attention_mask")
             if mask is not None and mask.dim() != 2:
                 raise PrunekitError(f"token reduction needs a 2-D padding mask (batch, tokens); got {mask.dim()}-D")
             if past == 0:
                 prefill.decoding = False
                 prefill.layer_valid.clear()
                 prefill.reduced_layers.clear()
-                patch.start(valid=mask, input_ids=bound.get("input_ids"))
+                patch.start(valid=mask, input_ids=_argument(bound, "input_ids"))
                 return
             if not prefill.layer_valid or prefill.past_length > past or past < prefill.prompt_length:
                 raise PrunekitError("this key/value cache was not filled by a prefill of the patched model; run the "
                                     "prompt through the patched model first")
-            inputs = bound.get("input_ids") if bound.get("input_ids") is not None else bound.get("inputs_embeds")
+            inputs = _argument(bound, "input_ids")
+            if inputs is None:
+                inputs = _argument(bound, "inputs_embeds")
             if inputs is not None and inputs.shape[0] != prefill.batch:
                 raise PrunekitError(f"the cache holds {prefill.batch} pruned prompts but {inputs.shape[0]} sequences "
                                     "came in; decode with the batch the prefill used")
@@ -110,6 +116,30 @@ class LlamaDecoder(TokenFamily):
             if patch.reduces_at(index):
                 capture = ProjectionCapture(patch, {"q": layer.self_attn.q_proj, "k": layer.self_attn.k_proj})
             patch.replace_forward(layer, _layer_forward(patch, index, capture, prefill))
+
+
+def _argument(arguments: dict[str, Any], *names: str) -> Any:
+    """The first of ``names`` given (not None) among bound arguments, or in their ``**kwargs``."""
+    extra = arguments.get("kwargs")
+    for name in names:
+        if arguments.get(name) is not None:
+            return arguments[name]
+        if isinstance(extra, dict) and extra.get(name) is not None:
+            return extra[name]
+    return None
+
+
+def _check_cache_kind(cache: Any) -> None:
+    """A pruned prompt leaves a different length in each block's cache, which only a cache that grows by
+    concatenation (``DynamicCache``, generate's default) can hold."""
+    if cache is None:
+        return
+    from transformers import DynamicCache
+
+    if not isinstance(cache, DynamicCache) or any(getattr(cache, "is_sliding", None) or ()):
+        raise PrunekitError(f"prefill token pruning leaves each block's cache a different length, which only a "
+                            f"DynamicCache (the default) can hold; got {type(cache).__name__}: leave the cache out "
+                            "(and cache_implementation unset), or pass a DynamicCache")
 
 
 def _gather_tokens(tensor: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
@@ -150,13 +180,15 @@ def _decode_mask(prefill: _Prefill, index: int, mask: torch.Tensor | None, hidde
 def _layer_forward(patch: "TokenPatch", index: int, capture: ProjectionCapture | None, prefill: _Prefill):
     def make(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         def forward(layer: nn.Module, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                    position_ids: torch.Tensor | None = None, past_key_values: Any = None, use_cache: bool | None = False,
-                    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, **kwargs: Any) -> torch.Tensor:
+                    position_ids: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+            # The cache arrives as ``cache`` (newer transformers 5.x) or ``past_key_values`` (before); it is passed
+            # on under the name it came with, and every other argument (use_cache, cache_position, ...) as is.
+            cache = _argument(kwargs, *CACHE_NAMES)
+            position_embeddings = kwargs.pop("position_embeddings", None)
             if prefill.decoding:
                 if index in prefill.reduced_layers:
-                    attention_mask = _decode_mask(prefill, index, attention_mask, hidden_states, past_key_values)
+                    attention_mask = _decode_mask(prefill, index, attention_mask, hidden_states, cache)
                 return original(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                                past_key_values=past_key_values, use_cache=use_cache,
                                 position_embeddings=position_embeddings, **kwargs)
             state = patch.state_for(hidden_states)
             if index == 0:
@@ -171,21 +203,22 @@ def _layer_forward(patch: "TokenPatch", index: int, capture: ProjectionCapture |
                 position_embeddings = tuple(_gather_tokens(part, source) for part in position_embeddings)
                 if position_ids is not None:
                     position_ids = _gather_tokens(position_ids, source)
+                if kwargs.get("cache_position") is not None:
+                    # older transformers: the cache writes at these slots (a DynamicCache ignores them)
+                    kwargs["cache_position"] = kwargs["cache_position"][:hidden_states.shape[1]]
                 if prefill.mask_was_none and not state.has_padding():
                     attention_mask = None  # sdpa's own causal kernel, as the unpatched model uses
                 else:
                     attention_mask = state.causal_bias(hidden_states.dtype)
             if capture is None:
                 return original(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
-                                past_key_values=past_key_values, use_cache=use_cache,
                                 position_embeddings=position_embeddings, **kwargs)
             # LlamaDecoderLayer.forward, split after attention so the tokens can shrink before the MLP.
             residual = hidden_states
             hidden_states = layer.input_layernorm(hidden_states)
             with capture:
                 hidden_states, _ = layer.self_attn(hidden_states=hidden_states, attention_mask=attention_mask,
-                                                   position_ids=position_ids, past_key_values=past_key_values,
-                                                   use_cache=use_cache, position_embeddings=position_embeddings,
+                                                   position_ids=position_ids, position_embeddings=position_embeddings,
                                                    **kwargs)
             hidden_states = residual + hidden_states
             attention = layer.self_attn
