@@ -1,21 +1,42 @@
-"""Structural pruning of SmolLM2-135M: prunekit against Torch-Pruning, recovery, depth against width.
+"""Structural pruning of SmolLM2-135M: prunekit against Torch-Pruning 1.6.1, recovery, depth against width.
 
-Every run loads the model fresh, prunes it, and measures: perplexity on the pinned wiki protocol
-(40 windows of 512 tokens, the test split), parameters, CPU tokens/s at batch 1 and 8 (forward
-passes over 128-token sequences, median of 5 after 2 warm-ups, 2 threads), and the wall time of
-the pruning call (calibration and gradients included). Phases, one process each, under the lock
-(raw results in benchmarks/results/raw/structure_smollm2/):
+Every run loads the model fresh in its own process, prunes it, and measures: perplexity on the pinned
+wiki protocol (40 windows of 512 tokens, the test split), parameters, CPU tokens/s at batch 1 and 8
+(forward passes over 128-token sequences, median of 5 after 2 warm-ups, 2 threads), and the wall time
+of the pruning call (calibration and gradients included). Raw results go to
+benchmarks/results/raw/structure_smollm2/, one JSON file per run; the report to
+benchmarks/results/structure_smollm2.{md,json}.
 
-    flock /tmp/prunekit-cpu.lock python benchmarks/structure_smollm2.py dense
-    flock /tmp/prunekit-cpu.lock python benchmarks/structure_smollm2.py prune --tool torch-pruning --importance l2 --ratio 0.2
-    flock /tmp/prunekit-cpu.lock python benchmarks/structure_smollm2.py prune --tool prunekit --importance l2 --ratio 0.2 --mlp-only
+The whole benchmark, resumable (a run whose result file exists is skipped; each run is a fresh process,
+each under the CPU lock):
+
+    pip install --no-deps torch-pruning==1.6.1      # --no-deps keeps the installed torch
+    python benchmarks/structure_smollm2.py all --lock /tmp/prunekit-cpu.lock
+
+Runs, in order (``python benchmarks/structure_smollm2.py plan`` lists them with their commands):
+
+- ``dense``: the unpruned model;
+- at 20 % and at 40 % of all parameters removed:
+  - Torch-Pruning with magnitude (L2 group norm), Taylor and Hessian importance;
+  - prunekit with magnitude (``l2``) in the same setting as Torch-Pruning: MLP neurons only, the same
+    number from every layer (``--mlp-only``);
+  - prunekit's best: FLAP (fluctuation × squared column norm, with bias compensation), MLP neurons
+    and key/value groups of all layers ranked together (global allocation, floor 10 %, widths rounded
+    to 8), without and with a recovery of at most 600 s (distillation from the unpruned model);
+- ``depth``: 6 of 30 blocks removed by block influence (1 − cos(input, output)), and by the measured
+  perplexity change of skipping each block;
+- ``equal``: prunekit's best width pruning at exactly the fraction of parameters that 6 blocks hold
+  (computed from the model: 6 × 3,540,096 of 134,515,008 parameters, about 15.8 %);
+- ``report``: the table, and each target of the issue checked (PASS/MISS with the figures):
+  at 20 % removed, perplexity ≤ 3× dense without recovery and ≤ 1.5× after ≤ 600 s of recovery,
+  and ≥ 1.15× throughput at batch 8; at 40 % removed, ≥ 1.25× throughput at batch 8 (perplexity
+  before and after recovery reported).
+
+Torch-Pruning runs remove MLP neurons only (attention and embeddings in ``ignored_layers``): its
+dependency graph does not handle the grouped-query attention of Hugging Face Llama models.
+A single run by hand, for example:
+
     flock /tmp/prunekit-cpu.lock python benchmarks/structure_smollm2.py prune --tool prunekit --importance flap --ratio 0.2 --recover 600
-    flock /tmp/prunekit-cpu.lock python benchmarks/structure_smollm2.py depth --blocks 6 --criterion influence
-    python benchmarks/structure_smollm2.py report
-
-"--mlp-only" removes MLP neurons only, the same number in every layer (the setting of the issue's
-anchor measurement, and all Torch-Pruning runs here); without it prunekit ranks MLP neurons and
-KV groups of all layers together (global allocation).
 """
 
 from __future__ import annotations
@@ -25,8 +46,8 @@ import copy
 import json
 import math
 import os
+import shlex
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,6 +55,7 @@ os.environ.setdefault("PRUNEKIT_QUIET", "1")
 
 import torch  # noqa: E402
 
+from phases import phase_command, run_phases  # noqa: E402
 from prunekit.core.text import TextProtocol, calibration_windows, random_windows, source_text, test_windows, tokenize  # noqa: E402
 from prunekit.evaluate.perplexity import perplexity  # noqa: E402
 from prunekit.evaluate.report import environment, markdown_table, write_json  # noqa: E402
@@ -50,7 +72,50 @@ RAW = ROOT / "raw" / "structure_smollm2"
 PROTOCOL = TextProtocol()
 SPEED = SpeedProtocol(batch_sizes=(1, 8), runs=5, warmup=2, threads=2, seq_len=128)
 RECOVERY_SAMPLES = 512
+RECOVERY_SECONDS = 600.0
+RATIOS = (0.2, 0.4)
+DEPTH_BLOCKS = 6
+TORCH_PRUNING = ("l2", "taylor", "hessian")
+BEST = "flap"
+TARGETS = {"perplexity_no_recovery": 3.0, "perplexity_recovered": 1.5, "speedup_b8": {0.2: 1.15, 0.4: 1.25}}
 
+
+# ---- runs and their result files ---------------------------------------------------------------
+
+def prune_name(tool: str, importance: str, ratio: float, mlp_only: bool, heads: str = "kv", recover: float = 0.0) -> str:
+    scope = "mlp" if (mlp_only or tool == "torch-pruning") else f"global-{heads}"
+    return f"{tool}-{importance}-{scope}-{ratio:g}" + (f"-recover{recover:g}" if recover else "")
+
+
+def depth_name(blocks: int, criterion: str) -> str:
+    return f"depth-{criterion}-{blocks}"
+
+
+def equal_name(blocks: int) -> str:
+    return f"width-equal-depth-{blocks}"
+
+
+def plan() -> list[tuple[str, list[str]]]:
+    """(result name, phase arguments) of every run, in the order ``all`` runs them."""
+    runs: list[tuple[str, list[str]]] = [("dense", ["dense"])]
+    for ratio in RATIOS:
+        for importance in TORCH_PRUNING:
+            runs.append((prune_name("torch-pruning", importance, ratio, True),
+                         ["prune", "--tool", "torch-pruning", "--importance", importance, "--ratio", f"{ratio:g}"]))
+        runs.append((prune_name("prunekit", "l2", ratio, True),
+                     ["prune", "--tool", "prunekit", "--importance", "l2", "--ratio", f"{ratio:g}", "--mlp-only"]))
+        for recover in (0.0, RECOVERY_SECONDS):
+            runs.append((prune_name("prunekit", BEST, ratio, False, "kv", recover),
+                         ["prune", "--tool", "prunekit", "--importance", BEST, "--ratio", f"{ratio:g}"]
+                         + (["--recover", f"{recover:g}"] if recover else [])))
+    for criterion in ("influence", "perplexity"):
+        runs.append((depth_name(DEPTH_BLOCKS, criterion),
+                     ["depth", "--blocks", str(DEPTH_BLOCKS), "--criterion", criterion]))
+    runs.append((equal_name(DEPTH_BLOCKS), ["equal", "--blocks", str(DEPTH_BLOCKS)]))
+    return runs
+
+
+# ---- measuring -------------------------------------------------------------------------------
 
 def _load():
     torch.set_num_threads(2)
@@ -59,24 +124,31 @@ def _load():
     return lm, calibration_windows(lm.tokenizer, PROTOCOL), test_windows(lm.tokenizer, PROTOCOL)
 
 
-def _measure(model, tokenizer, test) -> dict:
+def _measure(model, test) -> dict:
     result = {"parameters": count_parameters(model), "perplexity": perplexity(model, test).perplexity}
-    result["speed"] = measure(model, lm_inputs(SPEED.seq_len, model.get_input_embeddings().num_embeddings), SPEED.seq_len,
-                              SPEED, unit="tokens").to_dict()
+    result["speed"] = measure(model, lm_inputs(SPEED.seq_len, model.get_input_embeddings().num_embeddings),
+                              SPEED.seq_len, SPEED, unit="tokens").to_dict()
     return result
+
+
+def _write(name: str, result: dict) -> None:
+    result["environment"] = environment()
+    RAW.mkdir(parents=True, exist_ok=True)
+    write_json(RAW / f"{name}.json", result)
+    print(json.dumps({k: result[k] for k in ("name", "parameters", "perplexity") if k in result}
+                     | ({"perplexity_recovered": result["perplexity_recovered"]} if "perplexity_recovered" in result else {})))
 
 
 def dense() -> None:
     lm, _, test = _load()
-    result = {"name": "dense", **_measure(lm.model, lm.tokenizer, test), "protocol": PROTOCOL.describe(),
-              "speed_protocol": SPEED.describe(), "environment": environment()}
-    RAW.mkdir(parents=True, exist_ok=True)
-    write_json(RAW / "dense.json", result)
-    print(json.dumps({k: result[k] for k in ("parameters", "perplexity")}))
+    _write("dense", {"name": "dense", **_measure(lm.model, test), "protocol": PROTOCOL.describe(),
+                     "speed_protocol": SPEED.describe()})
 
+
+# ---- pruning ---------------------------------------------------------------------------------
 
 def _neurons_for(model, ratio: float) -> int:
-    """MLP neurons removed from every layer so that ``ratio`` of all parameters go (MLP only)."""
+    """MLP neurons removed from every layer so that at least ``ratio`` of all parameters go (MLP only)."""
     layers = model.model.layers
     per_neuron = 3 * model.config.hidden_size
     return math.ceil(ratio * count_parameters(model) / (len(layers) * per_neuron))
@@ -88,6 +160,8 @@ def _torch_pruning(model, importance: str, ratio: float, calibration: torch.Tens
     criteria = {"l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
                 "taylor": lambda: tp.importance.GroupTaylorImportance(),
                 "hessian": lambda: tp.importance.GroupHessianImportance()}
+    if importance not in criteria:
+        raise SystemExit(f"the Torch-Pruning runs support {sorted(criteria)}, not {importance}")
     criterion = criteria[importance]()
     width = model.config.intermediate_size
     neurons = _neurons_for(model, ratio)
@@ -98,6 +172,7 @@ def _torch_pruning(model, importance: str, ratio: float, calibration: torch.Tens
         ignored += [attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj, layer.mlp.down_proj]
     example = calibration[:1, :64]
     model.config.use_cache = False
+    # Torch-Pruning keeps int(width × (1 − ratio)) channels: half a neuron below the count lands on it exactly.
     pruner = tp.pruner.MetaPruner(model, example, importance=criterion, global_pruning=False,
                                   pruning_ratio=(neurons - 0.5) / width, ignored_layers=ignored)
     if importance in ("taylor", "hessian"):
@@ -106,9 +181,9 @@ def _torch_pruning(model, importance: str, ratio: float, calibration: torch.Tens
             window = calibration[index:index + 1]
             loss = model(input_ids=window, labels=window).loss
             loss.backward()
-            if importance == "hessian":
+            if importance == "hessian":  # its estimate needs one gradient per sample
                 criterion.accumulate_grad(model)
-                model.zero_grad()
+                model.zero_grad(set_to_none=False)  # it writes its estimate into .grad, which must exist
     pruner.step()
     model.zero_grad()
     for layer in model.model.layers:
@@ -129,36 +204,30 @@ def _prunekit(model, importance: str, ratio: float, calibration: torch.Tensor, m
             "allocation": result.allocation}
 
 
-def _recover(lm, dense_model, seconds: float) -> tuple[dict, float]:
+def _recover(lm, teacher, seconds: float) -> dict:
     text = tokenize(lm.tokenizer, source_text(PROTOCOL.calibration, "calibration", PROTOCOL))
     train = random_windows(text, RECOVERY_SAMPLES, PROTOCOL.seq_len, PROTOCOL.seed + 1)
-    result = recover_lm(lm.model, train, dense_model, "distill", max_seconds=seconds, lr=1e-4, batch_size=1)
-    return result.to_dict(), 0.0
+    return recover_lm(lm.model, train, teacher, "distill", max_seconds=seconds, lr=1e-4, batch_size=1).to_dict()
 
 
-def prune(tool: str, importance: str, ratio: float, mlp_only: bool, heads: str, recover: float) -> None:
+def prune(tool: str, importance: str, ratio: float, mlp_only: bool, heads: str, recover: float,
+          name: str | None = None, scope: str | None = None) -> None:
     lm, calibration, test = _load()
     teacher = copy.deepcopy(lm.model) if recover else None
     with Measured() as pruning:
         details = (_torch_pruning(lm.model, importance, ratio, calibration) if tool == "torch-pruning"
                    else _prunekit(lm.model, importance, ratio, calibration, mlp_only, heads))
-    name = f"{tool}-{importance}-{'mlp' if (mlp_only or tool == 'torch-pruning') else 'global-' + heads}-{ratio:g}"
-    result = {"name": name, "tool": tool, "importance": importance, "ratio": ratio,
-              "scope": "MLP neurons, uniform" if (mlp_only or tool == "torch-pruning") else f"MLP neurons + heads ({heads}), global",
+    local = mlp_only or tool == "torch-pruning"
+    result = {"name": name or prune_name(tool, importance, ratio, mlp_only, heads, recover), "tool": tool,
+              "importance": importance, "ratio": ratio,
+              "scope": scope or ("MLP neurons, uniform" if local else f"MLP neurons + heads ({heads}), global"),
               "prune_seconds": pruning.seconds, "prune_peak_rss": pruning.peak_rss, "details": details,
-              **_measure(lm.model, lm.tokenizer, test)}
+              **_measure(lm.model, test)}
     if recover:
-        recovery, _ = _recover(lm, teacher, recover)
+        result["recovery"] = _recover(lm, teacher, recover)
         del teacher
-        result["recovery"] = recovery
         result["perplexity_recovered"] = perplexity(lm.model, test).perplexity
-        name += f"-recover{recover:g}"
-        result["name"] = name
-    result["environment"] = environment()
-    RAW.mkdir(parents=True, exist_ok=True)
-    write_json(RAW / f"{name}.json", result)
-    print(json.dumps({k: result[k] for k in ("name", "parameters", "perplexity", "prune_seconds")}
-                     | ({"perplexity_recovered": result["perplexity_recovered"]} if recover else {})))
+    _write(result["name"], result)
 
 
 def depth(blocks: int, criterion: str) -> None:
@@ -173,64 +242,150 @@ def depth(blocks: int, criterion: str) -> None:
     with Measured() as pruning:
         result_depth = prune_depth(lm.model, adapter.blocks_path, blocks, criterion,
                                    lm_calibration(calibration).batches, evaluate)
-    result = {"name": f"depth-{criterion}-{blocks}", "tool": "prunekit", "importance": f"depth ({criterion})",
-              "ratio": None, "scope": f"{blocks} of {result_depth.blocks_before} blocks",
-              "prune_seconds": pruning.seconds, "details": result_depth.to_dict(), **_measure(lm.model, lm.tokenizer, test),
-              "environment": environment()}
-    RAW.mkdir(parents=True, exist_ok=True)
-    write_json(RAW / f"{result['name']}.json", result)
-    print(json.dumps({k: result[k] for k in ("name", "parameters", "perplexity", "prune_seconds")}))
+    _write(depth_name(blocks, criterion),
+           {"name": depth_name(blocks, criterion), "tool": "prunekit", "importance": f"depth ({criterion})",
+            "ratio": None, "scope": f"{blocks} of {result_depth.blocks_before} blocks",
+            "prune_seconds": pruning.seconds, "details": result_depth.to_dict(), **_measure(lm.model, test)})
+
+
+def blocks_fraction(model, blocks: int) -> float:
+    """The fraction of all parameters that ``blocks`` decoder blocks hold (SmolLM2's blocks are equal)."""
+    sizes = {count_parameters(block) for block in model.model.layers}
+    if len(sizes) != 1:
+        raise SystemExit(f"blocks differ in size ({sorted(sizes)}); the equal-parameter run needs the depth result")
+    return blocks * sizes.pop() / count_parameters(model)
+
+
+def equal(blocks: int) -> None:
+    """prunekit's best width pruning at the parameter fraction that ``blocks`` whole blocks hold."""
+    model = load_causal_lm(None, need_tokenizer=False).model
+    ratio = blocks_fraction(model, blocks)
+    del model
+    prune("prunekit", BEST, ratio, False, "kv", 0.0, name=equal_name(blocks),
+          scope=f"MLP neurons + heads (kv), global, as many parameters as {blocks} blocks")
+
+
+# ---- the report ------------------------------------------------------------------------------
+
+def _row(run: dict, dense_run: dict) -> tuple:
+    base_params, base_speed, base_ppl = dense_run["parameters"], dense_run["speed"]["throughput"], dense_run["perplexity"]
+    speed = run["speed"]["throughput"]
+    recovered = run.get("perplexity_recovered")
+    return (run["tool"], run["importance"], run["scope"], f"{run['parameters']:,}",
+            f"{1 - run['parameters'] / base_params:.1%}", f"{run['perplexity']:,.2f}",
+            f"{run['perplexity'] / base_ppl:,.2f}×",
+            f"{recovered:.2f} ({recovered / base_ppl:.2f}×, {run['recovery']['seconds']:.0f} s)" if recovered else "–",
+            f"{speed['1']:.0f}", f"{speed['8']:.0f}", f"{speed['1'] / base_speed['1']:.2f}×",
+            f"{speed['8'] / base_speed['8']:.2f}×", f"{run['prune_seconds']:.0f}")
+
+
+def _checks(runs: dict[str, dict], dense_run: dict) -> list[tuple[str, str, str]]:
+    """(target, PASS/MISS/NOT RUN, the figures) for every target of the issue."""
+    base_ppl, base_b8 = dense_run["perplexity"], dense_run["speed"]["throughput"]["8"]
+    checks = []
+    for ratio in RATIOS:
+        plain = runs.get(prune_name("prunekit", BEST, ratio, False))
+        recovered = runs.get(prune_name("prunekit", BEST, ratio, False, "kv", RECOVERY_SECONDS))
+        label = f"{ratio:.0%} removed"
+        if ratio == 0.2:
+            limit = TARGETS["perplexity_no_recovery"]
+            if plain:
+                factor = plain["perplexity"] / base_ppl
+                checks.append((f"{label}: perplexity ≤ {limit:g}× dense without recovery",
+                               "PASS" if factor <= limit else "MISS",
+                               f"{plain['perplexity']:.2f} = {factor:.2f}× dense {base_ppl:.2f}"))
+            else:
+                checks.append((f"{label}: perplexity ≤ {limit:g}× dense without recovery", "NOT RUN", "–"))
+            limit = TARGETS["perplexity_recovered"]
+            if recovered:
+                factor = recovered["perplexity_recovered"] / base_ppl
+                seconds = recovered["recovery"]["seconds"]
+                ok = factor <= limit and seconds <= RECOVERY_SECONDS
+                checks.append((f"{label}: perplexity ≤ {limit:g}× dense after ≤ {RECOVERY_SECONDS:.0f} s of recovery",
+                               "PASS" if ok else "MISS",
+                               f"{recovered['perplexity_recovered']:.2f} = {factor:.2f}× dense after {seconds:.0f} s"))
+            else:
+                checks.append((f"{label}: perplexity ≤ {limit:g}× dense after recovery", "NOT RUN", "–"))
+        else:
+            figures = [f"{run['perplexity']:.2f} without recovery" for run in (plain,) if run]
+            figures += [f"{run['perplexity_recovered']:.2f} after {run['recovery']['seconds']:.0f} s of recovery"
+                        for run in (recovered,) if run]
+            checks.append((f"{label}: perplexity before and after recovery (reported)", "REPORTED" if figures else "NOT RUN",
+                           "; ".join(figures) + f" (dense {base_ppl:.2f})" if figures else "–"))
+        limit = TARGETS["speedup_b8"][ratio]
+        if plain:
+            speedup = plain["speed"]["throughput"]["8"] / base_b8
+            checks.append((f"{label}: throughput at batch 8 ≥ {limit:g}× dense", "PASS" if speedup >= limit else "MISS",
+                           f"{plain['speed']['throughput']['8']:.0f} vs {base_b8:.0f} tokens/s = {speedup:.2f}×"))
+        else:
+            checks.append((f"{label}: throughput at batch 8 ≥ {limit:g}× dense", "NOT RUN", "–"))
+    return checks
 
 
 def report() -> None:
     dense_run = json.loads((RAW / "dense.json").read_text())
-    base_params = dense_run["parameters"]
-    base_speed = dense_run["speed"]["throughput"]
-    rows = [("dense", "–", "–", f"{base_params:,}", "0 %", f"{dense_run['perplexity']:.2f}", "1.00×", "–",
-             f"{base_speed['1']:.0f}", f"{base_speed['8']:.0f}", "1.00×", "1.00×", "–")]
-    runs = []
-    for path in sorted(RAW.glob("*.json")):
-        if path.name == "dense.json":
-            continue
-        run = json.loads(path.read_text())
-        runs.append(run)
-    runs.sort(key=lambda r: (r.get("ratio") or 0, r["tool"], r["name"]))
-    for run in runs:
-        speed = run["speed"]["throughput"]
-        removed = 1 - run["parameters"] / base_params
-        recovered = run.get("perplexity_recovered")
-        rows.append((run["tool"], run["importance"], run["scope"], f"{run['parameters']:,}", f"{removed:.1%}",
-                     f"{run['perplexity']:,.2f}", f"{run['perplexity'] / dense_run['perplexity']:,.2f}×",
-                     f"{recovered:.2f} ({recovered / dense_run['perplexity']:.2f}×, "
-                     f"{run['recovery']['seconds']:.0f} s)" if recovered else "–",
-                     f"{speed['1']:.0f}", f"{speed['8']:.0f}", f"{speed['1'] / base_speed['1']:.2f}×",
-                     f"{speed['8'] / base_speed['8']:.2f}×", f"{run['prune_seconds']:.0f}"))
+    runs = {path.stem: json.loads(path.read_text()) for path in sorted(RAW.glob("*.json")) if path.stem != "dense"}
+    base_params, base_speed = dense_run["parameters"], dense_run["speed"]["throughput"]
     headers = ["tool", "importance", "what is removed", "parameters", "removed", "perplexity", "vs dense",
                "after recovery", "tok/s b1", "tok/s b8", "speedup b1", "speedup b8", "prune s"]
-    table = markdown_table(headers, rows)
-    text = (f"# SmolLM2-135M structural pruning\n\n{table}\n\nPerplexity: {PROTOCOL.summary()}.\n\n"
-            f"Speed: {SPEED.describe()}.\n")
-    write_json(ROOT / "structure_smollm2.json", {"dense": dense_run, "runs": runs, "protocol": PROTOCOL.describe(),
-                                                 "speed_protocol": SPEED.describe()})
+    dense_row = ("dense", "–", "–", f"{base_params:,}", "0 %", f"{dense_run['perplexity']:.2f}", "1.00×", "–",
+                 f"{base_speed['1']:.0f}", f"{base_speed['8']:.0f}", "1.00×", "1.00×", "–")
+    order = {name: index for index, (name, _) in enumerate(plan())}
+    width_runs = [run for name, run in runs.items() if run.get("ratio") in RATIOS]
+    width_runs.sort(key=lambda r: (r["ratio"], order.get(r["name"], 10**6), r["name"]))
+    width_table = markdown_table(headers, [dense_row] + [_row(run, dense_run) for run in width_runs])
+    depth_runs = [runs[name] for name in (depth_name(DEPTH_BLOCKS, "influence"), depth_name(DEPTH_BLOCKS, "perplexity"),
+                                          equal_name(DEPTH_BLOCKS)) if name in runs]
+    depth_table = markdown_table(headers, [dense_row] + [_row(run, dense_run) for run in depth_runs])
+    checks = _checks(runs, dense_run)
+    check_table = markdown_table(["target", "result", "measured"], checks)
+    missing = [name for name, _ in plan() if name != "dense" and name not in runs]
+    text = (f"# SmolLM2-135M structural pruning\n\n## Width: 20 % and 40 % of the parameters\n\n{width_table}\n\n"
+            f"## Depth ({DEPTH_BLOCKS} of 30 blocks) against width at equal parameters\n\n{depth_table}\n\n"
+            f"## Targets\n\n{check_table}\n\n"
+            f"Perplexity: {PROTOCOL.summary()}.\n\nSpeed: {SPEED.describe()}.\n\n"
+            f"Recovery: distillation from the unpruned model on {RECOVERY_SAMPLES} calibration-split windows of "
+            f"{PROTOCOL.seq_len} tokens, batch 1, lr 1e-4, at most {RECOVERY_SECONDS:.0f} s.\n"
+            + (f"\nNot run yet: {', '.join(missing)}.\n" if missing else ""))
+    write_json(ROOT / "structure_smollm2.json", {"dense": dense_run, "runs": list(runs.values()), "checks": checks,
+                                                 "protocol": PROTOCOL.describe(), "speed_protocol": SPEED.describe()})
     (ROOT / "structure_smollm2.md").write_text(text)
     print(text)
+    for target, verdict, figures in checks:
+        print(f"{verdict:8} {target}: {figures}")
+
+
+# ---- running everything ----------------------------------------------------------------------
+
+def _command(arguments: list[str], lock: str | None) -> list[str]:
+    return phase_command(__file__, arguments, lock)
+
+
+def run_all(lock: str | None) -> None:
+    """Every run in order, each in a fresh process, skipping those whose result file exists; then the report."""
+    run_phases(__file__, plan(), RAW, lock, report, needs_torch_pruning=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="phase", required=True)
-    sub.add_parser("dense")
-    prune_parser = sub.add_parser("prune")
+    sub.add_parser("dense", help="the unpruned model")
+    prune_parser = sub.add_parser("prune", help="one width-pruning run")
     prune_parser.add_argument("--tool", choices=["prunekit", "torch-pruning"], required=True)
     prune_parser.add_argument("--importance", required=True)
     prune_parser.add_argument("--ratio", type=float, required=True)
-    prune_parser.add_argument("--mlp-only", action="store_true")
+    prune_parser.add_argument("--mlp-only", action="store_true", help="prunekit: MLP neurons only, uniform")
     prune_parser.add_argument("--heads", choices=["kv", "query"], default="kv")
     prune_parser.add_argument("--recover", type=float, default=0.0, help="seconds of distillation after pruning")
-    depth_parser = sub.add_parser("depth")
-    depth_parser.add_argument("--blocks", type=int, default=6)
+    depth_parser = sub.add_parser("depth", help="remove whole blocks")
+    depth_parser.add_argument("--blocks", type=int, default=DEPTH_BLOCKS)
     depth_parser.add_argument("--criterion", choices=["influence", "perplexity"], default="influence")
-    sub.add_parser("report")
+    equal_parser = sub.add_parser("equal", help="width pruning at the parameters of --blocks blocks")
+    equal_parser.add_argument("--blocks", type=int, default=DEPTH_BLOCKS)
+    sub.add_parser("report", help="the tables and the targets, from the result files")
+    sub.add_parser("plan", help="list every run of 'all' with its command and whether its result exists")
+    all_parser = sub.add_parser("all", help="every run in order (resumable), then the report")
+    all_parser.add_argument("--lock", help="run each phase under 'flock LOCK' (e.g. /tmp/prunekit-cpu.lock)")
     args = parser.parse_args(argv)
     if args.phase == "dense":
         dense()
@@ -238,6 +393,14 @@ def main(argv: list[str] | None = None) -> None:
         prune(args.tool, args.importance, args.ratio, args.mlp_only, args.heads, args.recover)
     elif args.phase == "depth":
         depth(args.blocks, args.criterion)
+    elif args.phase == "equal":
+        equal(args.blocks)
+    elif args.phase == "plan":
+        for name, arguments in plan():
+            print(f"{'done' if (RAW / (name + '.json')).exists() else 'todo'}  {name}: "
+                  f"{shlex.join(_command(arguments, None)[1:])}")
+    elif args.phase == "all":
+        run_all(args.lock)
     else:
         report()
 

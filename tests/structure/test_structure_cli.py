@@ -61,7 +61,12 @@ def test_shrink_writes_a_smaller_model_its_report_and_a_recipe_that_reproduces_i
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert recipe["importance"]["name"] == "flap" and recipe["ratio"] == 0.02
     again = tmp_path / "again"
-    assert main(["shrink", "--recipe", str(out / "recipe.yaml"), "--out", str(again), "--no-recover", "--no-onnx"]) == 0
+    memory = report["memory"]["inference"]
+    for when in ("before", "after"):  # each model alone in a fresh process, at the largest timed batch
+        assert memory[when]["batch"] == 2 and memory[when]["peak_rss_bytes"] >= memory[when]["loaded_rss_bytes"] > 0
+    assert "fresh Python process" in memory["protocol"] and "fresh process" in (out / "report.md").read_text()
+    assert main(["shrink", "--recipe", str(out / "recipe.yaml"), "--out", str(again), "--no-recover", "--no-onnx",
+                 "--no-peak-memory"]) == 0
     second = json.loads((again / "report.json").read_text())
     assert second["width"]["plan"]["widths"] == report["width"]["plan"]["widths"]  # seeded: the same choices
     capsys.readouterr()
@@ -111,3 +116,24 @@ def test_outputs_are_not_overwritten_and_bad_files_are_named(tiny_dir, tmp_path,
     assert "no such model directory" in capsys.readouterr().err
     assert main(_args(tiny_dir, tiny_dir / "inside", "--ratio", "0.02")) == 2
     assert "lies inside the input" in capsys.readouterr().err
+
+
+def test_unknown_operations_fail_unless_lenient(tiny_dir, tmp_path, capsys, monkeypatch):
+    from prunekit.structure import trace
+
+    monkeypatch.setattr(trace, "_UNARY", trace._UNARY - {"silu"})  # the tracer no longer knows the MLP's activation
+    strict = tmp_path / "strict"
+    assert main(_args(tiny_dir, strict, "--ratio", "0.001", "--no-eval", "--no-peak-memory")) == 2
+    error = " ".join(capsys.readouterr().err.split())
+    assert "cannot follow channels through the operation 'silu' in module 'model.layers.0.mlp.act_fn'" in error
+    assert "--lenient" in error and "Traceback" not in error and not strict.exists()
+    assert main(["shrink-graph", str(tiny_dir), "--lenient", "--json"]) == 0
+    graph = json.loads(capsys.readouterr().out)
+    assert any("'silu'" in note and "left unpruned" in note for note in graph["notes"])
+    assert not any(f["name"].endswith(".mlp") for f in graph["families"])  # frozen around the unknown op
+    lenient = tmp_path / "lenient"
+    assert main(_args(tiny_dir, lenient, "--ratio", "0.001", "--lenient", "--no-eval", "--no-peak-memory")) == 0
+    report = json.loads((lenient / "report.json").read_text())
+    assert report["settings"]["lenient"] is True and report["parameters"]["removed_fraction"] > 0
+    assert any("'silu'" in note for note in report["width"]["notes"])
+    assert report["memory"]["inference"]["before"] is None

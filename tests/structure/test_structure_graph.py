@@ -157,11 +157,13 @@ class _FFTNet(nn.Module):
 
 
 def test_unknown_operation_is_named_with_its_module():
-    with pytest.raises(PrunekitError, match=r"'fft_rfft' in module 'mixer' \(_Mixer\)"):
+    with pytest.raises(PrunekitError, match=r"'fft_rfft' in module 'mixer' \(_Mixer\).*\(strict=False in "
+                                            r"build_graph/prune_structure, or --lenient on the command line"):
         build_graph(_FFTNet(), (torch.randn(3, 8),))
     graph = build_graph(_FFTNet(), (torch.randn(3, 8),), strict=False)
     names = [f.name for f in graph.families]
     assert "c" in names and "a" not in names  # the channels around the unknown op are frozen, the rest prunable
+    assert any("'fft_rfft' in module 'mixer' (_Mixer)" in note and "left unpruned" in note for note in graph.frozen)
 
 
 def test_raw_parameter_matrix_and_models_that_do_not_run():
@@ -190,3 +192,67 @@ def test_cost_model_counts_parameters_and_macs_exactly():
     result = shrink(graph, removal)
     assert result.parameters_after == predicted_parameters < result.parameters_before
     assert count_macs(model, (IMAGES,)) == predicted_macs
+
+
+class _Conv1dNet(nn.Module):
+    """Sequences (batch, channels, length): Conv1d with BatchNorm1d, a depthwise Conv1d, a residual add, and a
+    flatten of the last feature map into a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Sequential(nn.Conv1d(3, 12, 5, padding=2), nn.BatchNorm1d(12), nn.ReLU())
+        self.expand = nn.Sequential(nn.Conv1d(12, 24, 1), nn.BatchNorm1d(24), nn.ReLU())
+        self.depthwise = nn.Sequential(nn.Conv1d(24, 24, 3, padding=1, groups=24), nn.BatchNorm1d(24), nn.ReLU())
+        self.project = nn.Sequential(nn.Conv1d(24, 12, 1), nn.BatchNorm1d(12))
+        self.reduce = nn.Sequential(nn.Conv1d(12, 8, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool1d(4))
+        self.head = nn.Linear(8 * 4, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.project(self.depthwise(self.expand(x)))
+        return self.head(self.reduce(x).flatten(1))
+
+
+def test_conv1d_families_shrink_exactly():
+    from structure_helpers import randomize_norms
+
+    model = randomize_norms(_Conv1dNet())
+    inputs = (torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(0)),)
+    graph = build_graph(model, inputs)
+    families = {f.name: f for f in graph.families}
+    stage = [f for f in families.values() if ("stem.0.weight", 0) in _members(f)][0]
+    # the residual add couples the stem's channels with the projection's and with every reader
+    assert {("project.0.weight", 0), ("expand.0.weight", 1), ("reduce.0.weight", 1)} <= set(_members(stage))
+    expansion = [f for f in families.values() if ("expand.0.weight", 0) in _members(f)][0]
+    members = _members(expansion)
+    assert torch.equal(members[("depthwise.0.weight", 0)], members[("expand.0.weight", 0)])
+    assert graph.grouped_convs["depthwise.0.weight"] == 24
+    last = [f for f in families.values() if ("reduce.0.weight", 0) in _members(f)][0]
+    # each Conv1d channel is pooled to 4 positions and flattened into 4 consecutive Linear columns
+    assert _members(last)[("head.weight", 1)][2].tolist() == [8, 9, 10, 11]
+    assert graph.mac_count() == count_macs(model, inputs)
+    for family in (stage, expansion, last):
+        units = list(range(0, family.size, 3))
+        difference = shrunk_equals_zeroed(model, inputs, family.name, units, graph=graph)
+        assert difference < 1e-5, f"{family.name} differs by {difference}"
+    shrunk = copy.deepcopy(model)
+    shrink(build_graph(shrunk, inputs), {expansion.name: list(range(10))})
+    assert shrunk.depthwise[0].groups == shrunk.depthwise[0].in_channels == 14 and shrunk.depthwise[1].num_features == 14
+    assert shrunk.expand[0].out_channels == 14 and shrunk.project[0].in_channels == 14
+    assert float((run(shrunk, inputs) - run(model, inputs)).abs().max()) > 1e-4
+
+
+def test_query_heads_that_do_not_divide_into_kv_groups_are_refused():
+    from prunekit.models.families.llama import LlamaAdapter
+
+    class UnevenHeads(LlamaAdapter):
+        """An attention that reports 4 query heads over 3 key/value heads (a config prunekit cannot split)."""
+
+        def head_counts(self, heads_module, q, k):
+            return 4, 3, 8
+
+    model = tiny_llama()
+    with pytest.raises(PrunekitError, match=r"model.layers.0.self_attn: 4 query heads do not divide into 3 "
+                                            r"key/value groups"):
+        build_graph(model, {"input_ids": TOKENS, "use_cache": False}, adapter=UnevenHeads(model))

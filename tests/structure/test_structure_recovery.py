@@ -44,6 +44,19 @@ def test_plain_recovery_lowers_the_language_model_loss():
         assert float(student(input_ids=WINDOWS, labels=WINDOWS).loss) < before - 0.5
 
 
+def test_the_time_budget_is_never_overrun(monkeypatch):
+    import types
+
+    from prunekit.structure import recovery
+
+    clock = iter(0.25 * i for i in range(1000))  # every reading of the clock is a quarter second later
+    monkeypatch.setattr(recovery, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    result = recover_lm(tiny_llama(), WINDOWS, None, "plain", max_seconds=1.2, lr=1e-3)
+    # After 3 steps the clock reads 1.0 s at 1/3 s a step: a fourth would end past 1.2 s, so none starts
+    # (checking only the elapsed time, a fourth would start at 1.0 s and end at 1.25 s).
+    assert result.steps == 3
+
+
 def test_recovery_rejects_bad_budgets_and_modes():
     model = tiny_llama()
     with pytest.raises(PrunekitError, match="needs the unpruned teacher"):
@@ -76,4 +89,33 @@ def test_measurement_counts_and_times():
     assert result.macs == 16 * 32 + 32 * 4 and set(result.latency_ms) == {1, 8}
     for batch in (1, 8):
         assert result.throughput[batch] == pytest.approx(batch / (result.latency_ms[batch] / 1000))
-    assert result.peak_rss_bytes > 0 and result.model_bytes == count_parameters(model) * 4
+    assert result.memory is None and result.model_bytes == count_parameters(model) * 4
+
+
+def test_peak_memory_is_the_models_own_in_a_fresh_process():
+    from prunekit.structure.graph import build_graph
+    from prunekit.structure.shrink import shrink
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16384), nn.ReLU(), nn.Linear(16384, 4)).eval()
+    protocol = SpeedProtocol(batch_sizes=(1, 1024), runs=1, warmup=0, threads=1, seq_len=0)
+    make = lambda batch: (torch.randn(batch, 64),)  # noqa: E731
+    before = measure(model, make, protocol=protocol, memory=True).memory
+    # This process now holds far more than either model; the figures must not see it.
+    ballast = torch.ones(64 * 2**20 // 4)
+    shrink(build_graph(model, (torch.randn(2, 64),)), {"0": list(range(16384 - 1024))})
+    after = measure(model, make, protocol=protocol, memory=True).memory
+    del ballast
+    assert before["batch"] == after["batch"] == 1024 and "high-water mark" in before["method"]
+    # 1024 × 16384 float activations are 64 MiB; at 1024 neurons they are 4 MiB.
+    assert before["inference_bytes"] > 48 * 2**20 and after["inference_bytes"] < before["inference_bytes"] / 4
+    assert after["loaded_rss_bytes"] < before["loaded_rss_bytes"] + 8 * 2**20  # a fresh process, not this one
+
+
+def test_peak_memory_that_cannot_be_measured_is_reported_not_fatal():
+    model = nn.Sequential(nn.Linear(4, 2))
+    model.describe = lambda: "a lambda does not pickle"
+    protocol = SpeedProtocol(batch_sizes=(1, 2), runs=1, warmup=0, threads=1, seq_len=0)
+    result = measure(model, lambda batch: (torch.randn(batch, 4),), protocol=protocol, memory=True)
+    assert result.memory["batch"] == 2 and "the model does not pickle" in result.memory["error"]
+    assert set(result.throughput) == {1, 2}

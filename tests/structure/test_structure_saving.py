@@ -100,8 +100,12 @@ def test_depth_pruned_models_rebuild_onto_the_full_skeleton(tmp_path):
     save_structured(vit, tmp_path, blocks={"blocks": kept})
     rebuilt = prunekit.load(tmp_path, model=ViT(dim=32, depth=4, num_heads=2))
     assert len(rebuilt.blocks) == 2
+    expected, got = vit.state_dict(), rebuilt.state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    # Equal weights; the outputs may still differ in the last bit, since CPU kernels pick their
+    # vectorised path by the tensors' memory alignment, which a rebuilt model does not share.
     with torch.no_grad():
-        assert torch.equal(rebuilt(IMAGES), vit(IMAGES))
+        torch.testing.assert_close(rebuilt(IMAGES), vit(IMAGES), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("which", ["resnet", "vit", "llama"])

@@ -105,6 +105,12 @@ def shrink(
     speed_seq_len: Optional[int] = typer.Option(None, help="tokens per sequence when timing [default: 128]"),
     runs: Optional[int] = typer.Option(None, help="timed runs per batch size (median) [default: 5]"),
     threads: Optional[int] = typer.Option(None, help="CPU threads for timing [default: 2]"),
+    peak_memory: Optional[bool] = typer.Option(None, "--peak-memory/--no-peak-memory",
+                                               help="measure each model's peak inference memory in a fresh process "
+                                                    "[default: on]"),
+    lenient: Optional[bool] = typer.Option(None, "--lenient/--strict", help="leave the channels around an operation "
+                                           "the tracer does not know unpruned (and say so) instead of failing "
+                                           "[default: strict]"),
     onnx: Optional[bool] = typer.Option(None, "--onnx/--no-onnx", help="also export model.onnx and check it with "
                                                                      "onnxruntime [default: off]"),
     trust_remote_code: bool = typer.Option(False, help="allow model code from the model directory"),
@@ -122,7 +128,7 @@ def shrink(
             raise PrunekitError(f"--batch-sizes must be comma-separated integers, got '{batch_sizes}'") from None
     settings = {"model": model, "ratio": ratio, "target": target, "granularity": granularity, "heads": heads,
                 "importance": importance, "overrides": _overrides(override) or None, "ignore": ignore or None,
-                "evaluate": evaluate, "onnx": onnx, "trust_remote_code": trust_remote_code or None}
+                "evaluate": evaluate, "onnx": onnx, "lenient": lenient, "trust_remote_code": trust_remote_code or None}
     sections = {
         "allocation": {"name": allocation, "floor": floor, "round_to": round_to, "normalize": normalize},
         "depth": {"blocks": depth, "criterion": depth_criterion},
@@ -130,7 +136,8 @@ def shrink(
                      "lr": recover_lr},
         "data": {"calibration": calib, "test": test, "calibration_samples": calib_samples, "test_windows": test_windows,
                  "seq_len": seq_len, "seed": seed},
-        "measure": {"batch_sizes": sizes, "seq_len": speed_seq_len, "runs": runs, "threads": threads},
+        "measure": {"batch_sizes": sizes, "seq_len": speed_seq_len, "runs": runs, "threads": threads,
+                    "memory": peak_memory},
     }
     built = build_recipe(recipe, settings, sections)
     outcome = run_shrink_job(built, out, overwrite)
@@ -157,6 +164,11 @@ def _print_summary(report: dict, out_dir: Path | None) -> None:
         if quality["after_recovery"] is not None:
             text += f" → {quality['after_recovery']:.4g} after recovery"
         table.add_row(quality["metric"], text)
+    memory = report["memory"]["inference"]
+    if memory["before"] and memory["after"] and "error" not in memory["before"] and "error" not in memory["after"]:
+        table.add_row(f"peak inference memory, batch {memory['before']['batch']}",
+                      f"{memory['before']['peak_rss_bytes'] / 2**20:,.0f} → {memory['after']['peak_rss_bytes'] / 2**20:,.0f} "
+                      "MiB (fresh process each)")
     table.add_row("prune time", f"{report['timing']['prune_seconds']:.1f} s")
     table.add_row("from_pretrained", "yes" if report["saving"]["from_pretrained"] else
                   "no: prunekit.load rebuilds it (" + "; ".join(report["saving"]["reasons"]) + ")")
@@ -169,6 +181,8 @@ def _print_summary(report: dict, out_dir: Path | None) -> None:
 def shrink_graph(
     model: Optional[str] = MODEL_ARG,
     heads: str = typer.Option("kv", help="how grouped-query heads form units: kv or query"),
+    lenient: bool = typer.Option(False, "--lenient", help="leave the channels around an operation the tracer does "
+                                                          "not know unpruned instead of failing"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """List what structural pruning can remove from a model: every family of coupled units."""
@@ -185,7 +199,7 @@ def shrink_graph(
 
     loaded = load_hf(model)
     example = lm_example_inputs() if loaded.kind == "causal-lm" else {"input_ids": torch.arange(1, 5)[None]}
-    graph = build_graph(loaded.model, example, adapter=adapter_for(loaded.model), head_mode=heads)
+    graph = build_graph(loaded.model, example, adapter=adapter_for(loaded.model), head_mode=heads, strict=not lenient)
     if as_json:
         typer.echo(json.dumps({"families": graph.summary(), "notes": graph.frozen,
                                "parameters": graph.parameter_count()}, indent=2))

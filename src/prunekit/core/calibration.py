@@ -22,6 +22,7 @@ import greenlet
 import torch
 from torch import nn
 
+from prunekit.core.memory import release_freed_memory
 from prunekit.core.progress import progress_bar
 from prunekit.core.statistics import LayerStatistics
 from prunekit.errors import PrunekitError
@@ -128,7 +129,12 @@ def _run_block_layerwise(block: nn.Module, inputs: BlockInputs, targets: dict[nn
     handles = [module.register_forward_pre_hook(pause) for module in targets]
     runners = [greenlet.greenlet(lambda i=i: inputs.call(block, i)) for i in range(len(inputs.hidden))]
     try:
-        events = [runner.switch() for runner in runners]
+        events = []
+        for index, runner in enumerate(runners):
+            events.append(runner.switch())
+            # The running block holds its input for as long as it needs it; the list would keep
+            # the whole calibration set's block inputs alive until the block ends.
+            inputs.hidden[index] = None
         processed: set[nn.Module] = set()
         shared: tuple[type | None, LayerStatistics | None, list[torch.Tensor]] | None = None
         while True:
@@ -267,6 +273,7 @@ class SequentialCalibration:
                 outputs = [inputs.call(block, i) for i in range(len(inputs.hidden))]
         _check_finite(outputs, f"after block {index}")
         inputs.hidden = outputs
+        release_freed_memory()
 
     @torch.no_grad()
     def run_head(self, targets: list[Target]) -> None:

@@ -80,5 +80,8 @@ def distributed_from_env() -> Iterator[World]:
     dist.init_process_group(backend="gloo")
     try:
         yield current_world()
+        # A rank that tears gloo down while another is still in a collective aborts the other
+        # ("terminate called without an active exception"); meet first on a normal exit.
+        dist.barrier()
     finally:
         dist.destroy_process_group()

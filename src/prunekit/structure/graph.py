@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Iterable
 
 import numpy as np
@@ -95,6 +96,14 @@ class DependencyGraph:
     grouped_convs: dict[str, int] = field(default_factory=dict)
     group_norms: dict[str, int] = field(default_factory=dict)
     example_inputs: tuple | dict = ()
+
+    @cached_property
+    def consumed_weights(self) -> frozenset[str]:
+        """Weights applied by a Linear or an ungrouped convolution, whose columns read channels.
+
+        An embedding table's columns *produce* channels; it is here only when the same tensor is
+        also applied as a Linear (a tied output head)."""
+        return frozenset(call.weight for call in self.calls if call.kind in ("linear", "conv") and call.groups == 1)
 
     def family(self, name: str) -> Family:
         for family in self.families:
@@ -181,7 +190,8 @@ def build_graph(model: nn.Module, example_inputs: tuple | dict, adapter: ModelAd
     infos, by_id = _canonical_names(model)
     pinned = int(comp[PINNED])
     frozen_comps: set[int] = {pinned}
-    notes: list[str] = []
+    notes: list[str] = [f"unknown operation {op}: the channels it touches are left unpruned (strict=False)"
+                        for op in result.frozen_ops]
 
     dim_comps: dict[tuple[str, int], np.ndarray] = {}
     element_keys: dict[str, list[tuple[str, int]]] = defaultdict(list)

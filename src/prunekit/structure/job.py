@@ -29,6 +29,7 @@ from prunekit.models.base import ModelAdapter, adapter_for
 from prunekit.models.loading import parse_dtype, resolve_model_dir
 from prunekit.structure.depth import prune_depth
 from prunekit.structure.measure import Measurement, SpeedProtocol, compare, lm_inputs, measure
+from prunekit.structure.peak_memory import describe as describe_memory
 from prunekit.structure.graph import build_graph
 from prunekit.structure.pipeline import check_plan, encoder_calibration, lm_calibration, lm_example_inputs, prune_structure
 from prunekit.structure.recipe import ShrinkRecipe
@@ -115,7 +116,7 @@ def _speed(loaded: LoadedHF, recipe: ShrinkRecipe) -> Measurement:
     if loaded.kind == "encoder":
         inner = make
         make = lambda batch: {"input_ids": inner(batch)["input_ids"]}  # noqa: E731 - encoders take no cache flag
-    return measure(loaded.model, make, recipe.measure.seq_len, protocol, unit="tokens")
+    return measure(loaded.model, make, recipe.measure.seq_len, protocol, unit="tokens", memory=recipe.measure.memory)
 
 
 def _quality(loaded: LoadedHF, test: torch.Tensor | None, reference: torch.Tensor | None, recipe: ShrinkRecipe,
@@ -159,7 +160,7 @@ def run_shrink_job(recipe: ShrinkRecipe, out: str | Path, overwrite: bool = Fals
         prune_depth_check(loaded, adapter, recipe)
     if recipe.ratio > 0 and not recipe.depth.blocks:
         # Checked before the slow steps; reused for pruning since the model is unchanged until then.
-        graph = build_graph(loaded.model, example, adapter=adapter, head_mode=recipe.heads)
+        graph = build_graph(loaded.model, example, adapter=adapter, head_mode=recipe.heads, strict=not recipe.lenient)
         check_plan(graph, recipe.ratio, recipe.granularity, recipe.target, recipe.allocation, recipe.ignore,
                    recipe.overrides)
     if loaded.kind == "causal-lm":
@@ -187,7 +188,7 @@ def run_shrink_job(recipe: ShrinkRecipe, out: str | Path, overwrite: bool = Fals
                 granularity=recipe.granularity, target=recipe.target, allocation=recipe.allocation,
                 head_mode=recipe.heads, ignore=recipe.ignore, overrides=recipe.overrides,
                 calibration=make_calibration(calibration, recipe.batch_size), adapter=adapter, seed=recipe.data.seed,
-                graph=graph)
+                strict=not recipe.lenient, graph=graph)
     quality_pruned = _quality(loaded, test, reference, recipe, "after pruning")
     recovery_result = None
     quality_recovered = None
@@ -316,10 +317,16 @@ def _report(loaded, recipe, protocol, parameters_before, quality_before, quality
         "onnx": onnx,
         "timing": {"prune_seconds": pruning.seconds, "total_seconds": total_seconds,
                    **(width_result.seconds if width_result else {})},
-        "memory": {"peak_rss_during_prune_bytes": pruning.peak_rss},
+        "memory": {"peak_rss_during_prune_bytes": pruning.peak_rss,
+                   "inference": {"before": speed_before.memory, "after": speed_after.memory,
+                                 "protocol": _memory_protocol(speed_before.memory)}},
         "protocol": protocol.describe(),
         "environment": environment(),
     }
+
+
+def _memory_protocol(memory: dict | None) -> str | None:
+    return describe_memory(memory["batch"], memory["runs"]) if (memory and "error" not in memory) else None
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -344,8 +351,14 @@ def report_markdown(report: dict) -> str:
         rows.append((f"throughput, batch {batch} ({before['unit']}/s)", _fmt(before["throughput"][batch]),
                      _fmt(after["throughput"][batch]),
                      f"{after['throughput'][batch] / before['throughput'][batch]:.3f}"))
-    rows.append(("peak RSS while timing", human_bytes(before["peak_rss_bytes"]), human_bytes(after["peak_rss_bytes"]),
-                 f"{after['peak_rss_bytes'] / before['peak_rss_bytes']:.3f}"))
+    memory = report["memory"]["inference"]
+    measured = bool(memory["before"] and memory["after"]) and not any("error" in memory[w] for w in ("before", "after"))
+    if measured:
+        batch = memory["before"]["batch"]
+        for key, label in (("peak_rss_bytes", f"peak memory of inference, batch {batch} (fresh process)"),
+                           ("inference_bytes", f"memory inference adds to the loaded model, batch {batch}")):
+            rows.append((label, human_bytes(memory["before"][key]), human_bytes(memory["after"][key]),
+                         f"{memory['after'][key] / memory['before'][key]:.3f}" if memory["before"][key] else "–"))
     size = report["size"]
     rows.append(("weights on disk", human_bytes(size["before_bytes"]) if size["before_bytes"] else "–",
                  human_bytes(size["after_bytes"]),
@@ -364,6 +377,12 @@ def report_markdown(report: dict) -> str:
              f"Quality ({quality['metric']}): before {_fmt(quality['before'])}, after pruning "
              f"{_fmt(quality['after_pruning'])}, after recovery {_fmt(quality['after_recovery'])}.", "",
              f"Speed: {speed['protocol']}. Prune wall time {report['timing']['prune_seconds']:.1f} s.", ""]
+    if measured:
+        lines += [f"Memory: {memory['protocol']} ({memory['before']['method']}). The pruning job's own peak, "
+                  f"sampled, was {human_bytes(report['memory']['peak_rss_during_prune_bytes'])}.", ""]
+    elif memory["before"] or memory["after"]:
+        errors = {m["error"] for m in (memory["before"], memory["after"]) if m and "error" in m}
+        lines += [f"Memory: peak inference memory was not measured ({'; '.join(sorted(errors))}).", ""]
     saving = report["saving"]
     if saving["from_pretrained"]:
         lines.append("Loading: `AutoModel*.from_pretrained(DIR)` loads this directory (the config describes every "

@@ -4,7 +4,8 @@
 - MACs of one forward pass, from ``torch.utils.flop_counter`` (FLOPs / 2);
 - CPU latency and throughput at each batch size: warm-up runs, then the median of ``runs`` timed
   forward passes under ``torch.inference_mode`` with a fixed thread count;
-- peak resident memory while the largest batch runs (``prunekit.evaluate.resources.Measured``);
+- peak memory of inference at the largest batch, in a fresh process that holds only this model
+  (``prunekit.structure.peak_memory``; optional, it costs a process start per model);
 - size on disk of the saved weights (measured by the caller after saving);
 - quality: perplexity, accuracy or embedding fidelity (also by the caller).
 """
@@ -20,7 +21,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from prunekit.evaluate.resources import Measured
+from prunekit.errors import PrunekitError
+from prunekit.structure.peak_memory import inference_peak
 
 
 @dataclass
@@ -44,8 +46,8 @@ class Measurement:
     latency_ms: dict[int, float] = field(default_factory=dict)
     throughput: dict[int, float] = field(default_factory=dict)  # items (tokens or images) per second
     unit: str = "items"
-    peak_rss_bytes: int = 0
     model_bytes: int = 0
+    memory: dict | None = None  # PeakMemory.to_dict() of the largest batch, when measured
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -85,8 +87,9 @@ def time_forward(model: nn.Module, inputs: tuple | dict, runs: int, warmup: int)
 
 
 def measure(model: nn.Module, make_inputs: Callable[[int], tuple | dict], items_per_sample: int = 1,
-            protocol: SpeedProtocol | None = None, unit: str = "items") -> Measurement:
-    """``make_inputs(batch)`` returns one batch; ``items_per_sample`` (tokens per sequence) scales throughput."""
+            protocol: SpeedProtocol | None = None, unit: str = "items", memory: bool = False) -> Measurement:
+    """``make_inputs(batch)`` returns one batch; ``items_per_sample`` (tokens per sequence) scales throughput.
+    ``memory`` adds the peak inference memory at the largest batch, measured in a fresh process."""
     protocol = protocol or SpeedProtocol()
     previous_threads = torch.get_num_threads()
     if protocol.threads:
@@ -97,13 +100,16 @@ def measure(model: nn.Module, make_inputs: Callable[[int], tuple | dict], items_
         result = Measurement(count_parameters(model), count_macs(model, make_inputs(1)), unit=unit,
                              model_bytes=model_bytes(model))
         for batch in protocol.batch_sizes:
-            inputs = make_inputs(batch)
-            with Measured() as measured:
-                times = time_forward(model, inputs, protocol.runs, protocol.warmup)
+            times = time_forward(model, make_inputs(batch), protocol.runs, protocol.warmup)
             median = statistics.median(times)
             result.latency_ms[batch] = median * 1000
             result.throughput[batch] = batch * items_per_sample / median
-            result.peak_rss_bytes = max(result.peak_rss_bytes, measured.peak_rss)
+        if memory:
+            largest = max(protocol.batch_sizes)
+            try:
+                result.memory = inference_peak(model, make_inputs(largest), largest, protocol.threads).to_dict()
+            except PrunekitError as exc:  # a measurement that cannot be taken must not throw away the pruning
+                result.memory = {"batch": largest, "error": str(exc)}
     finally:
         torch.set_num_threads(previous_threads)
         model.train(was_training)

@@ -21,7 +21,7 @@ from prunekit.structure.allocation import Target, WidthAllocation, WidthPlan, al
 from prunekit.structure.graph import KINDS, DependencyGraph, build_graph
 from prunekit.structure.heads import HeadMode
 from prunekit.structure.importance.base import Importance, ScoringContext, get_importance, is_consumer
-from prunekit.structure.shrink import ShrinkResult, shrink
+from prunekit.structure.shrink import ShrinkResult, compensation_targets, shrink
 from prunekit.structure.statistics import accumulate_gradients, input_moments
 
 GRANULARITY_ALIASES = {"channels": "channels", "neurons": "channels", "heads": "heads", "hidden": "hidden",
@@ -131,7 +131,7 @@ def score_families(graph: DependencyGraph, families, importance: Importance, cal
         if calibration is None:
             raise PrunekitError(f"importance '{importance.name}' needs calibration data")
     if needs_moments:
-        consumers = sorted({m.tensor for f in families for m in f.members if is_consumer(context, m)})
+        consumers = _consumers(graph, families)
         context.moments = input_moments(model, graph, consumers, calibration.batches, adapter=adapter,
                                         windows=calibration.windows, batch_size=calibration.batch_size)
     if "gradients" in importance.needs:
@@ -154,22 +154,31 @@ def check_plan(graph: DependencyGraph, ratio: float, granularity: Iterable[str] 
     allocate(graph, families, zeros, ratio, target, allocation, overrides)
 
 
+def _consumers(graph: DependencyGraph, families) -> list[str]:
+    context = ScoringContext(graph)
+    return sorted({m.tensor for f in families for m in f.members if is_consumer(context, m)})
+
+
 def _compensation_biases(graph: DependencyGraph, families, adapter: ModelAdapter | None) -> int:
     """Parameters FLAP's compensation will add: a bias for every consumer without one (and, for a
     config flag to describe them, for its siblings), counted at today's widths (an upper bound)."""
-    context = ScoringContext(graph)
     modules = set()
-    for family in families:
-        for member in family.members:
-            if is_consumer(context, member):
-                name = graph.tensors[member.tensor].module
-                modules.update(adapter.bias_siblings(name) if adapter is not None else [name])
+    for name in compensation_targets(graph, _consumers(graph, families), adapter).values():
+        modules.update(adapter.bias_siblings(name) if adapter is not None else [name])
     total = 0
     for name in modules:
-        module = graph.model.get_submodule(name)
+        module = graph.model.get_submodule(name) if name else graph.model
         if getattr(module, "bias", "missing") is None:
             total += module.weight.shape[0]
     return total
+
+
+def _uncompensated(graph: DependencyGraph, families, adapter: ModelAdapter | None) -> list[str]:
+    """Layers that read pruned channels but take no compensation bias (output heads, tied tables)."""
+    consumers = _consumers(graph, families)
+    targets = compensation_targets(graph, consumers, adapter)
+    modules = {call.weight: call.module for call in graph.calls if call.kind in ("linear", "conv")}
+    return sorted({modules.get(w, w) or "<root>" for w in consumers if w not in targets})
 
 
 def prune_structure(model: nn.Module, ratio: float = 0.2, *, example_inputs: tuple | dict,
@@ -218,6 +227,11 @@ def prune_structure(model: nn.Module, ratio: float = 0.2, *, example_inputs: tup
     compensation = None
     if importance.compensation():
         compensation = {name: moments.mean() for name, moments in context.moments.items()}
+        skipped = _uncompensated(graph, families, adapter)
+        if skipped:
+            notes.append(f"{importance.name} adds no compensation bias to {', '.join(skipped)} (output heads, tied "
+                         "embedding tables and weights applied by several modules take none): the removed "
+                         "channels' mean is lost there")
     result = shrink(graph, plan.removal, compensation, adapter, check)
     timings["apply_seconds"] = time.perf_counter() - started
     return StructuredResult(plan, result, graph.summary(), importance.settings(),

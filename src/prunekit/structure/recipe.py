@@ -48,6 +48,8 @@ class MeasureConfig(RecipeModel):
     runs: int = Field(5, ge=1)
     warmup: int = Field(2, ge=0)
     threads: int = Field(2, ge=1)
+    memory: bool = Field(True, description="peak inference memory at the largest batch, each model in a fresh "
+                                           "process")
 
     @field_validator("batch_sizes")
     @classmethod
@@ -67,7 +69,7 @@ class ShrinkRecipe(RecipeModel):
     granularity: list[str] = Field(default_factory=lambda: ["channels", "heads"])
     heads: Literal["kv", "query"] = Field("kv", description="grouped-query heads: remove whole KV groups, or "
                                                            "query heads equally from every group")
-    importance: dict[str, Any] = Field(default_factory=lambda: {"name": "flap"})
+    importance: dict[str, Any] = Field(default_factory=lambda: {"name": "flap"}, validate_default=True)
     allocation: WidthAllocation = Field(default_factory=WidthAllocation)
     overrides: dict[str, float] = Field(default_factory=dict, description="family/module pattern -> removed fraction")
     ignore: list[str] = Field(default_factory=list, description="family/module patterns left whole")
@@ -75,6 +77,8 @@ class ShrinkRecipe(RecipeModel):
     recovery: RecoveryConfig | None = None
     data: TextDataConfig = Field(default_factory=TextDataConfig)
     measure: MeasureConfig = Field(default_factory=MeasureConfig)
+    lenient: bool = Field(False, description="leave the channels around an operation the tracer does not know "
+                                              "unpruned instead of failing")
     evaluate: bool = True
     onnx: bool = False
     batch_size: int = Field(4, ge=1)

@@ -57,7 +57,8 @@ def recover_lm(student: nn.Module, windows: torch.Tensor, teacher: nn.Module | N
                max_seconds: float | None = 600.0, max_steps: int | None = None, lr: float = 1e-4,
                batch_size: int = 1, temperature: float = 1.0, weight_decay: float = 0.0, seed: int = 0,
                train_embeddings: bool = False, warmup: int = 10) -> RecoveryResult:
-    """Fine-tune ``student`` on token ``windows`` until the time or step budget runs out."""
+    """Fine-tune ``student`` on token ``windows`` until the time or step budget runs out; no step
+    starts that would, at the mean step time so far, end past ``max_seconds``."""
     if mode not in ("distill", "plain"):
         raise PrunekitError(f"unknown recovery mode '{mode}'; choose distill or plain")
     if mode == "distill" and teacher is None:
@@ -85,7 +86,9 @@ def recover_lm(student: nn.Module, windows: torch.Tensor, teacher: nn.Module | N
         with progress_bar("Recovery fine-tune", total) as bar:
             while True:
                 elapsed = time.perf_counter() - started
-                if (max_seconds and elapsed >= max_seconds) or (max_steps and steps >= max_steps):
+                # The time budget is a ceiling: no step starts that the mean step so far says would overrun it.
+                overrun = bool(max_seconds) and steps > 0 and elapsed + elapsed / steps > max_seconds
+                if (max_seconds and elapsed >= max_seconds) or overrun or (max_steps and steps >= max_steps):
                     break
                 progress = max(elapsed / max_seconds if max_seconds else 0.0, steps / max_steps if max_steps else 0.0)
                 for group in optimizer.param_groups:

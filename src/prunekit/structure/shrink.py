@@ -97,15 +97,44 @@ def _owner(graph: DependencyGraph, tensor: str) -> tuple[nn.Module, str]:
     return (graph.model.get_submodule(info.module) if info.module else graph.model), info.attribute
 
 
+def compensation_targets(graph: DependencyGraph, weights, adapter: ModelAdapter | None = None) -> dict[str, str]:
+    """Consumer weight -> the module whose bias absorbs FLAP's compensation for its removed inputs.
+
+    Only an ``nn.Linear`` or ungrouped convolution that owns the weight and is the only module
+    applying it qualifies. The model's output head never does: its bias would be vocabulary-sized
+    and no Hugging Face config can describe it (plain ``from_pretrained`` would be lost), and a tied
+    head's weight is the embedding table, whose module has no bias to add.
+    """
+    calls: dict[str, list] = {}
+    for call in graph.calls:
+        calls.setdefault(call.weight, []).append(call)
+    tables = {call.weight for call in graph.calls if call.kind == "embedding"}
+    head = adapter.head() if adapter is not None else None
+    targets = {}
+    for weight in weights:
+        uses = calls.get(weight, [])
+        if not uses or weight in tables or len({c.module for c in uses}) != 1:
+            continue
+        if any(c.kind not in ("linear", "conv") or c.groups != 1 for c in uses):
+            continue
+        name = uses[0].module
+        module = graph.model.get_submodule(name) if name else graph.model
+        if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or module.weight is not graph.tensor(weight):
+            continue
+        if head is not None and module is head:
+            continue
+        targets[weight] = name
+    return targets
+
+
 def _compensation_deltas(graph: DependencyGraph, removed_by_dim: dict[tuple[str, int], torch.Tensor],
-                         means: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                         means: Mapping[str, torch.Tensor], targets: Mapping[str, str]) -> dict[str, torch.Tensor]:
     """FLAP's bias compensation: a removed input channel j of a consumer contributes its mean,
     ``W[:, j] · E[x_j]``, to the consumer's bias, so the output keeps its expected value.
     Returns weight name -> bias change over the consumer's rows before slicing."""
     deltas = {}
-    consumers = {call.weight for call in graph.calls if call.kind in ("linear", "conv") and call.groups == 1}
     for (tensor, dim), index in removed_by_dim.items():
-        if dim != 1 or tensor not in consumers or tensor not in means:
+        if dim != 1 or tensor not in targets or tensor not in means:
             continue
         weight = graph.tensor(tensor).detach()
         columns = weight.index_select(1, index.to(weight.device))
@@ -116,7 +145,8 @@ def _compensation_deltas(graph: DependencyGraph, removed_by_dim: dict[tuple[str,
 
 
 def _apply_compensation(graph: DependencyGraph, deltas: dict[str, torch.Tensor],
-                        removed_by_dim: dict[tuple[str, int], torch.Tensor], adapter: ModelAdapter | None) -> list[str]:
+                        removed_by_dim: dict[tuple[str, int], torch.Tensor], adapter: ModelAdapter | None,
+                        targets: Mapping[str, str]) -> list[str]:
     done = []
     for tensor, delta in deltas.items():
         rows = removed_by_dim.get((tensor, 0))
@@ -124,8 +154,8 @@ def _apply_compensation(graph: DependencyGraph, deltas: dict[str, torch.Tensor],
             keep = torch.ones(delta.shape[0], dtype=torch.bool)
             keep[rows] = False
             delta = delta[keep.to(delta.device)]
-        module_name = graph.tensors[tensor].module
-        module = graph.model.get_submodule(module_name)
+        module_name = targets[tensor]
+        module = graph.model.get_submodule(module_name) if module_name else graph.model
         if module.bias is None:
             siblings = adapter.bias_siblings(module_name) if adapter is not None else [module_name]
             for sibling in siblings:
@@ -187,7 +217,8 @@ def shrink(graph: DependencyGraph, removal: Mapping[str, Sequence[int]],
     """Remove the given units (family name -> unit indices) from the graph's model, in place.
 
     ``compensation`` maps a consumer weight's name to the mean of its input channels; removed
-    input channels then move their mean contribution into the consumer's bias (FLAP). The graph
+    input channels then move their mean contribution into the consumer's bias (FLAP), where
+    ``compensation_targets`` allows one. The graph
     describes the model as it was: build a new one to prune again.
     """
     model = graph.model
@@ -200,7 +231,12 @@ def shrink(graph: DependencyGraph, removal: Mapping[str, Sequence[int]],
             removed_by_dim.setdefault((member.tensor, member.dim), []).append(member.index[index].reshape(-1))
     merged = {key: torch.cat(parts).unique() for key, parts in removed_by_dim.items()}
     before = _snapshot(model)
-    deltas = _compensation_deltas(graph, merged, compensation) if compensation else {}
+    # A tied tensor (embedding and lm_head) has one canonical owner; every module holding it keeps sizes to update.
+    sliced = {id(graph.tensor(name)) for name, _ in merged}
+    touched = {name for name, module in model.named_modules()
+               if any(t is not None and id(t) in sliced for t in [*module._parameters.values(), *module._buffers.values()])}
+    targets = compensation_targets(graph, compensation, adapter) if compensation else {}
+    deltas = _compensation_deltas(graph, merged, compensation, targets) if compensation else {}
     with torch.no_grad():
         for (tensor_name, dim), index in merged.items():
             module, attribute = _owner(graph, tensor_name)
@@ -213,8 +249,8 @@ def shrink(graph: DependencyGraph, removal: Mapping[str, Sequence[int]],
                 tensor.grad = None
             else:
                 module._buffers[attribute] = tensor.index_select(dim, keep).contiguous()
-    compensated = _apply_compensation(graph, deltas, merged, adapter) if deltas else []
-    touched = {graph.tensors[t].module for t, _ in merged}
+    compensated = _apply_compensation(graph, deltas, merged, adapter, targets) if deltas else []
+    touched |= {graph.tensors[t].module for t, _ in merged}
     for name in touched:
         module = model.get_submodule(name) if name else model
         _sync(module, before[name])

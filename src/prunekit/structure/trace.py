@@ -74,6 +74,7 @@ class Trace:
     group_norms: dict[str, int]  # weight or bias -> groups
     elementwise_tensors: set[str]
     module_types: dict[str, str] = field(default_factory=dict)
+    frozen_ops: list[str] = field(default_factory=list)  # unknown operations passed with strict=False
 
 
 class TraceError(PrunekitError):
@@ -299,8 +300,9 @@ class _Tracer(TorchFunctionMode):
             if self.strict:
                 raise TraceError(f"cannot follow channels through the operation '{name}' {self._where()}; "
                                  "structural pruning needs every operation on channel data to be known "
-                                 "(pass unknown_ops='freeze' to leave the channels it touches unpruned)")
-            self.frozen_ops.append(f"{name} {self._where()}")
+                                 "(strict=False in build_graph/prune_structure, or --lenient on the command line, "
+                                 "leaves the channels it touches unpruned)")
+            self.frozen_ops.append(f"'{name}' {self._where()}")
             for tensor in inputs:
                 self.union(self.labels(tensor), torch.tensor(PINNED))
             for tensor in outputs:
@@ -725,4 +727,5 @@ def trace(model: nn.Module, example_inputs: tuple | dict, strict: bool = True) -
     module_types = {name: type(module).__name__ for name, module in model.named_modules()}
     return Trace(num_ids=tracer.next_id, spaces=tracer.spaces, pairs=pairs, split_ids=split, mixing_ids=mixing,
                  calls=tracer.calls, grouped_convs=tracer.grouped_convs, group_norms=tracer.group_norms,
-                 elementwise_tensors=set(tracer._element_spaces), module_types=module_types)
+                 elementwise_tensors=set(tracer._element_spaces), module_types=module_types,
+                 frozen_ops=list(dict.fromkeys(tracer.frozen_ops)))

@@ -113,8 +113,20 @@ def _check_tied(model: nn.Module, adapter: ModelAdapter, targets: list[Target], 
     _untie(model, adapter)
 
 
-def check_finite_weights(model: nn.Module) -> None:
-    for name, parameter in model.named_parameters():
+def check_finite_weights(model: nn.Module, names: Sequence[str] | None = None) -> None:
+    """Refuse NaN or inf in the model's weights, or only in the named modules' weights.
+
+    Checking only what will be pruned matters for memory: reading a memory-mapped tensor (a
+    large embedding, say) pages all of it in, and calibration would otherwise touch only the
+    rows it uses. Non-finite weights elsewhere in the blocks still surface as non-finite
+    activations, which calibration refuses by block.
+    """
+    if names is None:
+        parameters = model.named_parameters()
+    else:
+        modules = dict(model.named_modules())
+        parameters = [(f"{name}.weight", modules[name].weight) for name in names]
+    for name, parameter in parameters:
         if parameter.is_floating_point() and not torch.isfinite(parameter).all():
             raise PrunekitError(f"weight {name} contains NaN or inf; refusing to prune a broken model")
 
@@ -246,7 +258,7 @@ def prune_weights(model: nn.Module, method: str | Mapping[str, Any] | OneShotMet
     started = time.perf_counter()
     plan = plan_pruning(model, method, sparsity, pattern, allocation, include, exclude, untie_embeddings,
                         calibration is not None)
-    check_finite_weights(model)
+    check_finite_weights(model, [t.name for t in plan.targets])
     by_name = {t.name: t for t in plan.targets}
 
     def dense_norms(targets: list[Target]) -> dict[str, torch.Tensor]:

@@ -40,8 +40,12 @@ def is_weight(context: ScoringContext, member: Member) -> bool:
 
 
 def is_consumer(context: ScoringContext, member: Member) -> bool:
-    """Columns of a Linear or input channels of a (non-grouped) convolution: where units are read."""
-    return member.dim == 1 and is_weight(context, member) and member.tensor not in context.graph.grouped_convs
+    """Columns of a Linear or input channels of a (non-grouped) convolution: where units are read.
+
+    Dimension 1 of an embedding table is where hidden channels are *written*; activation statistics
+    exist only for tensors a Linear or convolution multiplies its input by."""
+    return (member.dim == 1 and is_weight(context, member) and member.tensor not in context.graph.grouped_convs
+            and member.tensor in context.graph.consumed_weights)
 
 
 class Importance(BaseModel):
@@ -61,8 +65,12 @@ class Importance(BaseModel):
     def score(self, family: Family, context: ScoringContext) -> torch.Tensor:
         parts = [s for member in family.members if (s := self.member_scores(family, member, context)) is not None]
         if not parts:
-            raise PrunekitError(f"{self.name} has nothing to score in {family.name} "
-                                f"({', '.join(sorted({m.tensor for m in family.members}))})")
+            tensors = ", ".join(sorted({m.tensor for m in family.members})[:4])
+            if "moments" in self.needs:
+                raise PrunekitError(f"importance '{self.name}' scores units by the inputs of the layers that read them, "
+                                    f"and no Linear or convolution reads the units of {family.name} ({tensors}); "
+                                    "use l2, l1, taylor or random, or --ignore this family")
+            raise PrunekitError(f"importance '{self.name}' has nothing to score in {family.name} ({tensors})")
         stacked = torch.stack([p.double() for p in parts])
         if self.reduction == "sum":
             return stacked.sum(0)
