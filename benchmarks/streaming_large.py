@@ -122,7 +122,9 @@ def part_scale(args, results: dict) -> None:
                           ("SparseGPT 2:4", ["--method", "sparsegpt", "--pattern", "2:4"])):
         for name, model in (("3.5B random", big), ("SmolLM2-135M", smol)):
             out = Path(args.work) / f"scale-{name.split()[0]}-{method[1]}"
-            record = streamed_run(model, out, method, calib)
+            # Each model is computed and stored in its own dtype (bf16 for the big one, fp32 for SmolLM2).
+            dtype = ["--dtype", "bfloat16" if model == big else "float32"]
+            record = streamed_run(model, out, method, calib + dtype)
             record.update(run=label, model=name, model_bytes=disk_size(model))
             results["scale"].append(record)
             print(record, flush=True)

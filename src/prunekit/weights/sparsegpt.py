@@ -39,13 +39,17 @@ class SparseGPT(OneShotMethod):
         inverse_diag = torch.cholesky_inverse(self._cholesky(stats.hessian())).diagonal()
         return weight.square() / inverse_diag.unsqueeze(0).square()
 
-    def _inverse_upper_factor(self, hessian: torch.Tensor) -> torch.Tensor:
-        """Upper Cholesky factor of H⁻¹; each d×d intermediate is freed as soon as it is used,
-        which bounds the memory of wide layers (an 8640-wide Hessian is 300 MB in fp32)."""
+    def _inverse_upper_factor(self, stats: InputHessian, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Upper Cholesky factor of H⁻¹ and the mask of dead inputs. No d×d matrix outlives its use
+        and the inversion runs in place, so a layer needs two d×d buffers beside the accumulator
+        (an 8640-wide Hessian is 300 MB in fp32)."""
+        hessian = stats.hessian().to(device)
+        dead = hessian.diagonal() == 0
         factor = self._cholesky(hessian)
-        inverse = torch.cholesky_inverse(factor)
-        del factor
-        return torch.linalg.cholesky(inverse, upper=True)
+        del hessian
+        torch.cholesky_inverse(factor, out=factor)
+        torch.linalg.cholesky(factor, upper=True, out=factor)
+        return factor, dead
 
     def _cholesky(self, hessian: torch.Tensor) -> torch.Tensor:
         """Lower Cholesky factor of the dampened Hessian; modifies ``hessian`` (a private copy)."""
@@ -67,14 +71,11 @@ class SparseGPT(OneShotMethod):
     def prune(self, weight: torch.Tensor, stats: LayerStatistics | None, sparsity: float,
               pattern: SparsityPattern) -> torch.Tensor:
         assert isinstance(stats, InputHessian)
-        hessian = stats.hessian().to(weight.device)
-        dead = hessian.diagonal() == 0
+        upper, dead = self._inverse_upper_factor(stats, weight.device)
         # Work on the transpose so that a column of W is a contiguous row.
         wt = weight.detach().float().t().contiguous()
         wt[dead] = 0
         columns, rows = wt.shape
-        upper = self._inverse_upper_factor(hessian)
-        del hessian
         keep_t = torch.ones_like(wt, dtype=torch.bool)
         step = self.block_size
         inner = 16
