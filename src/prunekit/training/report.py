@@ -118,17 +118,27 @@ def plot_accuracy_vs_sparsity(series: dict[str, tuple[Sequence[float], Sequence[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for label, (xs, means, stds) in series.items():
-        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=label)
+    # Two panels: the whole range (collapses show), and a zoom on the top where most methods sit.
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1, 1.3]})
+    colors = plt.get_cmap("tab20").colors
+    markers = "osD^vP*Xh<>p"
+    for ax in axes:
+        for index, (label, (xs, means, stds)) in enumerate(series.items()):
+            ax.errorbar(xs, means, yerr=stds, marker=markers[index % len(markers)], capsize=3, label=label,
+                        color=colors[index % len(colors)])
+        if dense is not None:
+            ax.axhline(dense[0], color="grey", linestyle="--", label="dense")
+            ax.axhspan(dense[0] - dense[1], dense[0] + dense[1], color="grey", alpha=0.15)
+        ax.set_xlabel("sparsity (%)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    top = max(max(means) for _, means, _ in series.values()) if series else 100.0
     if dense is not None:
-        ax.axhline(dense[0], color="grey", linestyle="--", label="dense")
-        ax.axhspan(dense[0] - dense[1], dense[0] + dense[1], color="grey", alpha=0.15)
-    ax.set_xlabel("sparsity (%)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        top = max(top, dense[0])
+    axes[1].set_ylim(top - 8, top + 1)
+    axes[0].set_title(title)
+    axes[1].set_title("zoom on the top 8 points")
+    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     _save(fig, path)
 
 
