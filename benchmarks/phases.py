@@ -32,3 +32,10 @@ def run_phases(script: str | Path, plan: Iterable[tuple[str, list[str]]], raw: P
         if done.returncode != 0:
             raise SystemExit(f"{name} failed (exit code {done.returncode}); fix it and run 'all' again to resume")
     report()
+
+
+def print_plan(script: str | Path, plan: Iterable[tuple[str, list[str]]], raw: Path) -> None:
+    """Every phase, done or to do, with the command that runs it."""
+    for name, arguments in plan:
+        state = "done" if (raw / f"{name}.json").exists() else "todo"
+        print(f"{state}  {name}: {shlex.join(phase_command(script, arguments, None)[1:])}")

@@ -34,7 +34,6 @@ import argparse
 import copy
 import json
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ os.environ.setdefault("PRUNEKIT_QUIET", "1")
 
 import torch  # noqa: E402
 
-from phases import phase_command, run_phases  # noqa: E402
+from phases import phase_command, print_plan, run_phases  # noqa: E402
 from prunekit.evaluate.accuracy import accuracy  # noqa: E402
 from prunekit.evaluate.report import environment, markdown_table, write_json  # noqa: E402
 from prunekit.models.fashion_mnist import load_fashion_mnist  # noqa: E402
@@ -274,9 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.phase == "shrink":
         shrink(args.tool, args.importance, args.finetune_epochs, args.mode)
     elif args.phase == "plan":
-        for name, arguments in plan():
-            print(f"{'done' if (RAW / (name + '.json')).exists() else 'todo'}  {name}: "
-                  f"{shlex.join(_command(arguments, None)[1:])}")
+        print_plan(__file__, plan(), RAW)
     elif args.phase == "all":
         run_all(args.lock)
     else:

@@ -46,7 +46,6 @@ import copy
 import json
 import math
 import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -55,7 +54,7 @@ os.environ.setdefault("PRUNEKIT_QUIET", "1")
 
 import torch  # noqa: E402
 
-from phases import phase_command, run_phases  # noqa: E402
+from phases import phase_command, print_plan, run_phases  # noqa: E402
 from prunekit.core.text import TextProtocol, calibration_windows, random_windows, source_text, test_windows, tokenize  # noqa: E402
 from prunekit.evaluate.perplexity import perplexity  # noqa: E402
 from prunekit.evaluate.report import environment, markdown_table, write_json  # noqa: E402
@@ -396,9 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.phase == "equal":
         equal(args.blocks)
     elif args.phase == "plan":
-        for name, arguments in plan():
-            print(f"{'done' if (RAW / (name + '.json')).exists() else 'todo'}  {name}: "
-                  f"{shlex.join(_command(arguments, None)[1:])}")
+        print_plan(__file__, plan(), RAW)
     elif args.phase == "all":
         run_all(args.lock)
     else:
