@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from prunekit.errors import PrunekitError
+from prunekit.io.checkpoint import unique_state_dict
 from prunekit.models.base import ModelAdapter
 
 STRUCTURE_FILE = "prunekit_structure.json"
@@ -127,7 +128,7 @@ def save_structured(model: nn.Module, directory: str | os.PathLike, tokenizer=No
                 generation.save_pretrained(directory)
         else:
             reasons.append("not a Hugging Face model: rebuild it with prunekit.load(path, model=<unpruned skeleton>)")
-        state, aliases = _unique_state(model)
+        state, aliases = unique_state_dict(model)
         save_file({k: v.contiguous() for k, v in state.items()}, str(directory / SPEC_WEIGHTS))
     spec = shape_spec(model, blocks)
     spec["from_pretrained"] = loadable
@@ -136,19 +137,6 @@ def save_structured(model: nn.Module, directory: str | os.PathLike, tokenizer=No
     (directory / STRUCTURE_FILE).write_text(json.dumps(spec, indent=1))
     weights = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
     return SaveReport(loadable, reasons if not loadable else [], weights)
-
-
-def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Each shared tensor (a tied embedding) stored once, and the alias -> owner names."""
-    state, aliases, owners = {}, {}, {}
-    for name, tensor in model.state_dict(keep_vars=False).items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if tensor.numel() and key in owners:
-            aliases[name] = owners[key]
-            continue
-        owners[key] = name
-        state[name] = tensor
-    return state, aliases
 
 
 def is_structured_dir(path: str | os.PathLike) -> bool:
