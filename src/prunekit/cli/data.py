@@ -139,7 +139,7 @@ def _run_scoring(data, score, out, score_arg, epochs, seeds, proxy_model, cnn_wi
                  encoder, text_batch_size, seed, device, threads, text_field, label_field, no_labels, features,
                  text_unit, input_key, limit, overwrite, select_options) -> None:
     from prunekit.core.progress import set_enabled
-    from prunekit.data.distributed import distributed_from_env
+    from prunekit.core.distributed import joined_from_environment
     from prunekit.data.job import run_score_job
 
     _threads(threads)
@@ -148,17 +148,17 @@ def _run_scoring(data, score, out, score_arg, epochs, seeds, proxy_model, cnn_wi
     specs, proxy = _scoring_arguments(score, score_arg, epochs, seeds, proxy_model, cnn_width, batch_size, lr,
                                       optimizer, device)
     options = _data_options(text_field, label_field, no_labels, features, text_unit, input_key, limit)
-    with distributed_from_env() as world:
-        if not world.is_main:
+    with joined_from_environment() as world:
+        if not world.is_writer:
             set_enabled(False)
         table, selection, out_path = run_score_job(data, specs, out, overwrite, options, proxy, seed, encoder,
                                                    text_batch_size, select_options, world)
-    if not world.is_main:
+    if not world.is_writer:
         return
     timings = table.meta["timings"]
     rows = [("data", f"{table.meta['data']['description']} ({len(table)} rows)"),
             ("scores", ", ".join(table.names)),
-            ("processes", f"{world.size} × {table.meta['threads_per_process']} threads"),
+            ("processes", f"{world.world_size} × {table.meta['threads_per_process']} threads"),
             ("time", f"{timings['total_seconds']:.1f} s")]
     if selection is not None:
         rows.append(("kept", f"{len(selection)} of {selection.total} ({selection.fraction:.2%}) by "

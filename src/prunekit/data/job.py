@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from prunekit.data.base import SCORES, STRATEGIES
-from prunekit.data.distributed import World, current_world
+from prunekit.core.distributed import ProcessGroup, current_group
 from prunekit.data.proxy import ProxyConfig
 from prunekit.data.scoring import make_score, score_data
 from prunekit.data.selection import Selection, select
@@ -104,11 +104,11 @@ def check_scores_match(table: ScoreTable, source: DataSource) -> None:
 def run_score_job(data: Any, scores: list, out: Path, overwrite: bool = False, options: DataOptions | None = None,
                   proxy: ProxyConfig | None = None, seed: int = 0, encoder: str | None = None,
                   text_batch_size: int = 16, select_options: SelectOptions | None = None,
-                  world: World | None = None) -> tuple[ScoreTable, Selection | None, Path]:
+                  world: ProcessGroup | None = None) -> tuple[ScoreTable, Selection | None, Path]:
     """Score (and, with ``select_options``, select and write the pruned data) into ``out``."""
     from prunekit.io.atomic import atomic_directory
 
-    world = world or current_world()
+    world = world or current_group()
     options = options or DataOptions()
     specs = [make_score(s) for s in scores]
     if select_options is not None:
@@ -120,7 +120,7 @@ def run_score_job(data: Any, scores: list, out: Path, overwrite: bool = False, o
     selection = None
     if select_options is not None:
         selection = _select(table, select_options)
-    if world.is_main:
+    if world.is_writer:
         with atomic_directory(out_path, overwrite=overwrite) as tmp:
             table.write(tmp)
             written = None

@@ -18,7 +18,7 @@ import torch
 
 from prunekit.core.progress import progress_bar
 from prunekit.data.base import SCORES, Score, build
-from prunekit.data.distributed import World, current_world
+from prunekit.core.distributed import ProcessGroup, current_group
 from prunekit.data.proxy import ProxyConfig, ProxyRun, standardize
 from prunekit.data.sources import IMAGE, TABULAR, TEXT, DataSource, open_data
 from prunekit.data.table import ScoreTable
@@ -32,7 +32,7 @@ class ScoringContext:
     """What a score sees: the data, its labels, the proxy settings and the process group."""
 
     source: DataSource
-    world: World
+    world: ProcessGroup
     labels: np.ndarray | None
     num_classes: int | None
     proxy: ProxyConfig
@@ -107,7 +107,7 @@ def make_score(spec: ScoreSpec) -> Score:
 
 def score_data(data: Any, scores: Sequence[ScoreSpec] | ScoreSpec, labels: Any = None, *,
                proxy: ProxyConfig | None = None, seed: int = 0, text_batch_size: int = 16,
-               encoder: str | None = None, world: World | None = None, **source_options) -> ScoreTable:
+               encoder: str | None = None, world: ProcessGroup | None = None, **source_options) -> ScoreTable:
     """Score every example of ``data`` with each of ``scores`` (names, ``(name, settings)`` or Score objects).
 
     >>> table = score_data("fashion-mnist", ["el2n", "forgetting"], proxy=ProxyConfig(epochs=3, seeds=3))
@@ -115,7 +115,7 @@ def score_data(data: Any, scores: Sequence[ScoreSpec] | ScoreSpec, labels: Any =
     """
     started = time.perf_counter()
     source = open_data(data, labels, **source_options)
-    world = world or current_world()
+    world = world or current_group()
     proxy = proxy or ProxyConfig()
     specs = [make_score(s) for s in ([scores] if isinstance(scores, (str, Score, tuple)) else list(scores))]
     if not specs:
@@ -164,7 +164,7 @@ def score_data(data: Any, scores: Sequence[ScoreSpec] | ScoreSpec, labels: Any =
         "proxy": {**proxy.describe(), "used_by": [s.name for s in proxy_scores],
                   "inputs": _proxy_input_description(context) if proxy_scores else None, **proxy_info},
         "seed": seed,
-        "processes": world.size,
+        "processes": world.world_size,
         "threads_per_process": torch.get_num_threads(),
         "timings": dict(context.timings),
     }
