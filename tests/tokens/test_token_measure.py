@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from prunekit.tokens import apply
-from prunekit.tokens.measure import count_flops, measure_throughput
+from prunekit.tokens.measure import count_flops, measure_paired, measure_throughput
 
 from tests.tokens.conftest import prunekit_vit
 
@@ -47,3 +47,41 @@ def test_throughput_is_the_batch_over_the_median_time():
     assert len(calls) == 7 and len(result.seconds) == 5
     assert result.items_per_second == 8 / result.median_seconds
     assert sorted(result.seconds)[2] == result.median_seconds
+
+
+def test_paired_timing_alternates_and_cancels_a_drifting_machine():
+    """A machine that slows down steadily: paired ABBA timing still finds the true 2x speed-up."""
+    now = [0.0]
+    state = {"on": False, "passes": 0}
+    order = []
+
+    def run():
+        state["passes"] += 1
+        drift = 1.0 + 0.05 * state["passes"]  # every pass 5 % slower than the first
+        now[0] += (1.0 if state["on"] else 2.0) * drift
+        order.append(state["on"])
+
+    result = measure_paired(run, batch_size=4, patch_on=lambda: state.update(on=True),
+                            patch_off=lambda: state.update(on=False), warmup=1, repeats=6, clock=lambda: now[0])
+    assert order == [True, False, False, True] * 3 + [True, False]
+    assert state["on"]  # the patch is left on
+    assert len(result.seconds) == len(result.baseline_seconds) == 6
+    assert abs(result.speedup - 2.0) < 0.12
+    assert result.items_per_second == 4 / sorted(result.seconds)[2] or result.items_per_second == 4 / (
+        (sorted(result.seconds)[2] + sorted(result.seconds)[3]) / 2)
+
+
+def test_a_removed_patch_installs_again_and_an_installed_one_is_not_doubled():
+    model = prunekit_vit(depth=4).eval()
+    images = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        plain = model(images)
+        with apply(model, "tome", rate=0.2) as patch:
+            reduced = model(images)
+            patch.install()  # already installed: nothing changes
+            assert torch.equal(model(images), reduced)
+            patch.remove()
+            assert torch.equal(model(images), plain)
+            patch.install()
+            assert torch.equal(model(images), reduced)
+        assert torch.equal(model(images), plain)

@@ -19,7 +19,7 @@ from torch import nn
 
 from prunekit.core.progress import progress_bar
 from prunekit.errors import PrunekitError
-from prunekit.tokens.measure import count_flops, machine_load, measure_throughput
+from prunekit.tokens.measure import count_flops, machine_load, measure_paired, measure_throughput
 from prunekit.tokens.patch import TokenPatch, apply
 
 
@@ -264,8 +264,9 @@ class SweepSettings:
     threads: int | None = None
 
     def describe(self) -> dict[str, Any]:
-        return {**asdict(self), "timing": (f"{self.warmup} untimed warm-up passes, then the median of "
-                                           f"{self.repeats} timed passes of one batch")}
+        return {**asdict(self), "timing": (f"one batch, timed in {self.repeats} pairs of one patched and one unpatched "
+                                           f"pass in alternating order after {self.warmup} untimed pairs; "
+                                           "speed-up = median unpatched time / median patched time")}
 
 
 def measure_point(model: nn.Module, task: Task, settings: SweepSettings, patch: TokenPatch | None) -> dict[str, Any]:
@@ -276,9 +277,17 @@ def measure_point(model: nn.Module, task: Task, settings: SweepSettings, patch: 
     for size in settings.batch_sizes:
         run = task.runner(model, size)
         load = machine_load()
-        measured = measure_throughput(run, size, settings.warmup, settings.repeats)
-        speed[str(size)] = {"items_per_second": measured.items_per_second, "median_seconds": measured.median_seconds,
-                            "load_before": load, "load_after": machine_load()}
+        if patch is None:
+            measured = measure_throughput(run, size, settings.warmup, settings.repeats)
+            speed[str(size)] = {"items_per_second": measured.items_per_second,
+                                "median_seconds": measured.median_seconds}
+        else:
+            paired = measure_paired(run, size, patch.install, patch.remove, settings.warmup, settings.repeats)
+            speed[str(size)] = {"items_per_second": paired.items_per_second,
+                                "median_seconds": size / paired.items_per_second,
+                                "unpatched_items_per_second": paired.baseline_items_per_second,
+                                "speedup": paired.speedup}
+        speed[str(size)].update(load_before=load, load_after=machine_load())
         if flops_per_item is None:
             flops_per_item = count_flops(run) / size
     if patch is not None:  # the trace of the last timed pass: the largest batch
@@ -320,8 +329,9 @@ def run_sweep(model: nn.Module, task: Task, settings: SweepSettings,
 
 
 def _add_relative(point: dict[str, Any], baseline: dict[str, Any], task: Task) -> None:
-    point["speedup"] = {size: point["throughput"][size]["items_per_second"] / baseline["throughput"][size]["items_per_second"]
-                        for size in point["throughput"] if size in baseline["throughput"]}
+    # Paired timings carry their own speed-up; a ratio to the baseline measured earlier is the fallback.
+    point["speedup"] = {size: speed.get("speedup", speed["items_per_second"] / baseline["throughput"][size]["items_per_second"])
+                        for size, speed in point["throughput"].items() if size in baseline["throughput"]}
     point["flops_ratio"] = point["flops_per_item"] / baseline["flops_per_item"]
     point["quality_change"] = point["quality"][task.metric] - baseline["quality"][task.metric]
 

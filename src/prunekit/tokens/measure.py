@@ -49,6 +49,59 @@ def measure_throughput(run: Callable[[], Any], batch_size: int, warmup: int = 3,
                       seconds=times, warmup=warmup)
 
 
+@dataclass
+class PairedThroughput:
+    """The patched and the unpatched model timed in alternation, so both see the same machine."""
+
+    batch_size: int
+    items_per_second: float  # patched: batch size / median seconds per batch
+    baseline_items_per_second: float
+    speedup: float  # median unpatched seconds / median patched seconds
+    seconds: list[float]
+    baseline_seconds: list[float]
+    warmup: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def measure_paired(run: Callable[[], Any], batch_size: int, patch_on: Callable[[], Any], patch_off: Callable[[], Any],
+                   warmup: int = 3, repeats: int = 10, clock: Callable[[], float] = time.perf_counter) -> PairedThroughput:
+    """Time ``run`` with the patch on and off in alternating pairs (ABBA order), ``repeats`` pairs after
+    ``warmup`` untimed ones; the patch is left on.
+
+    On a shared machine the speed of the same pass drifts by tens of percent over minutes; a speed-up
+    from two medians taken minutes apart measures that drift as much as the method. Alternating
+    the two within each pair exposes both to the same load, and the ABBA order cancels a trend
+    within a pair.
+    """
+    if batch_size < 1 or repeats < 1 or warmup < 0:
+        raise ValueError("batch_size and repeats must be positive and warmup non-negative")
+    patched: list[float] = []
+    unpatched: list[float] = []
+
+    def timed(on: bool, into: list[float] | None) -> None:
+        (patch_on if on else patch_off)()
+        begin = clock()
+        run()
+        if into is not None:
+            into.append(clock() - begin)
+
+    try:
+        with torch.inference_mode():
+            for index in range(warmup + repeats):
+                first_on = index % 2 == 0
+                keep = index >= warmup
+                for on in (first_on, not first_on):
+                    timed(on, (patched if on else unpatched) if keep else None)
+    finally:
+        patch_on()
+    median, base = statistics.median(patched), statistics.median(unpatched)
+    return PairedThroughput(batch_size=batch_size, items_per_second=batch_size / median,
+                            baseline_items_per_second=batch_size / base, speedup=base / median,
+                            seconds=patched, baseline_seconds=unpatched, warmup=warmup)
+
+
 def _cpu_attention_flops(query_shape, key_shape, value_shape, *args: Any, out_shape=None, **kwargs: Any) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 

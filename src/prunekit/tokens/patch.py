@@ -92,6 +92,9 @@ class TokenPatch:
         self._restore.append(handle.remove)
 
     def install(self) -> "TokenPatch":
+        """Patch the model (again, after ``remove``); installing an installed patch changes nothing."""
+        if self.active:
+            return self
         try:
             self.family.install(self)
         except BaseException:
