@@ -11,6 +11,7 @@ Phases (run by hand; raw per-run results go to benchmarks/results/raw/data_fmnis
 
     flock /tmp/prunekit-cpu.lock python benchmarks/data_fashion_mnist.py score --score el2n grand forgetting aum prototypes  # timed
     flock /tmp/prunekit-cpu.lock python benchmarks/data_fashion_mnist.py fullrun              # one full training, timed
+    flock /tmp/prunekit-cpu.lock python benchmarks/data_fashion_mnist.py cost                 # EL2N alone, forgetting+AUM alone
     nice -n 19 python benchmarks/data_fashion_mnist.py train [--max-minutes 60] [--threads 1]  # the accuracy grid
     python benchmarks/data_fashion_mnist.py report                                            # JSON, Markdown, plot
 """
@@ -83,6 +84,25 @@ def phase_score(names: list[str]) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         table.write(folder)
     print(f"{', '.join(names)}: {measured.seconds:.1f} s, timings {table.meta['timings']}")
+
+
+COST_GROUPS = (("el2n",), ("forgetting", "aum"))  # what one score (or one pair) costs without the others
+
+
+def phase_cost() -> None:
+    """Time scores computed without the rest (results not kept: the grid reads the shared pass's tables)."""
+    torch.set_num_threads(2)
+    train = load_fashion_mnist("train")
+    costs = {}
+    for names in COST_GROUPS:
+        with Measured() as measured:
+            table = score_data((train.images, train.labels), [(n, SCORE_SETTINGS.get(n, {})) for n in names],
+                               proxy=PROXY, seed=0)
+        costs["+".join(names)] = {"seconds": measured.seconds, "timings": table.meta["timings"],
+                                  "epochs_trained": table.meta["proxy"]["epochs_trained"]}
+        print(f"{'+'.join(names)}: {measured.seconds:.1f} s", flush=True)
+    RAW.mkdir(parents=True, exist_ok=True)
+    (RAW / "score_costs_alone.json").write_text(json.dumps(costs, indent=1))
 
 
 class StepBudget(torch.utils.data.Sampler):
@@ -237,6 +257,13 @@ def phase_report() -> None:
                      "proxy training, whose time is counted once for the pass):", "",
                      markdown_table(["score", "proxy epochs × seeds", "pass seconds", "× one full training run",
                                      "computed with", "breakdown"], costs), ""]
+    alone_path = RAW / "score_costs_alone.json"
+    if alone_path.exists() and fullrun:
+        alone = json.loads(alone_path.read_text())
+        markdown += ["The same scores computed without the others (`cost` phase):", "",
+                     markdown_table(["scores", "proxy epochs trained × seeds", "seconds", "× one full training run"],
+                                    [[name, f"{info['epochs_trained']} × {PROXY.seeds}", f"{info['seconds']:.0f}",
+                                      f"{info['seconds'] / fullrun['seconds']:.2f}"] for name, info in alone.items()]), ""]
     if fullrun:
         markdown += [f"One full training run (the unit above): {fullrun['seconds']:.0f} s, {fullrun['steps']} steps, "
                      f"test accuracy {100 * fullrun['test_accuracy']:.2f} %.", ""]
@@ -279,6 +306,7 @@ def main() -> None:
     score.add_argument("--score", required=True, nargs="+", choices=sorted({s for s, _, _ in ROWS.values()} - {"random"}),
                        help="one or more scores; several share one proxy training")
     sub.add_parser("fullrun")
+    sub.add_parser("cost")
     train = sub.add_parser("train")
     train.add_argument("--max-minutes", type=float, default=600.0)
     train.add_argument("--threads", type=int, default=2, help="torch threads (run two 1-thread phases side by side to share the grid)")
@@ -288,6 +316,8 @@ def main() -> None:
         phase_score(args.score)
     elif args.phase == "fullrun":
         phase_fullrun()
+    elif args.phase == "cost":
+        phase_cost()
     elif args.phase == "train":
         phase_train(args.max_minutes, args.threads)
     else:
