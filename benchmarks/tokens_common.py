@@ -90,7 +90,10 @@ def ordering(data: dict[str, Any], metric: str, speedups: Sequence[float], size:
 
     rows = []
     for label, group in data["groups"].items():
-        values = [quality_at_speedup(group["points"], group["method"], metric, speedup, size) for speedup in speedups]
+        # the unpatched model is the curve's start: speed-up 1 at its own quality
+        start = {"method": group["method"], "speedup": {size: 1.0}, "quality": group["baseline"]["quality"]}
+        curve = [start, *group["points"]]
+        values = [quality_at_speedup(curve, group["method"], metric, speedup, size) for speedup in speedups]
         rows.append([label, *[None if v is None else round(v * scale, digits) for v in values]])
     sign = -1 if higher_is_better else 1
     rows.sort(key=lambda row: (row[1] is None, sign * (row[1] or 0)))
