@@ -131,39 +131,51 @@ def part_scale(args, results: dict) -> None:
             shutil.rmtree(out, ignore_errors=True)
 
 
+def _compare(a: dict, b: dict) -> dict:
+    """Mask agreement and largest weight difference over the decoder blocks' matrices."""
+    equal = total = 0
+    max_diff = 0.0
+    for name, one in a.items():
+        if one.dim() == 2 and name.startswith("model.layers."):
+            equal += int(((one == 0) == (b[name] == 0)).sum())
+            total += one.numel()
+            max_diff = max(max_diff, float((one - b[name]).abs().max()))
+    return {"mask_agreement": equal / total, "max_abs_weight_difference": max_diff}
+
+
+# (processes, threads per process): the issue's comparison is 1 x 2 against 2 x 1; 1 x 1 separates
+# what splitting the calibration across ranks changes from what the thread count alone changes.
+RANK_LAYOUTS = ((1, 2), (2, 1), (1, 1))
+
+
 def part_ranks(args, results: dict) -> None:
     smol = str(smollm2_path())
     calib = ["--calib-samples", "32", "--seq-len", "512", "--no-eval", "--no-compressed"]
     results["ranks"] = []
     for method in ("wanda", "sparsegpt"):
         outs = {}
-        record = {"method": method}
-        for processes in (1, 2):
-            out = Path(args.work) / f"ranks-{method}-{processes}"
-            threads = 2 // processes
+        record: dict = {"method": method}
+        for processes, threads in RANK_LAYOUTS:
+            key = f"{processes}x{threads}"
+            out = Path(args.work) / f"ranks-{method}-{key}"
             code, wall, err = prunekit_cli([smol, "--method", method, *calib, "--out", str(out), "--overwrite",
                                             "--threads", str(threads)], processes=processes, threads=threads)
             if code != 0:
-                record[f"error_{processes}"] = err.strip().splitlines()[-1]
+                record[f"error_{key}"] = err.strip().splitlines()[-1]
                 continue
             report = json.loads((out / "report.json").read_text())
-            record[f"prune_seconds_{processes}"] = report["timing"]["prune_seconds"]
-            record[f"wall_seconds_{processes}"] = wall
-            outs[processes] = load_file(str(out / "model.safetensors"))
-        if len(outs) == 2:
-            masks_equal = total = 0
-            max_diff = 0.0
-            for name, one in outs[1].items():
-                if one.dim() == 2 and name.startswith("model.layers."):
-                    masks_equal += int(((one == 0) == (outs[2][name] == 0)).sum())
-                    total += one.numel()
-                    max_diff = max(max_diff, float((one - outs[2][name]).abs().max()))
-            record.update(mask_agreement=masks_equal / total, max_abs_weight_difference=max_diff,
-                          time_ratio_two_over_one=record["prune_seconds_2"] / record["prune_seconds_1"])
+            record[f"prune_seconds_{key}"] = report["timing"]["prune_seconds"]
+            record[f"wall_seconds_{key}"] = wall
+            outs[key] = load_file(str(out / "model.safetensors"))
+            shutil.rmtree(out, ignore_errors=True)
+        pairs = {"1x2 vs 2x1": ("1x2", "2x1"), "1x1 vs 2x1 (split alone)": ("1x1", "2x1"),
+                 "1x2 vs 1x1 (threads alone)": ("1x2", "1x1")}
+        record["comparisons"] = {label: _compare(outs[a], outs[b]) for label, (a, b) in pairs.items()
+                                 if a in outs and b in outs}
+        if "1x2" in outs and "2x1" in outs:
+            record["time_ratio_two_over_one"] = record["prune_seconds_2x1"] / record["prune_seconds_1x2"]
         results["ranks"].append(record)
         print(record, flush=True)
-        for processes in (1, 2):
-            shutil.rmtree(Path(args.work) / f"ranks-{method}-{processes}", ignore_errors=True)
 
 
 def part_resume(args, results: dict) -> None:
@@ -220,12 +232,16 @@ def to_markdown(results: dict) -> str:
         lines += [markdown_table(["run", "model", "size on disk GiB", "peak RSS GiB", "RSS / size", "s per block (median)",
                                   "prune s"], rows), ""]
     if "ranks" in results:
-        rows = [(r["method"], f"{r.get('prune_seconds_1', float('nan')):.1f}", f"{r.get('prune_seconds_2', float('nan')):.1f}",
-                 f"{r.get('time_ratio_two_over_one', float('nan')):.2f}", f"{r.get('mask_agreement', float('nan')):.6f}",
-                 f"{r.get('max_abs_weight_difference', float('nan')):.2e}") for r in results["ranks"]]
-        lines += ["SmolLM2-135M, 32 × 512 calibration tokens; 1 process × 2 threads against 2 gloo processes × 1 thread:",
-                  "", markdown_table(["method", "1 process s", "2 processes s", "time ratio", "mask agreement",
-                                      "max |Δw|"], rows), ""]
+        nan = float("nan")
+        rows = [(r["method"], f"{r.get('prune_seconds_1x2', nan):.1f}", f"{r.get('prune_seconds_2x1', nan):.1f}",
+                 f"{r.get('time_ratio_two_over_one', nan):.2f}", f"{r.get('prune_seconds_1x1', nan):.1f}")
+                for r in results["ranks"]]
+        lines += ["SmolLM2-135M, 32 × 512 calibration tokens, prune time in seconds by processes × threads per process:",
+                  "", markdown_table(["method", "1 × 2", "2 × 1 (gloo)", "ratio 2 × 1 / 1 × 2", "1 × 1"], rows), "",
+                  "Agreement of the pruned weights (decoder blocks' matrices):", ""]
+        rows = [(r["method"], label, f"{c['mask_agreement']:.6f}", f"{c['max_abs_weight_difference']:.2e}")
+                for r in results["ranks"] for label, c in r.get("comparisons", {}).items()]
+        lines += [markdown_table(["method", "runs compared", "mask agreement", "max |Δw|"], rows), ""]
     if "resume" in results:
         r = results["resume"]
         lines += [f"Resume: SmolLM2 SparseGPT 50 % streamed, SIGKILL after block {r['killed_after_block']}, resumed "
