@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from prunekit.core.statistics import InputHessian, InputNorms
@@ -40,3 +41,19 @@ def test_triangular_and_symmetric_storage_agree_and_merge():
     expected = 2 * torch.cat([a, b]).T @ torch.cat([a, b]) / 70
     torch.testing.assert_close(fast.hessian(), expected)
     torch.testing.assert_close(plain.hessian(), expected)
+
+
+def test_scipy_blas_follows_torch_threads_so_the_environment_cannot_change_the_hessian():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    previous = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            stats = InputHessian(16)
+            stats.add(torch.randn(2, 8, 16))
+            if not stats.upper_only:
+                pytest.skip("scipy's ssyrk is not in use")
+            blas = [info for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"]
+            assert blas and all(info["num_threads"] == threads for info in blas)
+    finally:
+        torch.set_num_threads(previous)

@@ -10,6 +10,25 @@ try:  # symmetric rank-k update: half the multiply-adds of X Xᵀ through a gene
 except ImportError:  # pragma: no cover - scipy comes with gensim
     _ssyrk = None
 
+_blas_threads: int | None = None
+
+
+def match_blas_threads() -> None:
+    """Give scipy's BLAS the thread count torch uses.
+
+    OpenBLAS otherwise takes its thread count from the environment (OPENBLAS_NUM_THREADS, then
+    OMP_NUM_THREADS, then the core count), and a different count sums in a different order: the
+    same command gave a different Hessian, hence different SparseGPT weights, depending on an
+    environment variable. With this, ``--threads`` (``torch.set_num_threads``) decides both.
+    """
+    global _blas_threads
+    wanted = torch.get_num_threads()
+    if wanted != _blas_threads:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=wanted, user_api="blas")
+        _blas_threads = wanted
+
 
 class LayerStatistics:
     """Base class: ``add`` sees each batch of inputs (..., in_features) once."""
@@ -70,6 +89,7 @@ class InputHessian(InputNorms):
     def add(self, inputs: torch.Tensor) -> None:
         x = self._flatten(inputs).detach()
         if self.upper_only:
+            match_blas_threads()
             # Column-major views of the same memory: BLAS updates the lower triangle of gramᵀ,
             # i.e. the upper triangle of gram, which is all ``hessian()`` reads.
             target = self.gram.numpy().T
