@@ -10,19 +10,6 @@ import pytest
 import yaml
 
 from prunekit.cli import main
-from structure_helpers import tiny_llama
-
-TEXT = ("The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step. "
-        "Structural pruning removes whole neurons and heads so that dense kernels run faster. ") * 60
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("shrink") / "tiny"
-    tiny_llama(layers=2, hidden=64, intermediate=256, heads=4, kv_heads=2, vocab=len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    (path.parent / "text.txt").write_text(TEXT)
-    return path
 
 
 def _fingerprint(path: Path) -> str:

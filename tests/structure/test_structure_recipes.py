@@ -14,20 +14,8 @@ import yaml
 
 from prunekit.cli import main
 from prunekit.structure.recipe import ShrinkRecipe
-from structure_helpers import tiny_llama
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "docs" / "recipes").glob("*.yaml"))
-TEXT = ("Pruning whole structures makes a model smaller and faster on ordinary hardware. "
-        "Calibration text feeds the activation statistics of every criterion that needs them. ") * 60
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("recipes") / "tiny"
-    tiny_llama(layers=2, hidden=64, intermediate=256, heads=4, kv_heads=2, vocab=len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    (path.parent / "text.txt").write_text(TEXT)
-    return path
 
 
 def test_example_recipes_exist_and_validate():
