@@ -19,7 +19,7 @@ from tokens_common import LOCK_NOTE, RESULTS, cli, load, measure_group, ordering
 NAME = "tokens_vit"
 STAGED = [0.1, 0.2, 0.3, 0.4]
 GROUPS = {  # label: (method, rates, layers)
-    "tome": ("tome", [0.05, 0.1, 0.15, 0.2, 0.25, 0.3], None),
+    "tome": ("tome", [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4], None),
     "evit": ("evit", STAGED, None),
     "zero-tprune": ("zero-tprune", STAGED, None),
     "attention-magnitude": ("attention-magnitude", STAGED, None),
