@@ -26,6 +26,11 @@ class ShardedCheckpoint:
     describes, readable, holding the tensors the index promises), so a broken checkpoint fails
     before any work starts. A prunekit compressed directory (``compressed/`` of a streamed run)
     reads the same way; each tensor is decoded when it is asked for.
+
+    No shard stays open between reads: safetensors maps a whole shard, and every page a read
+    touches stays in the process's resident set for as long as the mapping lives, so handles
+    kept open for the whole run grow the RSS to the size of the model (measured: 9.7 GB for a
+    7.1 GB checkpoint) although only one block is in use.
     """
 
     def __init__(self, directory: str | os.PathLike):
@@ -49,7 +54,8 @@ class ShardedCheckpoint:
                                 "(load and save_pretrained it once)")
         else:
             raise PrunekitError(f"{self.directory} has no safetensors weights")
-        self._handles = {}
+        self._keys: dict[str, set[str]] = {}
+        self._layout: dict[str, tuple[list[int], str]] = {}  # plain shards: shape and safetensors dtype
         self.weight_map: dict[str, str] = {}
         for file in files:
             path = self.directory / file
@@ -57,18 +63,22 @@ class ShardedCheckpoint:
                 raise PrunekitError(f"shard {file} of {self.directory} is missing")
             check_shard_size(path, f"shard {file} of {self.directory}")
             try:
-                handle = safe_open(str(path), framework="pt")
-                keys = set(handle.keys())
+                with safe_open(str(path), framework="pt") as handle:
+                    keys = set(handle.keys())
+                    if self._manifests is not None:
+                        self._read_manifest(file, handle, keys)
+                    else:
+                        for key in keys:
+                            tensor_slice = handle.get_slice(key)
+                            self._layout[key] = (tensor_slice.get_shape(), tensor_slice.get_dtype())
             except (SafetensorError, OSError, ValueError) as exc:
                 raise PrunekitError(f"shard {file} of {self.directory} is corrupt: {exc}") from None
-            self._handles[file] = handle
-            if self._manifests is not None:
-                self._read_manifest(file, handle, keys)
-            elif weight_map is None:
+            self._keys[file] = keys
+            if self._manifests is None and weight_map is None:
                 self.weight_map.update({key: file for key in keys})
         if weight_map is not None:
             for name, file in weight_map.items():
-                if name not in self._handles[file].keys():
+                if name not in self._keys[file]:
                     raise PrunekitError(f"shard {file} of {self.directory} lacks tensor {name} its index promises")
             self.weight_map = dict(weight_map)
 
@@ -103,25 +113,25 @@ class ShardedCheckpoint:
 
     def get(self, name: str) -> torch.Tensor:
         try:
-            handle = self._handles[self.weight_map[name]]
-            if self._manifests is None:
-                return handle.get_tensor(name)
+            file = self.weight_map[name]
+            with safe_open(str(self.directory / file), framework="pt") as handle:
+                if self._manifests is None:
+                    return handle.get_tensor(name)
+                stored = {key: handle.get_tensor(key) for key in self._keys[file] if key.startswith(name + "::")}
             from prunekit.io import sparse_format
 
-            manifest = self._manifests[name]
-            stored = {key: handle.get_tensor(key) for key in handle.keys() if key.startswith(name + "::")}
-            return sparse_format.decode(stored, manifest)[name]
+            return sparse_format.decode(stored, self._manifests[name])[name]
         except KeyError:
             raise PrunekitError(f"{self.directory} has no tensor {name}") from None
         except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
             raise PrunekitError(f"cannot read {name} from {self.weight_map[name]}: {exc}") from None
 
     def size_bytes(self) -> int:
-        return sum((self.directory / f).stat().st_size for f in self._handles)
+        return sum((self.directory / f).stat().st_size for f in self._keys)
 
     def fingerprint(self) -> dict:
         """Enough to tell whether a resumed run reads the same checkpoint."""
-        return {file: (self.directory / file).stat().st_size for file in sorted(self._handles)}
+        return {file: (self.directory / file).stat().st_size for file in sorted(self._keys)}
 
     def tensor_bytes(self, dtype: torch.dtype | None = None) -> int:
         """Bytes of every tensor once read, floating-point ones converted to ``dtype``."""
@@ -131,8 +141,7 @@ class ShardedCheckpoint:
                 entry = self._manifests[name]["tensors"][name]
                 shape, stored = entry["shape"], getattr(torch, entry["dtype"])
             else:
-                tensor_slice = self._handles[self.weight_map[name]].get_slice(name)
-                shape, stored = tensor_slice.get_shape(), _dtype(tensor_slice.get_dtype())
+                shape, stored = self._layout[name][0], _dtype(self._layout[name][1])
             target = dtype if dtype is not None and stored.is_floating_point else stored
             numel = 1
             for size in shape:
