@@ -14,6 +14,7 @@ from torch import nn
 from prunekit.errors import PrunekitError
 from prunekit.io import sparse_format
 from prunekit.io.atomic import atomic_directory
+from prunekit.io.safetensors_file import write_safetensors
 
 COMPRESSED_WEIGHTS = "model.sparse.safetensors"
 COMPRESSED_MARKER = "prunekit_compressed.json"
@@ -131,9 +132,7 @@ def write_compressed_shard(tensors: dict[str, torch.Tensor], path: Path, codec: 
     """One compressed weights file (a shard of a streamed model, or a whole small one), written atomically."""
     stored, manifest = sparse_format.encode(tensors, codec=codec)
     manifest["aliases"] = aliases or {}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(stored, str(tmp), metadata=sparse_format.manifest_to_metadata(manifest))
-    os.replace(tmp, path)
+    write_safetensors(path, stored, sparse_format.manifest_to_metadata(manifest))
     return manifest
 
 

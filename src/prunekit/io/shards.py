@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from prunekit.errors import PrunekitError
 from prunekit.io.checkpoint import COMPRESSED_MARKER
+from prunekit.io.safetensors_file import write_safetensors
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -189,10 +189,7 @@ def shard_name(index: int, total: int) -> str:
 
 def write_shard(directory: Path, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write one shard atomically: a killed run leaves either the whole file or none."""
-    tmp = directory / f".{name}.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
-              metadata={"format": "pt", **(metadata or {})})
-    os.replace(tmp, directory / name)
+    write_safetensors(directory / name, tensors, {"format": "pt", **(metadata or {})})
 
 
 def write_index(directory: Path, shards: list[str]) -> None:

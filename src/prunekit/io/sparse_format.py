@@ -10,6 +10,7 @@ compressed losslessly; the exponent bytes of trained weights compress well.
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -20,6 +21,7 @@ FORMAT_VERSION = 1
 CODECS = ("none", "zstd")
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_CHUNK = 1 << 22  # elements counted or compressed at a time: bounds the extra memory of encoding
 
 
 def _bit_nonzero(tensor: torch.Tensor) -> torch.Tensor:
@@ -29,12 +31,15 @@ def _bit_nonzero(tensor: torch.Tensor) -> torch.Tensor:
     return flat.view(_INT_VIEW[flat.element_size()]) != 0
 
 
+def _count_bit_nonzero(tensor: torch.Tensor) -> int:
+    """``_bit_nonzero(tensor).sum()`` without a mask of the whole tensor (a dense one never needs it)."""
+    flat = tensor.contiguous().reshape(-1)
+    bits = flat if flat.dtype == torch.bool else flat.view(_INT_VIEW[flat.element_size()])
+    return sum(int(torch.count_nonzero(bits[start:start + _CHUNK])) for start in range(0, bits.numel(), _CHUNK))
+
+
 def _to_bytes(tensor: torch.Tensor) -> np.ndarray:
     return tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-
-
-def _shuffle(raw: np.ndarray, itemsize: int) -> np.ndarray:
-    return raw.reshape(-1, itemsize).T.copy() if itemsize > 1 else raw
 
 
 def _unshuffle(raw: np.ndarray, itemsize: int) -> np.ndarray:
@@ -46,8 +51,17 @@ def _pack(payload: torch.Tensor, codec: str, level: int) -> torch.Tensor:
     if codec == "zstd":
         import zstandard
 
+        # Shuffled and compressed a chunk at a time, the compressed bytes kept where they were written:
+        # a 315 MB embedding used to need three full copies of itself on top (the run's memory peak).
+        itemsize = payload.element_size()
+        planes = raw.reshape(-1, itemsize).T if itemsize > 1 else raw.reshape(1, -1)
+        sink = io.BytesIO()
         compressor = zstandard.ZstdCompressor(level=level, threads=-1)
-        raw = np.frombuffer(compressor.compress(_shuffle(raw, payload.element_size()).tobytes()), dtype=np.uint8)
+        with compressor.stream_writer(sink, size=raw.size, closefd=False) as writer:
+            for plane in planes:
+                for start in range(0, plane.shape[0], _CHUNK):
+                    writer.write(np.ascontiguousarray(plane[start:start + _CHUNK]))
+        return torch.frombuffer(sink.getbuffer(), dtype=torch.uint8)
     return torch.from_numpy(raw.copy())
 
 
@@ -74,12 +88,12 @@ def encode(state: dict[str, torch.Tensor], codec: str = "zstd", level: int = 3) 
     for name, tensor in state.items():
         tensor = tensor.detach().cpu()
         entry = {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape), "codec": codec}
-        nonzero = _bit_nonzero(tensor)
-        kept = int(nonzero.sum())
+        kept = _count_bit_nonzero(tensor)
         itemsize = tensor.element_size()
         bitmask_bytes = (tensor.numel() + 7) // 8 + kept * itemsize
         if tensor.dim() >= 2 and tensor.is_floating_point() and bitmask_bytes < tensor.numel() * itemsize:
             entry.update(encoding="bitmask", nonzeros=kept)
+            nonzero = _bit_nonzero(tensor)
             bits = np.packbits(nonzero.numpy())
             stored[f"{name}::bitmask"] = _pack(torch.from_numpy(bits), codec, level)
             stored[f"{name}::values"] = _pack(tensor.reshape(-1)[nonzero], codec, level)
