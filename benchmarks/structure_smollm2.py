@@ -81,8 +81,12 @@ TARGETS = {"perplexity_no_recovery": 3.0, "perplexity_recovered": 1.5, "speedup_
 
 # ---- runs and their result files ---------------------------------------------------------------
 
-def prune_name(tool: str, importance: str, ratio: float, mlp_only: bool, heads: str = "kv", recover: float = 0.0) -> str:
-    scope = "mlp" if (mlp_only or tool == "torch-pruning") else f"global-{heads}"
+def prune_name(tool: str, importance: str, ratio: float, mlp_only: bool, heads: str = "kv", recover: float = 0.0,
+               mlp_global: float | None = None) -> str:
+    if mlp_global is not None:
+        scope = f"mlpglobal{mlp_global:g}"
+    else:
+        scope = "mlp" if (mlp_only or tool == "torch-pruning") else f"global-{heads}"
     return f"{tool}-{importance}-{scope}-{ratio:g}" + (f"-recover{recover:g}" if recover else "")
 
 
@@ -191,8 +195,11 @@ def _torch_pruning(model, importance: str, ratio: float, calibration: torch.Tens
     return {"neurons_removed_per_layer": neurons, "kept": model.config.intermediate_size}
 
 
-def _prunekit(model, importance: str, ratio: float, calibration: torch.Tensor, mlp_only: bool, heads: str) -> dict:
-    if mlp_only:
+def _prunekit(model, importance: str, ratio: float, calibration: torch.Tensor, mlp_only: bool, heads: str,
+              mlp_global: float | None = None) -> dict:
+    if mlp_global is not None:
+        settings = {"granularity": "channels", "allocation": {"name": "global", "round_to": 8, "floor": mlp_global}}
+    elif mlp_only:
         settings = {"granularity": "channels", "allocation": {"name": "uniform", "round_to": 1, "floor": 0.0}}
     else:
         settings = {"granularity": "channels,heads", "allocation": {"name": "global", "round_to": 8, "floor": 0.1},
@@ -210,16 +217,18 @@ def _recover(lm, teacher, seconds: float) -> dict:
 
 
 def prune(tool: str, importance: str, ratio: float, mlp_only: bool, heads: str, recover: float,
-          name: str | None = None, scope: str | None = None) -> None:
+          name: str | None = None, scope: str | None = None, mlp_global: float | None = None) -> None:
     lm, calibration, test = _load()
     teacher = copy.deepcopy(lm.model) if recover else None
     with Measured() as pruning:
         details = (_torch_pruning(lm.model, importance, ratio, calibration) if tool == "torch-pruning"
-                   else _prunekit(lm.model, importance, ratio, calibration, mlp_only, heads))
+                   else _prunekit(lm.model, importance, ratio, calibration, mlp_only, heads, mlp_global))
     local = mlp_only or tool == "torch-pruning"
-    result = {"name": name or prune_name(tool, importance, ratio, mlp_only, heads, recover), "tool": tool,
-              "importance": importance, "ratio": ratio,
-              "scope": scope or ("MLP neurons, uniform" if local else f"MLP neurons + heads ({heads}), global"),
+    default_scope = ("MLP neurons, uniform" if local else f"MLP neurons + heads ({heads}), global")
+    if mlp_global is not None:
+        default_scope = f"MLP neurons, global (floor {mlp_global:g})"
+    result = {"name": name or prune_name(tool, importance, ratio, mlp_only, heads, recover, mlp_global), "tool": tool,
+              "importance": importance, "ratio": ratio, "scope": scope or default_scope,
               "prune_seconds": pruning.seconds, "prune_peak_rss": pruning.peak_rss, "details": details,
               **_measure(lm.model, test)}
     if recover:
@@ -375,6 +384,8 @@ def main(argv: list[str] | None = None) -> None:
     prune_parser.add_argument("--ratio", type=float, required=True)
     prune_parser.add_argument("--mlp-only", action="store_true", help="prunekit: MLP neurons only, uniform")
     prune_parser.add_argument("--heads", choices=["kv", "query"], default="kv")
+    prune_parser.add_argument("--mlp-global", type=float, metavar="FLOOR",
+                              help="prunekit: MLP neurons only, ranked across layers, each layer keeping FLOOR")
     prune_parser.add_argument("--recover", type=float, default=0.0, help="seconds of distillation after pruning")
     depth_parser = sub.add_parser("depth", help="remove whole blocks")
     depth_parser.add_argument("--blocks", type=int, default=DEPTH_BLOCKS)
@@ -389,7 +400,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.phase == "dense":
         dense()
     elif args.phase == "prune":
-        prune(args.tool, args.importance, args.ratio, args.mlp_only, args.heads, args.recover)
+        prune(args.tool, args.importance, args.ratio, args.mlp_only, args.heads, args.recover,
+              mlp_global=args.mlp_global)
     elif args.phase == "depth":
         depth(args.blocks, args.criterion)
     elif args.phase == "equal":
