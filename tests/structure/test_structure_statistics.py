@@ -1,0 +1,32 @@
+"""Gradient accumulation for Taylor scores: language-model batches are split into single samples
+(to bound the memory of the vocabulary-wide logits) without changing the gradient."""
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from prunekit.structure.pipeline import lm_calibration
+from prunekit.structure.statistics import accumulate_gradients
+
+
+def test_one_sample_parts_give_the_whole_batch_gradient():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).double()
+    windows = torch.randint(0, 100, (6, 16), generator=torch.Generator().manual_seed(1))
+    calibration = lm_calibration(windows, batch_size=4)  # batches of 4 and 2: unequal shares
+    names = [name for name, _ in model.named_parameters() if ".mlp." in name]
+    sizes = []
+
+    def loss_fn(model, batch, target):
+        sizes.append(batch["input_ids"].shape[0])
+        return calibration.loss_fn(model, batch, target)
+
+    split = accumulate_gradients(model, calibration.batches, loss_fn, names)
+    assert sizes == [1] * 6  # one window per backward pass
+    for batch in calibration.batches:
+        model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss.backward()
+    whole = {name: parameter.grad for name, parameter in model.named_parameters() if name in names}
+    assert set(split) == set(names)
+    for name in names:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-10, atol=1e-14)
