@@ -19,11 +19,13 @@ from typing import Mapping
 
 import torch
 
-SAFETENSORS_DTYPES = {
+SAFETENSORS_DTYPES = {  # torch dtype -> the name a safetensors header gives it (read and written)
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
+TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],

@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 
 from prunekit.errors import PrunekitError
 from prunekit.io.checkpoint import COMPRESSED_MARKER
-from prunekit.io.safetensors_file import write_safetensors
+from prunekit.io.safetensors_file import TORCH_DTYPES, write_safetensors
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -210,13 +210,8 @@ def write_index(directory: Path, shards: list[str]) -> None:
     os.replace(tmp, directory / INDEX)
 
 
-_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
-           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "U16": "uint16", "U32": "uint32",
-           "U64": "uint64", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-
-
 def _dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, _DTYPES.get(name, ""), None)
-    if not isinstance(dtype, torch.dtype):
+    dtype = TORCH_DTYPES.get(name)
+    if dtype is None:
         raise PrunekitError(f"safetensors dtype {name} is not supported")
     return dtype
