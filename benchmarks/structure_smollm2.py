@@ -23,8 +23,9 @@ Runs, in order (``python benchmarks/structure_smollm2.py plan`` lists them with 
   - prunekit with Taylor in the same setting as Torch-Pruning's Taylor (``--mlp-only``);
   - prunekit's best, chosen by measurement at 20 % (see docs/structure.md): first-order Taylor
     (|w · ∂L/∂w| on the calibration windows), MLP neurons of all layers ranked together, every layer
-    keeping at least 30 % (``--mlp-global 0.3``, widths rounded to 8), without and with a recovery of
-    at most 600 s (distillation from the unpruned model);
+    keeping at least 30 % (``--mlp-global 0.3``, widths rounded to 8), each ``down_proj`` then refitted
+    by least squares on the calibration activations (``--reconstruct``), without and with a recovery of
+    at most 600 s (distillation from the unpruned model); at 20 % also without the reconstruction;
   - FLAP (fluctuation × squared column norm, with bias compensation) with MLP neurons and key/value
     groups ranked together (floor 10 %), and with MLP neurons only (``--mlp-global 0.3``): measured
     alternatives, far worse on this model;
@@ -41,7 +42,7 @@ Torch-Pruning runs remove MLP neurons only (attention and embeddings in ``ignore
 dependency graph does not handle the grouped-query attention of Hugging Face Llama models.
 A single run by hand, for example:
 
-    flock /tmp/prunekit-cpu.lock python benchmarks/structure_smollm2.py prune --tool prunekit --importance taylor --ratio 0.2 --mlp-global 0.3 --recover 600
+    flock /tmp/prunekit-cpu.lock python benchmarks/structure_smollm2.py prune --tool prunekit --importance taylor --ratio 0.2 --mlp-global 0.3 --reconstruct --recover 600
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ RECOVERY_SECONDS = 600.0
 RATIOS = (0.2, 0.4)
 DEPTH_BLOCKS = 6
 TORCH_PRUNING = ("l2", "taylor", "hessian")
-BEST = "taylor"  # with BEST_FLOOR: the best of the settings measured at 20 % (docs/structure.md)
+BEST = "taylor"  # with BEST_FLOOR and reconstruction: the best of the settings measured at 20 % (docs/structure.md)
 BEST_FLOOR = 0.3
 TARGETS = {"perplexity_no_recovery": 3.0, "perplexity_recovered": 1.5, "speedup_b8": {0.2: 1.15, 0.4: 1.25}}
 
@@ -88,12 +89,17 @@ TARGETS = {"perplexity_no_recovery": 3.0, "perplexity_recovered": 1.5, "speedup_
 # ---- runs and their result files ---------------------------------------------------------------
 
 def prune_name(tool: str, importance: str, ratio: float, mlp_only: bool, heads: str = "kv", recover: float = 0.0,
-               mlp_global: float | None = None) -> str:
+               mlp_global: float | None = None, reconstruct: bool = False) -> str:
     if mlp_global is not None:
         scope = f"mlpglobal{mlp_global:g}"
     else:
         scope = "mlp" if (mlp_only or tool == "torch-pruning") else f"global-{heads}"
-    return f"{tool}-{importance}-{scope}-{ratio:g}" + (f"-recover{recover:g}" if recover else "")
+    return (f"{tool}-{importance}-{scope}-{ratio:g}" + ("-lsq" if reconstruct else "")
+            + (f"-recover{recover:g}" if recover else ""))
+
+
+def best_name(ratio: float, recover: float = 0.0) -> str:
+    return prune_name("prunekit", BEST, ratio, False, "kv", recover, BEST_FLOOR, reconstruct=True)
 
 
 def depth_name(blocks: int, criterion: str) -> str:
@@ -116,11 +122,19 @@ def plan() -> list[tuple[str, list[str]]]:
                          ["prune", "--tool", "prunekit", "--importance", importance, "--ratio", f"{ratio:g}",
                           "--mlp-only"]))
         for recover in (0.0, RECOVERY_SECONDS):
-            runs.append((prune_name("prunekit", BEST, ratio, False, "kv", recover, BEST_FLOOR),
+            runs.append((best_name(ratio, recover),
                          ["prune", "--tool", "prunekit", "--importance", BEST, "--ratio", f"{ratio:g}",
-                          "--mlp-global", f"{BEST_FLOOR:g}"] + (["--recover", f"{recover:g}"] if recover else [])))
-        runs.append((prune_name("prunekit", "flap", ratio, False),
-                     ["prune", "--tool", "prunekit", "--importance", "flap", "--ratio", f"{ratio:g}"]))
+                          "--mlp-global", f"{BEST_FLOOR:g}", "--reconstruct"]
+                         + (["--recover", f"{recover:g}"] if recover else [])))
+    # Measured alternatives at 20 %: the best setting without reconstruction, and FLAP.
+    for recover in (0.0, RECOVERY_SECONDS):
+        runs.append((prune_name("prunekit", BEST, 0.2, False, "kv", recover, BEST_FLOOR),
+                     ["prune", "--tool", "prunekit", "--importance", BEST, "--ratio", "0.2",
+                      "--mlp-global", f"{BEST_FLOOR:g}"] + (["--recover", f"{recover:g}"] if recover else [])))
+    for recover in (0.0, RECOVERY_SECONDS):
+        runs.append((prune_name("prunekit", "flap", 0.2, False, "kv", recover),
+                     ["prune", "--tool", "prunekit", "--importance", "flap", "--ratio", "0.2"]
+                     + (["--recover", f"{recover:g}"] if recover else [])))
     runs.append((prune_name("prunekit", "flap", 0.2, False, mlp_global=BEST_FLOOR),
                  ["prune", "--tool", "prunekit", "--importance", "flap", "--ratio", "0.2", "--mlp-global",
                   f"{BEST_FLOOR:g}"]))
@@ -209,7 +223,7 @@ def _torch_pruning(model, importance: str, ratio: float, calibration: torch.Tens
 
 
 def _prunekit(model, importance: str, ratio: float, calibration: torch.Tensor, mlp_only: bool, heads: str,
-              mlp_global: float | None = None) -> dict:
+              mlp_global: float | None = None, reconstruct: bool = False) -> dict:
     if mlp_global is not None:
         settings = {"granularity": "channels", "allocation": {"name": "global", "round_to": 8, "floor": mlp_global}}
     elif mlp_only:
@@ -218,7 +232,7 @@ def _prunekit(model, importance: str, ratio: float, calibration: torch.Tensor, m
         settings = {"granularity": "channels,heads", "allocation": {"name": "global", "round_to": 8, "floor": 0.1},
                     "head_mode": heads}
     result = prune_structure(model, ratio, example_inputs=lm_example_inputs(), importance=importance,
-                             calibration=lm_calibration(calibration), **settings)
+                             calibration=lm_calibration(calibration), reconstruct=reconstruct, **settings)
     return {"plan": result.plan.to_dict(), "seconds": result.seconds, "notes": result.notes,
             "allocation": result.allocation}
 
@@ -230,17 +244,21 @@ def _recover(lm, teacher, seconds: float) -> dict:
 
 
 def prune(tool: str, importance: str, ratio: float, mlp_only: bool, heads: str, recover: float,
-          name: str | None = None, scope: str | None = None, mlp_global: float | None = None) -> None:
+          name: str | None = None, scope: str | None = None, mlp_global: float | None = None,
+          reconstruct: bool = False) -> None:
     lm, calibration, test = _load()
     teacher = copy.deepcopy(lm.model) if recover else None
     with Measured() as pruning:
         details = (_torch_pruning(lm.model, importance, ratio, calibration) if tool == "torch-pruning"
-                   else _prunekit(lm.model, importance, ratio, calibration, mlp_only, heads, mlp_global))
+                   else _prunekit(lm.model, importance, ratio, calibration, mlp_only, heads, mlp_global, reconstruct))
     local = mlp_only or tool == "torch-pruning"
     default_scope = ("MLP neurons, uniform" if local else f"MLP neurons + heads ({heads}), global")
     if mlp_global is not None:
         default_scope = f"MLP neurons, global (floor {mlp_global:g})"
-    result = {"name": name or prune_name(tool, importance, ratio, mlp_only, heads, recover, mlp_global), "tool": tool,
+    if reconstruct:
+        default_scope += ", least-squares reconstruction"
+    result = {"name": name or prune_name(tool, importance, ratio, mlp_only, heads, recover, mlp_global, reconstruct),
+              "tool": tool,
               "importance": importance, "ratio": ratio, "scope": scope or default_scope,
               "prune_seconds": pruning.seconds, "prune_peak_rss": pruning.peak_rss, "details": details,
               **_measure(lm.model, test)}
@@ -282,8 +300,9 @@ def equal(blocks: int) -> None:
     model = load_causal_lm(None, need_tokenizer=False).model
     ratio = blocks_fraction(model, blocks)
     del model
-    prune("prunekit", BEST, ratio, False, "kv", 0.0, name=equal_name(blocks), mlp_global=BEST_FLOOR,
-          scope=f"MLP neurons, global (floor {BEST_FLOOR:g}), as many parameters as {blocks} blocks")
+    prune("prunekit", BEST, ratio, False, "kv", 0.0, name=equal_name(blocks), mlp_global=BEST_FLOOR, reconstruct=True,
+          scope=f"MLP neurons, global (floor {BEST_FLOOR:g}), least-squares reconstruction, as many parameters as "
+                f"{blocks} blocks")
 
 
 # ---- the report ------------------------------------------------------------------------------
@@ -305,8 +324,8 @@ def _checks(runs: dict[str, dict], dense_run: dict) -> list[tuple[str, str, str]
     base_ppl, base_b8 = dense_run["perplexity"], dense_run["speed"]["throughput"]["8"]
     checks = []
     for ratio in RATIOS:
-        plain = runs.get(prune_name("prunekit", BEST, ratio, False, mlp_global=BEST_FLOOR))
-        recovered = runs.get(prune_name("prunekit", BEST, ratio, False, "kv", RECOVERY_SECONDS, BEST_FLOOR))
+        plain = runs.get(best_name(ratio))
+        recovered = runs.get(best_name(ratio, RECOVERY_SECONDS))
         label = f"{ratio:.0%} removed"
         if ratio == 0.2:
             limit = TARGETS["perplexity_no_recovery"]
@@ -400,6 +419,8 @@ def main(argv: list[str] | None = None) -> None:
     prune_parser.add_argument("--mlp-global", type=float, metavar="FLOOR",
                               help="prunekit: MLP neurons only, ranked across layers, each layer keeping FLOOR")
     prune_parser.add_argument("--recover", type=float, default=0.0, help="seconds of distillation after pruning")
+    prune_parser.add_argument("--reconstruct", action="store_true",
+                              help="prunekit: refit the layers reading removed neurons by least squares")
     depth_parser = sub.add_parser("depth", help="remove whole blocks")
     depth_parser.add_argument("--blocks", type=int, default=DEPTH_BLOCKS)
     depth_parser.add_argument("--criterion", choices=["influence", "perplexity"], default="influence")
@@ -414,7 +435,7 @@ def main(argv: list[str] | None = None) -> None:
         dense()
     elif args.phase == "prune":
         prune(args.tool, args.importance, args.ratio, args.mlp_only, args.heads, args.recover,
-              mlp_global=args.mlp_global)
+              mlp_global=args.mlp_global, reconstruct=args.reconstruct)
     elif args.phase == "depth":
         depth(args.blocks, args.criterion)
     elif args.phase == "equal":

@@ -184,3 +184,32 @@ def test_sparsegpt_matches_the_published_algorithm(pattern):
     theirs = _reference_sparsegpt(weight, stats.hessian(), 0.5, nm.n, nm.m, block_size=64)
     assert torch.equal(mine == 0, theirs == 0)
     torch.testing.assert_close(mine, theirs, rtol=1e-3, atol=1e-4)
+
+
+def test_sparsegpt_in_place_factor_equals_torchs_and_leaves_the_statistics_alone():
+    import prunekit.weights.sparsegpt as sparsegpt
+
+    generator = torch.Generator().manual_seed(1)
+    stats = InputHessian(96)
+    stats.add(torch.randn(300, 96, generator=generator) @ torch.randn(96, 96, generator=generator))
+    accumulated = stats.gram.clone()
+    method = get_method("sparsegpt")
+    in_place, dead = method._inverse_upper_factor(stats, torch.device("cpu"))
+    torch_factor = torch.linalg.cholesky(torch.cholesky_inverse(method._cholesky(stats.hessian())), upper=True)
+    assert not dead.any()
+    torch.testing.assert_close(in_place.triu(), torch_factor, rtol=1e-4, atol=1e-6)
+    assert torch.equal(stats.gram, accumulated)
+    assert sparsegpt._lapack is not None  # the path above really ran in LAPACK
+
+
+@pytest.mark.parametrize("lapack", [True, False])
+def test_sparsegpt_refuses_a_hessian_no_dampening_makes_definite(monkeypatch, lapack):
+    import prunekit.weights.sparsegpt as sparsegpt
+
+    if not lapack:
+        monkeypatch.setattr(sparsegpt, "_lapack", None)
+    stats = InputHessian(8)
+    stats.gram = -torch.eye(8) * 100  # negative definite: no reasonable dampening rescues it
+    stats.upper_only, stats.rows = False, 10
+    with pytest.raises(PrunekitError, match="not positive definite even with 1000× dampening"):
+        get_method("sparsegpt").prune(torch.randn(4, 8), stats, 0.5, SparsityPattern())

@@ -22,6 +22,7 @@ from torch import nn
 
 from prunekit.core.progress import progress_bar
 from prunekit.errors import PrunekitError
+from prunekit.structure.statistics import run_batch
 
 Criterion = Literal["influence", "perplexity"]
 
@@ -59,12 +60,6 @@ def _first(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def _call(model: nn.Module, batch):
-    if isinstance(batch, dict):
-        return model(**batch)
-    return model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
-
-
 @torch.no_grad()
 def block_influence(model: nn.Module, path: str, batches: Sequence) -> torch.Tensor:
     """1 − mean cosine similarity between each block's input and output hidden states."""
@@ -90,7 +85,7 @@ def block_influence(model: nn.Module, path: str, batches: Sequence) -> torch.Ten
     try:
         with progress_bar("Block influence", len(batches)) as bar:
             for batch in batches:
-                _call(model, batch)
+                run_batch(model, batch)
                 bar.advance()
     finally:
         for handle in handles:

@@ -21,6 +21,7 @@ from prunekit.structure.allocation import Target, WidthAllocation, WidthPlan, al
 from prunekit.structure.graph import KINDS, DependencyGraph, build_graph
 from prunekit.structure.heads import HeadMode
 from prunekit.structure.importance.base import Importance, ScoringContext, get_importance, is_consumer
+from prunekit.structure.reconstruct import reconstruct as reconstruct_layers
 from prunekit.structure.shrink import ShrinkResult, compensation_targets, shrink
 from prunekit.structure.statistics import accumulate_gradients, input_moments
 
@@ -188,17 +189,24 @@ def prune_structure(model: nn.Module, ratio: float = 0.2, *, example_inputs: tup
                     ignore: Sequence[str] = (), overrides: Mapping[str, float] | None = None,
                     calibration: Calibration | None = None, adapter: ModelAdapter | str | None = "auto",
                     seed: int = 0, strict: bool = True, check: bool = True,
-                    graph: DependencyGraph | None = None) -> StructuredResult:
+                    graph: DependencyGraph | None = None, reconstruct: bool = False,
+                    damping: float = 0.01) -> StructuredResult:
     """Remove ``ratio`` of the model's parameters (or MACs) as whole channels, heads or hidden width, in place.
 
     ``example_inputs`` is one small batch (a tuple of positional or a dict of keyword arguments)
     used to trace the model; ``calibration`` feeds activation-aware (wanda, flap) and gradient
     (taylor) criteria. ``ignore`` names modules or families (globs, ``re:`` regexes) to leave
     whole; ``overrides`` fixes the removed fraction of matching families. ``graph`` reuses a graph
-    already built for this model in its current state.
+    already built for this model in its current state. ``reconstruct`` refits, by least squares on
+    the calibration data, the Linear layers that read removed channels (``prunekit.structure.reconstruct``);
+    it replaces FLAP's bias compensation, which moves only the removed channels' mean.
     """
     ratio = check_ratio(ratio)
     importance = get_importance(importance)
+    if reconstruct and calibration is None:
+        raise PrunekitError("reconstruction refits layers on calibration data: give calibration")
+    if not 0 < damping < 1:
+        raise PrunekitError(f"the reconstruction damping must lie in (0, 1), got {damping}")
     if isinstance(allocation, str):
         allocation = {"name": allocation}
     strategy = allocation if isinstance(allocation, WidthAllocation) else WidthAllocation(**(allocation or {}))
@@ -222,10 +230,23 @@ def prune_structure(model: nn.Module, ratio: float = 0.2, *, example_inputs: tup
     timings["scoring_seconds"] = time.perf_counter() - started
     started = time.perf_counter()
     default_normalize = "kind" if importance.name == "flap" else "mean"
-    reserve = _compensation_biases(graph, families, adapter) if (importance.compensation() and target == "params") else 0
+    compensating = importance.compensation() and not reconstruct
+    reserve = _compensation_biases(graph, families, adapter) if (compensating and target == "params") else 0
     plan = allocate(graph, families, scores, ratio, target, strategy, overrides, default_normalize, reserve)
     compensation = None
-    if importance.compensation():
+    if reconstruct:
+        started_refit = time.perf_counter()
+        refitted, left = reconstruct_layers(model, graph, plan.removal, calibration.batches, adapter,
+                                            calibration.windows, calibration.batch_size, damping)
+        timings["reconstruct_seconds"] = time.perf_counter() - started_refit
+        notes.append(f"reconstruction refitted {len(refitted)} layers by least squares on the calibration data")
+        if left:
+            notes.append(f"reconstruction left {', '.join(left)} as they are (convolutions, output heads, tied "
+                         "tables and inputs normalised over the removed channels are not refitted)")
+        if importance.compensation():
+            notes.append(f"{importance.name}'s bias compensation was not applied: the reconstruction already "
+                         "accounts for the removed channels")
+    elif importance.compensation():
         compensation = {name: moments.mean() for name, moments in context.moments.items()}
         skipped = _uncompensated(graph, families, adapter)
         if skipped:

@@ -211,6 +211,15 @@ def zero_units(graph: DependencyGraph, family: Family, units: Sequence[int]) -> 
             tensor.index_fill_(member.dim, positions, 0)
 
 
+def removed_by_dimension(graph: DependencyGraph, checked: Mapping[str, torch.Tensor]) -> dict[tuple[str, int], torch.Tensor]:
+    """(tensor, dim) -> every index removed along it, over all families (checked unit indices)."""
+    parts: dict[tuple[str, int], list[torch.Tensor]] = {}
+    for name, index in checked.items():
+        for member in graph.family(name).members:
+            parts.setdefault((member.tensor, member.dim), []).append(member.index[index].reshape(-1))
+    return {key: torch.cat(found).unique() for key, found in parts.items()}
+
+
 def shrink(graph: DependencyGraph, removal: Mapping[str, Sequence[int]],
            compensation: Mapping[str, torch.Tensor] | None = None, adapter: ModelAdapter | None = None,
            check: bool = True) -> ShrinkResult:
@@ -224,12 +233,7 @@ def shrink(graph: DependencyGraph, removal: Mapping[str, Sequence[int]],
     model = graph.model
     checked = check_removal(graph, removal)
     parameters_before = _unique_parameters(model)
-    removed_by_dim: dict[tuple[str, int], list[torch.Tensor]] = {}
-    for name, index in checked.items():
-        family = graph.family(name)
-        for member in family.members:
-            removed_by_dim.setdefault((member.tensor, member.dim), []).append(member.index[index].reshape(-1))
-    merged = {key: torch.cat(parts).unique() for key, parts in removed_by_dim.items()}
+    merged = removed_by_dimension(graph, checked)
     before = _snapshot(model)
     # A tied tensor (embedding and lm_head) has one canonical owner; every module holding it keeps sizes to update.
     sliced = {id(graph.tensor(name)) for name, _ in merged}

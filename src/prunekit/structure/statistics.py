@@ -93,7 +93,7 @@ def input_moments(model: nn.Module, graph: DependencyGraph, weights: Iterable[st
     try:
         with torch.no_grad():
             for batch in batches:
-                _call(model, batch)
+                run_batch(model, batch)
     finally:
         for handle in handles:
             handle.remove()
@@ -105,7 +105,7 @@ def _groups_of(module: nn.Module) -> int:
     return getattr(module, "groups", 1) if isinstance(module, nn.modules.conv._ConvNd) else 1
 
 
-def _call(model: nn.Module, batch):
+def run_batch(model: nn.Module, batch):
     if isinstance(batch, dict):
         return model(**batch)
     if isinstance(batch, (tuple, list)):

@@ -10,13 +10,43 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import numpy as np
 import torch
 from pydantic import Field
 
 from prunekit.core.patterns import SparsityPattern
-from prunekit.core.statistics import InputHessian, LayerStatistics
+from prunekit.core.statistics import InputHessian, LayerStatistics, match_blas_threads
 from prunekit.errors import PrunekitError
 from prunekit.weights.base import METHODS, OneShotMethod
+
+try:  # in-place factorisations: torch's allocate a second d×d matrix
+    from scipy.linalg import lapack as _lapack
+except ImportError:  # pragma: no cover - scipy comes with gensim
+    _lapack = None
+
+
+_NOT_DEFINITE = ("SparseGPT: the calibration Hessian is not positive definite even with 1000× dampening; "
+                 "use more calibration samples")
+
+
+def _inverse_upper_in_place(hessian: torch.Tensor) -> bool:
+    """Overwrite the upper triangle of the (symmetric, C-ordered) ``hessian`` with the upper
+    Cholesky factor of its inverse; False if it is not positive definite. LAPACK sees the memory
+    as the Fortran-ordered transpose, whose lower triangle is this upper one."""
+    match_blas_threads()
+    fortran = hessian.numpy().T
+    factor, info = _lapack.spotrf(fortran, lower=1, overwrite_a=1, clean=0)
+    if info != 0:
+        return False
+    inverse, info = _lapack.spotri(factor, lower=1, overwrite_c=1)
+    if info != 0:
+        return False
+    upper, info = _lapack.spotrf(inverse, lower=1, overwrite_a=1, clean=0)
+    if info != 0:
+        return False
+    if not np.shares_memory(upper, fortran):  # a LAPACK wrapper that copied: bring the result back
+        hessian.copy_(torch.from_numpy(np.ascontiguousarray(upper.T)))
+    return True
 
 
 def _drop_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -40,32 +70,44 @@ class SparseGPT(OneShotMethod):
         return weight.square() / inverse_diag.unsqueeze(0).square()
 
     def _inverse_upper_factor(self, stats: InputHessian, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Upper Cholesky factor of H⁻¹ and the mask of dead inputs. No d×d matrix outlives its use
-        and the inversion runs in place, so a layer needs two d×d buffers beside the accumulator
-        (an 8640-wide Hessian is 300 MB in fp32)."""
+        """Upper Cholesky factor of H⁻¹ (only its upper triangle is meaningful) and the mask of dead
+        inputs. On the CPU the three factorisations run in place in LAPACK, so a layer needs one d×d
+        buffer beside the accumulator (an 8640-wide Hessian is 300 MB in fp32; torch's Cholesky
+        allocates its result even when given ``out=``)."""
         hessian = stats.hessian().to(device)
         dead = hessian.diagonal() == 0
+        if hessian.device.type == "cpu" and hessian.dtype == torch.float32 and _lapack is not None:
+            for attempt in range(4):
+                if attempt:
+                    hessian = stats.hessian()  # the failed factorisation overwrote it
+                self._dampen(hessian, attempt)
+                if _inverse_upper_in_place(hessian):
+                    return hessian, dead
+            raise PrunekitError(_NOT_DEFINITE)
         factor = self._cholesky(hessian)
         del hessian
         torch.cholesky_inverse(factor, out=factor)
         torch.linalg.cholesky(factor, upper=True, out=factor)
         return factor, dead
 
-    def _cholesky(self, hessian: torch.Tensor) -> torch.Tensor:
-        """Lower Cholesky factor of the dampened Hessian; modifies ``hessian`` (a private copy)."""
+    def _dampen(self, hessian: torch.Tensor, attempt: int, applied: torch.Tensor | float = 0.0) -> torch.Tensor:
+        """Set dead inputs' diagonal to 1 and bring the added dampening to ``dampening × 10^attempt``
+        of the mean diagonal; ``applied`` is what an earlier attempt already added to this matrix."""
         diagonal = hessian.diagonal()
         diagonal[diagonal == 0] = 1.0
-        damp = self.dampening * diagonal.mean()
-        applied = 0.0
+        wanted = self.dampening * (diagonal.mean() - applied) * 10**attempt
+        diagonal.add_(wanted - applied)
+        return wanted
+
+    def _cholesky(self, hessian: torch.Tensor) -> torch.Tensor:
+        """Lower Cholesky factor of the dampened Hessian; modifies ``hessian`` (a private copy)."""
+        applied: torch.Tensor | float = 0.0
         for attempt in range(4):
-            wanted = damp * 10**attempt
-            diagonal.add_(wanted - applied)
-            applied = wanted
+            applied = self._dampen(hessian, attempt, applied)
             factor, info = torch.linalg.cholesky_ex(hessian)
             if int(info) == 0:
                 return factor
-        raise PrunekitError("SparseGPT: the calibration Hessian is not positive definite even with 1000× dampening; "
-                            "use more calibration samples")
+        raise PrunekitError(_NOT_DEFINITE)
 
     @torch.no_grad()
     def prune(self, weight: torch.Tensor, stats: LayerStatistics | None, sparsity: float,
