@@ -30,7 +30,7 @@ def _args(tiny_dir: Path, out: Path, *extra: str) -> list[str]:
 def test_shrink_writes_a_smaller_model_its_report_and_a_recipe_that_reproduces_it(tiny_dir, tmp_path, capsys):
     before = _fingerprint(tiny_dir)
     out = tmp_path / "out"
-    code = main(_args(tiny_dir, out, "--ratio", "0.02", "--recover", "--recover-steps", "2", "--onnx"))
+    code = main(_args(tiny_dir, out, "--ratio", "0.02", "--recover", "--recover-steps", "2", "--onnx", "--reconstruct"))
     assert code == 0, capsys.readouterr()
     assert _fingerprint(tiny_dir) == before  # the input is never modified
     report = json.loads((out / "report.json").read_text())
@@ -46,7 +46,8 @@ def test_shrink_writes_a_smaller_model_its_report_and_a_recipe_that_reproduces_i
     model = prunekit.load(out)
     assert sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) == report["parameters"]["after"]
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
-    assert recipe["importance"]["name"] == "flap" and recipe["ratio"] == 0.02
+    assert recipe["importance"]["name"] == "flap" and recipe["ratio"] == 0.02 and recipe["reconstruct"] is True
+    assert "reconstruction refitted" in json.dumps(report["width"])
     again = tmp_path / "again"
     memory = report["memory"]["inference"]
     for when in ("before", "after"):  # each model alone in a fresh process, at the largest timed batch

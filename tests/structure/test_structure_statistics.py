@@ -22,7 +22,8 @@ def test_one_sample_parts_give_the_whole_batch_gradient():
         sizes.append(batch["input_ids"].shape[0])
         return calibration.loss_fn(model, batch, target)
 
-    split = accumulate_gradients(model, calibration.batches, loss_fn, names)
+    assert calibration.one_sample_gradients  # declared by the language-model calibration, not guessed
+    split = accumulate_gradients(model, calibration.batches, loss_fn, names, one_sample_at_a_time=True)
     assert sizes == [1] * 6  # one window per backward pass
     for batch in calibration.batches:
         model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss.backward()
@@ -30,3 +31,15 @@ def test_one_sample_parts_give_the_whole_batch_gradient():
     assert set(split) == set(names)
     for name in names:
         torch.testing.assert_close(split[name], whole[name], rtol=1e-10, atol=1e-14)
+
+
+def test_batches_stay_whole_unless_the_calibration_says_otherwise():
+    model = torch.nn.Linear(3, 2)
+    sizes = []
+
+    def loss_fn(model, batch, target):
+        sizes.append(batch[0].shape[0])
+        return model(batch[0]).square().mean()
+
+    accumulate_gradients(model, [(torch.randn(5, 3),), (torch.randn(2, 3),)], loss_fn, ["weight"])
+    assert sizes == [5, 2]

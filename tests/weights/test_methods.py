@@ -186,20 +186,40 @@ def test_sparsegpt_matches_the_published_algorithm(pattern):
     torch.testing.assert_close(mine, theirs, rtol=1e-3, atol=1e-4)
 
 
-def test_sparsegpt_in_place_factor_equals_torchs_and_leaves_the_statistics_alone():
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_sparsegpt_in_place_path_equals_torchs_and_leaves_the_statistics_alone(monkeypatch, pattern):
     import prunekit.weights.sparsegpt as sparsegpt
 
     generator = torch.Generator().manual_seed(1)
-    stats = InputHessian(96)
-    stats.add(torch.randn(300, 96, generator=generator) @ torch.randn(96, 96, generator=generator))
+    stats = InputHessian(300)  # wider than one 256-row step of the lending
+    stats.add(torch.randn(600, 300, generator=generator) @ torch.randn(300, 300, generator=generator))
+    assert stats.upper_only and sparsegpt._lapack is not None
     accumulated = stats.gram.clone()
-    method = get_method("sparsegpt")
-    in_place, dead = method._inverse_upper_factor(stats, torch.device("cpu"))
-    torch_factor = torch.linalg.cholesky(torch.cholesky_inverse(method._cholesky(stats.hessian())), upper=True)
-    assert not dead.any()
-    torch.testing.assert_close(in_place.triu(), torch_factor, rtol=1e-4, atol=1e-6)
-    assert torch.equal(stats.gram, accumulated)
-    assert sparsegpt._lapack is not None  # the path above really ran in LAPACK
+    weight = torch.randn(40, 300, generator=generator)
+    nm = SparsityPattern.parse(pattern)
+    in_place = weight.clone()
+    mask = get_method("sparsegpt").prune(in_place, stats, 0.5, nm)
+    assert torch.equal(stats.gram, accumulated)  # restored bit for bit: q/k/v share these statistics
+    again = weight.clone()
+    assert torch.equal(get_method("sparsegpt").prune(again, stats, 0.5, nm), mask)
+    assert torch.equal(again, in_place)
+    monkeypatch.setattr(sparsegpt, "_lapack", None)
+    through_torch = weight.clone()
+    torch_mask = get_method("sparsegpt").prune(through_torch, stats, 0.5, nm)
+    assert (mask == torch_mask).float().mean() > 0.999
+    torch.testing.assert_close(in_place, through_torch, rtol=1e-3, atol=1e-3)
+
+
+def test_lent_hessian_is_the_scaled_upper_triangle_and_comes_back_intact():
+    stats = InputHessian(20)
+    stats.add(torch.randn(50, 20, generator=torch.Generator().manual_seed(2)))
+    before = stats.gram.clone()
+    with stats.lent_hessian(rows_per_step=6) as lent:
+        assert lent is stats.gram
+        torch.testing.assert_close(lent.triu(), (before * 2 / 50).triu())
+        torch.testing.assert_close(lent.tril(-1), before.T.tril(-1))  # the raw sums, mirrored
+        lent[torch.ones(20, 20, dtype=torch.bool).triu()] = -3.0  # whatever a factorisation leaves there
+    assert torch.equal(stats.gram, before)
 
 
 @pytest.mark.parametrize("lapack", [True, False])

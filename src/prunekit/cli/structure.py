@@ -87,6 +87,9 @@ def shrink(
                                                             "families or modules; repeatable"),
     ignore: Optional[list[str]] = typer.Option(None, help="families or modules to leave whole (glob or re:regex); "
                                                           "repeatable"),
+    reconstruct: Optional[bool] = typer.Option(None, "--reconstruct/--no-reconstruct", help="refit the layers reading "
+                                               "removed neurons/heads by least squares on the calibration data "
+                                               "[default: off]"),
     depth: Optional[int] = typer.Option(None, help="whole blocks to remove before width pruning [default: 0]"),
     depth_criterion: Optional[str] = typer.Option(None, help="influence (1 - cos of block input/output) or perplexity"),
     recover: Optional[bool] = typer.Option(None, "--recover/--no-recover", help="fine-tune after shrinking [default: off]"),
@@ -128,7 +131,8 @@ def shrink(
             raise PrunekitError(f"--batch-sizes must be comma-separated integers, got '{batch_sizes}'") from None
     settings = {"model": model, "ratio": ratio, "target": target, "granularity": granularity, "heads": heads,
                 "importance": importance, "overrides": _overrides(override) or None, "ignore": ignore or None,
-                "evaluate": evaluate, "onnx": onnx, "lenient": lenient, "trust_remote_code": trust_remote_code or None}
+                "evaluate": evaluate, "onnx": onnx, "lenient": lenient,
+                "reconstruct": reconstruct, "trust_remote_code": trust_remote_code or None}
     sections = {
         "allocation": {"name": allocation, "floor": floor, "round_to": round_to, "normalize": normalize},
         "depth": {"blocks": depth, "criterion": depth_criterion},

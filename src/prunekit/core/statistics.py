@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import numpy as np
 import torch
 
@@ -117,6 +120,39 @@ class InputHessian(InputNorms):
     def hessian(self) -> torch.Tensor:
         """``2/n · X Xᵀ`` (a fresh tensor, so the shared accumulator is never modified)."""
         return self.gram_matrix().mul_(2.0 / max(self.rows, 1))
+
+    @contextmanager
+    def lent_hessian(self, rows_per_step: int = 256) -> Iterator[torch.Tensor]:
+        """Lend the accumulator itself with ``2/n · X Xᵀ`` in its upper triangle, for in-place
+        factorisations that read and write only that triangle; no d×d copy is made.
+
+        Meanwhile the lower triangle holds the raw sums (mirrored), from which the accumulator is
+        restored bit for bit on exit, so layers sharing these statistics still see them. Only for
+        upper-triangular storage (``upper_only``)."""
+        if not self.upper_only:
+            raise ValueError("lent_hessian needs upper-triangular storage")
+        gram = self.gram
+        size = gram.shape[0]
+        diagonal = gram.diagonal().clone()
+        scale = 2.0 / max(self.rows, 1)
+        for start in range(0, size, rows_per_step):
+            end = min(start + rows_per_step, size)
+            gram[end:, start:end] = gram[start:end, end:].T
+            gram[start:end, end:].mul_(scale)
+            block = gram[start:end, start:end]
+            upper = torch.ones(end - start, end - start, dtype=torch.bool, device=gram.device).triu()
+            block.copy_(torch.where(upper, block * scale, block.T))
+        try:
+            yield gram
+        finally:
+            for start in range(0, size, rows_per_step):
+                end = min(start + rows_per_step, size)
+                gram[start:end, end:] = gram[end:, start:end].T
+                gram[end:, start:end] = 0
+                block = gram[start:end, start:end]
+                upper = torch.ones(end - start, end - start, dtype=torch.bool, device=gram.device).triu()
+                block.copy_(torch.where(upper, block.T, torch.zeros((), dtype=block.dtype, device=block.device)))
+            gram.diagonal().copy_(diagonal)
 
     def merge_(self, other: "InputHessian") -> "InputHessian":  # type: ignore[override]
         if self.upper_only != other.upper_only:

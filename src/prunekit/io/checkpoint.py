@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -14,7 +15,7 @@ from torch import nn
 from prunekit.errors import PrunekitError
 from prunekit.io import sparse_format
 from prunekit.io.atomic import atomic_directory
-from prunekit.io.safetensors_file import write_safetensors
+from prunekit.io.safetensors_file import Loader, write_safetensors, write_safetensors_one_by_one
 
 COMPRESSED_WEIGHTS = "model.sparse.safetensors"
 COMPRESSED_MARKER = "prunekit_compressed.json"
@@ -127,12 +128,25 @@ def read_compressed_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tens
     return state, aliases
 
 
-def write_compressed_shard(tensors: dict[str, torch.Tensor], path: Path, codec: str = "zstd",
+def write_compressed_shard(tensors: Mapping[str, torch.Tensor | Loader], path: Path, codec: str = "zstd",
                            aliases: dict[str, str] | None = None) -> dict:
-    """One compressed weights file (a shard of a streamed model, or a whole small one), written atomically."""
-    stored, manifest = sparse_format.encode(tensors, codec=codec)
+    """One compressed weights file (a shard of a streamed model, or a whole small one), written atomically.
+    Values may be loaders: each tensor is then read, encoded, written and dropped in turn."""
+    if not any(callable(value) for value in tensors.values()):
+        stored, manifest = sparse_format.encode(dict(tensors), codec=codec)
+        manifest["aliases"] = aliases or {}
+        write_safetensors(path, stored, sparse_format.manifest_to_metadata(manifest))
+        return manifest
+    manifest = sparse_format.new_manifest({})
+
+    def payloads():
+        for name, value in tensors.items():
+            manifest["tensors"][name], parts = sparse_format.encode_tensor(value() if callable(value) else value, codec)
+            for suffix in list(parts):
+                yield f"{name}::{suffix}", parts.pop(suffix)
+
     manifest["aliases"] = aliases or {}
-    write_safetensors(path, stored, sparse_format.manifest_to_metadata(manifest))
+    write_safetensors_one_by_one(path, payloads(), lambda: sparse_format.manifest_to_metadata(manifest))
     return manifest
 
 

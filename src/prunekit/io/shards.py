@@ -6,13 +6,14 @@ import json
 import os
 import struct
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from prunekit.errors import PrunekitError
 from prunekit.io.checkpoint import COMPRESSED_MARKER
-from prunekit.io.safetensors_file import TORCH_DTYPES, write_safetensors
+from prunekit.io.safetensors_file import TORCH_DTYPES, Loader, write_safetensors
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -187,8 +188,9 @@ def shard_name(index: int, total: int) -> str:
     return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
 
 
-def write_shard(directory: Path, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write one shard atomically: a killed run leaves either the whole file or none."""
+def write_shard(directory: Path, name: str, tensors: Mapping[str, torch.Tensor | Loader],
+                metadata: dict[str, str] | None = None) -> None:
+    """Write one shard atomically: a killed run leaves either the whole file or none (values may be loaders)."""
     write_safetensors(directory / name, tensors, {"format": "pt", **(metadata or {})})
 
 

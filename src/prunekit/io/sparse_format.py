@@ -79,6 +79,25 @@ def _unpack(stored: torch.Tensor, codec: str, dtype: torch.dtype, count: int) ->
     return torch.from_numpy(raw).view(dtype)[:count].clone()
 
 
+def encode_tensor(tensor: torch.Tensor, codec: str = "zstd", level: int = 3) -> tuple[dict, dict[str, torch.Tensor]]:
+    """One tensor's manifest entry and stored payloads (keyed by suffix: ``bitmask``/``values`` or ``dense``)."""
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec}")
+    tensor = tensor.detach().cpu()
+    entry = {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape), "codec": codec}
+    kept = _count_bit_nonzero(tensor)
+    itemsize = tensor.element_size()
+    bitmask_bytes = (tensor.numel() + 7) // 8 + kept * itemsize
+    if tensor.dim() >= 2 and tensor.is_floating_point() and bitmask_bytes < tensor.numel() * itemsize:
+        entry.update(encoding="bitmask", nonzeros=kept)
+        nonzero = _bit_nonzero(tensor)
+        bits = np.packbits(nonzero.numpy())
+        return entry, {"bitmask": _pack(torch.from_numpy(bits), codec, level),
+                       "values": _pack(tensor.reshape(-1)[nonzero], codec, level)}
+    entry.update(encoding="dense")
+    return entry, {"dense": _pack(tensor, codec, level)}
+
+
 def encode(state: dict[str, torch.Tensor], codec: str = "zstd", level: int = 3) -> tuple[dict[str, torch.Tensor], dict]:
     """Turn a state dict into stored tensors and a manifest describing how to restore each one."""
     if codec not in CODECS:
@@ -86,23 +105,13 @@ def encode(state: dict[str, torch.Tensor], codec: str = "zstd", level: int = 3) 
     stored: dict[str, torch.Tensor] = {}
     entries: dict[str, dict] = {}
     for name, tensor in state.items():
-        tensor = tensor.detach().cpu()
-        entry = {"dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape), "codec": codec}
-        kept = _count_bit_nonzero(tensor)
-        itemsize = tensor.element_size()
-        bitmask_bytes = (tensor.numel() + 7) // 8 + kept * itemsize
-        if tensor.dim() >= 2 and tensor.is_floating_point() and bitmask_bytes < tensor.numel() * itemsize:
-            entry.update(encoding="bitmask", nonzeros=kept)
-            nonzero = _bit_nonzero(tensor)
-            bits = np.packbits(nonzero.numpy())
-            stored[f"{name}::bitmask"] = _pack(torch.from_numpy(bits), codec, level)
-            stored[f"{name}::values"] = _pack(tensor.reshape(-1)[nonzero], codec, level)
-        else:
-            entry.update(encoding="dense")
-            stored[f"{name}::dense"] = _pack(tensor, codec, level)
-        entries[name] = entry
-    manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "tensors": entries}
-    return stored, manifest
+        entries[name], payloads = encode_tensor(tensor, codec, level)
+        stored.update({f"{name}::{suffix}": payload for suffix, payload in payloads.items()})
+    return stored, new_manifest(entries)
+
+
+def new_manifest(entries: dict[str, dict]) -> dict:
+    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "tensors": entries}
 
 
 def decode(stored: dict[str, torch.Tensor], manifest: dict) -> dict[str, torch.Tensor]:

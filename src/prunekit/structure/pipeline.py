@@ -38,6 +38,9 @@ class Calibration:
     targets: Sequence[Any] | None = None  # aligned with batches (labels), when the loss needs them
     windows: torch.Tensor | None = None  # token ids, for block-by-block calibration of language models
     batch_size: int = 4
+    # Batches are dicts of equal-length samples whose loss is a mean over them: gradients may then be
+    # taken one sample at a time (the same sum, a fraction of the memory of vocabulary-wide logits).
+    one_sample_gradients: bool = False
 
 
 def _lm_loss(model: nn.Module, batch: dict, _target) -> torch.Tensor:
@@ -52,7 +55,7 @@ def lm_calibration(windows: torch.Tensor, batch_size: int = 4) -> Calibration:
     """Calibration from token windows (samples, seq_len) for a causal language model."""
     batches = [{"input_ids": windows[i:i + batch_size], "use_cache": False}
                for i in range(0, windows.shape[0], batch_size)]
-    return Calibration(batches, _lm_loss, None, windows, batch_size)
+    return Calibration(batches, _lm_loss, None, windows, batch_size, one_sample_gradients=True)
 
 
 def encoder_calibration(windows: torch.Tensor, batch_size: int = 8) -> Calibration:
@@ -141,7 +144,7 @@ def score_families(graph: DependencyGraph, families, importance: Importance, cal
                                 "language model; encoders without a task have no gradients to score with")
         tensors = sorted({m.tensor for f in families for m in f.members if not graph.tensors[m.tensor].is_buffer})
         context.gradients = accumulate_gradients(model, calibration.batches, calibration.loss_fn, tensors,
-                                                      calibration.targets)
+                                                 calibration.targets, calibration.one_sample_gradients)
     return {f.name: importance.score(f, context) for f in families}, context
 
 

@@ -73,6 +73,8 @@ class ShrinkRecipe(RecipeModel):
     allocation: WidthAllocation = Field(default_factory=WidthAllocation)
     overrides: dict[str, float] = Field(default_factory=dict, description="family/module pattern -> removed fraction")
     ignore: list[str] = Field(default_factory=list, description="family/module patterns left whole")
+    reconstruct: bool = Field(False, description="refit the layers reading removed units by least squares on the "
+                                                 "calibration data (replaces FLAP's bias compensation)")
     depth: DepthConfig = Field(default_factory=DepthConfig)
     recovery: RecoveryConfig | None = None
     data: TextDataConfig = Field(default_factory=TextDataConfig)

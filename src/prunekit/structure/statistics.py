@@ -152,26 +152,23 @@ def _moments_sequential(model: nn.Module, adapter: ModelAdapter, calls: dict[str
     return processor.stats
 
 
-def _one_sample_parts(batch: object, target: object) -> list[tuple[object, float]]:
-    """A language-model batch (keyword inputs, labels inside) split into single samples, each with its
-    share of the batch's mean loss, so the summed gradient is the batch's. The backward pass of a
-    whole batch holds its vocabulary-wide logits and their gradient at once: prunekit's Taylor scores
-    on SmolLM2 peaked at 6.4 GB in batches of 4 windows against Torch-Pruning's 3.1 GB one by one."""
-    if not isinstance(batch, dict) or target is not None:
-        return [(batch, 1.0)]
-    ids = batch.get("input_ids")
-    if not isinstance(ids, torch.Tensor) or ids.dim() < 2 or ids.shape[0] < 2:
-        return [(batch, 1.0)]
-    if "attention_mask" in batch or "labels" in batch:  # unequal token counts: shares would not be equal
-        return [(batch, 1.0)]
-    size = ids.shape[0]
+def one_sample_parts(batch: dict) -> list[tuple[dict, float]]:
+    """A batch of keyword inputs split into single samples, each with its share of the batch's mean
+    loss, so the summed gradient is the batch's (samples of equal length: a calibration declares it).
+    The backward pass of a whole batch holds its vocabulary-wide logits and their gradient at once:
+    prunekit's Taylor scores on SmolLM2 peaked at 6.4 GB in batches of 4 windows against
+    Torch-Pruning's 3.1 GB one by one."""
+    size = batch["input_ids"].shape[0]
     split = lambda value, i: value[i:i + 1] if isinstance(value, torch.Tensor) and value.shape[:1] == (size,) else value  # noqa: E731
     return [({key: split(value, i) for key, value in batch.items()}, 1.0 / size) for i in range(size)]
 
 
 def accumulate_gradients(model: nn.Module, batches: Sequence, loss_fn: Callable[[nn.Module, object, object], torch.Tensor],
-                         tensors: Iterable[str], targets: Sequence | None = None) -> dict[str, torch.Tensor]:
-    """Sum of ∂loss/∂w over the calibration batches for the named parameters (others get no grad)."""
+                         tensors: Iterable[str], targets: Sequence | None = None,
+                         one_sample_at_a_time: bool = False) -> dict[str, torch.Tensor]:
+    """Sum of ∂loss/∂w over the calibration batches for the named parameters (others get no grad).
+    ``one_sample_at_a_time`` (dict batches of equal-length samples) gives the same sum with one
+    sample per backward pass."""
     wanted = set(tensors)
     parameters = dict(model.named_parameters())
     previous = {name: p.requires_grad for name, p in parameters.items()}
@@ -183,7 +180,8 @@ def accumulate_gradients(model: nn.Module, batches: Sequence, loss_fn: Callable[
     try:
         for index, batch in enumerate(batches):
             target = targets[index] if targets is not None else None
-            for part, share in _one_sample_parts(batch, target):
+            parts = one_sample_parts(batch) if one_sample_at_a_time else [(batch, 1.0)]
+            for part, share in parts:
                 loss = loss_fn(model, part, target)
                 if not torch.isfinite(loss):
                     raise PrunekitError("the calibration loss is NaN or inf; Taylor scores cannot be computed")

@@ -70,20 +70,10 @@ class SparseGPT(OneShotMethod):
         return weight.square() / inverse_diag.unsqueeze(0).square()
 
     def _inverse_upper_factor(self, stats: InputHessian, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Upper Cholesky factor of H⁻¹ (only its upper triangle is meaningful) and the mask of dead
-        inputs. On the CPU the three factorisations run in place in LAPACK, so a layer needs one d×d
-        buffer beside the accumulator (an 8640-wide Hessian is 300 MB in fp32; torch's Cholesky
-        allocates its result even when given ``out=``)."""
+        """Upper Cholesky factor of H⁻¹ and the mask of dead inputs, through torch: two d×d buffers
+        beside the accumulator while the first factorisation runs."""
         hessian = stats.hessian().to(device)
         dead = hessian.diagonal() == 0
-        if hessian.device.type == "cpu" and hessian.dtype == torch.float32 and _lapack is not None:
-            for attempt in range(4):
-                if attempt:
-                    hessian = stats.hessian()  # the failed factorisation overwrote it
-                self._dampen(hessian, attempt)
-                if _inverse_upper_in_place(hessian):
-                    return hessian, dead
-            raise PrunekitError(_NOT_DEFINITE)
         factor = self._cholesky(hessian)
         del hessian
         torch.cholesky_inverse(factor, out=factor)
@@ -112,10 +102,24 @@ class SparseGPT(OneShotMethod):
     @torch.no_grad()
     def prune(self, weight: torch.Tensor, stats: LayerStatistics | None, sparsity: float,
               pattern: SparsityPattern) -> torch.Tensor:
+        """On the CPU the factorisations run in place, in the statistics' own accumulator (lent and
+        restored by ``InputHessian.lent_hessian``): an 8640-wide layer then needs no 300 MB Hessian
+        copy beside it. A Hessian that needs more than the base dampening takes the torch path."""
         assert isinstance(stats, InputHessian)
-        upper, dead = self._inverse_upper_factor(stats, weight.device)
-        # Work on the transpose so that a column of W is a contiguous row.
-        wt = weight.detach().float().t().contiguous()
+        if weight.device.type == "cpu" and stats.upper_only and _lapack is not None:
+            with stats.lent_hessian() as hessian:
+                dead = hessian.diagonal() == 0
+                self._dampen(hessian, 0)
+                if _inverse_upper_in_place(hessian):
+                    return self._sweep(weight, hessian, dead, sparsity, pattern)
+        return self._sweep(weight, *self._inverse_upper_factor(stats, weight.device), sparsity, pattern)
+
+    def _sweep(self, weight: torch.Tensor, upper: torch.Tensor, dead: torch.Tensor, sparsity: float,
+               pattern: SparsityPattern) -> torch.Tensor:
+        """The OBS sweep over the columns with ``upper`` (only its upper triangle is read)."""
+        # Work on the transpose so that a column of W is a contiguous row (one fp32 copy, no temporary).
+        wt = torch.empty(weight.shape[1], weight.shape[0], dtype=torch.float32, device=weight.device)
+        wt.copy_(weight.detach().t())
         wt[dead] = 0
         columns, rows = wt.shape
         keep_t = torch.ones_like(wt, dtype=torch.bool)
