@@ -90,14 +90,16 @@ TARGETS = {"perplexity_no_recovery": 3.0, "perplexity_recovered": 1.5, "speedup_
 # ---- runs and their result files ---------------------------------------------------------------
 
 def prune_name(tool: str, importance: str, ratio: float, mlp_only: bool, heads: str = "kv", recover: float = 0.0,
-               mlp_global: float | None = None, reconstruct: bool = False, recover_lr: float | None = None) -> str:
+               mlp_global: float | None = None, reconstruct: bool = False, recover_lr: float | None = None,
+               recover_mode: str = "distill") -> str:
     recover_lr = RECOVERY_LR if recover_lr is None else recover_lr
     if mlp_global is not None:
         scope = f"mlpglobal{mlp_global:g}"
     else:
         scope = "mlp" if (mlp_only or tool == "torch-pruning") else f"global-{heads}"
     return (f"{tool}-{importance}-{scope}-{ratio:g}" + ("-lsq" if reconstruct else "")
-            + (f"-recover{recover:g}" if recover else "") + (f"-lr{recover_lr:g}" if recover_lr != RECOVERY_LR else ""))
+            + (f"-recover{recover:g}" if recover else "") + (f"-{recover_mode}" if recover_mode != "distill" else "")
+            + (f"-lr{recover_lr:g}" if recover_lr != RECOVERY_LR else ""))
 
 
 def best_name(ratio: float, recover: float = 0.0) -> str:
@@ -239,18 +241,18 @@ def _prunekit(model, importance: str, ratio: float, calibration: torch.Tensor, m
             "allocation": result.allocation}
 
 
-def _recover(lm, teacher, seconds: float, lr: float) -> dict:
+def _recover(lm, teacher, seconds: float, lr: float, mode: str) -> dict:
     text = tokenize(lm.tokenizer, source_text(PROTOCOL.calibration, "calibration", PROTOCOL))
     train = random_windows(text, RECOVERY_SAMPLES, PROTOCOL.seq_len, PROTOCOL.seed + 1)
-    return recover_lm(lm.model, train, teacher, "distill", max_seconds=seconds, lr=lr, batch_size=1).to_dict()
+    return recover_lm(lm.model, train, teacher, mode, max_seconds=seconds, lr=lr, batch_size=1).to_dict()
 
 
 def prune(tool: str, importance: str, ratio: float, mlp_only: bool, heads: str, recover: float,
           name: str | None = None, scope: str | None = None, mlp_global: float | None = None,
-          reconstruct: bool = False, recover_lr: float = 0.0) -> None:
+          reconstruct: bool = False, recover_lr: float = 0.0, recover_mode: str = "distill") -> None:
     recover_lr = recover_lr or RECOVERY_LR
     lm, calibration, test = _load()
-    teacher = copy.deepcopy(lm.model) if recover else None
+    teacher = copy.deepcopy(lm.model) if (recover and recover_mode == "distill") else None
     with Measured() as pruning:
         details = (_torch_pruning(lm.model, importance, ratio, calibration) if tool == "torch-pruning"
                    else _prunekit(lm.model, importance, ratio, calibration, mlp_only, heads, mlp_global, reconstruct))
@@ -260,16 +262,18 @@ def prune(tool: str, importance: str, ratio: float, mlp_only: bool, heads: str, 
         default_scope = f"MLP neurons, global (floor {mlp_global:g})"
     if reconstruct:
         default_scope += ", least-squares reconstruction"
+    if recover and recover_mode != "distill":
+        default_scope += f", recovery by the {recover_mode} LM loss"
     if recover and recover_lr != RECOVERY_LR:
         default_scope += f", recovery lr {recover_lr:g}"
     result = {"name": name or prune_name(tool, importance, ratio, mlp_only, heads, recover, mlp_global, reconstruct,
-                                         recover_lr),
+                                         recover_lr, recover_mode),
               "tool": tool,
               "importance": importance, "ratio": ratio, "scope": scope or default_scope,
               "prune_seconds": pruning.seconds, "prune_peak_rss": pruning.peak_rss, "details": details,
               **_measure(lm.model, test)}
     if recover:
-        result["recovery"] = _recover(lm, teacher, recover, recover_lr)
+        result["recovery"] = _recover(lm, teacher, recover, recover_lr, recover_mode)
         del teacher
         result["perplexity_recovered"] = perplexity(lm.model, test).perplexity
     _write(result["name"], result)
@@ -393,7 +397,8 @@ def report() -> None:
             f"## Targets\n\n{check_table}\n\n"
             f"Perplexity: {PROTOCOL.summary()}.\n\nSpeed: {SPEED.describe()}.\n\n"
             f"Recovery: distillation from the unpruned model on {RECOVERY_SAMPLES} calibration-split windows of "
-            f"{PROTOCOL.seq_len} tokens, batch 1, lr {RECOVERY_LR:g} unless the row says otherwise, at most "
+            f"{PROTOCOL.seq_len} tokens, batch 1, lr {RECOVERY_LR:g} unless the row says otherwise (some rows use the "
+            f"plain LM loss), at most "
             f"{RECOVERY_SECONDS:.0f} s.\n"
             + (f"\nNot run yet: {', '.join(missing)}.\n" if missing else ""))
     write_json(ROOT / "structure_smollm2.json", {"dense": dense_run, "runs": list(runs.values()), "checks": checks,
@@ -429,6 +434,8 @@ def main(argv: list[str] | None = None) -> None:
                               help="prunekit: MLP neurons only, ranked across layers, each layer keeping FLOOR")
     prune_parser.add_argument("--recover", type=float, default=0.0, help="seconds of distillation after pruning")
     prune_parser.add_argument("--recover-lr", type=float, default=0.0, help=f"recovery learning rate [{RECOVERY_LR:g}]")
+    prune_parser.add_argument("--recover-mode", choices=["distill", "plain"], default="distill",
+                              help="recovery loss: distillation from the unpruned model, or the plain LM loss")
     prune_parser.add_argument("--reconstruct", action="store_true",
                               help="prunekit: refit the layers reading removed neurons by least squares")
     depth_parser = sub.add_parser("depth", help="remove whole blocks")
@@ -445,7 +452,8 @@ def main(argv: list[str] | None = None) -> None:
         dense()
     elif args.phase == "prune":
         prune(args.tool, args.importance, args.ratio, args.mlp_only, args.heads, args.recover,
-              mlp_global=args.mlp_global, reconstruct=args.reconstruct, recover_lr=args.recover_lr)
+              mlp_global=args.mlp_global, reconstruct=args.reconstruct, recover_lr=args.recover_lr,
+              recover_mode=args.recover_mode)
     elif args.phase == "depth":
         depth(args.blocks, args.criterion)
     elif args.phase == "equal":
