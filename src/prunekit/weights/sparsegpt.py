@@ -44,8 +44,9 @@ def _inverse_upper_in_place(hessian: torch.Tensor) -> bool:
     upper, info = _lapack.spotrf(inverse, lower=1, overwrite_a=1, clean=0)
     if info != 0:
         return False
-    if not np.shares_memory(upper, fortran):  # a LAPACK wrapper that copied: bring the result back
-        hessian.copy_(torch.from_numpy(np.ascontiguousarray(upper.T)))
+    if not np.shares_memory(upper, fortran):  # a wrapper that copied: bring back the upper triangle only
+        result = torch.from_numpy(np.ascontiguousarray(upper.T))
+        hessian.copy_(torch.where(torch.ones_like(result, dtype=torch.bool).triu(), result, hessian))
     return True
 
 
