@@ -8,27 +8,48 @@ no fine-tuning is done.
 
     flock /tmp/prunekit-cpu.lock python benchmarks/structure_cnn_widths.py
 """
+from __future__ import annotations
+
 import copy
-import sys, torch
-sys.path.insert(0, "/work/main/benchmarks")
-import structure_fashion_mnist as B
-from prunekit.structure import prune_structure
-from prunekit.structure.measure import SpeedProtocol, image_inputs, measure
-torch.set_num_threads(2)
-speed = SpeedProtocol(batch_sizes=(1, 8), runs=10, warmup=3, threads=2, seq_len=0)
-def run(label, model):
-    t = measure(model.eval(), image_inputs((1, 28, 28)), 1, speed, unit="images").to_dict()["throughput"]
-    print(label, {k: round(v) for k, v in t.items()}, flush=True)
-base = B.ResNetLike(widths=(16, 32, 64), blocks=(2, 2, 2))
-base.load_state_dict(torch.load(B.RAW / "dense.pt", weights_only=True))
-run("dense", base)
-for rt in (4, 8, 16):
-        m = copy.deepcopy(base)
-    r = prune_structure(m, 0.5, example_inputs=(torch.zeros(1, 1, 28, 28),), importance="l2", target="macs",
-                        allocation={"name": "global", "round_to": rt, "floor": 0.1})
-    run(f"l2 global round_to {rt} {list(r.plan.widths.values())}", m)
-m = copy.deepcopy(base)
-r = prune_structure(m, 0.5, example_inputs=(torch.zeros(1, 1, 28, 28),), importance="l2", target="macs",
-                    allocation={"name": "uniform", "round_to": 4, "floor": 0.1})
-run(f"l2 uniform round_to 4 {list(r.plan.widths.values())}", m)
-run("dense again", base)
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import structure_fashion_mnist as bench  # noqa: E402
+
+from prunekit.structure import prune_structure  # noqa: E402
+from prunekit.structure.measure import SpeedProtocol, image_inputs, measure  # noqa: E402
+
+SPEED = SpeedProtocol(batch_sizes=(1, 8), runs=10, warmup=3, threads=2, seq_len=0)
+
+
+def _time(label: str, model: torch.nn.Module) -> None:
+    throughput = measure(model.eval(), image_inputs((1, 28, 28)), 1, SPEED, unit="images").to_dict()["throughput"]
+    print(label, {batch: round(value) for batch, value in throughput.items()}, flush=True)
+
+
+def _shrunk(base: torch.nn.Module, allocation: dict) -> tuple[torch.nn.Module, list]:
+    model = copy.deepcopy(base)
+    result = prune_structure(model, 0.5, example_inputs=(torch.zeros(1, 1, 28, 28),), importance="l2",
+                             target="macs", allocation=allocation)
+    return model, list(result.plan.widths.values())
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    base = bench.ResNetLike(widths=(16, 32, 64), blocks=(2, 2, 2))
+    base.load_state_dict(torch.load(bench.RAW / "dense.pt", weights_only=True))
+    _time("dense", base)
+    for round_to in (4, 8, 16):
+        model, widths = _shrunk(base, {"name": "global", "round_to": round_to, "floor": 0.1})
+        _time(f"l2 global round_to {round_to} {widths}", model)
+    model, widths = _shrunk(base, {"name": "uniform", "round_to": 4, "floor": 0.1})
+    _time(f"l2 uniform round_to 4 {widths}", model)
+    _time("dense again", base)
+
+
+if __name__ == "__main__":
+    main()
