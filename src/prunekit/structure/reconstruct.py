@@ -32,7 +32,7 @@ from prunekit.errors import PrunekitError
 from prunekit.models.base import ModelAdapter
 from prunekit.structure.graph import DependencyGraph
 from prunekit.structure.shrink import check_removal, compensation_targets, removed_by_dimension
-from prunekit.structure.statistics import run_batch
+from prunekit.structure.statistics import block_of_modules, feed_batches
 
 
 def refit_columns(weight: torch.Tensor, gram: torch.Tensor, removed: torch.Tensor, damping: float = 0.01) -> torch.Tensor:
@@ -44,12 +44,13 @@ def refit_columns(weight: torch.Tensor, gram: torch.Tensor, removed: torch.Tenso
     kept = keep_mask.nonzero().squeeze(1)
     g = gram.double().cpu()
     w = weight.detach().double().cpu()
-    g_kk = g.index_select(0, kept).index_select(1, kept)
+    rows = g.index_select(0, kept)  # G[K, :]
+    g_kk = rows.index_select(1, kept)
     dead = g_kk.diagonal() == 0  # channels never active in calibration: keep their weights, fit nothing to them
     mean_diagonal = g_kk.diagonal().mean().clamp_min(1e-12)
     g_kk.diagonal().add_(damping * mean_diagonal)
     g_kk.diagonal()[dead] = 1.0
-    right = g.index_select(0, kept) @ w.T  # G[K, :] Wᵀ  (kept, out)
+    right = rows @ w.T  # G[K, :] Wᵀ  (kept, out)
     factor, info = torch.linalg.cholesky_ex(g_kk)
     if int(info) != 0:
         raise PrunekitError("the calibration Gram matrix is not positive definite even with damping; "
@@ -109,34 +110,20 @@ def reconstruct(model: nn.Module, graph: DependencyGraph, removal: Mapping[str, 
     if not removed:
         return [], skipped
     if windows is not None and adapter is not None:
-        blocks = {}
-        for index, block in enumerate(adapter.blocks()):
-            for local, module in block.named_modules():
-                blocks[id(module)] = index
+        block_of = block_of_modules(adapter)
         targets = []
         for name in removed:
-            module = model.get_submodule(name)
-            if id(module) not in blocks:
+            if name not in block_of:
                 skipped.append(name)
                 continue
-            targets.append(Target(name, module, blocks[id(module)]))
+            targets.append(Target(name, model.get_submodule(name), block_of[name]))
         removed = {t.name: removed[t.name] for t in targets}
         run_sequential(model, adapter, windows, targets, _Refit(removed, damping), mode="layer", batch_size=batch_size,
                        description="Reconstructing")
         return sorted(removed), sorted(set(skipped))
     grams = {name: InputHessian(model.get_submodule(name).in_features) for name in removed}
-    handles = [model.get_submodule(name).register_forward_pre_hook(lambda _m, args, g=gram: g.add(args[0]))
-               for name, gram in grams.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                run_batch(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    feed_batches(model, batches, {model.get_submodule(name): (lambda _m, args, g=gram: g.add(args[0]))
+                                  for name, gram in grams.items()})
     processor = _Refit(removed, damping)
     for name, gram in grams.items():
         processor.process(Target(name, model.get_submodule(name), None), gram)

@@ -9,7 +9,7 @@ forward hooks. Either way only one batch of activations is alive at a time.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -76,18 +76,26 @@ def input_moments(model: nn.Module, graph: DependencyGraph, weights: Iterable[st
     if windows is not None and adapter is not None:
         return _moments_sequential(model, adapter, calls, windows, batch_size)
     stats: dict[str, ChannelMoments] = {}
-    handles = []
     modules = {}
     for weight, (module_name, channel_dim) in calls.items():
         module = model.get_submodule(module_name) if module_name else model
         moments = ChannelMoments(graph.tensors[weight].shape[1] * _groups_of(module), channel_dim=channel_dim)
         stats[weight] = moments
         modules.setdefault(id(module), (module, []))[1].append(moments)
+    hooks = {}
     for module, collectors in modules.values():
         def hook(_module, args, collectors=collectors):
             for moments in collectors:
                 moments.add(args[0])
-        handles.append(module.register_forward_pre_hook(hook))
+        hooks[module] = hook
+    feed_batches(model, batches, hooks)
+    return stats
+
+
+def feed_batches(model: nn.Module, batches: Sequence, pre_hooks: Mapping[nn.Module, Callable]) -> None:
+    """Run every batch through the model in eval mode without gradients, with ``pre_hooks`` (module ->
+    forward pre-hook) installed for the duration; the hooks and the training mode are restored."""
+    handles = [module.register_forward_pre_hook(hook) for module, hook in pre_hooks.items()]
     was_training = model.training
     model.eval()
     try:
@@ -98,7 +106,15 @@ def input_moments(model: nn.Module, graph: DependencyGraph, weights: Iterable[st
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return stats
+
+
+def block_of_modules(adapter: ModelAdapter) -> dict[str, int]:
+    """Full module name -> index of the block that contains it, for every module inside the blocks."""
+    block_of: dict[str, int] = {}
+    for index, block in enumerate(adapter.blocks()):
+        for local, _module in block.named_modules():
+            block_of[f"{adapter.block_name(index)}.{local}" if local else adapter.block_name(index)] = index
+    return block_of
 
 
 def _groups_of(module: nn.Module) -> int:
@@ -128,10 +144,7 @@ class _MomentsProcessor:
 
 def _moments_sequential(model: nn.Module, adapter: ModelAdapter, calls: dict[str, tuple[str, int]],
                         windows: torch.Tensor, batch_size: int) -> dict[str, ChannelMoments]:
-    block_of: dict[str, int] = {}
-    for index, block in enumerate(adapter.blocks()):
-        for local, _module in block.named_modules():
-            block_of[f"{adapter.block_name(index)}.{local}" if local else adapter.block_name(index)] = index
+    block_of = block_of_modules(adapter)
     head = adapter.head()
     targets, wanted = [], {}
     for weight, (module_name, _dim) in calls.items():
