@@ -44,6 +44,18 @@ def test_plain_recovery_lowers_the_language_model_loss():
         assert float(student(input_ids=WINDOWS, labels=WINDOWS).loss) < before - 0.5
 
 
+def test_train_only_leaves_every_other_parameter_untouched():
+    student = tiny_llama()
+    before = {name: p.detach().clone() for name, p in student.named_parameters()}
+    recover_lm(student, WINDOWS, None, "plain", max_seconds=None, max_steps=5, lr=3e-3, train_only=("mlp.",))
+    changed = {name for name, p in student.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all("mlp." in name for name in changed)
+    assert {name for name in before if "mlp." in name} == changed
+    assert all(p.requires_grad for p in student.parameters())
+    with pytest.raises(PrunekitError, match="no parameter left to train"):
+        recover_lm(student, WINDOWS, None, "plain", max_steps=1, train_only=("no-such-module",))
+
+
 def test_the_time_budget_is_never_overrun(monkeypatch):
     import types
 

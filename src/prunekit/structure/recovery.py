@@ -56,9 +56,12 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 def recover_lm(student: nn.Module, windows: torch.Tensor, teacher: nn.Module | None = None, mode: Mode = "distill",
                max_seconds: float | None = 600.0, max_steps: int | None = None, lr: float = 1e-4,
                batch_size: int = 1, temperature: float = 1.0, weight_decay: float = 0.0, seed: int = 0,
-               train_embeddings: bool = False, warmup: int = 10) -> RecoveryResult:
+               train_embeddings: bool = False, warmup: int = 10,
+               train_only: tuple[str, ...] = ()) -> RecoveryResult:
     """Fine-tune ``student`` on token ``windows`` until the time or step budget runs out; no step
-    starts that would, at the mean step time so far, end past ``max_seconds``."""
+    starts that would, at the mean step time so far, end past ``max_seconds``. ``train_only``: name
+    fragments (``"mlp."``) of the parameters to train; the others stay frozen and cost no weight
+    gradient."""
     if mode not in ("distill", "plain"):
         raise PrunekitError(f"unknown recovery mode '{mode}'; choose distill or plain")
     if mode == "distill" and teacher is None:
@@ -69,7 +72,11 @@ def recover_lm(student: nn.Module, windows: torch.Tensor, teacher: nn.Module | N
         raise PrunekitError("the recovery budget must be positive")
     embeddings = student.get_input_embeddings() if hasattr(student, "get_input_embeddings") else None
     frozen = {id(embeddings.weight)} if (embeddings is not None and not train_embeddings) else set()
+    if train_only:
+        frozen |= {id(p) for name, p in student.named_parameters() if not any(part in name for part in train_only)}
     parameters = [p for p in student.parameters() if id(p) not in frozen]
+    if not parameters:
+        raise PrunekitError(f"no parameter left to train (train_only={list(train_only)})")
     previous = {id(p): p.requires_grad for p in student.parameters()}
     for parameter in student.parameters():
         parameter.requires_grad_(id(parameter) not in frozen)
