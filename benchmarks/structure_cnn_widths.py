@@ -2,9 +2,9 @@
 
 Needs the benchmark's trained weights (benchmarks/results/raw/structure_fmnist/dense.pt, written by
 ``structure_fashion_mnist.py train``). Shrinks half the MACs by L2 with global allocation at round_to 4, 8
-and 16 and with uniform allocation, and times each at batch 1 and 8 (images/s, median of 10 after 3
-warm-ups, 2 threads), the dense model first and last. Speed does not depend on the weights' values, so
-no fine-tuning is done.
+and 16 and with uniform allocation, and times them all side by side at batch 1 and 8 (images/s, median
+of 10 after 3 warm-ups, 2 threads, the models' passes alternating). Speed does not depend on the
+weights' values, so no fine-tuning is done.
 
     flock /tmp/prunekit-cpu.lock python benchmarks/structure_cnn_widths.py
 """
@@ -21,14 +21,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import structure_fashion_mnist as bench  # noqa: E402
 
 from prunekit.structure import prune_structure  # noqa: E402
-from prunekit.structure.measure import SpeedProtocol, image_inputs, measure  # noqa: E402
+from prunekit.structure.measure import SpeedProtocol, image_inputs, measure_side_by_side  # noqa: E402
 
 SPEED = SpeedProtocol(batch_sizes=(1, 8), runs=10, warmup=3, threads=2, seq_len=0)
-
-
-def _time(label: str, model: torch.nn.Module) -> None:
-    throughput = measure(model.eval(), image_inputs((1, 28, 28)), 1, SPEED, unit="images").to_dict()["throughput"]
-    print(label, {batch: round(value) for batch, value in throughput.items()}, flush=True)
 
 
 def _shrunk(base: torch.nn.Module, allocation: dict) -> tuple[torch.nn.Module, list]:
@@ -42,13 +37,16 @@ def main() -> None:
     torch.set_num_threads(2)
     base = bench.ResNetLike(widths=(16, 32, 64), blocks=(2, 2, 2))
     base.load_state_dict(torch.load(bench.RAW / "dense.pt", weights_only=True))
-    _time("dense", base)
+    models = {"dense": base.eval()}
     for round_to in (4, 8, 16):
         model, widths = _shrunk(base, {"name": "global", "round_to": round_to, "floor": 0.1})
-        _time(f"l2 global round_to {round_to} {widths}", model)
+        models[f"l2 global round_to {round_to} {widths}"] = model.eval()
     model, widths = _shrunk(base, {"name": "uniform", "round_to": 4, "floor": 0.1})
-    _time(f"l2 uniform round_to 4 {widths}", model)
-    _time("dense again", base)
+    models[f"l2 uniform round_to 4 {widths}"] = model.eval()
+    results = measure_side_by_side(models, image_inputs((1, 28, 28)), 1, SPEED, unit="images")
+    dense = results["dense"].throughput
+    for label, result in results.items():
+        print(label, {batch: f"{value:.0f} img/s ({value / dense[batch]:.2f}×)" for batch, value in result.throughput.items()})
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.structure import lm_calibration, lm_example_inputs, prune_structure
-from prunekit.structure.measure import SpeedProtocol, count_macs, count_parameters, measure
+from prunekit.structure.measure import SpeedProtocol, count_macs, count_parameters, measure, measure_side_by_side
 from prunekit.structure.recovery import distillation_loss, recover_classifier, recover_lm
 from structure_helpers import tiny_llama
 
@@ -102,6 +103,34 @@ def test_measurement_counts_and_times():
     for batch in (1, 8):
         assert result.throughput[batch] == pytest.approx(batch / (result.latency_ms[batch] / 1000))
     assert result.memory is None and result.model_bytes == count_parameters(model) * 4
+
+
+class _Sleeper(nn.Module):
+    """A model whose forward pass takes a known time and says when it ran."""
+
+    def __init__(self, name: str, seconds: float, log: list[str]):
+        super().__init__()
+        self.name, self.seconds, self.log = name, seconds, log
+        self.scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        self.log.append(self.name)
+        time.sleep(self.seconds)
+        return x * self.scale
+
+
+def test_models_compared_are_timed_side_by_side_in_abba_order():
+    log: list[str] = []
+    models = {"before": _Sleeper("before", 0.03, log).eval(), "after": _Sleeper("after", 0.01, log)}
+    models["after"].train()
+    results = measure_side_by_side(models, lambda batch: (torch.randn(batch, 4),),
+                                   protocol=SpeedProtocol(batch_sizes=(2,), runs=4, warmup=1, threads=1, seq_len=0))
+    # one pass each to count MACs, one warm-up each, then the timed passes alternate AB, BA, AB, BA
+    assert log == ["before", "after"] * 2 + ["before", "after", "after", "before"] * 2
+    ratio = results["before"].latency_ms[2] / results["after"].latency_ms[2]
+    assert 1.5 < ratio < 6
+    assert results["after"].throughput[2] == pytest.approx(2 / (results["after"].latency_ms[2] / 1000))
+    assert models["after"].training and not models["before"].training  # modes restored
 
 
 def test_peak_memory_is_the_models_own_in_a_fresh_process():

@@ -28,7 +28,7 @@ from prunekit.io.atomic import atomic_directory, check_output_dir
 from prunekit.models.base import ModelAdapter, adapter_for
 from prunekit.models.loading import parse_dtype, resolve_model_dir
 from prunekit.structure.depth import prune_depth
-from prunekit.structure.measure import Measurement, SpeedProtocol, compare, lm_inputs, measure
+from prunekit.structure.measure import Measurement, SpeedProtocol, compare, lm_inputs, measure_side_by_side
 from prunekit.structure.peak_memory import describe as describe_memory
 from prunekit.structure.graph import build_graph
 from prunekit.structure.pipeline import check_plan, encoder_calibration, lm_calibration, lm_example_inputs, prune_structure
@@ -108,7 +108,8 @@ def _disk_bytes(path: Path | None) -> int | None:
     return sum(p.stat().st_size for p in path.glob("*.safetensors")) or None
 
 
-def _speed(loaded: LoadedHF, recipe: ShrinkRecipe) -> Measurement:
+def _speeds(loaded: LoadedHF, original: nn.Module, recipe: ShrinkRecipe) -> tuple[Measurement, Measurement]:
+    """Speed of the original and of the shrunk model, timed side by side."""
     protocol = SpeedProtocol(tuple(recipe.measure.batch_sizes), recipe.measure.runs, recipe.measure.warmup,
                              recipe.measure.threads, recipe.measure.seq_len)
     vocab = loaded.model.get_input_embeddings().num_embeddings
@@ -116,7 +117,9 @@ def _speed(loaded: LoadedHF, recipe: ShrinkRecipe) -> Measurement:
     if loaded.kind == "encoder":
         inner = make
         make = lambda batch: {"input_ids": inner(batch)["input_ids"]}  # noqa: E731 - encoders take no cache flag
-    return measure(loaded.model, make, recipe.measure.seq_len, protocol, unit="tokens", memory=recipe.measure.memory)
+    speeds = measure_side_by_side({"before": original, "after": loaded.model}, make, recipe.measure.seq_len, protocol,
+                                  unit="tokens", memory=recipe.measure.memory)
+    return speeds["before"], speeds["after"]
 
 
 def _quality(loaded: LoadedHF, test: torch.Tensor | None, reference: torch.Tensor | None, recipe: ShrinkRecipe,
@@ -172,8 +175,8 @@ def run_shrink_job(recipe: ShrinkRecipe, out: str | Path, overwrite: bool = Fals
     reference = _mean_pooled(loaded.model, test, recipe.batch_size) if (loaded.kind == "encoder" and test is not None) else None
     parameters_before = sum(p.numel() for p in {id(p): p for p in loaded.model.parameters()}.values())
     quality_before = _quality(loaded, test, reference, recipe, "before")
-    speed_before = _speed(loaded, recipe)
-    teacher = copy.deepcopy(loaded.model) if (recipe.recovery and recipe.recovery.mode == "distill") else None
+    # The unpruned copy is the distillation teacher and the speed reference timed next to the shrunk model.
+    original = copy.deepcopy(loaded.model)
 
     depth_result = None
     width_result = None
@@ -196,12 +199,13 @@ def run_shrink_job(recipe: ShrinkRecipe, out: str | Path, overwrite: bool = Fals
         settings = recipe.recovery
         train_text = tokenize(loaded.tokenizer, source_text(protocol.calibration, "calibration", protocol))
         train = random_windows(train_text, settings.samples, protocol.seq_len, protocol.seed + 1)
+        teacher = original if settings.mode == "distill" else None
         recovery_result = recover_lm(loaded.model, train, teacher, settings.mode, settings.seconds, settings.steps,
                                      settings.lr, settings.batch_size, settings.temperature, seed=recipe.data.seed,
                                      train_embeddings=settings.train_embeddings)
         quality_recovered = _quality(loaded, test, reference, recipe, "after recovery")
-    del teacher
-    speed_after = _speed(loaded, recipe)
+    speed_before, speed_after = _speeds(loaded, original, recipe)
+    del original
 
     with atomic_directory(out_path, overwrite) as tmp:
         blocks = {depth_result.path: [i for i in range(depth_result.blocks_before) if i not in depth_result.removed]} \
@@ -306,7 +310,8 @@ def _report(loaded, recipe, protocol, parameters_before, quality_before, quality
                     "after_recovery": quality_recovered},
         "speed": {"protocol": SpeedProtocol(tuple(recipe.measure.batch_sizes), recipe.measure.runs,
                                             recipe.measure.warmup, recipe.measure.threads,
-                                            recipe.measure.seq_len).describe(),
+                                            recipe.measure.seq_len).describe()
+                  + "; the original and the shrunk model timed side by side, their passes alternating",
                   "before": speed_before.to_dict(), "after": speed_after.to_dict(),
                   "ratios": compare(speed_before, speed_after)},
         "size": {"before_bytes": size_before, "after_bytes": saved["weights_bytes"]},

@@ -3,7 +3,8 @@
 - parameters (unique tensors: a tied embedding counts once);
 - MACs of one forward pass, from ``torch.utils.flop_counter`` (FLOPs / 2);
 - CPU latency and throughput at each batch size: warm-up runs, then the median of ``runs`` timed
-  forward passes under ``torch.inference_mode`` with a fixed thread count;
+  forward passes under ``torch.inference_mode`` with a fixed thread count; models compared with each
+  other are timed side by side, their passes alternating (``measure_side_by_side``);
 - peak memory of inference at the largest batch, in a fresh process that holds only this model
   (``prunekit.structure.peak_memory``; optional, it costs a process start per model);
 - size on disk of the saved weights (measured by the caller after saving);
@@ -15,7 +16,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -73,16 +74,22 @@ def count_macs(model: nn.Module, inputs: tuple | dict) -> int:
     return int(counter.get_total_flops() // 2)
 
 
-def time_forward(model: nn.Module, inputs: tuple | dict, runs: int, warmup: int) -> list[float]:
+def time_side_by_side(models: Mapping[str, nn.Module], inputs: tuple | dict, runs: int,
+                      warmup: int) -> dict[str, list[float]]:
+    """Timed forward passes of several models on the same inputs, alternating between them (ABBA order),
+    so that a drift of the machine (clock frequency, caches, a neighbour) falls on every model alike."""
     args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), inputs)
-    times = []
+    names = list(models)
+    times: dict[str, list[float]] = {name: [] for name in names}
     with torch.inference_mode():
-        for index in range(warmup + runs):
-            started = time.perf_counter()
-            model(*args, **kwargs)
-            elapsed = time.perf_counter() - started
-            if index >= warmup:
-                times.append(elapsed)
+        for name in names:
+            for _ in range(warmup):
+                models[name](*args, **kwargs)
+        for run in range(runs):
+            for name in (names if run % 2 == 0 else reversed(names)):
+                started = time.perf_counter()
+                models[name](*args, **kwargs)
+                times[name].append(time.perf_counter() - started)
     return times
 
 
@@ -90,30 +97,42 @@ def measure(model: nn.Module, make_inputs: Callable[[int], tuple | dict], items_
             protocol: SpeedProtocol | None = None, unit: str = "items", memory: bool = False) -> Measurement:
     """``make_inputs(batch)`` returns one batch; ``items_per_sample`` (tokens per sequence) scales throughput.
     ``memory`` adds the peak inference memory at the largest batch, measured in a fresh process."""
+    return measure_side_by_side({"model": model}, make_inputs, items_per_sample, protocol, unit, memory)["model"]
+
+
+def measure_side_by_side(models: Mapping[str, nn.Module], make_inputs: Callable[[int], tuple | dict],
+                         items_per_sample: int = 1, protocol: SpeedProtocol | None = None, unit: str = "items",
+                         memory: bool = False) -> dict[str, Measurement]:
+    """``measure`` for several models at once, their timed passes interleaved (``time_side_by_side``):
+    the speed ratio of a pruned model to its original is only trustworthy when both were timed together."""
     protocol = protocol or SpeedProtocol()
     previous_threads = torch.get_num_threads()
     if protocol.threads:
         torch.set_num_threads(protocol.threads)
-    was_training = model.training
-    model.eval()
+    modes = {name: model.training for name, model in models.items()}
+    for model in models.values():
+        model.eval()
     try:
-        result = Measurement(count_parameters(model), count_macs(model, make_inputs(1)), unit=unit,
-                             model_bytes=model_bytes(model))
+        results = {name: Measurement(count_parameters(model), count_macs(model, make_inputs(1)), unit=unit,
+                                     model_bytes=model_bytes(model)) for name, model in models.items()}
         for batch in protocol.batch_sizes:
-            times = time_forward(model, make_inputs(batch), protocol.runs, protocol.warmup)
-            median = statistics.median(times)
-            result.latency_ms[batch] = median * 1000
-            result.throughput[batch] = batch * items_per_sample / median
+            times = time_side_by_side(models, make_inputs(batch), protocol.runs, protocol.warmup)
+            for name, result in results.items():
+                median = statistics.median(times[name])
+                result.latency_ms[batch] = median * 1000
+                result.throughput[batch] = batch * items_per_sample / median
         if memory:
             largest = max(protocol.batch_sizes)
-            try:
-                result.memory = inference_peak(model, make_inputs(largest), largest, protocol.threads).to_dict()
-            except PrunekitError as exc:  # a measurement that cannot be taken must not throw away the pruning
-                result.memory = {"batch": largest, "error": str(exc)}
+            for name, result in results.items():
+                try:
+                    result.memory = inference_peak(models[name], make_inputs(largest), largest, protocol.threads).to_dict()
+                except PrunekitError as exc:  # a measurement that cannot be taken must not throw away the pruning
+                    result.memory = {"batch": largest, "error": str(exc)}
     finally:
         torch.set_num_threads(previous_threads)
-        model.train(was_training)
-    return result
+        for name, model in models.items():
+            model.train(modes[name])
+    return results
 
 
 def lm_inputs(seq_len: int, vocab_size: int, seed: int = 0) -> Callable[[int], dict]:

@@ -208,8 +208,8 @@ def prune_structure(model: nn.Module, ratio: float = 0.2, *, example_inputs: tup
     importance = get_importance(importance)
     if reconstruct and calibration is None:
         raise PrunekitError("reconstruction refits layers on calibration data: give calibration")
-    if not 0 < damping < 1:
-        raise PrunekitError(f"the reconstruction damping must lie in (0, 1), got {damping}")
+    if not 0 < damping <= 100:
+        raise PrunekitError(f"the reconstruction damping must lie in (0, 100], got {damping}")
     if isinstance(allocation, str):
         allocation = {"name": allocation}
     strategy = allocation if isinstance(allocation, WidthAllocation) else WidthAllocation(**(allocation or {}))

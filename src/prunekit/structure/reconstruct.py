@@ -51,6 +51,9 @@ def refit_columns(weight: torch.Tensor, gram: torch.Tensor, removed: torch.Tenso
     g_kk.diagonal().add_(damping * mean_diagonal)
     g_kk.diagonal()[dead] = 1.0
     right = rows @ w.T  # G[K, :] Wᵀ  (kept, out)
+    # The damping pulls the kept columns towards their own values, not towards zero: with little
+    # calibration data (a Gram matrix of low rank) the refit then stays near the unpruned weights.
+    right += damping * mean_diagonal * w.index_select(1, kept).T
     factor, info = torch.linalg.cholesky_ex(g_kk)
     if int(info) != 0:
         raise PrunekitError("the calibration Gram matrix is not positive definite even with damping; "
