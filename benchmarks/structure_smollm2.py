@@ -84,6 +84,10 @@ DEPTH_BLOCKS = 6
 TORCH_PRUNING = ("l2", "taylor", "hessian")
 BEST = "taylor"  # with BEST_FLOOR and reconstruction: the best of the settings measured at 20 % (docs/structure.md)
 BEST_FLOOR = 0.3
+# The recovery of the best rows: the plain LM loss at 3e-4 beat distillation at 1e-4 and 3e-4 and the plain loss
+# at 6e-4 in 150 s A/B runs from one pruned start (benchmarks/structure_recovery_ab.py, docs/structure.md).
+BEST_RECOVERY_MODE = "plain"
+BEST_RECOVERY_LR = 3e-4
 TARGETS = {"perplexity_no_recovery": 3.0, "perplexity_recovered": 1.5, "speedup_b8": {0.2: 1.15, 0.4: 1.25}}
 
 
@@ -104,7 +108,8 @@ def prune_name(tool: str, importance: str, ratio: float, mlp_only: bool, heads: 
 
 
 def best_name(ratio: float, recover: float = 0.0) -> str:
-    return prune_name("prunekit", BEST, ratio, False, "kv", recover, BEST_FLOOR, reconstruct=True)
+    return prune_name("prunekit", BEST, ratio, False, "kv", recover, BEST_FLOOR, reconstruct=True,
+                      recover_lr=BEST_RECOVERY_LR if recover else None, recover_mode=BEST_RECOVERY_MODE if recover else "distill")
 
 
 def depth_name(blocks: int, criterion: str) -> str:
@@ -130,7 +135,8 @@ def plan() -> list[tuple[str, list[str]]]:
             runs.append((best_name(ratio, recover),
                          ["prune", "--tool", "prunekit", "--importance", BEST, "--ratio", f"{ratio:g}",
                           "--mlp-global", f"{BEST_FLOOR:g}", "--reconstruct"]
-                         + (["--recover", f"{recover:g}"] if recover else [])))
+                         + (["--recover", f"{recover:g}", "--recover-mode", BEST_RECOVERY_MODE,
+                             "--recover-lr", f"{BEST_RECOVERY_LR:g}"] if recover else [])))
     # Measured alternatives at 20 %: the best setting without reconstruction, and FLAP.
     for recover in (0.0, RECOVERY_SECONDS):
         runs.append((prune_name("prunekit", BEST, 0.2, False, "kv", recover, BEST_FLOOR),
@@ -400,10 +406,10 @@ def report() -> None:
             f"## Depth ({DEPTH_BLOCKS} of 30 blocks) against width at equal parameters\n\n{depth_table}\n\n"
             f"## Targets\n\n{check_table}\n\n"
             f"Perplexity: {PROTOCOL.summary()}.\n\nSpeed: {SPEED.describe()}.\n\n"
-            f"Recovery: distillation from the unpruned model on {RECOVERY_SAMPLES} calibration-split windows of "
-            f"{PROTOCOL.seq_len} tokens, batch 1, lr {RECOVERY_LR:g} unless the row says otherwise (some rows use the "
-            f"plain LM loss), at most "
-            f"{RECOVERY_SECONDS:.0f} s.\n"
+            f"Recovery: on {RECOVERY_SAMPLES} calibration-split windows of {PROTOCOL.seq_len} tokens, batch 1, "
+            f"at most {RECOVERY_SECONDS:.0f} s; distillation from the unpruned model at lr {RECOVERY_LR:g} unless "
+            f"the row says otherwise (prunekit's best rows: the {BEST_RECOVERY_MODE} LM loss at lr "
+            f"{BEST_RECOVERY_LR:g}).\n"
             + (f"\nNot run yet: {', '.join(missing)}.\n" if missing else ""))
     write_json(ROOT / "structure_smollm2.json", {"dense": dense_run, "runs": list(runs.values()), "checks": checks,
                                                  "protocol": PROTOCOL.describe(), "speed_protocol": SPEED.describe()})

@@ -30,7 +30,8 @@ def _args(tiny_dir: Path, out: Path, *extra: str) -> list[str]:
 def test_shrink_writes_a_smaller_model_its_report_and_a_recipe_that_reproduces_it(tiny_dir, tmp_path, capsys):
     before = _fingerprint(tiny_dir)
     out = tmp_path / "out"
-    code = main(_args(tiny_dir, out, "--ratio", "0.02", "--recover", "--recover-steps", "2", "--onnx", "--reconstruct"))
+    code = main(_args(tiny_dir, out, "--ratio", "0.02", "--recover", "--recover-steps", "2", "--onnx", "--reconstruct",
+                        "--reconstruct-damping", "0.3"))
     assert code == 0, capsys.readouterr()
     assert _fingerprint(tiny_dir) == before  # the input is never modified
     report = json.loads((out / "report.json").read_text())
@@ -47,6 +48,7 @@ def test_shrink_writes_a_smaller_model_its_report_and_a_recipe_that_reproduces_i
     assert sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) == report["parameters"]["after"]
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert recipe["importance"]["name"] == "flap" and recipe["ratio"] == 0.02 and recipe["reconstruct"] is True
+    assert recipe["reconstruct_damping"] == 0.3
     assert "reconstruction refitted" in json.dumps(report["width"])
     again = tmp_path / "again"
     memory = report["memory"]["inference"]
@@ -74,6 +76,7 @@ def test_shrink_writes_a_smaller_model_its_report_and_a_recipe_that_reproduces_i
     (["--override", "nowhere*=0.5"], "override pattern 'nowhere*' matches no prunable family"),
     (["--depth", "5", "--ratio", "0"], "cannot remove 5 of 2 blocks; keep at least one"),
     (["--floor", "2"], "floor: Input should be less than or equal to 1"),
+    (["--reconstruct", "--reconstruct-damping", "0"], "reconstruct_damping: Input should be greater than 0"),
     (["--ignore", "model.*"], "nothing to prune: no family of the chosen granularities is left"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_dir, tmp_path, capsys, extra, message):

@@ -43,6 +43,28 @@ def test_refit_beats_zeroing_and_keeps_dtype():
     assert _error(weight, refit, x) < 0.5 * _error(weight, zeroed, x)
 
 
+def test_damping_is_a_ridge_towards_the_unpruned_weights():
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 20, generator=generator, dtype=torch.float64)  # fewer samples than channels: G has rank 6
+    weight = torch.randn(3, 20, generator=generator, dtype=torch.float64)
+    removed = torch.tensor([2, 9, 15])
+    kept = torch.tensor([i for i in range(20) if i not in (2, 9, 15)])
+    gram = x.T @ x
+    refit = refit_columns(weight, gram, removed, damping=0.3)
+    # the closed form of min ‖W X − W'_K X_K‖² + λ ‖W'_K − W_K‖², λ = 0.3 · mean diagonal of G_KK
+    lam = 0.3 * gram[kept][:, kept].diagonal().mean()
+    g_kk = gram[kept][:, kept] + lam * torch.eye(17, dtype=torch.float64)
+    expected = torch.linalg.solve(g_kk, gram[kept] @ weight.T + lam * weight[:, kept].T).T
+    torch.testing.assert_close(refit[:, kept], expected)
+    # a strong ridge keeps the kept columns (plain zeroing of the removed ones), a weak one fits the data
+    strong = refit_columns(weight, gram, removed, damping=100.0)
+    assert (strong[:, kept] - weight[:, kept]).abs().max() < 0.05 * weight.abs().max()
+    weak = refit_columns(weight, gram, removed, damping=1e-6)
+    zeroed = weight.clone()
+    zeroed[:, removed] = 0
+    assert _error(weight, weak, x) < 1e-3 * _error(weight, zeroed, x)
+
+
 def test_channels_never_active_keep_their_weights():
     x = torch.randn(100, 4, generator=torch.Generator().manual_seed(2))
     x[:, 1] = 0

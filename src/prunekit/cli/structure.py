@@ -90,6 +90,9 @@ def shrink(
     reconstruct: Optional[bool] = typer.Option(None, "--reconstruct/--no-reconstruct", help="refit the layers reading "
                                                "removed neurons/heads by least squares on the calibration data "
                                                "[default: off]"),
+    reconstruct_damping: Optional[float] = typer.Option(None, help="ridge of the refit towards the unpruned weights "
+                                                        "(relative to the Gram matrix's mean diagonal) [default: "
+                                                        "the library's, docs/structure.md]"),
     depth: Optional[int] = typer.Option(None, help="whole blocks to remove before width pruning [default: 0]"),
     depth_criterion: Optional[str] = typer.Option(None, help="influence (1 - cos of block input/output) or perplexity"),
     recover: Optional[bool] = typer.Option(None, "--recover/--no-recover", help="fine-tune after shrinking [default: off]"),
@@ -132,7 +135,8 @@ def shrink(
     settings = {"model": model, "ratio": ratio, "target": target, "granularity": granularity, "heads": heads,
                 "importance": importance, "overrides": _overrides(override) or None, "ignore": ignore or None,
                 "evaluate": evaluate, "onnx": onnx, "lenient": lenient,
-                "reconstruct": reconstruct, "trust_remote_code": trust_remote_code or None}
+                "reconstruct": reconstruct, "reconstruct_damping": reconstruct_damping,
+                "trust_remote_code": trust_remote_code or None}
     sections = {
         "allocation": {"name": allocation, "floor": floor, "round_to": round_to, "normalize": normalize},
         "depth": {"blocks": depth, "criterion": depth_criterion},

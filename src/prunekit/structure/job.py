@@ -191,7 +191,8 @@ def run_shrink_job(recipe: ShrinkRecipe, out: str | Path, overwrite: bool = Fals
                 granularity=recipe.granularity, target=recipe.target, allocation=recipe.allocation,
                 head_mode=recipe.heads, ignore=recipe.ignore, overrides=recipe.overrides,
                 calibration=make_calibration(calibration, recipe.batch_size), adapter=adapter, seed=recipe.data.seed,
-                strict=not recipe.lenient, graph=graph, reconstruct=recipe.reconstruct)
+                strict=not recipe.lenient, graph=graph, reconstruct=recipe.reconstruct,
+                damping=recipe.reconstruct_damping)
     quality_pruned = _quality(loaded, test, reference, recipe, "after pruning")
     recovery_result = None
     quality_recovered = None

@@ -21,7 +21,8 @@ from prunekit.structure.allocation import Target, WidthAllocation, WidthPlan, al
 from prunekit.structure.graph import KINDS, DependencyGraph, build_graph
 from prunekit.structure.heads import HeadMode
 from prunekit.structure.importance.base import Importance, ScoringContext, get_importance, is_consumer
-from prunekit.structure.reconstruct import reconstruct as reconstruct_layers
+from prunekit.structure.reconstruct import DEFAULT_DAMPING
+from prunekit.structure.reconstruct import reconstruct as reconstruct_layers  # noqa: I001
 from prunekit.structure.shrink import ShrinkResult, compensation_targets, shrink
 from prunekit.structure.statistics import accumulate_gradients, input_moments
 
@@ -193,7 +194,7 @@ def prune_structure(model: nn.Module, ratio: float = 0.2, *, example_inputs: tup
                     calibration: Calibration | None = None, adapter: ModelAdapter | str | None = "auto",
                     seed: int = 0, strict: bool = True, check: bool = True,
                     graph: DependencyGraph | None = None, reconstruct: bool = False,
-                    damping: float = 0.01) -> StructuredResult:
+                    damping: float = DEFAULT_DAMPING) -> StructuredResult:
     """Remove ``ratio`` of the model's parameters (or MACs) as whole channels, heads or hidden width, in place.
 
     ``example_inputs`` is one small batch (a tuple of positional or a dict of keyword arguments)

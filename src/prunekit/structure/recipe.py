@@ -11,6 +11,7 @@ from prunekit.errors import PrunekitError
 from prunekit.structure.allocation import WidthAllocation, check_ratio
 from prunekit.structure.importance.base import get_importance
 from prunekit.structure.pipeline import resolve_granularity
+from prunekit.structure.reconstruct import DEFAULT_DAMPING
 
 
 class DepthConfig(RecipeModel):
@@ -75,6 +76,9 @@ class ShrinkRecipe(RecipeModel):
     ignore: list[str] = Field(default_factory=list, description="family/module patterns left whole")
     reconstruct: bool = Field(False, description="refit the layers reading removed units by least squares on the "
                                                  "calibration data (replaces FLAP's bias compensation)")
+    reconstruct_damping: float = Field(DEFAULT_DAMPING, gt=0, le=100,
+                                       description="ridge of the refit towards the unpruned weights, relative to "
+                                                   "the mean diagonal of the calibration Gram matrix")
     depth: DepthConfig = Field(default_factory=DepthConfig)
     recovery: RecoveryConfig | None = None
     data: TextDataConfig = Field(default_factory=TextDataConfig)
