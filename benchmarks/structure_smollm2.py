@@ -96,7 +96,7 @@ TARGETS = {"perplexity_no_recovery": 3.0, "perplexity_recovered": 1.5, "speedup_
 
 def prune_name(tool: str, importance: str, ratio: float, mlp_only: bool, heads: str = "kv", recover: float = 0.0,
                mlp_global: float | None = None, reconstruct: bool = False, recover_lr: float | None = None,
-               recover_mode: str = "distill", damping: float | None = None) -> str:
+               recover_mode: str = "distill", damping: float | None = None, train_only: str = "") -> str:
     recover_lr = RECOVERY_LR if recover_lr is None else recover_lr
     if mlp_global is not None:
         scope = f"mlpglobal{mlp_global:g}"
@@ -105,7 +105,8 @@ def prune_name(tool: str, importance: str, ratio: float, mlp_only: bool, heads: 
     return (f"{tool}-{importance}-{scope}-{ratio:g}" + ("-lsq" if reconstruct else "")
             + (f"-damp{damping:g}" if damping is not None else "")
             + (f"-recover{recover:g}" if recover else "") + (f"-{recover_mode}" if recover_mode != "distill" else "")
-            + (f"-lr{recover_lr:g}" if recover_lr != RECOVERY_LR else ""))
+            + (f"-lr{recover_lr:g}" if recover_lr != RECOVERY_LR else "")
+            + (f"-only-{train_only.replace('.', '').replace('+', '-')}" if train_only else ""))
 
 
 def best_name(ratio: float, recover: float = 0.0) -> str:
@@ -265,16 +266,17 @@ def _prunekit(model, importance: str, ratio: float, calibration: torch.Tensor, m
             "allocation": result.allocation}
 
 
-def _recover(lm, teacher, seconds: float, lr: float, mode: str) -> dict:
+def _recover(lm, teacher, seconds: float, lr: float, mode: str, train_only: str = "") -> dict:
     text = tokenize(lm.tokenizer, source_text(PROTOCOL.calibration, "calibration", PROTOCOL))
     train = random_windows(text, RECOVERY_SAMPLES, PROTOCOL.seq_len, PROTOCOL.seed + 1)
-    return recover_lm(lm.model, train, teacher, mode, max_seconds=seconds, lr=lr, batch_size=1).to_dict()
+    return recover_lm(lm.model, train, teacher, mode, max_seconds=seconds, lr=lr, batch_size=1,
+                      train_only=tuple(train_only.split("+")) if train_only else ()).to_dict()
 
 
 def prune(tool: str, importance: str, ratio: float, mlp_only: bool, heads: str, recover: float,
           name: str | None = None, scope: str | None = None, mlp_global: float | None = None,
           reconstruct: bool = False, recover_lr: float = 0.0, recover_mode: str = "distill",
-          damping: float | None = None) -> None:
+          damping: float | None = None, train_only: str = "") -> None:
     recover_lr = recover_lr or RECOVERY_LR
     lm, calibration, test = _load()
     teacher = copy.deepcopy(lm.model) if (recover and recover_mode == "distill") else None
@@ -292,14 +294,16 @@ def prune(tool: str, importance: str, ratio: float, mlp_only: bool, heads: str, 
         default_scope += f", recovery by the {recover_mode} LM loss"
     if recover and recover_lr != RECOVERY_LR:
         default_scope += f", recovery lr {recover_lr:g}"
+    if recover and train_only:
+        default_scope += f", recovery trains only {train_only}"
     result = {"name": name or prune_name(tool, importance, ratio, mlp_only, heads, recover, mlp_global, reconstruct,
-                                         recover_lr, recover_mode, damping),
+                                         recover_lr, recover_mode, damping, train_only),
               "tool": tool,
               "importance": importance, "ratio": ratio, "scope": scope or default_scope,
               "prune_seconds": pruning.seconds, "prune_peak_rss": pruning.peak_rss, "details": details,
               **_measure(lm.model, test)}
     if recover:
-        result["recovery"] = _recover(lm, teacher, recover, recover_lr, recover_mode)
+        result["recovery"] = _recover(lm, teacher, recover, recover_lr, recover_mode, train_only)
         del teacher
         result["perplexity_recovered"] = perplexity(lm.model, test).perplexity
     _write(result["name"], result)
@@ -471,6 +475,8 @@ def main(argv: list[str] | None = None) -> None:
                               help="recovery loss: distillation from the unpruned model, or the plain LM loss")
     prune_parser.add_argument("--reconstruct", action="store_true",
                               help="prunekit: refit the layers reading removed neurons by least squares")
+    prune_parser.add_argument("--recover-train-only", default="", metavar="PARTS",
+                              help="train only parameters whose names contain one of these '+'-joined fragments")
     prune_parser.add_argument("--damping", type=float, help="reconstruction damping [the library's default]")
     depth_parser = sub.add_parser("depth", help="remove whole blocks")
     depth_parser.add_argument("--blocks", type=int, default=DEPTH_BLOCKS)
@@ -487,7 +493,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.phase == "prune":
         prune(args.tool, args.importance, args.ratio, args.mlp_only, args.heads, args.recover,
               mlp_global=args.mlp_global, reconstruct=args.reconstruct, recover_lr=args.recover_lr,
-              recover_mode=args.recover_mode, damping=args.damping)
+              recover_mode=args.recover_mode, damping=args.damping, train_only=args.recover_train_only)
     elif args.phase == "depth":
         depth(args.blocks, args.criterion)
     elif args.phase == "equal":
