@@ -2,7 +2,8 @@
 
 Every run loads the model fresh in its own process, prunes it, and measures: perplexity on the pinned
 wiki protocol (40 windows of 512 tokens, the test split), parameters, CPU tokens/s at batch 1 and 8
-(forward passes over 128-token sequences, median of 5 after 2 warm-ups, 2 threads), and the wall time
+(forward passes over 128-token sequences, median of 5 after 2 warm-ups, 2 threads; a pruned model is
+timed side by side with a fresh unpruned copy, their passes alternating), and the wall time
 of the pruning call (calibration and gradients included). Raw results go to
 benchmarks/results/raw/structure_smollm2/, one JSON file per run; the report to
 benchmarks/results/structure_smollm2.{md,json}.
@@ -25,7 +26,8 @@ Runs, in order (``python benchmarks/structure_smollm2.py plan`` lists them with 
     (|w · ∂L/∂w| on the calibration windows), MLP neurons of all layers ranked together, every layer
     keeping at least 30 % (``--mlp-global 0.3``, widths rounded to 8), each ``down_proj`` then refitted
     by least squares on the calibration activations (``--reconstruct``), without and with a recovery of
-    at most 600 s (distillation from the unpruned model); at 20 % also without the reconstruction;
+    at most 600 s (the plain LM loss at lr 3e-4); at 20 % also recoveries training only the MLPs and
+    norms (lr 3e-4 and 4e-4), and the best setting without the reconstruction (distillation, lr 1e-4);
   - FLAP (fluctuation × squared column norm, with bias compensation) with MLP neurons and key/value
     groups ranked together (floor 10 %), and with MLP neurons only (``--mlp-global 0.3``): measured
     alternatives, far worse on this model;
@@ -42,7 +44,7 @@ Torch-Pruning runs remove MLP neurons only (attention and embeddings in ``ignore
 dependency graph does not handle the grouped-query attention of Hugging Face Llama models.
 A single run by hand, for example:
 
-    flock /tmp/prunekit-cpu.lock python benchmarks/structure_smollm2.py prune --tool prunekit --importance taylor --ratio 0.2 --mlp-global 0.3 --reconstruct --recover 600
+    flock /tmp/prunekit-cpu.lock python benchmarks/structure_smollm2.py prune --tool prunekit --importance taylor --ratio 0.2 --mlp-global 0.3 --reconstruct --recover 600 --recover-mode plain --recover-lr 3e-4
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ BEST_FLOOR = 0.3
 # at 6e-4 in 150 s A/B runs from one pruned start (benchmarks/structure_recovery_ab.py, docs/structure.md).
 BEST_RECOVERY_MODE = "plain"
 BEST_RECOVERY_LR = 3e-4
+RECOVERY_TRAIN_ONLY = "mlp.+norm"
+RECOVERY_TRAIN_ONLY_LRS = (3e-4, 4e-4)
 TARGETS = {"perplexity_no_recovery": 3.0, "perplexity_recovered": 1.5, "speedup_b8": {0.2: 1.15, 0.4: 1.25}}
 
 
@@ -139,7 +143,14 @@ def plan() -> list[tuple[str, list[str]]]:
                           "--mlp-global", f"{BEST_FLOOR:g}", "--reconstruct"]
                          + (["--recover", f"{recover:g}", "--recover-mode", BEST_RECOVERY_MODE,
                              "--recover-lr", f"{BEST_RECOVERY_LR:g}"] if recover else [])))
-    # Measured alternatives at 20 %: the best setting without reconstruction, and FLAP.
+    # Measured alternatives at 20 %: the best recovery training only the MLPs and norms (fewer weight
+    # gradients, more steps in the budget), the best setting without reconstruction, and FLAP.
+    for lr in RECOVERY_TRAIN_ONLY_LRS:
+        runs.append((prune_name("prunekit", BEST, 0.2, False, "kv", RECOVERY_SECONDS, BEST_FLOOR, True, lr,
+                                BEST_RECOVERY_MODE, train_only=RECOVERY_TRAIN_ONLY),
+                     ["prune", "--tool", "prunekit", "--importance", BEST, "--ratio", "0.2", "--mlp-global",
+                      f"{BEST_FLOOR:g}", "--reconstruct", "--recover", f"{RECOVERY_SECONDS:g}", "--recover-mode",
+                      BEST_RECOVERY_MODE, "--recover-lr", f"{lr:g}", "--recover-train-only", RECOVERY_TRAIN_ONLY]))
     for recover in (0.0, RECOVERY_SECONDS):
         runs.append((prune_name("prunekit", BEST, 0.2, False, "kv", recover, BEST_FLOOR),
                      ["prune", "--tool", "prunekit", "--importance", BEST, "--ratio", "0.2",
@@ -368,7 +379,8 @@ def _checks(runs: dict[str, dict], dense_run: dict) -> list[tuple[str, str, str]
     for ratio in RATIOS:
         plain = runs.get(best_name(ratio))
         # The best recovery of prunekit's best setting, whatever its learning rate (rows name theirs).
-        candidates = [run for name, run in runs.items() if name.startswith(best_name(ratio, RECOVERY_SECONDS))]
+        prefix = f"{best_name(ratio)}-recover{RECOVERY_SECONDS:g}"  # any loss, learning rate or trained part
+        candidates = [run for name, run in runs.items() if name.startswith(prefix)]
         recovered = min(candidates, key=lambda run: run["perplexity_recovered"]) if candidates else None
         label = f"{ratio:.0%} removed"
         if ratio == 0.2:
