@@ -31,7 +31,7 @@ def test_shrink_writes_a_smaller_model_its_report_and_a_recipe_that_reproduces_i
     before = _fingerprint(tiny_dir)
     out = tmp_path / "out"
     code = main(_args(tiny_dir, out, "--ratio", "0.02", "--recover", "--recover-steps", "2", "--onnx", "--reconstruct",
-                        "--reconstruct-damping", "0.3"))
+                        "--reconstruct-damping", "0.3", "--recover-train-only", "mlp.", "--recover-train-only", "norm"))
     assert code == 0, capsys.readouterr()
     assert _fingerprint(tiny_dir) == before  # the input is never modified
     report = json.loads((out / "report.json").read_text())
@@ -48,7 +48,7 @@ def test_shrink_writes_a_smaller_model_its_report_and_a_recipe_that_reproduces_i
     assert sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) == report["parameters"]["after"]
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     assert recipe["importance"]["name"] == "flap" and recipe["ratio"] == 0.02 and recipe["reconstruct"] is True
-    assert recipe["reconstruct_damping"] == 0.3
+    assert recipe["reconstruct_damping"] == 0.3 and recipe["recovery"]["train_only"] == ["mlp.", "norm"]
     assert "reconstruction refitted" in json.dumps(report["width"])
     again = tmp_path / "again"
     memory = report["memory"]["inference"]

@@ -100,6 +100,9 @@ def shrink(
     recover_steps: Optional[int] = typer.Option(None, help="recovery step budget"),
     recover_mode: Optional[str] = typer.Option(None, help="distill (from the unpruned model) or plain [default: distill]"),
     recover_lr: Optional[float] = typer.Option(None, help="recovery learning rate [default: 1e-4]"),
+    recover_train_only: Optional[list[str]] = typer.Option(None, help="train only parameters whose names contain "
+                                                          "this fragment (e.g. mlp. and norm); repeatable "
+                                                          "[default: all but the embedding]"),
     calib: Optional[str] = typer.Option(None, "--calib", help="calibration text: wiki, or a .txt/.jsonl file"),
     test: Optional[str] = typer.Option(None, "--test", help="test text: wiki or a file"),
     calib_samples: Optional[int] = typer.Option(None, help="calibration windows [default: 32]"),
@@ -141,7 +144,7 @@ def shrink(
         "allocation": {"name": allocation, "floor": floor, "round_to": round_to, "normalize": normalize},
         "depth": {"blocks": depth, "criterion": depth_criterion},
         "recovery": {"enabled": recover, "seconds": recover_seconds, "steps": recover_steps, "mode": recover_mode,
-                     "lr": recover_lr},
+                     "lr": recover_lr, "train_only": recover_train_only or None},
         "data": {"calibration": calib, "test": test, "calibration_samples": calib_samples, "test_windows": test_windows,
                  "seq_len": seq_len, "seed": seed},
         "measure": {"batch_sizes": sizes, "seq_len": speed_seq_len, "runs": runs, "threads": threads,

@@ -203,7 +203,8 @@ def run_shrink_job(recipe: ShrinkRecipe, out: str | Path, overwrite: bool = Fals
         teacher = original if settings.mode == "distill" else None
         recovery_result = recover_lm(loaded.model, train, teacher, settings.mode, settings.seconds, settings.steps,
                                      settings.lr, settings.batch_size, settings.temperature, seed=recipe.data.seed,
-                                     train_embeddings=settings.train_embeddings)
+                                     train_embeddings=settings.train_embeddings,
+                                     train_only=tuple(settings.train_only))
         quality_recovered = _quality(loaded, test, reference, recipe, "after recovery")
     speed_before, speed_after = _speeds(loaded, original, recipe)
     del original

@@ -33,6 +33,8 @@ class RecoveryConfig(RecipeModel):
     samples: int = Field(256, ge=1, description="calibration windows to train on (seeded random offsets)")
     temperature: float = Field(1.0, gt=0)
     train_embeddings: bool = False
+    train_only: list[str] = Field(default_factory=list, description="name fragments of the only parameters to "
+                                                                    "train (e.g. ['mlp.', 'norm']); others frozen")
 
     @model_validator(mode="after")
     def _budget(self) -> "RecoveryConfig":
