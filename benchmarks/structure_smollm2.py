@@ -27,7 +27,7 @@ Runs, in order (``python benchmarks/structure_smollm2.py plan`` lists them with 
     keeping at least 30 % (``--mlp-global 0.3``, widths rounded to 8), each ``down_proj`` then refitted
     by least squares on the calibration activations (``--reconstruct``), without and with a recovery of
     at most 600 s (the plain LM loss at lr 3e-4); at 20 % also recoveries training only the MLPs and
-    norms (lr 3e-4 and 4e-4), and the best setting without the reconstruction (distillation, lr 1e-4);
+    norms (lr 2e-4, 3e-4 and 4e-4), and the best setting without the reconstruction (distillation, lr 1e-4);
   - FLAP (fluctuation × squared column norm, with bias compensation) with MLP neurons and key/value
     groups ranked together (floor 10 %), and with MLP neurons only (``--mlp-global 0.3``): measured
     alternatives, far worse on this model;
@@ -92,7 +92,7 @@ BEST_FLOOR = 0.3
 BEST_RECOVERY_MODE = "plain"
 BEST_RECOVERY_LR = 3e-4
 RECOVERY_TRAIN_ONLY = "mlp.+norm"
-RECOVERY_TRAIN_ONLY_LRS = (3e-4, 4e-4)
+RECOVERY_TRAIN_ONLY_LRS = (2e-4, 3e-4, 4e-4)
 TARGETS = {"perplexity_no_recovery": 3.0, "perplexity_recovered": 1.5, "speedup_b8": {0.2: 1.15, 0.4: 1.25}}
 
 
