@@ -210,6 +210,35 @@ def test_sparsegpt_in_place_path_equals_torchs_and_leaves_the_statistics_alone(m
     torch.testing.assert_close(in_place, through_torch, rtol=1e-3, atol=1e-3)
 
 
+def test_sparsegpt_in_place_path_copes_with_lapack_wrappers_that_copy(monkeypatch):
+    import numpy as np
+
+    import prunekit.weights.sparsegpt as sparsegpt
+
+    real = sparsegpt._lapack
+
+    class Copying:  # a SciPy build whose wrappers ignore overwrite_a / overwrite_c
+        def spotrf(self, a, **options):
+            return real.spotrf(np.array(a, order="F", copy=True), **options)
+
+        def spotri(self, c, **options):
+            return real.spotri(np.array(c, order="F", copy=True), **options)
+
+    generator = torch.Generator().manual_seed(3)
+    stats = InputHessian(64)
+    stats.add(torch.randn(200, 64, generator=generator))
+    accumulated = stats.gram.clone()
+    weight = torch.randn(16, 64, generator=generator)
+    pattern = SparsityPattern()
+    in_place = weight.clone()
+    mask = get_method("sparsegpt").prune(in_place, stats, 0.5, pattern)
+    monkeypatch.setattr(sparsegpt, "_lapack", Copying())
+    copied = weight.clone()
+    assert torch.equal(get_method("sparsegpt").prune(copied, stats, 0.5, pattern), mask)
+    assert torch.equal(copied, in_place)
+    assert torch.equal(stats.gram, accumulated)
+
+
 def test_lent_hessian_is_the_scaled_upper_triangle_and_comes_back_intact():
     stats = InputHessian(20)
     stats.add(torch.randn(50, 20, generator=torch.Generator().manual_seed(2)))

@@ -21,8 +21,7 @@ from prunekit.structure.allocation import Target, WidthAllocation, WidthPlan, al
 from prunekit.structure.graph import KINDS, DependencyGraph, build_graph
 from prunekit.structure.heads import HeadMode
 from prunekit.structure.importance.base import Importance, ScoringContext, get_importance, is_consumer
-from prunekit.structure.reconstruct import DEFAULT_DAMPING
-from prunekit.structure.reconstruct import reconstruct as reconstruct_layers  # noqa: I001
+from prunekit.structure.reconstruct import DEFAULT_DAMPING, reconstruct as reconstruct_layers
 from prunekit.structure.shrink import ShrinkResult, compensation_targets, shrink
 from prunekit.structure.statistics import accumulate_gradients, input_moments
 

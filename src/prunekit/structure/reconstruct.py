@@ -12,9 +12,9 @@ diagonal of ``G[K, K]``). The ridge pulls towards the layer's own weights rather
 because a Gram matrix from little calibration data has low rank: on SmolLM2 with 8 × 192
 calibration tokens and FLAP's selection, a refit damped towards zero (0.01) raised perplexity from 59
 (FLAP's own compensation) to 121; this ridge gives 60 at 0.1 and 54 at 0.5. With 32 × 512 tokens it
-gives 48 at both (FLAP: 55), and on the 20 % benchmark 38.81 at the default 0.1, 39.74 at 0.5, against
-41.47 damped towards zero (docs/structure.md). This is the structured counterpart of SparseGPT's weight update and subsumes FLAP's bias
-compensation, which moves only the mean of the removed inputs. The removed columns are set to
+gives 48 at both (FLAP: 55), and on the 20 % benchmark 38.81 at the default 0.1, 39.74 at 0.5,
+against 41.47 damped towards zero (docs/structure.md). This is the structured counterpart of
+SparseGPT's weight update and subsumes FLAP's bias compensation, which moves only the mean of the removed inputs. The removed columns are set to
 zero, so the model keeps its shapes until ``shrink`` slices them away.
 
 Language models are reconstructed block by block (``run_sequential``'s layer order): each consumer
@@ -59,9 +59,7 @@ def refit_columns(weight: torch.Tensor, gram: torch.Tensor, removed: torch.Tenso
     g_kk.diagonal().add_(damping * mean_diagonal)
     g_kk.diagonal()[dead] = 1.0
     right = rows @ w.T  # G[K, :] Wᵀ  (kept, out)
-    # The damping pulls the kept columns towards their own values, not towards zero: with little
-    # calibration data (a Gram matrix of low rank) the refit then stays near the unpruned weights.
-    right += damping * mean_diagonal * w.index_select(1, kept).T
+    right += damping * mean_diagonal * w.index_select(1, kept).T  # the ridge towards W_K (module docstring)
     factor, info = torch.linalg.cholesky_ex(g_kk)
     if int(info) != 0:
         raise PrunekitError("the calibration Gram matrix is not positive definite even with damping; "

@@ -44,9 +44,11 @@ def _inverse_upper_in_place(hessian: torch.Tensor) -> bool:
     upper, info = _lapack.spotrf(inverse, lower=1, overwrite_a=1, clean=0)
     if info != 0:
         return False
-    if not np.shares_memory(upper, fortran):  # a wrapper that copied: bring back the upper triangle only
-        result = torch.from_numpy(np.ascontiguousarray(upper.T))
-        hessian.copy_(torch.where(torch.ones_like(result, dtype=torch.bool).triu(), result, hessian))
+    if not np.shares_memory(upper, fortran):
+        # A wrapper that copied: bring back the upper triangle row by row, which keeps the lower one
+        # (the lent raw sums) and makes no second full matrix.
+        for row in range(hessian.shape[0]):
+            hessian[row, row:] = torch.from_numpy(upper[row:, row])
     return True
 
 
