@@ -47,9 +47,9 @@ def _hidden(model):
 
 
 def test_registry_names_every_criterion():
-    assert IMPORTANCE.names() == ["flap", "l1", "l2", "random", "taylor", "wanda"]
-    with pytest.raises(PrunekitError, match="unknown importance criterion 'fisher'; choose one of: flap"):
-        get_importance("fisher")
+    assert IMPORTANCE.names() == ["fisher", "flap", "l1", "l2", "random", "taylor", "wanda"]
+    with pytest.raises(PrunekitError, match="unknown importance criterion 'obs'; choose one of: fisher, flap"):
+        get_importance("obs")
     with pytest.raises(PrunekitError, match="importance l2: reduction"):
         get_importance({"name": "l2", "reduction": "median"})
 
@@ -93,6 +93,34 @@ def test_taylor_is_weight_times_gradient_summed_over_the_unit():
     assert all(p.grad is None for p in model.parameters())  # scoring leaves no gradients behind
 
 
+def test_fisher_is_half_the_mean_squared_gradient_of_a_unit_mask():
+    model, family, scores = _setup("fisher")
+    reference = TwoLayer()
+    squares = torch.zeros(6, dtype=torch.float64)
+    batches = range(0, 40, 16)
+    for i in batches:  # a real mask on the hidden units: ∂L/∂m per batch, squared, averaged
+        mask = torch.ones(6, requires_grad=True)
+        logits = reference.fc2(torch.relu(reference.fc1(DATA[i:i + 16])) * mask)
+        (gradient,) = torch.autograd.grad(F.cross_entropy(logits, LABELS[i:i + 16]), mask)
+        squares += gradient.double().square()
+    expected = squares / len(batches) / 2
+    assert torch.allclose(scores, expected, rtol=1e-4, atol=1e-12)
+    assert scores.min() > 0 and all(p.grad is None for p in model.parameters())
+    assert get_importance("fisher").default_normalize == "none"  # a loss estimate: comparable across layers as is
+
+
+def test_fisher_ranks_a_unit_nothing_reads_last():
+    model = TwoLayer().eval()
+    with torch.no_grad():
+        model.fc2.weight[:, 2] = 0  # unit 2 is read by nothing: removing it costs no loss
+    graph = build_graph(model, (DATA[:2],))
+    family = graph.families[0]
+    calibration = classifier_calibration(DATA, LABELS, batch_size=8)
+    scores, _ = score_families(graph, [family], get_importance("fisher"), calibration, None)
+    scores = scores[family.name]
+    assert scores[2] == 0 and (scores[torch.arange(6) != 2] > 0).all()
+
+
 def test_random_is_seeded():
     model = TwoLayer()
     graph = build_graph(model, (DATA[:2],))
@@ -109,8 +137,9 @@ def test_activation_criteria_need_calibration():
     with pytest.raises(PrunekitError, match="'flap' needs calibration data"):
         score_families(graph, graph.families, get_importance("flap"), None, None)
     no_labels = classifier_calibration(DATA)
-    with pytest.raises(PrunekitError, match="'taylor' needs a loss"):
-        score_families(graph, graph.families, get_importance("taylor"), no_labels, None)
+    for name in ("taylor", "fisher"):
+        with pytest.raises(PrunekitError, match=f"'{name}' needs a loss"):
+            score_families(graph, graph.families, get_importance(name), no_labels, None)
 
 
 def test_normalisations():

@@ -73,7 +73,7 @@ def shrink(
     ratio: Optional[float] = typer.Option(None, help="fraction of the parameters (or MACs) to remove by width, in "
                                                      "[0, 1) [default: 0.2]"),
     target: Optional[str] = typer.Option(None, help="what the ratio counts: params or macs [default: params]"),
-    importance: Optional[str] = typer.Option(None, help="flap, wanda, taylor, l2, l1 or random [default: flap]"),
+    importance: Optional[str] = typer.Option(None, help="flap, wanda, taylor, fisher, l2, l1 or random [default: flap]"),
     granularity: Optional[str] = typer.Option(None, help="comma-separated: channels (MLP neurons), heads, hidden "
                                                          "[default: channels,heads]"),
     heads: Optional[str] = typer.Option(None, help="grouped-query heads: kv (whole KV groups) or query (the same "

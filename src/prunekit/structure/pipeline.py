@@ -21,6 +21,7 @@ from prunekit.structure.allocation import Target, WidthAllocation, WidthPlan, al
 from prunekit.structure.graph import KINDS, DependencyGraph, build_graph
 from prunekit.structure.heads import HeadMode
 from prunekit.structure.importance.base import Importance, ScoringContext, get_importance, is_consumer
+from prunekit.structure.importance.fisher import FisherAccumulator
 from prunekit.structure.reconstruct import DEFAULT_DAMPING, reconstruct as reconstruct_layers
 from prunekit.structure.shrink import ShrinkResult, compensation_targets, shrink
 from prunekit.structure.statistics import accumulate_gradients, input_moments
@@ -131,20 +132,26 @@ def score_families(graph: DependencyGraph, families, importance: Importance, cal
     model = graph.model
     context = ScoringContext(graph, seed=seed)
     needs_moments = "moments" in importance.needs or importance.compensation()
-    if needs_moments or "gradients" in importance.needs:
+    gradients = importance.needs & {"gradients", "sample_gradients"}
+    if needs_moments or gradients:
         if calibration is None:
             raise PrunekitError(f"importance '{importance.name}' needs calibration data")
     if needs_moments:
         consumers = _consumers(graph, families)
         context.moments = input_moments(model, graph, consumers, calibration.batches, adapter=adapter,
                                         windows=calibration.windows, batch_size=calibration.batch_size)
+    if gradients and calibration.loss_fn is None:
+        raise PrunekitError(f"importance '{importance.name}' needs a loss: give labels (classifiers) or use a "
+                            "language model; encoders without a task have no gradients to score with")
     if "gradients" in importance.needs:
-        if calibration.loss_fn is None:
-            raise PrunekitError(f"importance '{importance.name}' needs a loss: give labels (classifiers) or use a "
-                                "language model; encoders without a task have no gradients to score with")
         tensors = sorted({m.tensor for f in families for m in f.members if not graph.tensors[m.tensor].is_buffer})
         context.gradients = accumulate_gradients(model, calibration.batches, calibration.loss_fn, tensors,
                                                  calibration.targets, calibration.one_sample_gradients)
+    if "sample_gradients" in importance.needs:
+        fisher = FisherAccumulator(list(families), context)
+        accumulate_gradients(model, calibration.batches, calibration.loss_fn, fisher.tensors, calibration.targets,
+                             calibration.one_sample_gradients, each_sample=fisher)
+        context.fisher = fisher.result()
     return {f.name: importance.score(f, context) for f in families}, context
 
 
@@ -232,7 +239,7 @@ def prune_structure(model: nn.Module, ratio: float = 0.2, *, example_inputs: tup
     scores, context = score_families(graph, families, importance, calibration, adapter, seed)
     timings["scoring_seconds"] = time.perf_counter() - started
     started = time.perf_counter()
-    default_normalize = "kind" if importance.name == "flap" else "mean"
+    default_normalize = importance.default_normalize
     compensating = importance.compensation() and not reconstruct
     reserve = _compensation_biases(graph, families, adapter) if (compensating and target == "params") else 0
     plan = allocate(graph, families, scores, ratio, target, strategy, overrides, default_normalize, reserve)

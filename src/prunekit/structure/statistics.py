@@ -178,10 +178,13 @@ def one_sample_parts(batch: dict) -> list[tuple[dict, float]]:
 
 def accumulate_gradients(model: nn.Module, batches: Sequence, loss_fn: Callable[[nn.Module, object, object], torch.Tensor],
                          tensors: Iterable[str], targets: Sequence | None = None,
-                         one_sample_at_a_time: bool = False) -> dict[str, torch.Tensor]:
+                         one_sample_at_a_time: bool = False,
+                         each_sample: Callable[[Mapping[str, torch.Tensor]], None] | None = None) -> dict[str, torch.Tensor]:
     """Sum of ∂loss/∂w over the calibration batches for the named parameters (others get no grad).
     ``one_sample_at_a_time`` (dict batches of equal-length samples) gives the same sum with one
-    sample per backward pass."""
+    sample per backward pass. ``each_sample`` instead receives every backward pass's own gradients
+    (name -> gradient of that sample's loss, or of that batch's where samples are not split), and
+    nothing is summed: the result is empty."""
     wanted = set(tensors)
     parameters = dict(model.named_parameters())
     previous = {name: p.requires_grad for name, p in parameters.items()}
@@ -198,7 +201,15 @@ def accumulate_gradients(model: nn.Module, batches: Sequence, loss_fn: Callable[
                 loss = loss_fn(model, part, target)
                 if not torch.isfinite(loss):
                     raise PrunekitError("the calibration loss is NaN or inf; Taylor scores cannot be computed")
-                (loss * share).backward()
+                if each_sample is None:
+                    (loss * share).backward()
+                    continue
+                loss.backward()
+                each_sample({name: parameters[name].grad for name in wanted
+                             if name in parameters and parameters[name].grad is not None})
+                for name in wanted:
+                    if name in parameters:
+                        parameters[name].grad = None
         gradients = {name: parameters[name].grad.detach().clone() for name in wanted
                      if name in parameters and parameters[name].grad is not None}
     finally:

@@ -26,6 +26,7 @@ class ScoringContext:
     graph: DependencyGraph
     moments: Mapping[str, Any] = field(default_factory=dict)  # consumer weight -> ChannelMoments
     gradients: Mapping[str, torch.Tensor] = field(default_factory=dict)  # parameter -> summed gradient
+    fisher: Mapping[str, torch.Tensor] = field(default_factory=dict)  # family -> mean squared mask gradient
     seed: int = 0
 
 
@@ -54,7 +55,8 @@ class Importance(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: ClassVar[str]
-    needs: ClassVar[frozenset[str]] = frozenset()  # "moments" and/or "gradients"
+    needs: ClassVar[frozenset[str]] = frozenset()  # "moments", "gradients" and/or "sample_gradients"
+    default_normalize: ClassVar[Normalization] = "mean"  # for global ranking, unless the allocation names one
 
     reduction: Reduction = "sum"
 

@@ -21,6 +21,7 @@ from prunekit.structure.importance.base import IMPORTANCE, Importance, is_consum
 class FLAP(Importance):
     name: ClassVar[str] = "flap"
     needs: ClassVar[frozenset[str]] = frozenset({"moments"})
+    default_normalize: ClassVar[str] = "kind"
     compensate: bool = Field(True, description="move removed inputs' mean into the consumer's bias")
 
     def member_scores(self, family, member, context):
