@@ -100,15 +100,13 @@ TARGETS = {"perplexity_no_recovery": 3.0, "perplexity_recovered": 1.5, "speedup_
 
 def prune_name(tool: str, importance: str, ratio: float, mlp_only: bool, heads: str = "kv", recover: float = 0.0,
                mlp_global: float | None = None, reconstruct: bool = False, recover_lr: float | None = None,
-               recover_mode: str = "distill", damping: float | None = None, train_only: str = "",
-               towards: str = "layer") -> str:
+               recover_mode: str = "distill", damping: float | None = None, train_only: str = "") -> str:
     recover_lr = RECOVERY_LR if recover_lr is None else recover_lr
     if mlp_global is not None:
         scope = f"mlpglobal{mlp_global:g}"
     else:
         scope = "mlp" if (mlp_only or tool == "torch-pruning") else f"global-{heads}"
     return (f"{tool}-{importance}-{scope}-{ratio:g}" + ("-lsq" if reconstruct else "")
-            + ("-todense" if reconstruct and towards == "dense" else "")
             + (f"-damp{damping:g}" if damping is not None else "")
             + (f"-recover{recover:g}" if recover else "") + (f"-{recover_mode}" if recover_mode != "distill" else "")
             + (f"-lr{recover_lr:g}" if recover_lr != RECOVERY_LR else "")
@@ -264,8 +262,7 @@ def _torch_pruning(model, importance: str, ratio: float, calibration: torch.Tens
 
 
 def _prunekit(model, importance: str, ratio: float, calibration: torch.Tensor, mlp_only: bool, heads: str,
-              mlp_global: float | None = None, reconstruct: bool = False, damping: float | None = None,
-              towards: str = "layer") -> dict:
+              mlp_global: float | None = None, reconstruct: bool = False, damping: float | None = None) -> dict:
     if mlp_global is not None:
         settings = {"granularity": "channels", "allocation": {"name": "global", "round_to": 8, "floor": mlp_global}}
     elif mlp_only:
@@ -275,7 +272,6 @@ def _prunekit(model, importance: str, ratio: float, calibration: torch.Tensor, m
                     "head_mode": heads}
     result = prune_structure(model, ratio, example_inputs=lm_example_inputs(), importance=importance,
                              calibration=lm_calibration(calibration), reconstruct=reconstruct,
-                             reconstruct_towards=towards,
                              **({"damping": damping} if damping is not None else {}), **settings)
     return {"plan": result.plan.to_dict(), "seconds": result.seconds, "notes": result.notes,
             "allocation": result.allocation}
@@ -291,21 +287,20 @@ def _recover(lm, teacher, seconds: float, lr: float, mode: str, train_only: str 
 def prune(tool: str, importance: str, ratio: float, mlp_only: bool, heads: str, recover: float,
           name: str | None = None, scope: str | None = None, mlp_global: float | None = None,
           reconstruct: bool = False, recover_lr: float = 0.0, recover_mode: str = "distill",
-          damping: float | None = None, train_only: str = "", towards: str = "layer") -> None:
+          damping: float | None = None, train_only: str = "") -> None:
     recover_lr = recover_lr or RECOVERY_LR
     lm, calibration, test = _load()
     teacher = copy.deepcopy(lm.model) if (recover and recover_mode == "distill") else None
     with Measured() as pruning:
         details = (_torch_pruning(lm.model, importance, ratio, calibration) if tool == "torch-pruning"
                    else _prunekit(lm.model, importance, ratio, calibration, mlp_only, heads, mlp_global, reconstruct,
-                                  damping, towards))
+                                  damping))
     local = mlp_only or tool == "torch-pruning"
     default_scope = ("MLP neurons, uniform" if local else f"MLP neurons + heads ({heads}), global")
     if mlp_global is not None:
         default_scope = f"MLP neurons, global (floor {mlp_global:g})"
     if reconstruct:
-        default_scope += (", least-squares reconstruction" + (" towards the unpruned model" if towards == "dense" else "")
-                          + (f" (damping {damping:g})" if damping is not None else ""))
+        default_scope += ", least-squares reconstruction" + (f" (damping {damping:g})" if damping is not None else "")
     if recover and recover_mode != "distill":
         default_scope += f", recovery by the {recover_mode} LM loss"
     if recover and recover_lr != RECOVERY_LR:
@@ -313,7 +308,7 @@ def prune(tool: str, importance: str, ratio: float, mlp_only: bool, heads: str, 
     if recover and train_only:
         default_scope += f", recovery trains only {train_only}"
     result = {"name": name or prune_name(tool, importance, ratio, mlp_only, heads, recover, mlp_global, reconstruct,
-                                         recover_lr, recover_mode, damping, train_only, towards),
+                                         recover_lr, recover_mode, damping, train_only),
               "tool": tool,
               "importance": importance, "ratio": ratio, "scope": scope or default_scope,
               "prune_seconds": pruning.seconds, "prune_peak_rss": pruning.peak_rss, "details": details,
@@ -495,8 +490,6 @@ def main(argv: list[str] | None = None) -> None:
     prune_parser.add_argument("--recover-train-only", default="", metavar="PARTS",
                               help="train only parameters whose names contain one of these '+'-joined fragments")
     prune_parser.add_argument("--damping", type=float, help="reconstruction damping [the library's default]")
-    prune_parser.add_argument("--towards", choices=["layer", "dense"], default="layer",
-                              help="reconstruction target: each layer's own output, or the unpruned model's")
     depth_parser = sub.add_parser("depth", help="remove whole blocks")
     depth_parser.add_argument("--blocks", type=int, default=DEPTH_BLOCKS)
     depth_parser.add_argument("--criterion", choices=["influence", "perplexity"], default="influence")
@@ -512,8 +505,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.phase == "prune":
         prune(args.tool, args.importance, args.ratio, args.mlp_only, args.heads, args.recover,
               mlp_global=args.mlp_global, reconstruct=args.reconstruct, recover_lr=args.recover_lr,
-              recover_mode=args.recover_mode, damping=args.damping, train_only=args.recover_train_only,
-              towards=args.towards)
+              recover_mode=args.recover_mode, damping=args.damping, train_only=args.recover_train_only)
     elif args.phase == "depth":
         depth(args.blocks, args.criterion)
     elif args.phase == "equal":

@@ -123,36 +123,3 @@ def test_reconstruction_needs_calibration_and_a_sensible_damping():
     with pytest.raises(PrunekitError, match=r"damping must lie in \(0, 100\]"):
         prune_structure(tiny_llama(), 0.2, example_inputs=lm_example_inputs(), reconstruct=True,
                         calibration=lm_calibration(WINDOWS), damping=0)
-
-
-def test_refit_towards_the_unpruned_outputs_solves_its_own_least_squares():
-    torch.manual_seed(2)
-    weight = torch.randn(5, 8)
-    dense_inputs = torch.randn(300, 8)
-    pruned_inputs = dense_inputs + 0.3 * torch.randn(300, 8)  # what earlier removals did to the inputs
-    removed = torch.tensor([1, 6])
-    gram, cross = pruned_inputs.T @ pruned_inputs, dense_inputs.T @ pruned_inputs
-    # cross = gram: the unpruned outputs are the layer's own outputs on the pruned inputs
-    assert torch.allclose(refit_columns(weight, gram, removed, 0.1, cross=gram), refit_columns(weight, gram, removed, 0.1))
-    refitted = refit_columns(weight, gram, removed, 1e-6, cross=cross)
-    kept = torch.tensor([0, 2, 3, 4, 5, 7])
-    solution = torch.linalg.lstsq(pruned_inputs[:, kept].double(), (dense_inputs @ weight.T).double()).solution.T
-    assert torch.allclose(refitted[:, kept].double(), solution, atol=1e-4)
-    assert (refitted[:, removed] == 0).all()
-
-
-def test_reconstruction_towards_the_unpruned_model_follows_it_more_closely():
-    original = tiny_llama(layers=3, hidden=32, intermediate=64)
-    errors = {}
-    for towards in ("layer", "dense"):
-        model = copy.deepcopy(original)
-        result = prune_structure(model, 0.3, example_inputs=lm_example_inputs(), importance="l2",
-                                 granularity="channels", calibration=lm_calibration(WINDOWS),
-                                 allocation={"round_to": 1}, reconstruct=True, reconstruct_towards=towards,
-                                 damping=1e-4)
-        assert "reconstruction refitted 3 layers by least squares on the calibration data" in result.notes
-        errors[towards] = _output_error(model, original)
-    assert errors["dense"] < errors["layer"]
-    with pytest.raises(PrunekitError, match="unknown reconstruction target 'model'"):
-        prune_structure(copy.deepcopy(original), 0.3, example_inputs=lm_example_inputs(), reconstruct=True,
-                        calibration=lm_calibration(WINDOWS), reconstruct_towards="model")

@@ -22,7 +22,7 @@ from prunekit.structure.graph import KINDS, DependencyGraph, build_graph
 from prunekit.structure.heads import HeadMode
 from prunekit.structure.importance.base import Importance, ScoringContext, get_importance, is_consumer
 from prunekit.structure.importance.fisher import FisherAccumulator
-from prunekit.structure.reconstruct import DEFAULT_DAMPING, Towards, reconstruct as reconstruct_layers
+from prunekit.structure.reconstruct import DEFAULT_DAMPING, reconstruct as reconstruct_layers
 from prunekit.structure.shrink import ShrinkResult, compensation_targets, shrink
 from prunekit.structure.statistics import accumulate_gradients, input_moments
 
@@ -200,7 +200,7 @@ def prune_structure(model: nn.Module, ratio: float = 0.2, *, example_inputs: tup
                     calibration: Calibration | None = None, adapter: ModelAdapter | str | None = "auto",
                     seed: int = 0, strict: bool = True, check: bool = True,
                     graph: DependencyGraph | None = None, reconstruct: bool = False,
-                    damping: float = DEFAULT_DAMPING, reconstruct_towards: Towards = "layer") -> StructuredResult:
+                    damping: float = DEFAULT_DAMPING) -> StructuredResult:
     """Remove ``ratio`` of the model's parameters (or MACs) as whole channels, heads or hidden width, in place.
 
     ``example_inputs`` is one small batch (a tuple of positional or a dict of keyword arguments)
@@ -247,8 +247,7 @@ def prune_structure(model: nn.Module, ratio: float = 0.2, *, example_inputs: tup
     if reconstruct:
         started_refit = time.perf_counter()
         refitted, left = reconstruct_layers(model, graph, plan.removal, calibration.batches, adapter,
-                                            calibration.windows, calibration.batch_size, damping,
-                                            reconstruct_towards)
+                                            calibration.windows, calibration.batch_size, damping)
         timings["reconstruct_seconds"] = time.perf_counter() - started_refit
         notes.append(f"reconstruction refitted {len(refitted)} layers by least squares on the calibration data")
         if left:

@@ -26,15 +26,12 @@ Convolutions, the output head, tied tables and families read through a normalisa
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-from typing import Literal, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from prunekit.core.calibration import BlockInputs, Target, capture_block_inputs, group_by_block, run_sequential
-from prunekit.core.progress import progress_bar
+from prunekit.core.calibration import Target, run_sequential
 from prunekit.core.statistics import InputHessian, LayerStatistics
 from prunekit.errors import PrunekitError
 from prunekit.models.base import ModelAdapter
@@ -43,15 +40,12 @@ from prunekit.structure.shrink import check_removal, compensation_targets, remov
 from prunekit.structure.statistics import block_of_modules, feed_batches
 
 DEFAULT_DAMPING = 0.1
-Towards = Literal["layer", "dense"]
 
 
 def refit_columns(weight: torch.Tensor, gram: torch.Tensor, removed: torch.Tensor,
-                  damping: float = DEFAULT_DAMPING, cross: torch.Tensor | None = None) -> torch.Tensor:
+                  damping: float = DEFAULT_DAMPING) -> torch.Tensor:
     """``weight`` (out, in) with its ``removed`` input columns zeroed and the others refitted to
-    reproduce ``weight @ x`` for inputs whose Gram matrix is ``gram`` (in, in). With ``cross`` =
-    Σ x_dense x_prunedᵀ (in, in) the target is instead ``weight @ x_dense``, the unpruned model's
-    output, fitted from the pruned model's inputs (``gram`` = Σ x_pruned x_prunedᵀ). Returns a new tensor."""
+    reproduce ``weight @ x`` for inputs whose Gram matrix is ``gram`` (in, in). Returns a new tensor."""
     columns = weight.shape[1]
     keep_mask = torch.ones(columns, dtype=torch.bool)
     keep_mask[removed.cpu()] = False
@@ -64,8 +58,7 @@ def refit_columns(weight: torch.Tensor, gram: torch.Tensor, removed: torch.Tenso
     mean_diagonal = g_kk.diagonal().mean().clamp_min(1e-12)
     g_kk.diagonal().add_(damping * mean_diagonal)
     g_kk.diagonal()[dead] = 1.0
-    # G[K, :] Wᵀ (kept, out), or C[:, K]ᵀ Wᵀ for the unpruned model's outputs
-    right = (rows if cross is None else cross.double().cpu().index_select(1, kept).T) @ w.T
+    right = rows @ w.T  # G[K, :] Wᵀ  (kept, out)
     right += damping * mean_diagonal * w.index_select(1, kept).T  # the ridge towards W_K (module docstring)
     factor, info = torch.linalg.cholesky_ex(g_kk)
     if int(info) != 0:
@@ -100,71 +93,6 @@ def reconstruction_targets(graph: DependencyGraph, removal: Mapping[str, Sequenc
     return targets, sorted(set(skipped))
 
 
-@torch.no_grad()
-def _refit_towards_dense(model: nn.Module, adapter: ModelAdapter, windows: torch.Tensor, targets: list[Target],
-                         removed: Mapping[str, torch.Tensor], damping: float, batch_size: int) -> None:
-    """Block by block, two streams of calibration activations: the pruned model's (through the
-    already-refitted blocks) and the unpruned model's. Each target is refitted from its pruned-stream
-    inputs to its unpruned output, so the refit also absorbs what earlier blocks' removals changed."""
-    pruned = capture_block_inputs(model, adapter, windows, batch_size)
-    dense_hidden = list(pruned.hidden)
-    blocks = adapter.blocks()
-    by_block = group_by_block(targets)
-    with progress_bar("Reconstructing (towards the unpruned model)", max(by_block) + 1) as bar:
-        for index in range(max(by_block) + 1):
-            block, wanted = blocks[index], by_block.get(index, {})
-            original = copy.deepcopy(block) if wanted else block
-            dense = dataclasses.replace(pruned, hidden=dense_hidden)
-            for target in _forward_order(block, pruned, wanted):
-                twin = original.get_submodule(target.name[len(adapter.block_name(index)) + 1:])
-                gram, cross = _paired_grams(block, target.module, pruned, original, twin, dense)
-                weight = target.module.weight
-                weight.copy_(refit_columns(weight, gram, removed[target.name], damping, cross))
-            dense_hidden = [dense.call(original, i) for i in range(len(dense.hidden))]
-            pruned.hidden = [pruned.call(block, i) for i in range(len(pruned.hidden))]
-            bar.advance()
-
-
-def _inputs_of(block: nn.Module, module: nn.Module, inputs: BlockInputs, index: int) -> torch.Tensor:
-    seen: list[torch.Tensor] = []
-    handle = module.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-    try:
-        inputs.call(block, index)
-    finally:
-        handle.remove()
-    if len(seen) != 1:
-        raise PrunekitError(f"a layer to reconstruct ran {len(seen)} times in one block pass; refit towards the "
-                            "unpruned model needs it to run once")
-    return seen[0].reshape(-1, seen[0].shape[-1]).float()
-
-
-def _paired_grams(block: nn.Module, module: nn.Module, pruned: BlockInputs, original: nn.Module, twin: nn.Module,
-                  dense: BlockInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Σ x_p x_pᵀ and Σ x_d x_pᵀ over the calibration tokens, x_p from the pruned stream, x_d the unpruned."""
-    size = module.weight.shape[1]
-    gram = torch.zeros(size, size, dtype=torch.float64)
-    cross = torch.zeros(size, size, dtype=torch.float64)
-    for index in range(len(pruned.hidden)):
-        x_p = _inputs_of(block, module, pruned, index)
-        x_d = _inputs_of(original, twin, dense, index)
-        gram += (x_p.T @ x_p).double().cpu()
-        cross += (x_d.T @ x_p).double().cpu()
-    return gram, cross
-
-
-def _forward_order(block: nn.Module, inputs: BlockInputs, wanted: Mapping[nn.Module, Target]) -> list[Target]:
-    order: list[Target] = []
-    handles = [module.register_forward_pre_hook(lambda m, _args: order.append(wanted[m]) if wanted[m] not in order else None)
-               for module in wanted]
-    try:
-        if wanted:
-            inputs.call(block, 0)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return order
-
-
 class _Refit:
     """``run_sequential`` processor: Gram of each target's inputs, then the refit in place."""
 
@@ -184,13 +112,9 @@ class _Refit:
 
 def reconstruct(model: nn.Module, graph: DependencyGraph, removal: Mapping[str, Sequence[int]], batches: Sequence,
                 adapter: ModelAdapter | None = None, windows: torch.Tensor | None = None, batch_size: int = 4,
-                damping: float = DEFAULT_DAMPING, towards: Towards = "layer") -> tuple[list[str], list[str]]:
+                damping: float = DEFAULT_DAMPING) -> tuple[list[str], list[str]]:
     """Refit, in place, the Linear layers that read the channels ``removal`` will remove; returns
-    (refitted modules, modules left as they are). Run it before ``shrink``, on the same graph.
-    ``towards="dense"`` (language models, block by block) fits the unpruned model's outputs of each
-    layer instead of the layer's own outputs on the pruned model's inputs."""
-    if towards not in ("layer", "dense"):
-        raise PrunekitError(f"unknown reconstruction target '{towards}'; choose layer or dense")
+    (refitted modules, modules left as they are). Run it before ``shrink``, on the same graph."""
     removed, skipped = reconstruction_targets(graph, removal, adapter)
     if not removed:
         return [], skipped
@@ -203,15 +127,9 @@ def reconstruct(model: nn.Module, graph: DependencyGraph, removal: Mapping[str, 
                 continue
             targets.append(Target(name, model.get_submodule(name), block_of[name]))
         removed = {t.name: removed[t.name] for t in targets}
-        if towards == "dense":
-            _refit_towards_dense(model, adapter, windows, targets, removed, damping, batch_size)
-            return sorted(removed), sorted(set(skipped))
         run_sequential(model, adapter, windows, targets, _Refit(removed, damping), mode="layer", batch_size=batch_size,
                        description="Reconstructing")
         return sorted(removed), sorted(set(skipped))
-    if towards == "dense":
-        raise PrunekitError("reconstruction towards the unpruned model runs block by block: it needs a language "
-                            "model adapter and calibration windows")
     grams = {name: InputHessian(model.get_submodule(name).in_features) for name in removed}
     feed_batches(model, batches, {model.get_submodule(name): (lambda _m, args, g=gram: g.add(args[0]))
                                   for name, gram in grams.items()})
@@ -221,4 +139,4 @@ def reconstruct(model: nn.Module, graph: DependencyGraph, removal: Mapping[str, 
     return sorted(removed), skipped
 
 
-__all__ = ["DEFAULT_DAMPING", "Towards", "reconstruct", "reconstruction_targets", "refit_columns"]
+__all__ = ["DEFAULT_DAMPING", "reconstruct", "reconstruction_targets", "refit_columns"]
