@@ -82,7 +82,7 @@ def shrink(
     floor: Optional[float] = typer.Option(None, help="smallest fraction of any family's units kept [default: 0.1]"),
     round_to: Optional[int] = typer.Option(None, help="kept neurons/channels are a multiple of this [default: 8]"),
     normalize: Optional[str] = typer.Option(None, help="cross-layer score normalisation: kind, mean, max, sum, "
-                                                       "standardize, none [default: kind for flap, else mean]"),
+                                                       "standardize, none [default: kind for flap, none for fisher, else mean]"),
     override: Optional[list[str]] = typer.Option(None, help="PATTERN=FRACTION: fixed removed fraction for matching "
                                                             "families or modules; repeatable"),
     ignore: Optional[list[str]] = typer.Option(None, help="families or modules to leave whole (glob or re:regex); "

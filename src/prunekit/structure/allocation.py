@@ -36,7 +36,7 @@ class WidthAllocation(BaseModel):
     floor: float = Field(0.1, ge=0.0, le=1.0, description="smallest fraction of a family's units that is kept")
     round_to: int = Field(8, ge=1, description="kept neurons/channels are a multiple of this (families of at least 2×)")
     normalize: Normalization | None = Field(None, description="cross-family normalisation for global ranking; "
-                                                              "default: the criterion's own (kind for flap, else mean)")
+                                                              "default: the criterion's own (kind for flap, none for fisher, else mean)")
 
 
 @dataclass
