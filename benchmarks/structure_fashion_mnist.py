@@ -13,8 +13,8 @@ Runs, in order (``plan`` lists them with their commands):
 - ``train``: the dense model, 6 epochs (a step of 128 images costs about 0.4 s of one core, so an
   epoch of 469 steps takes a few minutes on 2 cores and the whole training well under 25 minutes);
 - ``shrink``: half the MACs of one image removed, then a fine-tune of 2 epochs on the training set:
-  prunekit with Taylor (plain cross-entropy and distillation from the dense model) and with L2
-  magnitude; Torch-Pruning with Taylor and with L2 magnitude (global ranking, its channel ratio
+  prunekit with Taylor (plain cross-entropy and distillation from the dense model), with L2
+  magnitude and with Fisher (one gradient per calibration image); Torch-Pruning with Taylor and with L2 magnitude (global ranking, its channel ratio
   bisected on copies until half the MACs go, as prunekit's allocation does directly);
 - ``report``: the table, and the issue's target checked (PASS/MISS): prunekit's best accuracy within
   1 point of the dense model, with the measured CPU speedups.
@@ -66,7 +66,7 @@ ROUND_TO = 8  # kept widths; 8 measured faster than 4 at batch 1 and 8 (benchmar
 FINETUNE_EPOCHS = 2
 ACCURACY_POINTS = 1.0
 RUNS = (("prunekit", "taylor", "plain"), ("prunekit", "taylor", "distill"), ("prunekit", "l2", "plain"),
-        ("torch-pruning", "taylor", "plain"), ("torch-pruning", "l2", "plain"))
+        ("prunekit", "fisher", "plain"), ("torch-pruning", "taylor", "plain"), ("torch-pruning", "l2", "plain"))
 
 
 def run_name(tool: str, importance: str, mode: str, finetune_epochs: int) -> str:

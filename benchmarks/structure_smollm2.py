@@ -22,12 +22,15 @@ Runs, in order (``python benchmarks/structure_smollm2.py plan`` lists them with 
   - prunekit with magnitude (``l2``) in the same setting as Torch-Pruning: MLP neurons only, the same
     number from every layer (``--mlp-only``);
   - prunekit with Taylor in the same setting as Torch-Pruning's Taylor (``--mlp-only``);
-  - prunekit's best, chosen by measurement at 20 % (see docs/structure.md): first-order Taylor
-    (|w · ∂L/∂w| on the calibration windows), MLP neurons of all layers ranked together, every layer
-    keeping at least 30 % (``--mlp-global 0.3``, widths rounded to 8), each ``down_proj`` then refitted
-    by least squares on the calibration activations (``--reconstruct``), without and with a recovery of
-    at most 600 s (the plain LM loss at lr 3e-4); at 20 % also recoveries training only the MLPs and
-    norms (lr 2e-4, 3e-4 and 4e-4), and the best setting without the reconstruction (distillation, lr 1e-4);
+  - prunekit's best, chosen by measurement at 20 % (see docs/structure.md): Fisher (half the mean
+    squared gradient of each neuron's mask over the calibration windows: a loss estimate, ranked across
+    layers as is), MLP neurons of all layers ranked together, every layer keeping at least 30 %
+    (``--mlp-global 0.3``, widths rounded to 8), each ``down_proj`` then refitted by least squares on the
+    calibration activations (``--reconstruct``), without and with a recovery of at most 600 s (the plain
+    LM loss at lr 3e-4); the same with first-order Taylor (|w · ∂L/∂w|, each layer's scores divided by
+    their mean), the best before Fisher; at 20 % also recoveries training only the MLPs and norms
+    (Fisher at lr 3e-4; Taylor at 2e-4, 3e-4 and 4e-4), and Taylor without the reconstruction
+    (distillation, lr 1e-4);
   - FLAP (fluctuation × squared column norm, with bias compensation) with MLP neurons and key/value
     groups ranked together (floor 10 %), and with MLP neurons only (``--mlp-global 0.3``): measured
     alternatives, far worse on this model;
@@ -44,7 +47,7 @@ Torch-Pruning runs remove MLP neurons only (attention and embeddings in ``ignore
 dependency graph does not handle the grouped-query attention of Hugging Face Llama models.
 A single run by hand, for example:
 
-    flock /tmp/prunekit-cpu.lock python benchmarks/structure_smollm2.py prune --tool prunekit --importance taylor --ratio 0.2 --mlp-global 0.3 --reconstruct --recover 600 --recover-mode plain --recover-lr 3e-4
+    flock /tmp/prunekit-cpu.lock python benchmarks/structure_smollm2.py prune --tool prunekit --importance fisher --ratio 0.2 --mlp-global 0.3 --reconstruct --recover 600 --recover-mode plain --recover-lr 3e-4 --recover-train-only "mlp.+norm"
 """
 
 from __future__ import annotations
@@ -85,14 +88,15 @@ RECOVERY_SECONDS = 600.0
 RATIOS = (0.2, 0.4)
 DEPTH_BLOCKS = 6
 TORCH_PRUNING = ("l2", "taylor", "hessian")
-BEST = "taylor"  # with BEST_FLOOR and reconstruction: the best of the settings measured at 20 % (docs/structure.md)
+BEST = "fisher"  # with BEST_FLOOR and reconstruction: the best of the settings measured at 20 % (docs/structure.md)
+PREVIOUS_BEST = "taylor"  # the best before Fisher; its rows stay in the table
 BEST_FLOOR = 0.3
 # The recovery of the best rows: the plain LM loss at 3e-4 beat distillation at 1e-4 and 3e-4 and the plain loss
 # at 6e-4 in 150 s A/B runs from one pruned start (benchmarks/structure_recovery_ab.py, docs/structure.md).
 BEST_RECOVERY_MODE = "plain"
 BEST_RECOVERY_LR = 3e-4
 RECOVERY_TRAIN_ONLY = "mlp.+norm"
-RECOVERY_TRAIN_ONLY_LRS = (2e-4, 3e-4, 4e-4)
+RECOVERY_TRAIN_ONLY_LRS = {"taylor": (2e-4, 3e-4, 4e-4), "fisher": (3e-4,)}  # the learning rate was flat for Taylor
 TARGETS = {"perplexity_no_recovery": 3.0, "perplexity_recovered": 1.5, "speedup_b8": {0.2: 1.15, 0.4: 1.25}}
 
 
@@ -113,8 +117,8 @@ def prune_name(tool: str, importance: str, ratio: float, mlp_only: bool, heads: 
             + (f"-only-{train_only.replace('.', '').replace('+', '-')}" if train_only else ""))
 
 
-def best_name(ratio: float, recover: float = 0.0) -> str:
-    return prune_name("prunekit", BEST, ratio, False, "kv", recover, BEST_FLOOR, reconstruct=True,
+def best_name(ratio: float, recover: float = 0.0, importance: str = BEST) -> str:
+    return prune_name("prunekit", importance, ratio, False, "kv", recover, BEST_FLOOR, reconstruct=True,
                       recover_lr=BEST_RECOVERY_LR if recover else None, recover_mode=BEST_RECOVERY_MODE if recover else "distill")
 
 
@@ -122,8 +126,8 @@ def depth_name(blocks: int, criterion: str) -> str:
     return f"depth-{criterion}-{blocks}"
 
 
-def equal_name(blocks: int) -> str:
-    return f"width-equal-depth-{blocks}"
+def equal_name(blocks: int, importance: str = BEST) -> str:
+    return f"width-equal-depth-{blocks}-{importance}"
 
 
 def plan() -> list[tuple[str, list[str]]]:
@@ -137,23 +141,25 @@ def plan() -> list[tuple[str, list[str]]]:
             runs.append((prune_name("prunekit", importance, ratio, True),
                          ["prune", "--tool", "prunekit", "--importance", importance, "--ratio", f"{ratio:g}",
                           "--mlp-only"]))
-        for recover in (0.0, RECOVERY_SECONDS):
-            runs.append((best_name(ratio, recover),
-                         ["prune", "--tool", "prunekit", "--importance", BEST, "--ratio", f"{ratio:g}",
-                          "--mlp-global", f"{BEST_FLOOR:g}", "--reconstruct"]
-                         + (["--recover", f"{recover:g}", "--recover-mode", BEST_RECOVERY_MODE,
-                             "--recover-lr", f"{BEST_RECOVERY_LR:g}"] if recover else [])))
-    # Measured alternatives at 20 %: the best recovery training only the MLPs and norms (fewer weight
-    # gradients, more steps in the budget), the best setting without reconstruction, and FLAP.
-    for lr in RECOVERY_TRAIN_ONLY_LRS:
-        runs.append((prune_name("prunekit", BEST, 0.2, False, "kv", RECOVERY_SECONDS, BEST_FLOOR, True, lr,
-                                BEST_RECOVERY_MODE, train_only=RECOVERY_TRAIN_ONLY),
-                     ["prune", "--tool", "prunekit", "--importance", BEST, "--ratio", "0.2", "--mlp-global",
-                      f"{BEST_FLOOR:g}", "--reconstruct", "--recover", f"{RECOVERY_SECONDS:g}", "--recover-mode",
-                      BEST_RECOVERY_MODE, "--recover-lr", f"{lr:g}", "--recover-train-only", RECOVERY_TRAIN_ONLY]))
+        for importance in (BEST, PREVIOUS_BEST):
+            for recover in (0.0, RECOVERY_SECONDS):
+                runs.append((best_name(ratio, recover, importance),
+                             ["prune", "--tool", "prunekit", "--importance", importance, "--ratio", f"{ratio:g}",
+                              "--mlp-global", f"{BEST_FLOOR:g}", "--reconstruct"]
+                             + (["--recover", f"{recover:g}", "--recover-mode", BEST_RECOVERY_MODE,
+                                 "--recover-lr", f"{BEST_RECOVERY_LR:g}"] if recover else [])))
+    # Measured alternatives at 20 %: recoveries training only the MLPs and norms (fewer weight gradients,
+    # more steps in the budget), Taylor without reconstruction, and FLAP.
+    for importance, rates in RECOVERY_TRAIN_ONLY_LRS.items():
+        for lr in rates:
+            runs.append((prune_name("prunekit", importance, 0.2, False, "kv", RECOVERY_SECONDS, BEST_FLOOR, True, lr,
+                                    BEST_RECOVERY_MODE, train_only=RECOVERY_TRAIN_ONLY),
+                         ["prune", "--tool", "prunekit", "--importance", importance, "--ratio", "0.2", "--mlp-global",
+                          f"{BEST_FLOOR:g}", "--reconstruct", "--recover", f"{RECOVERY_SECONDS:g}", "--recover-mode",
+                          BEST_RECOVERY_MODE, "--recover-lr", f"{lr:g}", "--recover-train-only", RECOVERY_TRAIN_ONLY]))
     for recover in (0.0, RECOVERY_SECONDS):
-        runs.append((prune_name("prunekit", BEST, 0.2, False, "kv", recover, BEST_FLOOR),
-                     ["prune", "--tool", "prunekit", "--importance", BEST, "--ratio", "0.2",
+        runs.append((prune_name("prunekit", "taylor", 0.2, False, "kv", recover, BEST_FLOOR),
+                     ["prune", "--tool", "prunekit", "--importance", "taylor", "--ratio", "0.2",
                       "--mlp-global", f"{BEST_FLOOR:g}"] + (["--recover", f"{recover:g}"] if recover else [])))
     for recover in (0.0, RECOVERY_SECONDS):
         runs.append((prune_name("prunekit", "flap", 0.2, False, "kv", recover),
@@ -165,7 +171,9 @@ def plan() -> list[tuple[str, list[str]]]:
     for criterion in ("influence", "perplexity"):
         runs.append((depth_name(DEPTH_BLOCKS, criterion),
                      ["depth", "--blocks", str(DEPTH_BLOCKS), "--criterion", criterion]))
-    runs.append((equal_name(DEPTH_BLOCKS), ["equal", "--blocks", str(DEPTH_BLOCKS)]))
+    for importance in (BEST, PREVIOUS_BEST):
+        runs.append((equal_name(DEPTH_BLOCKS, importance),
+                     ["equal", "--blocks", str(DEPTH_BLOCKS), "--importance", importance]))
     return runs
 
 
@@ -346,12 +354,13 @@ def blocks_fraction(model, blocks: int) -> float:
     return blocks * sizes.pop() / count_parameters(model)
 
 
-def equal(blocks: int) -> None:
+def equal(blocks: int, importance: str = BEST) -> None:
     """prunekit's best width pruning at the parameter fraction that ``blocks`` whole blocks hold."""
     model = load_causal_lm(None, need_tokenizer=False).model
     ratio = blocks_fraction(model, blocks)
     del model
-    prune("prunekit", BEST, ratio, False, "kv", 0.0, name=equal_name(blocks), mlp_global=BEST_FLOOR, reconstruct=True,
+    prune("prunekit", importance, ratio, False, "kv", 0.0, name=equal_name(blocks, importance), mlp_global=BEST_FLOOR,
+          reconstruct=True,
           scope=f"MLP neurons, global (floor {BEST_FLOOR:g}), least-squares reconstruction, as many parameters as "
                 f"{blocks} blocks")
 
@@ -433,7 +442,8 @@ def report() -> None:
     width_runs.sort(key=lambda r: (r["ratio"], order.get(r["name"], 10**6), r["name"]))
     width_table = markdown_table(headers, [dense_row] + [_row(run, dense_run) for run in width_runs])
     depth_runs = [runs[name] for name in (depth_name(DEPTH_BLOCKS, "influence"), depth_name(DEPTH_BLOCKS, "perplexity"),
-                                          equal_name(DEPTH_BLOCKS)) if name in runs]
+                                          equal_name(DEPTH_BLOCKS), equal_name(DEPTH_BLOCKS, PREVIOUS_BEST))
+                  if name in runs]
     depth_table = markdown_table(headers, [dense_row] + [_row(run, dense_run) for run in depth_runs])
     checks = _checks(runs, dense_run)
     check_table = markdown_table(["target", "result", "measured"], checks)
@@ -495,6 +505,7 @@ def main(argv: list[str] | None = None) -> None:
     depth_parser.add_argument("--criterion", choices=["influence", "perplexity"], default="influence")
     equal_parser = sub.add_parser("equal", help="width pruning at the parameters of --blocks blocks")
     equal_parser.add_argument("--blocks", type=int, default=DEPTH_BLOCKS)
+    equal_parser.add_argument("--importance", default=BEST)
     sub.add_parser("report", help="the tables and the targets, from the result files")
     sub.add_parser("plan", help="list every run of 'all' with its command and whether its result exists")
     all_parser = sub.add_parser("all", help="every run in order (resumable), then the report")
@@ -509,7 +520,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.phase == "depth":
         depth(args.blocks, args.criterion)
     elif args.phase == "equal":
-        equal(args.blocks)
+        equal(args.blocks, args.importance)
     elif args.phase == "plan":
         print_plan(__file__, plan(), RAW)
     elif args.phase == "all":

@@ -77,3 +77,21 @@ def test_least_squares_reconstruction_beats_bias_compensation_on_smollm2(smollm2
     # FLAP's compensation only shifts biases by the removed channels' mean; refitting down_proj and o_proj
     # on the calibration Gram matrix must do better on held-out text.
     assert results[True] < 0.95 * results[False]
+
+
+def test_fisher_ranks_smollm2_neurons_better_than_taylor(smollm2):
+    # Neurons of all layers ranked together: Fisher's scores are loss estimates, comparable across layers
+    # as they are; first-order Taylor's need each layer divided by its mean and still rank worse.
+    protocol = corpus.TextProtocol(calibration_samples=8, seq_len=256, test_windows=4)
+    calibration = corpus.calibration_windows(smollm2.tokenizer, protocol)
+    test = corpus.test_windows(smollm2.tokenizer, dataclasses.replace(protocol, seq_len=192))
+    base = smollm2.model
+    graph = build_graph(base, lm_example_inputs(), adapter=adapter_for(base))
+    results = {}
+    for importance in ("taylor", "fisher"):
+        model = copy.deepcopy(base)
+        prune_structure(model, 0.15, example_inputs=lm_example_inputs(), importance=importance, granularity="channels",
+                        allocation={"name": "global", "round_to": 8, "floor": 0.3},
+                        calibration=lm_calibration(calibration), graph=dataclasses.replace(graph, model=model))
+        results[importance] = perplexity(model, test).perplexity
+    assert results["fisher"] < 0.9 * results["taylor"], results

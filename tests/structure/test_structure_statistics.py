@@ -4,7 +4,7 @@
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from prunekit.structure.pipeline import lm_calibration
+from prunekit.structure.pipeline import classifier_calibration, lm_calibration
 from prunekit.structure.statistics import accumulate_gradients
 
 
@@ -31,6 +31,21 @@ def test_one_sample_parts_give_the_whole_batch_gradient():
     assert set(split) == set(names)
     for name in names:
         torch.testing.assert_close(split[name], whole[name], rtol=1e-10, atol=1e-14)
+
+
+def test_classifier_batches_split_into_examples_with_their_labels():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
+    images, labels = torch.randn(10, 5, dtype=torch.float64), torch.randint(0, 3, (10,))
+    calibration = classifier_calibration(images, labels, batch_size=4)
+    seen = []
+    split = accumulate_gradients(model, calibration.batches, calibration.loss_fn, ["0.weight"], calibration.targets,
+                                 one_sample_at_a_time=True, each_sample=lambda g: seen.append(g["0.weight"].clone()))
+    assert split == {} and len(seen) == 10
+    for index, gradient in enumerate(seen):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(images[index:index + 1]), labels[index:index + 1]).backward()
+        torch.testing.assert_close(gradient, model[0].weight.grad, rtol=1e-12, atol=1e-15)
 
 
 def test_batches_stay_whole_unless_the_calibration_says_otherwise():

@@ -165,15 +165,23 @@ def _moments_sequential(model: nn.Module, adapter: ModelAdapter, calls: dict[str
     return processor.stats
 
 
-def one_sample_parts(batch: dict) -> list[tuple[dict, float]]:
-    """A batch of keyword inputs split into single samples, each with its share of the batch's mean
-    loss, so the summed gradient is the batch's (samples of equal length: a calibration declares it).
-    The backward pass of a whole batch holds its vocabulary-wide logits and their gradient at once:
-    prunekit's Taylor scores on SmolLM2 peaked at 6.4 GB in batches of 4 windows against
-    Torch-Pruning's 3.1 GB one by one."""
-    size = batch["input_ids"].shape[0]
+def one_sample_parts(batch, target=None) -> list[tuple[object, object, float]]:
+    """A batch (keyword inputs, or a tuple of positional ones) and its target split into single
+    samples, each with its share of the batch's mean loss, so the summed gradient is the batch's
+    (samples of equal length: a calibration declares it). The backward pass of a whole batch holds its
+    vocabulary-wide logits and their gradient at once: prunekit's Taylor scores on SmolLM2 peaked at
+    6.4 GB in batches of 4 windows against Torch-Pruning's 3.1 GB one by one."""
+    values = list(batch.values()) if isinstance(batch, dict) else list(batch)
+    first = next((v for v in values if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+    if first is None:
+        return [(batch, target, 1.0)]
+    size = first.shape[0]
     split = lambda value, i: value[i:i + 1] if isinstance(value, torch.Tensor) and value.shape[:1] == (size,) else value  # noqa: E731
-    return [({key: split(value, i) for key, value in batch.items()}, 1.0 / size) for i in range(size)]
+    if isinstance(batch, dict):
+        parts = [{key: split(value, i) for key, value in batch.items()} for i in range(size)]
+    else:
+        parts = [type(batch)(split(value, i) for value in batch) for i in range(size)]
+    return [(part, split(target, i), 1.0 / size) for i, part in enumerate(parts)]
 
 
 def accumulate_gradients(model: nn.Module, batches: Sequence, loss_fn: Callable[[nn.Module, object, object], torch.Tensor],
@@ -182,9 +190,8 @@ def accumulate_gradients(model: nn.Module, batches: Sequence, loss_fn: Callable[
                          each_sample: Callable[[Mapping[str, torch.Tensor]], None] | None = None) -> dict[str, torch.Tensor]:
     """Sum of ∂loss/∂w over the calibration batches for the named parameters (others get no grad).
     ``one_sample_at_a_time`` (dict batches of equal-length samples) gives the same sum with one
-    sample per backward pass. ``each_sample`` instead receives every backward pass's own gradients
-    (name -> gradient of that sample's loss, or of that batch's where samples are not split), and
-    nothing is summed: the result is empty."""
+    sample per backward pass. ``each_sample`` instead receives the gradients of every single sample's
+    loss (name -> gradient; batches are always split), and nothing is summed: the result is empty."""
     wanted = set(tensors)
     parameters = dict(model.named_parameters())
     previous = {name: p.requires_grad for name, p in parameters.items()}
@@ -196,9 +203,10 @@ def accumulate_gradients(model: nn.Module, batches: Sequence, loss_fn: Callable[
     try:
         for index, batch in enumerate(batches):
             target = targets[index] if targets is not None else None
-            parts = one_sample_parts(batch) if one_sample_at_a_time else [(batch, 1.0)]
-            for part, share in parts:
-                loss = loss_fn(model, part, target)
+            split = one_sample_at_a_time or each_sample is not None
+            parts = one_sample_parts(batch, target) if split else [(batch, target, 1.0)]
+            for part, part_target, share in parts:
+                loss = loss_fn(model, part, part_target)
                 if not torch.isfinite(loss):
                     raise PrunekitError("the calibration loss is NaN or inf; Taylor scores cannot be computed")
                 if each_sample is None:
