@@ -33,7 +33,8 @@ Runs, in order (``python benchmarks/structure_smollm2.py plan`` lists them with 
     (distillation, lr 1e-4);
   - FLAP (fluctuation × squared column norm, with bias compensation) with MLP neurons and key/value
     groups ranked together (floor 10 %), and with MLP neurons only (``--mlp-global 0.3``): measured
-    alternatives, far worse on this model;
+    alternatives, far worse on this model; Fisher with MLP neurons and key/value groups ranked together
+    (floor 10 %, no refit): ``prunekit shrink``'s default for causal LMs;
 - ``depth``: 6 of 30 blocks removed by block influence (1 − cos(input, output)), and by the measured
   perplexity change of skipping each block;
 - ``equal``: prunekit's best width pruning at exactly the fraction of parameters that 6 blocks hold
@@ -165,6 +166,9 @@ def plan() -> list[tuple[str, list[str]]]:
         runs.append((prune_name("prunekit", "flap", 0.2, False, "kv", recover),
                      ["prune", "--tool", "prunekit", "--importance", "flap", "--ratio", "0.2"]
                      + (["--recover", f"{recover:g}"] if recover else [])))
+    # prunekit shrink's default for a causal LM: Fisher, MLP neurons and key/value groups ranked together
+    runs.append((prune_name("prunekit", "fisher", 0.2, False),
+                 ["prune", "--tool", "prunekit", "--importance", "fisher", "--ratio", "0.2"]))
     runs.append((prune_name("prunekit", "flap", 0.2, False, mlp_global=BEST_FLOOR),
                  ["prune", "--tool", "prunekit", "--importance", "flap", "--ratio", "0.2", "--mlp-global",
                   f"{BEST_FLOOR:g}"]))

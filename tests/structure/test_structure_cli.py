@@ -47,7 +47,7 @@ def test_shrink_writes_a_smaller_model_its_report_and_a_recipe_that_reproduces_i
     model = prunekit.load(out)
     assert sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) == report["parameters"]["after"]
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
-    assert recipe["importance"]["name"] == "flap" and recipe["ratio"] == 0.02 and recipe["reconstruct"] is True
+    assert recipe["importance"]["name"] == "fisher" and recipe["ratio"] == 0.02 and recipe["reconstruct"] is True
     assert recipe["reconstruct_damping"] == 0.3 and recipe["recovery"]["train_only"] == ["mlp.", "norm"]
     assert "reconstruction refitted" in json.dumps(report["width"])
     again = tmp_path / "again"

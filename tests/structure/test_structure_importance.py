@@ -182,3 +182,33 @@ def test_flap_bias_compensation_replaces_removed_inputs_by_their_mean():
         shrink(plain_graph, {plain_graph.families[0].name: removed})
         # without compensation the output moves by the removed channels' mean contribution
         assert not torch.allclose(plain(DATA), original(DATA), atol=1e-3)
+
+
+def test_fisher_of_llama_neurons_and_kv_groups_matches_explicit_masks():
+    from structure_helpers import tiny_llama
+
+    from prunekit.models import adapter_for
+    from prunekit.structure.pipeline import lm_calibration, lm_example_inputs
+
+    model = tiny_llama(layers=2).double()
+    windows = torch.randint(0, 256, (5, 12), generator=torch.Generator().manual_seed(3))
+    graph = build_graph(model, lm_example_inputs(), adapter=adapter_for(model))
+    families = [graph.family("model.layers.1.mlp"), graph.family("model.layers.1.self_attn")]
+    scores, _ = score_families(graph, families, get_importance("fisher"), lm_calibration(windows, batch_size=2), None)
+    layer = model.model.layers[1]
+    squares = {"mlp": torch.zeros(64, dtype=torch.float64), "heads": torch.zeros(2, dtype=torch.float64)}
+    for window in windows:
+        masks = {"mlp": torch.ones(64, dtype=torch.float64, requires_grad=True),
+                 "heads": torch.ones(2, dtype=torch.float64, requires_grad=True)}
+        # a KV group's mask covers the o_proj inputs of its two query heads (head dim 8: 16 columns each)
+        hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda _m, args: (args[0] * masks["mlp"],)),
+                 layer.self_attn.o_proj.register_forward_pre_hook(
+                     lambda _m, args: (args[0] * masks["heads"].repeat_interleave(16),))]
+        loss = model(input_ids=window[None], labels=window[None]).loss
+        for hook in hooks:
+            hook.remove()
+        gradients = torch.autograd.grad(loss, [masks["mlp"], masks["heads"]])
+        squares["mlp"] += gradients[0].square()
+        squares["heads"] += gradients[1].square()
+    torch.testing.assert_close(scores["model.layers.1.mlp"], squares["mlp"] / 5 / 2, rtol=1e-6, atol=1e-14)
+    torch.testing.assert_close(scores["model.layers.1.self_attn"], squares["heads"] / 5 / 2, rtol=1e-6, atol=1e-14)

@@ -20,7 +20,7 @@ RECIPES = sorted((Path(__file__).resolve().parents[2] / "docs" / "recipes").glob
 
 def test_example_recipes_exist_and_validate():
     names = [path.name for path in RECIPES]
-    assert "smollm2-flap-20.yaml" in names and "smollm2-depth-6.yaml" in names
+    assert {"smollm2-flap-20.yaml", "smollm2-fisher-20.yaml", "smollm2-depth-6.yaml"} <= set(names)
     for path in RECIPES:
         recipe = ShrinkRecipe.from_yaml(path)
         assert recipe.model is None  # the embedded SmolLM2-135M, which the tests do not run
@@ -48,6 +48,16 @@ def test_flap_recipe_runs_on_a_tiny_model(tiny_dir, tmp_path):
     assert 0.02 <= report["parameters"]["removed_fraction"] < 0.03
     kept = [after for name, (_, after) in report["width"]["plan"]["widths"].items() if name.endswith(".mlp")]
     assert kept and all(width % 8 == 0 for width in kept)  # round_to from the recipe
+
+
+def test_fisher_recipe_runs_on_a_tiny_model(tiny_dir, tmp_path):
+    recipe = RECIPES[[p.name for p in RECIPES].index("smollm2-fisher-20.yaml")]
+    report = _run(tiny_dir, recipe, tmp_path / "fisher", "--ratio", "0.05", "--recover-steps", "2")
+    settings = report["settings"]
+    assert settings["importance"]["name"] == "fisher" and settings["reconstruct"] is True
+    assert settings["recovery"]["train_only"] == ["mlp.", "norm"] and settings["recovery"]["mode"] == "plain"
+    assert report["recovery"]["steps"] == 2 and 0.05 <= report["parameters"]["removed_fraction"] < 0.06
+    assert "reconstruction refitted" in json.dumps(report["width"])
 
 
 def test_depth_recipe_runs_on_a_tiny_model(tiny_dir, tmp_path):

@@ -73,7 +73,8 @@ def shrink(
     ratio: Optional[float] = typer.Option(None, help="fraction of the parameters (or MACs) to remove by width, in "
                                                      "[0, 1) [default: 0.2]"),
     target: Optional[str] = typer.Option(None, help="what the ratio counts: params or macs [default: params]"),
-    importance: Optional[str] = typer.Option(None, help="flap, wanda, taylor, fisher, l2, l1 or random [default: flap]"),
+    importance: Optional[str] = typer.Option(None, help="fisher, flap, wanda, taylor, l2, l1 or random [default: fisher for causal LMs, "
+                                                             "flap for encoders]"),
     granularity: Optional[str] = typer.Option(None, help="comma-separated: channels (MLP neurons), heads, hidden "
                                                          "[default: channels,heads]"),
     heads: Optional[str] = typer.Option(None, help="grouped-query heads: kv (whole KV groups) or query (the same "
@@ -98,8 +99,8 @@ def shrink(
     recover: Optional[bool] = typer.Option(None, "--recover/--no-recover", help="fine-tune after shrinking [default: off]"),
     recover_seconds: Optional[float] = typer.Option(None, help="recovery time budget in seconds [default: 600]"),
     recover_steps: Optional[int] = typer.Option(None, help="recovery step budget"),
-    recover_mode: Optional[str] = typer.Option(None, help="distill (from the unpruned model) or plain [default: distill]"),
-    recover_lr: Optional[float] = typer.Option(None, help="recovery learning rate [default: 1e-4]"),
+    recover_mode: Optional[str] = typer.Option(None, help="plain (the LM loss) or distill (from the unpruned model) [default: plain]"),
+    recover_lr: Optional[float] = typer.Option(None, help="recovery learning rate [default: 3e-4]"),
     recover_train_only: Optional[list[str]] = typer.Option(None, help="train only parameters whose names contain "
                                                           "this fragment (e.g. mlp. and norm); repeatable "
                                                           "[default: all but the embedding]"),

@@ -31,6 +31,7 @@ from prunekit.structure.depth import prune_depth
 from prunekit.structure.measure import Measurement, SpeedProtocol, compare, lm_inputs, measure_side_by_side
 from prunekit.structure.peak_memory import describe as describe_memory
 from prunekit.structure.graph import build_graph
+from prunekit.structure.importance import get_importance
 from prunekit.structure.pipeline import check_plan, encoder_calibration, lm_calibration, lm_example_inputs, prune_structure
 from prunekit.structure.recipe import ShrinkRecipe
 from prunekit.structure.recovery import recover_lm
@@ -147,6 +148,9 @@ def run_shrink_job(recipe: ShrinkRecipe, out: str | Path, overwrite: bool = Fals
     protocol = recipe.data.protocol()
     loaded = load_hf(recipe.model, recipe.dtype, recipe.trust_remote_code)
     adapter = adapter_for(loaded.model)
+    if recipe.importance is None:  # resolved here so that the report and recipe.yaml name it
+        default = "fisher" if loaded.kind == "causal-lm" else "flap"
+        recipe = recipe.model_copy(update={"importance": get_importance(default).settings()})
     if loaded.kind == "encoder" and recipe.recovery is not None:
         raise PrunekitError("recovery fine-tuning is implemented for causal language models and classifiers, "
                             "not for encoders without a training objective")

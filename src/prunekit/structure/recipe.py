@@ -25,10 +25,11 @@ class DepthConfig(RecipeModel):
 class RecoveryConfig(RecipeModel):
     """A short fine-tune after shrinking, on calibration text."""
 
-    mode: Literal["distill", "plain"] = "distill"
+    # The plain LM loss at 3e-4 beat distillation (1e-4, 3e-4) in a 600 s budget on SmolLM2 (docs/structure.md).
+    mode: Literal["distill", "plain"] = "plain"
     seconds: float | None = Field(600.0, gt=0, description="wall-time budget")
     steps: int | None = Field(None, ge=1, description="step budget (whichever comes first)")
-    lr: float = Field(1e-4, gt=0)
+    lr: float = Field(3e-4, gt=0)
     batch_size: int = Field(1, ge=1)
     samples: int = Field(256, ge=1, description="calibration windows to train on (seeded random offsets)")
     temperature: float = Field(1.0, gt=0)
@@ -72,7 +73,9 @@ class ShrinkRecipe(RecipeModel):
     granularity: list[str] = Field(default_factory=lambda: ["channels", "heads"])
     heads: Literal["kv", "query"] = Field("kv", description="grouped-query heads: remove whole KV groups, or "
                                                            "query heads equally from every group")
-    importance: dict[str, Any] = Field(default_factory=lambda: {"name": "flap"}, validate_default=True)
+    importance: dict[str, Any] | None = Field(None, description="criterion and its settings; unset: fisher for "
+                                                                  "causal language models (they have a loss), flap "
+                                                                  "for encoders")
     allocation: WidthAllocation = Field(default_factory=WidthAllocation)
     overrides: dict[str, float] = Field(default_factory=dict, description="family/module pattern -> removed fraction")
     ignore: list[str] = Field(default_factory=list, description="family/module patterns left whole")
@@ -99,7 +102,9 @@ class ShrinkRecipe(RecipeModel):
 
     @field_validator("importance", mode="before")
     @classmethod
-    def _importance(cls, value: Any) -> dict[str, Any]:
+    def _importance(cls, value: Any) -> dict[str, Any] | None:
+        if value is None:
+            return None
         importance = get_importance({"name": value} if isinstance(value, str) else value)
         return importance.settings()
 

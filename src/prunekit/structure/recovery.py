@@ -53,8 +53,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature ** 2
 
 
-def recover_lm(student: nn.Module, windows: torch.Tensor, teacher: nn.Module | None = None, mode: Mode = "distill",
-               max_seconds: float | None = 600.0, max_steps: int | None = None, lr: float = 1e-4,
+def recover_lm(student: nn.Module, windows: torch.Tensor, teacher: nn.Module | None = None, mode: Mode = "plain",
+               max_seconds: float | None = 600.0, max_steps: int | None = None, lr: float = 3e-4,
                batch_size: int = 1, temperature: float = 1.0, weight_decay: float = 0.0, seed: int = 0,
                train_embeddings: bool = False, warmup: int = 10,
                train_only: tuple[str, ...] = ()) -> RecoveryResult:
