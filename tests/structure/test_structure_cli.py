@@ -69,7 +69,7 @@ def test_shrink_writes_a_smaller_model_its_report_and_a_recipe_that_reproduces_i
     (["--ratio", "1.5"], "ratio must be in [0, 1)"),
     (["--ratio", "0"], "nothing to prune"),
     (["--ratio", "0.9"], "cannot be reached: with every family at its floor"),
-    (["--importance", "fisher"], "unknown importance criterion 'fisher'"),
+    (["--importance", "obs"], "unknown importance criterion 'obs'"),
     (["--heads", "some"], "heads: Input should be 'kv' or 'query'"),
     (["--granularity", "layers"], "unknown granularity 'layers'"),
     (["--override", "model.layers.0.mlp=1.0"], "override for 'model.layers.0.mlp' must be in [0, 1)"),

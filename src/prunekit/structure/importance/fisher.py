@@ -6,7 +6,7 @@ decides: ΔL ≈ ½ F = ½ · mean over samples of (∂L_s/∂m)², the diagonal
 (Kwon et al., "A Fast Post-Training Pruning Framework for Transformers", NeurIPS 2022; Molchanov
 et al. 2019's squared Taylor). A unit read by Linear or convolution columns has
 ∂L_s/∂m = Σ over those columns' elements of w · ∂L_s/∂w, so one gradient per calibration sample
-(a language-model window, or a classifier batch) gives it without a mask in the model. Units no
+(a language-model window, or one classifier example) gives it without a mask in the model. Units no
 layer reads (written only) use all their weights' elements instead.
 
 Unlike |w · g| summed over the data, this estimate is a loss in the same unit for every layer,
