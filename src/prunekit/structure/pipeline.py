@@ -132,15 +132,15 @@ def score_families(graph: DependencyGraph, families, importance: Importance, cal
     model = graph.model
     context = ScoringContext(graph, seed=seed)
     needs_moments = "moments" in importance.needs or importance.compensation()
-    gradients = importance.needs & {"gradients", "sample_gradients"}
-    if needs_moments or gradients:
+    needs_loss = bool(importance.needs & {"gradients", "sample_gradients"})
+    if needs_moments or needs_loss:
         if calibration is None:
             raise PrunekitError(f"importance '{importance.name}' needs calibration data")
     if needs_moments:
         consumers = _consumers(graph, families)
         context.moments = input_moments(model, graph, consumers, calibration.batches, adapter=adapter,
                                         windows=calibration.windows, batch_size=calibration.batch_size)
-    if gradients and calibration.loss_fn is None:
+    if needs_loss and calibration.loss_fn is None:
         raise PrunekitError(f"importance '{importance.name}' needs a loss: give labels (classifiers) or use a "
                             "language model; encoders without a task have no gradients to score with")
     if "gradients" in importance.needs:
@@ -150,7 +150,7 @@ def score_families(graph: DependencyGraph, families, importance: Importance, cal
     if "sample_gradients" in importance.needs:
         fisher = FisherAccumulator(list(families), context)
         accumulate_gradients(model, calibration.batches, calibration.loss_fn, fisher.tensors, calibration.targets,
-                             calibration.one_sample_gradients, each_sample=fisher)
+                             each_sample=fisher)  # splits every batch into single samples
         context.fisher = fisher.result()
     return {f.name: importance.score(f, context) for f in families}, context
 

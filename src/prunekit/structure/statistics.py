@@ -208,7 +208,7 @@ def accumulate_gradients(model: nn.Module, batches: Sequence, loss_fn: Callable[
             for part, part_target, share in parts:
                 loss = loss_fn(model, part, part_target)
                 if not torch.isfinite(loss):
-                    raise PrunekitError("the calibration loss is NaN or inf; Taylor scores cannot be computed")
+                    raise PrunekitError("the calibration loss is NaN or inf; gradient-based scores (taylor, fisher) cannot be computed")
                 if each_sample is None:
                     (loss * share).backward()
                     continue
