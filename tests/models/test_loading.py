@@ -31,15 +31,15 @@ def test_adapters_cover_opt_and_neox():
         assert abs(result.achieved_sparsity - 0.5) < 1e-3
 
 
-def test_unsupported_family_names_the_supported_ones():
+def test_a_model_without_blocks_is_refused_naming_the_option():
     import pytest
-    from transformers import PretrainedConfig
 
     from prunekit.errors import PrunekitError
 
-    class Unknown(torch.nn.Module):  # a family no adapter claims
-        config = PretrainedConfig()
-        config.model_type = "prunekit-test-unknown"
+    class NoBlocks(torch.nn.Module):  # nothing structure could call a block
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
 
-    with pytest.raises(PrunekitError, match="unsupported model family 'prunekit-test-unknown'; supported: .*llama"):
-        adapter_for(Unknown())
+    with pytest.raises(PrunekitError, match="could not find the blocks of NoBlocks.*--blocks"):
+        adapter_for(NoBlocks())

@@ -244,9 +244,9 @@ def test_conv1d_families_shrink_exactly():
 
 
 def test_query_heads_that_do_not_divide_into_kv_groups_are_refused():
-    from prunekit.models.families.llama import LlamaAdapter
+    from prunekit.models.base import ModelAdapter
 
-    class UnevenHeads(LlamaAdapter):
+    class UnevenHeads(ModelAdapter):
         """An attention that reports 4 query heads over 3 key/value heads (a config prunekit cannot split)."""
 
         def head_counts(self, heads_module, q, k):

@@ -1,7 +1,8 @@
 """Sequential calibration: run calibration data through a model one block at a time.
 
 Each block sees the outputs of the blocks before it *after* they were processed (pruned), and
-only one block's activations for the calibration set are alive at any moment.
+only one block's activations for the calibration set are alive at any moment. What each block
+receives besides its hidden states comes from ``prunekit.core.blocks.capture_block_inputs``.
 
 Within a block, ``mode="layer"`` goes further: every calibration batch runs as a coroutine
 (a greenlet) that pauses on entering each target layer. Once all batches have paused at the
@@ -11,34 +12,75 @@ layers (SparseGPT's "true sequential" order), and the whole block needs a single
 instead of one pass to collect statistics and another to produce outputs. ``mode="block"``
 reproduces the reference implementations of Wanda and SparseGPT: statistics of every layer come
 from the unpruned block, then a second pass produces the block's outputs.
+
+Experts of a mixture are *routed* targets: each sees only the tokens its router sends it, so
+batches do not all reach it. Batches pause at the module that routes (``Target.container``)
+instead; there each expert tensor's statistics are gathered from its own tokens, stage by stage
+(an expert's second layer after its first is processed), by intercepting the linear products the
+experts compute, whether the experts are separate layers or slices of one 3-D tensor. An expert no
+calibration token reaches is handed to ``processor.unreached`` (when the processor has one).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Literal, Protocol
+from dataclasses import dataclass, replace
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Literal, Protocol
 
 import greenlet
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
+from prunekit.core.blocks import BlockInputs, BlockStructure, capture_block_inputs, replay_after_blocks
 from prunekit.core.memory import release_freed_memory
 from prunekit.core.progress import progress_bar
 from prunekit.core.statistics import LayerStatistics
 from prunekit.errors import PrunekitError
-from prunekit.models.base import ModelAdapter
 
 Mode = Literal["layer", "block", "dense"]
 HEAD = -1  # block index of targets after the last block (the LM head)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Target:
-    """A layer to process: its full module name, the module, and its block (HEAD after the blocks)."""
+    """A weight to process: its full name, the module holding it, and its block (HEAD after the blocks).
+
+    ``tensor`` is the module's parameter; ``expert`` indexes a 3-D expert tensor; ``transposed``
+    marks weights stored as (in, out) (transformers' ``Conv1D``, some fused experts). ``container``
+    is the module that routes tokens to this weight (mixtures of experts), and ``stage`` the
+    position of its kind of layer inside an expert (first and second layer).
+    """
 
     name: str
     module: nn.Module
     block: int | None
+    tensor: str = "weight"
+    expert: int | None = None
+    transposed: bool = False
+    container: nn.Module | None = None
+    stage: str = ""
+
+    @property
+    def parameter(self) -> torch.Tensor:
+        return getattr(self.module, self.tensor)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight as (out_features, in_features): a view, so changes made to it reach the model."""
+        weight = self.parameter.detach()
+        if self.expert is not None:
+            weight = weight[self.expert]
+        return weight.t() if self.transposed else weight
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def routed(self) -> bool:
+        return self.container is not None
 
 
 class LayerProcessor(Protocol):
@@ -49,62 +91,11 @@ class LayerProcessor(Protocol):
         """Called once per target, in execution order, when its statistics are complete."""
 
 
-class _StopForward(Exception):
-    pass
-
-
-@dataclass
 class _Arrival:
-    module: nn.Module
-    inputs: torch.Tensor
+    __slots__ = ("module", "inputs", "kwargs")
 
-
-@dataclass
-class BlockInputs:
-    """What the first block receives for every calibration batch."""
-
-    hidden: list[torch.Tensor]
-    args: list[tuple]
-    kwargs: list[dict]
-    hidden_as_kwarg: bool
-
-    def call(self, block: nn.Module, index: int) -> torch.Tensor:
-        if self.hidden_as_kwarg:
-            out = block(*self.args[index], hidden_states=self.hidden[index], **self.kwargs[index])
-        else:
-            out = block(self.hidden[index], *self.args[index], **self.kwargs[index])
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@torch.no_grad()
-def capture_block_inputs(model: nn.Module, adapter: ModelAdapter, windows: torch.Tensor, batch_size: int) -> BlockInputs:
-    captured: list[tuple[tuple, dict]] = []
-
-    def catch(_module, args, kwargs):
-        captured.append((args, dict(kwargs)))
-        raise _StopForward
-
-    device = next(model.parameters()).device
-    handle = adapter.blocks()[0].register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        for start in range(0, windows.shape[0], batch_size):
-            try:
-                model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    hidden_as_kwarg = not captured[0][0]
-    hidden, args, kwargs = [], [], []
-    for a, kw in captured:
-        if hidden_as_kwarg:
-            hidden.append(kw.pop("hidden_states"))
-            args.append(tuple(a))
-        else:
-            hidden.append(a[0])
-            args.append(tuple(a[1:]))
-        kwargs.append(kw)
-    return BlockInputs(hidden, args, kwargs, hidden_as_kwarg)
+    def __init__(self, module: nn.Module, inputs: Any, kwargs: dict | None = None):
+        self.module, self.inputs, self.kwargs = module, inputs, kwargs
 
 
 def _check_finite(tensors: list[torch.Tensor], where: str) -> None:
@@ -117,24 +108,226 @@ def _new_stats(processor: LayerProcessor, target: Target) -> LayerStatistics | N
     cls = processor.statistics(target)
     if cls is None:
         return None
-    weight = target.module.weight
-    return cls(weight.shape[1], device=weight.device)
+    return cls(target.in_features, device=target.parameter.device)
 
 
-def _run_block_layerwise(block: nn.Module, inputs: BlockInputs, targets: dict[nn.Module, Target],
-                         processor: LayerProcessor) -> list[torch.Tensor]:
+class _WeightUses(TorchFunctionMode):
+    """Sees every linear product that uses a target's weight, and the product's inputs as (tokens, in_features).
+
+    A product is recognised by its weight: the module's parameter itself, or a slice of a 3-D expert
+    parameter (whose leading index is the expert), through ``F.linear``, ``matmul`` (on either side)
+    or ``addmm``.
+    """
+
+    def __init__(self, targets: list[Target]):
+        super().__init__()
+        self.by_parameter: dict[int, dict[int | None, Target]] = {}
+        for target in targets:
+            self.by_parameter.setdefault(id(target.parameter), {})[target.expert] = target
+        # Slices of 3-D expert tensors, by the identity of the slice: an index given as a tensor makes a
+        # copy, not a view, so the slice is recognised when it is taken, not by its storage.
+        self.slices: dict[int, tuple[torch.Tensor, Target]] = {}
+
+    def used(self, target: Target, inputs: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _find(self, weight: Any) -> Target | None:
+        if not isinstance(weight, torch.Tensor):
+            return None
+        sliced = self.slices.get(id(weight))
+        if sliced is not None and sliced[0] is weight:
+            return sliced[1]
+        candidates = self.by_parameter.get(id(weight))
+        return candidates.get(None) if candidates else None
+
+    def _note_slice(self, parameter: torch.Tensor, index: Any, result: Any) -> None:
+        candidates = self.by_parameter.get(id(parameter))
+        if not candidates or None in candidates or not isinstance(result, torch.Tensor):
+            return
+        if isinstance(index, torch.Tensor) and index.numel() == 1 and not index.is_floating_point():
+            index = int(index)
+        if isinstance(index, int) and result.dim() == parameter.dim() - 1:
+            target = candidates.get(index % parameter.shape[0])
+            if target is not None:
+                self.slices[id(result)] = (result, target)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.__getitem__ and args and id(args[0]) in self.by_parameter:
+            result = func(*args, **kwargs)
+            self._note_slice(args[0], args[1] if len(args) > 1 else None, result)
+            return result
+        found, inputs = None, None
+        if func is F.linear:
+            found = self._find(args[1] if len(args) > 1 else kwargs.get("weight"))
+            inputs = args[0] if args else kwargs.get("input")
+        elif func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__) and len(args) > 1:
+            found = self._find(args[1])  # inputs @ weight (a weight stored as (in, out))
+            inputs = args[0]
+            if found is None:
+                found = self._find(args[0])  # weight @ inputs: the inputs are columns
+                inputs = args[1].mT if found is not None else None
+        elif func in (torch.addmm, torch.Tensor.addmm) and len(args) > 2:
+            found = self._find(args[2])
+            inputs = args[1]
+        if found is not None:
+            self.used(found, inputs.detach().reshape(-1, inputs.shape[-1]))
+        return func(*args, **kwargs)
+
+
+class _RoutedRecorder(_WeightUses):
+    """Feeds the inputs of every product using a routed target's weight to its statistics."""
+
+    def __init__(self, stats: dict[Target, LayerStatistics | None], order: list[str] | None = None):
+        super().__init__(list(stats))
+        self.stats = stats
+        self.order = order
+
+    def used(self, target: Target, inputs: torch.Tensor) -> None:
+        if self.order is not None and target.stage not in self.order:
+            self.order.append(target.stage)
+        stats = self.stats[target]
+        if stats is not None:
+            stats.add(inputs)
+
+
+class _Reach(_WeightUses):
+    """Which targets the block uses without calling their module (a weight multiplied directly), and inside
+    which module: those are calibrated like experts, pausing there."""
+
+    def __init__(self, targets: list[Target], stack: list[nn.Module]):
+        super().__init__(targets)
+        self.stack = stack
+        self.inside: dict[Target, nn.Module] = {}
+
+    def used(self, target: Target, inputs: torch.Tensor) -> None:
+        current = self.stack[-1] if self.stack else None
+        if current is not target.module and current is not None and target not in self.inside:
+            self.inside[target] = current
+
+
+def _how_reached(block: nn.Module, index: int, inputs: BlockInputs, targets: list[Target]) -> list[Target]:
+    """Run the block on the probe tokens (carrying them on to the next block) and turn every target whose
+    weight is used without calling its module into one calibrated where it is used."""
+    if inputs.probe_hidden is None:
+        return targets
+    direct = [t for t in targets if not t.routed]
+    stack: list[nn.Module] = []
+    handles = []
+    def enter(module, _args) -> None:
+        stack.append(module)
+
+    def leave(_module, _args, _output) -> None:  # a hook returning something would replace the output
+        stack.pop()
+
+    for module in block.modules():
+        handles.append(module.register_forward_pre_hook(enter))
+        handles.append(module.register_forward_hook(leave))
+    reach = _Reach(direct, stack)
+    try:
+        with _eager_experts(targets), reach:
+            inputs.probe_hidden = inputs.call_probe(block, index)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not reach.inside:
+        return targets
+    return [replace(t, container=reach.inside[t], stage=t.name) if t in reach.inside else t for t in targets]
+
+
+@contextmanager
+def _eager_experts(targets: list[Target]) -> Iterator[None]:
+    """Fused experts run their reference (per-expert loop) implementation while calibrating: batched kernels
+    (grouped_mm) multiply every expert at once, so no product names its expert."""
+    configs = {id(c): c for t in targets if t.expert is not None
+               for c in [getattr(t.module, "config", None)] if c is not None and hasattr(c, "_experts_implementation")}
+    saved = {key: config._experts_implementation for key, config in configs.items()}
+    try:
+        for config in configs.values():
+            config._experts_implementation = "eager"
+        yield
+    finally:
+        for key, config in configs.items():
+            config._experts_implementation = saved[key]
+
+
+def _routed_groups(targets: list[Target]) -> dict[nn.Module, list[Target]]:
+    groups: dict[nn.Module, list[Target]] = {}
+    for target in targets:
+        if target.routed:
+            groups.setdefault(target.container, []).append(target)
+    return groups
+
+
+def _process_routed(container: nn.Module, targets: list[Target], calls: list[tuple[tuple, dict]],
+                    processor: "_Processing") -> None:
+    """Process the experts behind ``container``, stage by stage, from the tokens routed to each."""
+    order: list[str] = []
+    with _eager_experts(targets):
+        with _RoutedRecorder({t: None for t in targets}, order):  # which kind of layer runs first
+            for args, kwargs in calls:
+                container(*args, **kwargs)
+        stages = order + sorted({t.stage for t in targets} - set(order))
+        for stage in stages:
+            chosen = [t for t in targets if t.stage == stage]
+            stats = {t: _new_stats(processor, t) for t in chosen}
+            if any(s is not None for s in stats.values()):
+                with _RoutedRecorder(stats):
+                    for args, kwargs in calls:
+                        container(*args, **kwargs)
+            for target in chosen:
+                processor.handle(target, stats[target])
+
+
+class _Processing:
+    """The processor, with cross-process reduction and the routing of experts no token reached."""
+
+    def __init__(self, processor: LayerProcessor, reduce: Callable[[LayerStatistics], None] | None):
+        self.processor, self.reduce = processor, reduce
+        self.reduced: list[LayerStatistics] = []  # statistics shared by several layers are reduced once
+        self.done: set[Target] = set()
+
+    def statistics(self, target: Target) -> type[LayerStatistics] | None:
+        return self.processor.statistics(target)
+
+    def handle(self, target: Target, stats: LayerStatistics | None) -> None:
+        self.done.add(target)
+        if stats is not None and self.reduce is not None and not any(stats is seen for seen in self.reduced):
+            self.reduce(stats)
+            self.reduced.append(stats)
+        if stats is not None and stats.rows == 0 and target.routed:
+            unreached = getattr(self.processor, "unreached", None)
+            if unreached is not None:
+                unreached(target)
+                return
+        self.processor.process(target, stats)
+
+
+def _run_block_layerwise(block: nn.Module, index: int, inputs: BlockInputs, targets: list[Target],
+                         processor: _Processing) -> list[torch.Tensor]:
+    direct = {t.module: t for t in targets if not t.routed}
+    routed = _routed_groups(targets)
+
     def pause(module, args):
-        greenlet.getcurrent().parent.switch(_Arrival(module, args[0]))
+        current = greenlet.getcurrent()
+        if current.parent is not None:  # a batch's coroutine, not the stage passes run from the driver
+            current.parent.switch(_Arrival(module, args[0]))
 
-    handles = [module.register_forward_pre_hook(pause) for module in targets]
-    runners = [greenlet.greenlet(lambda i=i: inputs.call(block, i)) for i in range(len(inputs.hidden))]
+    def pause_routed(module, args, kwargs):
+        current = greenlet.getcurrent()
+        if current.parent is not None:
+            current.parent.switch(_Arrival(module, args, kwargs))
+
+    handles = [module.register_forward_pre_hook(pause) for module in direct]
+    handles += [module.register_forward_pre_hook(pause_routed, with_kwargs=True) for module in routed]
+    runners = [greenlet.greenlet(lambda b=b: inputs.call(block, index, b)) for b in range(len(inputs.hidden))]
     try:
         events = []
-        for index, runner in enumerate(runners):
+        for batch, runner in enumerate(runners):
             events.append(runner.switch())
             # The running block holds its input for as long as it needs it; the list would keep
             # the whole calibration set's block inputs alive until the block ends.
-            inputs.hidden[index] = None
+            inputs.hidden[batch] = None
         processed: set[nn.Module] = set()
         shared: tuple[type | None, LayerStatistics | None, list[torch.Tensor]] | None = None
         while True:
@@ -145,24 +338,29 @@ def _run_block_layerwise(block: nn.Module, inputs: BlockInputs, targets: dict[nn
             if not all(arrived) or any(event.module is not module for event in events):
                 raise PrunekitError("calibration batches took different paths through a block; "
                                     "use --sequential block for this model")
-            target = targets[module]
             if module in processed:
-                raise PrunekitError(f"layer {target.name} runs twice in one forward pass; "
-                                    "use --sequential block for this model")
-            xs = [event.inputs for event in events]
-            cls = processor.statistics(target)
-            # Layers fed the very same tensors (q/k/v, gate/up) share one set of statistics.
-            if shared is not None and shared[0] is cls and all(a is b for a, b in zip(xs, shared[2])):
-                stats = shared[1]
+                name = direct[module].name if module in direct else type(module).__name__
+                raise PrunekitError(f"layer {name} runs twice in one forward pass; use --sequential block for this model")
+            if module in routed:
+                _process_routed(module, routed[module], [(e.inputs, e.kwargs) for e in events], processor)
+                shared = None
             else:
-                stats = _new_stats(processor, target)
-                if stats is not None:
-                    for x in xs:
-                        stats.add(x)
-                shared = (cls, stats, xs)
-            processor.process(target, stats)
+                target = direct[module]
+                xs = [event.inputs for event in events]
+                cls = processor.statistics(target)
+                # Layers fed the very same tensors (q/k/v, gate/up) share one set of statistics.
+                if shared is not None and shared[0] is cls and all(a is b for a, b in zip(xs, shared[2])):
+                    stats = shared[1]
+                else:
+                    stats = _new_stats(processor, target)
+                    if stats is not None:
+                        for x in xs:
+                            stats.add(x)
+                    shared = (cls, stats, xs)
+                processor.handle(target, stats)
+                del xs
             processed.add(module)
-            del xs, events
+            del events
             events = [runner.switch() for runner in runners]
     finally:
         for handle in handles:
@@ -172,44 +370,57 @@ def _run_block_layerwise(block: nn.Module, inputs: BlockInputs, targets: dict[nn
                 runner.throw(greenlet.GreenletExit)
 
 
-def _collect_block(block: nn.Module, inputs: BlockInputs, targets: dict[nn.Module, Target],
-                   processor: LayerProcessor) -> tuple[list[Target], dict[nn.Module, LayerStatistics | None], list[torch.Tensor]]:
+def _collect_block(block: nn.Module, index: int, inputs: BlockInputs, targets: list[Target],
+                   processor: _Processing) -> tuple[list[Target], dict[Target, LayerStatistics | None], list[torch.Tensor]]:
+    direct = {t.module: t for t in targets if not t.routed}
+    routed = [t for t in targets if t.routed]
     order: list[Target] = []
-    stats: dict[nn.Module, LayerStatistics | None] = {}
+    stats: dict[Target, LayerStatistics | None] = {}
+    by_module: dict[nn.Module, LayerStatistics | None] = {}
     follows: set[nn.Module] = set()  # layers whose input is the previous layer's input
     state: dict[str, object] = {"batch": 0, "last": None}
 
     def collect(module, args):
         x = args[0]
         last = state["last"]
+        target = direct[module]
         if state["batch"] == 0:
-            if module in stats:
-                raise PrunekitError(f"layer {targets[module].name} runs twice in one forward pass; not supported")
-            order.append(targets[module])
-            cls = processor.statistics(targets[module])
+            if module in by_module:
+                raise PrunekitError(f"layer {target.name} runs twice in one forward pass; not supported")
+            order.append(target)
+            cls = processor.statistics(target)
             if last is not None and last[0] is x and type(last[1]) is cls and cls is not None:
-                stats[module] = last[1]
+                by_module[module] = last[1]
                 follows.add(module)
                 return None
-            stats[module] = _new_stats(processor, targets[module])
+            by_module[module] = _new_stats(processor, target)
         elif module in follows:
             if last is None or last[0] is not x:
                 raise PrunekitError("calibration batches took different paths through a block")
             return None
-        if stats[module] is not None:
-            stats[module].add(x)
-        state["last"] = (x, stats[module])
+        if by_module.get(module) is not None:
+            by_module[module].add(x)
+        state["last"] = (x, by_module.get(module))
         return None
 
-    handles = [module.register_forward_pre_hook(collect) for module in targets]
+    handles = [module.register_forward_pre_hook(collect) for module in direct]
+    routed_stats = {t: _new_stats(processor, t) for t in routed}
     outputs = []
     try:
-        for index in range(len(inputs.hidden)):
-            state["batch"], state["last"] = index, None
-            outputs.append(inputs.call(block, index))
+        for batch in range(len(inputs.hidden)):
+            state["batch"], state["last"] = batch, None
+            if routed:
+                with _eager_experts(routed), _RoutedRecorder(routed_stats):
+                    outputs.append(inputs.call(block, index, batch))
+            else:
+                outputs.append(inputs.call(block, index, batch))
     finally:
         for handle in handles:
             handle.remove()
+    for target in order:
+        stats[target] = by_module[target.module]
+    order += routed
+    stats.update(routed_stats)
     return order, stats, outputs
 
 
@@ -224,81 +435,107 @@ class SequentialCalibration:
     sees every statistic once it is complete on this process and before it is used.
     """
 
-    def __init__(self, adapter: ModelAdapter, processor: LayerProcessor, mode: Mode = "layer",
+    def __init__(self, structure: BlockStructure, processor: LayerProcessor | None, mode: Mode = "layer",
                  reduce: StatsReducer | None = None):
         if mode not in ("layer", "block", "dense"):
             raise PrunekitError(f"unknown sequential mode '{mode}'; choose layer, block or dense")
-        self.adapter, self.processor, self.mode = adapter, processor, mode
+        self.structure, self.processor, self.mode = structure, processor, mode
         self.reduce = reduce
         self.inputs: BlockInputs | None = None
+        self.windows: torch.Tensor | None = None
+        self.batch_size = 1
+
+    def attach(self, model: nn.Module, windows: torch.Tensor, batch_size: int) -> None:
+        """The model and calibration batches the activations belong to (set by ``capture``, or on resuming)."""
+        self.model, self.windows, self.batch_size = model, windows, batch_size
 
     def capture(self, model: nn.Module, windows: torch.Tensor, batch_size: int) -> None:
-        self.inputs = capture_block_inputs(model, self.adapter, windows, batch_size)
+        self.attach(model, windows, batch_size)
+        self.inputs = capture_block_inputs(model, self.structure, windows, batch_size)
         _check_finite(self.inputs.hidden, "before the first block")
 
-    def _reduced(self, processor: LayerProcessor) -> LayerProcessor:
-        if self.reduce is None:
-            return processor
-        reduce = self.reduce
-        done: list[LayerStatistics] = []  # statistics shared by several layers are reduced once
-
-        class Reducing:
-            def statistics(self, target: Target):
-                return processor.statistics(target)
-
-            def process(self, target: Target, stats: LayerStatistics | None) -> None:
-                if stats is not None and not any(stats is seen for seen in done):
-                    reduce(stats)
-                    done.append(stats)
-                processor.process(target, stats)
-
-        return Reducing()
-
     @torch.no_grad()
-    def run_block(self, index: int, block: nn.Module, targets: dict[nn.Module, Target]) -> None:
+    def run_block(self, index: int, block: nn.Module, targets: list[Target]) -> None:
         """Process the block's targets and replace the activations by the block's outputs."""
         assert self.inputs is not None, "capture() first"
         inputs = self.inputs
-        processor = self._reduced(self.processor)
+        batches = range(len(inputs.hidden))
         if not targets:
-            outputs = [inputs.call(block, i) for i in range(len(inputs.hidden))]
-        elif self.mode == "layer":
-            outputs = _run_block_layerwise(block, inputs, targets, processor)
+            if inputs.probe_hidden is not None:
+                inputs.probe_hidden = inputs.call_probe(block, index)
+            outputs = [inputs.call(block, index, b) for b in batches]
         else:
-            order, stats, outputs = _collect_block(block, inputs, targets, processor)
-            for target in order:
-                processor.process(target, stats[target.module])
-            del stats
-            if self.mode == "block":
-                outputs = [inputs.call(block, i) for i in range(len(inputs.hidden))]
+            targets = _how_reached(block, index, inputs, targets)
+            processor = _Processing(self.processor, self.reduce)
+            if self.mode == "layer":
+                outputs = _run_block_layerwise(block, index, inputs, targets, processor)
+            else:
+                order, stats, outputs = _collect_block(block, index, inputs, targets, processor)
+                for target in order:
+                    processor.handle(target, stats[target])
+                del stats
+                if self.mode == "block":
+                    outputs = [inputs.call(block, index, b) for b in batches]
+            missed = [t.name for t in targets if t not in processor.done]
+            if missed:
+                raise PrunekitError(f"the calibration data never reached {missed[0]}"
+                                    + (f" (and {len(missed) - 1} more)" if len(missed) > 1 else "")
+                                    + f" in block {index}; leave it out with --exclude")
         _check_finite(outputs, f"after block {index}")
         inputs.hidden = outputs
         release_freed_memory()
 
+    def batches(self) -> list[torch.Tensor]:
+        assert self.windows is not None
+        return [self.windows[start:start + self.batch_size] for start in range(0, self.windows.shape[0], self.batch_size)]
+
+    @torch.no_grad()
+    def head_inputs(self) -> list[torch.Tensor]:
+        """What the head receives for each batch, computed by the model's own code after the last block."""
+        assert self.inputs is not None
+        found: list[torch.Tensor] = []
+        for batch, hidden in zip(self.batches(), self.inputs.hidden):
+            replay_after_blocks(self.model, self.structure, batch.to(hidden.device), hidden,
+                                self.inputs.template, on_head=found.append, stop_at_head=True)
+        if len(found) != len(self.inputs.hidden):
+            raise PrunekitError(f"{type(self.model).__name__}'s forward does not reach its head; the head cannot be "
+                                "calibrated")
+        return found
+
     @torch.no_grad()
     def run_head(self, targets: list[Target]) -> None:
-        """Targets after the blocks (the LM head) see the final norm's output."""
-        assert self.inputs is not None
-        norm = self.adapter.final_norm()
-        processor = self._reduced(self.processor)
+        """Targets after the blocks (the LM head) see what the model feeds its head."""
+        processor = _Processing(self.processor, self.reduce)
+        head_inputs = self.head_inputs()
         for target in targets:
             stats = _new_stats(processor, target)
             if stats is not None:
-                for hidden in self.inputs.hidden:
-                    stats.add(norm(hidden) if norm is not None else hidden)
-            processor.process(target, stats)
+                for hidden in head_inputs:
+                    stats.add(hidden)
+            processor.handle(target, stats)
+
+    @torch.no_grad()
+    def logits(self) -> list[torch.Tensor]:
+        """The model's output logits for each batch, from the activations after the last block."""
+        assert self.inputs is not None
+        result = []
+        for batch, hidden in zip(self.batches(), self.inputs.hidden):
+            output = replay_after_blocks(self.model, self.structure, batch.to(hidden.device), hidden,
+                                         self.inputs.template)
+            result.append(output.logits if hasattr(output, "logits") else output[0])
+        return result
 
 
-def group_by_block(targets: list[Target]) -> dict[int, dict[nn.Module, Target]]:
-    by_block: dict[int, dict[nn.Module, Target]] = {}
+def group_by_block(targets: list[Target]) -> dict[int, list[Target]]:
+    by_block: dict[int, list[Target]] = {}
     for target in targets:
         if target.block is None:
             raise ValueError(f"{target.name} is outside the blocks; it needs no calibration pass")
-        by_block.setdefault(target.block, {})[target.module] = target
+        by_block.setdefault(target.block, []).append(target)
     return by_block
 
 
-def run_sequential(model: nn.Module, adapter: ModelAdapter, windows: torch.Tensor, targets: list[Target],
+def run_sequential(model: nn.Module, structure: BlockStructure, windows: torch.Tensor, targets: list[Target],
                    processor: LayerProcessor, mode: Mode = "layer", batch_size: int = 4,
                    description: str = "Calibrating", reduce: StatsReducer | None = None) -> None:
     """Feed ``windows`` block by block, calling ``processor.process`` on every target as described above.
@@ -306,16 +543,20 @@ def run_sequential(model: nn.Module, adapter: ModelAdapter, windows: torch.Tenso
     ``mode="dense"`` only collects: statistics of every layer of the unmodified model, outputs
     propagated from the same pass (the processor must not change weights).
     """
-    calibration = SequentialCalibration(adapter, processor, mode, reduce)
+    calibration = SequentialCalibration(structure, processor, mode, reduce)
     by_block = group_by_block(targets)
-    blocks = adapter.blocks()
+    blocks = structure.blocks()
     last_block = max((b for b in by_block if b != HEAD), default=-1)
     stop = len(blocks) if HEAD in by_block else last_block + 1
     calibration.capture(model, windows, batch_size)
     with progress_bar(description, stop) as bar:
         for index in range(stop):
             bar.describe(f"{description} block {index + 1}/{len(blocks)}")
-            calibration.run_block(index, blocks[index], by_block.get(index, {}))
+            calibration.run_block(index, blocks[index], by_block.get(index, []))
             bar.advance()
     if HEAD in by_block:
-        calibration.run_head(list(by_block[HEAD].values()))
+        calibration.run_head(by_block[HEAD])
+
+
+__all__ = ["HEAD", "BlockInputs", "LayerProcessor", "Mode", "SequentialCalibration", "StatsReducer", "Target",
+           "group_by_block", "run_sequential"]

@@ -68,31 +68,29 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, des
 @torch.no_grad()
 def streamed_perplexity(directory, windows: torch.Tensor, batch_size: int = 4, device: str = "cpu",
                         description: str = "Perplexity (streamed)") -> PerplexityResult:
-    """The same figure as ``perplexity``, with only one block of the model in memory at a time."""
+    """The same figure as ``perplexity``, with only one block of the model in memory at a time.
+
+    The logits come from the model's own code after the blocks (norm, head, any logit scaling).
+    """
     from prunekit.core.calibration import SequentialCalibration
     from prunekit.models.streamed import StreamedModel
 
     streamed = StreamedModel(directory, device=device)
     adapter = streamed.adapter
     steps = SequentialCalibration(adapter, processor=None, mode="dense")
-    with streamed.loaded(*streamed.pre_block_modules()):
+    with streamed.loaded(*streamed.capture_modules()):
         steps.capture(streamed.model, windows, batch_size)
     blocks = adapter.blocks()
     with progress_bar(description, len(blocks) + 1) as bar:
         for index, block in enumerate(blocks):
             with streamed.loaded(block):
-                steps.run_block(index, block, {})
+                steps.run_block(index, block, [])
             bar.advance()
-        head, norm = adapter.head(), adapter.final_norm()
-        modules = [m for m in (norm, head, adapter.embeddings() if streamed.tied else None) if m is not None]
-        if streamed.tied:
-            modules.remove(head)
         losses: list[float] = []
-        with streamed.loaded(*modules):
+        with streamed.loaded(*streamed.modules_outside_blocks()):
             if streamed.tied:
-                head.weight = adapter.embeddings().weight
-            for start, hidden in zip(range(0, windows.shape[0], batch_size), steps.inputs.hidden):
-                logits = head(norm(hidden) if norm is not None else hidden)
-                losses.extend(_next_token_losses(logits, windows[start:start + batch_size].to(logits.device)))
+                adapter.head().weight = adapter.embeddings().weight
+            for batch, logits in zip(steps.batches(), steps.logits()):
+                losses.extend(_next_token_losses(logits, batch.to(logits.device)))
         bar.advance()
     return from_losses(losses, windows.shape[1])

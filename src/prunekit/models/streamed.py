@@ -97,14 +97,20 @@ class StreamedModel:
         prefix = f"{self.adapter.block_name(index)}."
         return [name for name in self.checkpoint.names() if name.startswith(prefix)]
 
-    def pre_block_modules(self) -> list[nn.Module]:
-        """Modules the forward needs before the first block: everything outside the blocks but the head."""
+    def capture_modules(self) -> list[nn.Module]:
+        """What capturing the blocks' inputs runs: everything before and after the blocks but the head, and the
+        first block (run once to show what a block returns)."""
+        return [*self.modules_outside_blocks(head=False), self.adapter.blocks()[0]]
+
+    def modules_outside_blocks(self, head: bool = True) -> list[nn.Module]:
+        """Every module holding parameters outside the blocks; the head only when asked for (and not tied:
+        a tied head's weight belongs to the embeddings)."""
         blocks = self.adapter.blocks()
-        head = self.adapter.head()
-        norm = self.adapter.final_norm()
+        head_module = self.adapter.head()
+        skip = {id(head_module)} if (self.tied or not head) and head_module is not None else set()
         modules = []
         for _, child in self.model.named_children():
-            modules.extend(_leaves_outside(child, blocks, {id(head), id(norm)}))
+            modules.extend(_leaves_outside(child, blocks, skip))
         return [m for m in modules if any(True for _ in m.parameters(recurse=False))]
 
 

@@ -18,6 +18,7 @@ from prunekit.core.progress import track
 from prunekit.core.statistics import InputNorms, LayerStatistics
 from prunekit.errors import PrunekitError
 from prunekit.models.base import ModelAdapter, adapter_for
+from prunekit.models.layout import is_linear_like
 from prunekit.weights.base import OneShotMethod, get_method
 
 
@@ -41,6 +42,7 @@ class PruneResult:
     seconds: float = 0.0
     allocation_seconds: float = 0.0
     calibration_windows: int = 0
+    unreached_experts: list[str] = field(default_factory=list)  # no calibration token reached them: magnitude
 
     @property
     def achieved_sparsity(self) -> float:
@@ -64,21 +66,16 @@ def _numel(shape: Sequence[int]) -> int:
 
 def select_targets(model: nn.Module, adapter: ModelAdapter, include: Sequence[str] = (),
                    exclude: Sequence[str] = ()) -> list[Target]:
-    """Linear layers of the blocks by default; ``include`` may also name the head or the embeddings."""
-    block_of: dict[str, int] = {}
-    for index, block in enumerate(adapter.blocks()):
-        for local, module in block.named_modules():
-            if isinstance(module, nn.Linear):
-                block_of[f"{adapter.block_name(index)}.{local}"] = index
+    """The blocks' weights by default (``ModelAdapter.block_weights``); ``include`` may also name the head
+    or the embeddings."""
     head, embeddings = adapter.head(), adapter.embeddings()
     candidates: list[Target] = []
-    for name, module in model.named_modules():
-        if name in block_of:
-            candidates.append(Target(name, module, block_of[name]))
-        elif module is head and isinstance(module, nn.Linear):
-            candidates.append(Target(name, module, HEAD))
-        elif module is embeddings and isinstance(module, nn.Embedding):
-            candidates.append(Target(name, module, None))
+    for index in range(len(adapter.blocks())):
+        candidates.extend(adapter.block_weights(index))
+    if is_linear_like(head):
+        candidates.append(Target(adapter.head_path, head, HEAD, transposed=type(head).__name__ == "Conv1D"))
+    if isinstance(embeddings, nn.Embedding):
+        candidates.append(Target(adapter.embeddings_path, embeddings, None))
     if include:
         chosen = [t for t in candidates if name_matches(t.name, list(include))]
     else:
@@ -113,19 +110,18 @@ def _check_tied(model: nn.Module, adapter: ModelAdapter, targets: list[Target], 
     _untie(model, adapter)
 
 
-def check_finite_weights(model: nn.Module, names: Sequence[str] | None = None) -> None:
-    """Refuse NaN or inf in the model's weights, or only in the named modules' weights.
+def check_finite_weights(model: nn.Module, targets: Sequence[Target] | None = None) -> None:
+    """Refuse NaN or inf in the model's weights, or only in the targets' weights.
 
     Checking only what will be pruned matters for memory: reading a memory-mapped tensor (a
     large embedding, say) pages all of it in, and calibration would otherwise touch only the
     rows it uses. Non-finite weights elsewhere in the blocks still surface as non-finite
     activations, which calibration refuses by block.
     """
-    if names is None:
+    if targets is None:
         parameters = model.named_parameters()
     else:
-        modules = dict(model.named_modules())
-        parameters = [(f"{name}.weight", modules[name].weight) for name in names]
+        parameters = [(target.name, target.weight) for target in targets]
     for name, parameter in parameters:
         if parameter.is_floating_point() and not torch.isfinite(parameter).all():
             raise PrunekitError(f"weight {name} contains NaN or inf; refusing to prune a broken model")
@@ -150,12 +146,20 @@ class Pruner:
 
     def __init__(self, method: OneShotMethod, sparsities: Mapping[str, float], pattern: SparsityPattern):
         self.method, self.sparsities, self.pattern = method, sparsities, pattern
+        self.unreached_targets: list[str] = []
 
     def statistics(self, target: Target) -> type[LayerStatistics] | None:
         return self.method.statistics
 
     def process(self, target: Target, stats: LayerStatistics | None) -> None:
-        self.method.prune(target.module.weight.data, stats, self.sparsities[target.name], self.pattern)
+        self.method.prune(target.weight, stats, self.sparsities[target.name], self.pattern)
+
+    def unreached(self, target: Target) -> None:
+        """An expert no calibration token reached: pruned by magnitude (nothing else is known of it), and named."""
+        from prunekit.weights.base import get_method
+
+        self.unreached_targets.append(target.name)
+        get_method("magnitude").prune(target.weight, None, self.sparsities[target.name], self.pattern)
 
 
 @dataclass
@@ -198,7 +202,7 @@ def plan_pruning(model: nn.Module, method: str | Mapping[str, Any] | OneShotMeth
     _check_tied(model, adapter, targets, untie_embeddings)
     if pattern.is_nm:
         for target in targets:
-            pattern.check_width(target.name, target.module.weight.shape[1])
+            pattern.check_width(target.name, target.in_features)
     plan = PrunePlan(method, pattern, allocation, sparsity, targets, adapter)
     if plan.needs_data and not has_calibration:
         needer = method.name if method.needs_calibration else f"allocation {allocation.name}"
@@ -222,7 +226,7 @@ def allocate_sparsities(plan: PrunePlan, weight_of: Callable[[str], torch.Tensor
     ``weight_of(name)`` gives a target's weight (from memory or from disk); ``dense_norms`` runs
     the unpruned model over the calibration data and returns every target's input norms.
     """
-    infos = [LayerInfo(t.name, tuple(t.module.weight.shape), t.block) for t in plan.targets]
+    infos = [LayerInfo(t.name, tuple(t.weight.shape), t.block) for t in plan.targets]
     scores: Callable[[str], torch.Tensor] | None = None
     if plan.allocation.needs == "scores":
         def scores(name: str) -> torch.Tensor:
@@ -258,7 +262,7 @@ def prune_weights(model: nn.Module, method: str | Mapping[str, Any] | OneShotMet
     started = time.perf_counter()
     plan = plan_pruning(model, method, sparsity, pattern, allocation, include, exclude, untie_embeddings,
                         calibration is not None)
-    check_finite_weights(model, [t.name for t in plan.targets])
+    check_finite_weights(model, plan.targets)
     by_name = {t.name: t for t in plan.targets}
 
     def dense_norms(targets: list[Target]) -> dict[str, torch.Tensor]:
@@ -268,7 +272,7 @@ def prune_weights(model: nn.Module, method: str | Mapping[str, Any] | OneShotMet
         return collector.norms
 
     alloc_started = time.perf_counter()
-    sparsities = allocate_sparsities(plan, lambda name: by_name[name].module.weight, dense_norms, overrides)
+    sparsities = allocate_sparsities(plan, lambda name: by_name[name].weight, dense_norms, overrides)
     allocation_seconds = time.perf_counter() - alloc_started if plan.allocation.needs != "nothing" else 0.0
 
     active = [t for t in plan.targets if sparsities[t.name] > 0]
@@ -284,7 +288,8 @@ def prune_weights(model: nn.Module, method: str | Mapping[str, Any] | OneShotMet
                        sparsity=plan.sparsity, sequential=sequential if plan.method.needs_calibration else "none",
                        layers=[layer_result(t, sparsities[t.name]) for t in plan.targets],
                        seconds=time.perf_counter() - started, allocation_seconds=allocation_seconds,
-                       calibration_windows=int(calibration.shape[0]) if calibration is not None and plan.needs_data else 0)
+                       calibration_windows=int(calibration.shape[0]) if calibration is not None and plan.needs_data else 0,
+                       unreached_experts=pruner.unreached_targets)
 
 
 def describe(item: OneShotMethod | Allocation) -> dict:
@@ -292,5 +297,5 @@ def describe(item: OneShotMethod | Allocation) -> dict:
 
 
 def layer_result(target: Target, allocated: float, weight: torch.Tensor | None = None) -> LayerResult:
-    weight = target.module.weight if weight is None else weight
+    weight = target.weight if weight is None else weight
     return LayerResult(target.name, tuple(weight.shape), target.block, allocated, sparsity_of(weight.detach()))

@@ -1,0 +1,1 @@
+"""Developer tools: the support matrix over architectures, the import-layering check."""
