@@ -28,3 +28,31 @@ def test_methods_register_themselves():
     from prunekit.weights import METHODS
 
     assert {"magnitude", "wanda", "sparsegpt"} <= set(METHODS.names())
+
+
+def test_build_takes_every_spelling_of_a_method_and_validates_its_settings():
+    from pydantic import Field
+
+    from prunekit.core.method import Method
+
+    registry: Registry = Registry("method")
+
+    @registry.register("damped")
+    class Damped(Method):
+        dampening: float = Field(0.01, gt=0)
+
+    assert Damped.name == "damped"
+    for spec in ("damped", {"name": "damped"}, {"damped": None}, {"damped": {}}):
+        assert registry.build(spec).settings() == {"name": "damped", "dampening": 0.01}
+    assert registry.build({"damped": {"dampening": 0.5}}).dampening == 0.5
+    assert registry.build("damped", dampening=0.2).dampening == 0.2
+    built = registry.build("damped")
+    assert registry.build(built) is built
+    with pytest.raises(PrunekitError, match="method damped has no setting 'damping'; its settings are: dampening"):
+        registry.build({"name": "damped", "damping": 1})
+    with pytest.raises(PrunekitError, match="method damped: dampening: Input should be greater than 0"):
+        registry.build({"damped": {"dampening": -1}})
+    with pytest.raises(PrunekitError, match="unknown method 'dumped'; choose one of: damped"):
+        registry.build("dumped")
+    with pytest.raises(PrunekitError, match="a method is a name"):
+        registry.build({"damped": 1, "other": 2})

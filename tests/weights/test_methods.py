@@ -188,7 +188,7 @@ def test_sparsegpt_matches_the_published_algorithm(pattern):
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_sparsegpt_in_place_path_equals_torchs_and_leaves_the_statistics_alone(monkeypatch, pattern):
-    import prunekit.weights.sparsegpt as sparsegpt
+    import prunekit.weights.methods.sparsegpt as sparsegpt
 
     generator = torch.Generator().manual_seed(1)
     stats = InputHessian(300)  # wider than one 256-row step of the lending
@@ -213,7 +213,7 @@ def test_sparsegpt_in_place_path_equals_torchs_and_leaves_the_statistics_alone(m
 def test_sparsegpt_in_place_path_copes_with_lapack_wrappers_that_copy(monkeypatch):
     import numpy as np
 
-    import prunekit.weights.sparsegpt as sparsegpt
+    import prunekit.weights.methods.sparsegpt as sparsegpt
 
     real = sparsegpt._lapack
 
@@ -253,7 +253,7 @@ def test_lent_hessian_is_the_scaled_upper_triangle_and_comes_back_intact():
 
 @pytest.mark.parametrize("lapack", [True, False])
 def test_sparsegpt_refuses_a_hessian_no_dampening_makes_definite(monkeypatch, lapack):
-    import prunekit.weights.sparsegpt as sparsegpt
+    import prunekit.weights.methods.sparsegpt as sparsegpt
 
     if not lapack:
         monkeypatch.setattr(sparsegpt, "_lapack", None)

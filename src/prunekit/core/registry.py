@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Any, Callable, Generic, Iterator, Mapping, TypeVar
+
+from pydantic import ValidationError
 
 from prunekit.errors import PrunekitError
 
@@ -25,16 +27,43 @@ class Registry(Generic[T]):
         self._discovered = False
 
     def register(self, name: str) -> Callable[[T], T]:
+        """Register ``item`` under ``name``; a class without its own ``name`` takes this one."""
         key = name.lower()
 
         def decorator(item: T) -> T:
             existing = self._items.get(key)
             if existing is not None and existing is not item:
                 raise RuntimeError(f"{self.kind} '{name}' is registered twice")
+            if isinstance(item, type) and not item.__dict__.get("name"):
+                try:
+                    item.name = key  # type: ignore[attr-defined]
+                except TypeError:  # built-in types take no attributes
+                    pass
             self._items[key] = item
             return item
 
         return decorator
+
+    def build(self, spec: Any, **overrides: Any) -> Any:
+        """An instance from ``"name"``, ``{"name": name, **settings}``, ``{name: {settings}}`` or an instance.
+
+        Every setting is validated here; a wrong one is a one-line error naming the method and its settings.
+        """
+        if spec is None:
+            raise PrunekitError(f"no {self.kind} given; choose one of: {', '.join(self.names())}")
+        if not isinstance(spec, (str, Mapping)):
+            if overrides:
+                raise PrunekitError(f"give {self.kind} settings either in the object or as keywords, not both")
+            return spec
+        name, settings = _parse_spec(spec, self.kind)
+        cls = self.get(name)
+        settings = {**settings, **overrides}
+        try:
+            return cls(**settings)
+        except ValidationError as exc:
+            raise _explain(exc, cls, self.kind) from None
+        except (TypeError, ValueError) as exc:
+            raise PrunekitError(f"{self.kind} {cls.name}: {str(exc).splitlines()[0]}") from None
 
     def _discover(self) -> None:
         if self._discovered:
@@ -68,3 +97,28 @@ def import_submodules(package_name: str) -> None:
     for info in pkgutil.iter_modules(package.__path__):
         if not info.name.startswith("_"):
             importlib.import_module(f"{package_name}.{info.name}")
+
+
+def _parse_spec(spec: "str | Mapping[str, Any]", kind: str) -> tuple[str, dict[str, Any]]:
+    if isinstance(spec, str):
+        return spec, {}
+    settings = dict(spec)
+    if "name" in settings:
+        return str(settings.pop("name")), settings
+    if len(settings) == 1:
+        (name, inner), = settings.items()
+        if inner is None or isinstance(inner, Mapping):
+            return str(name), dict(inner or {})
+    raise PrunekitError(f"a {kind} is a name, {{name: ..., settings...}} or {{name: {{settings}}}}; got {dict(spec)!r}")
+
+
+def _explain(exc: ValidationError, cls: Any, kind: str) -> PrunekitError:
+    problem = exc.errors()[0]
+    where = ".".join(str(p) for p in problem["loc"]) or "settings"
+    if problem["type"] == "extra_forbidden":
+        fields = getattr(cls, "model_fields", {})
+        allowed = sorted(field.alias or key for key, field in fields.items())
+        return PrunekitError(f"{kind} {cls.name} has no setting '{where}'; its settings are: "
+                             f"{', '.join(allowed) if allowed else 'none'}")
+    message = problem["msg"].removeprefix("Value error, ")
+    return PrunekitError(f"{kind} {cls.name}: {where}: {message}")

@@ -182,7 +182,7 @@ class Sparsifier:
         self.model = model
         self.target_sparsity = check_sparsity(sparsity, f"{self.name}: sparsity")
         self.distribution = get_allocation(distribution if distribution is not None else self.default_distribution)
-        if self.distribution.needs == "activation_scores":
+        if "activations" in self.distribution.needs:
             raise PrunekitError(f"{self.name}: distribution '{self.distribution.name}' needs calibration activations; "
                                 f"use one of {', '.join(DISTRIBUTIONS)}")
         if self.signed_scores and self.distribution.name == "lamp":
@@ -315,7 +315,7 @@ class Sparsifier:
         """Per-layer sparsity for an overall target, by the distribution (scores for global/LAMP)."""
         infos = [layer.info() for layer in self.layers]
         score_fn: Callable[[str], torch.Tensor] | None = None
-        if self.distribution.needs == "scores":
+        if "scores" in self.distribution.needs:
             if scores is None:
                 raise PrunekitError(f"{self.name}: distribution '{self.distribution.name}' needs scores")
             ranked = global_ranks(scores) if self.signed_scores else scores

@@ -175,7 +175,7 @@ class PrunePlan:
 
     @property
     def needs_data(self) -> bool:
-        return self.method.needs_calibration or self.allocation.needs == "activation_scores"
+        return self.method.needs_calibration or "activations" in self.allocation.needs
 
 
 def plan_pruning(model: nn.Module, method: str | Mapping[str, Any] | OneShotMethod = "wanda",
@@ -212,7 +212,7 @@ def plan_pruning(model: nn.Module, method: str | Mapping[str, Any] | OneShotMeth
         if outside:
             raise PrunekitError(f"{method.name} needs the inputs of {outside[0]}, which calibration does not see; "
                                 "prune embeddings with magnitude")
-    if allocation.needs == "scores" and (not method.comparable_across_layers or method.needs_calibration):
+    if "scores" in allocation.needs and (not method.comparable_across_layers or method.needs_calibration):
         raise PrunekitError(f"allocation '{allocation.name}' ranks scores across layers, but {method.name}'s "
                             "scores are only comparable within a layer; use magnitude, or uniform/owl")
     return plan
@@ -228,10 +228,10 @@ def allocate_sparsities(plan: PrunePlan, weight_of: Callable[[str], torch.Tensor
     """
     infos = [LayerInfo(t.name, tuple(t.weight.shape), t.block) for t in plan.targets]
     scores: Callable[[str], torch.Tensor] | None = None
-    if plan.allocation.needs == "scores":
+    if "scores" in plan.allocation.needs:
         def scores(name: str) -> torch.Tensor:
             return plan.method.scores(weight_of(name).detach().float(), None)
-    elif plan.allocation.needs == "activation_scores":
+    elif "activations" in plan.allocation.needs:
         assert dense_norms is not None
         norms = dense_norms([t for t in plan.targets if t.block is not None])
 
@@ -273,7 +273,7 @@ def prune_weights(model: nn.Module, method: str | Mapping[str, Any] | OneShotMet
 
     alloc_started = time.perf_counter()
     sparsities = allocate_sparsities(plan, lambda name: by_name[name].weight, dense_norms, overrides)
-    allocation_seconds = time.perf_counter() - alloc_started if plan.allocation.needs != "nothing" else 0.0
+    allocation_seconds = time.perf_counter() - alloc_started if plan.allocation.needs else 0.0
 
     active = [t for t in plan.targets if sparsities[t.name] > 0]
     pruner = Pruner(plan.method, sparsities, plan.pattern)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Literal, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
-
+from prunekit.core.method import Method
 from prunekit.core.patterns import check_sparsity
 from prunekit.core.registry import Registry
 from prunekit.errors import PrunekitError
@@ -35,34 +34,19 @@ class LayerInfo:
         return total
 
 
-class Allocation(BaseModel):
-    """Turns one target sparsity into a sparsity per layer."""
+class Allocation(Method):
+    """Turns one overall amount into an amount per layer.
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    name: ClassVar[str]
-    needs: ClassVar[Literal["nothing", "scores", "activation_scores"]] = "nothing"
-    """``scores``: the method's own importance, comparable across layers; ``activation_scores``:
-    |W|·‖X‖ of the unpruned model from a calibration pass (OWL)."""
+    ``needs``: ``scores`` (the method's own importance, comparable across layers) or ``activations``
+    (|W|·‖X‖ of the unpruned model from a calibration pass, as OWL reads).
+    """
 
     def allocate(self, layers: list[LayerInfo], sparsity: float, scores: ScoreFn | None) -> dict[str, float]:
         raise NotImplementedError
 
 
-def get_allocation(spec: "str | Mapping[str, Any] | Allocation") -> Allocation:
-    if isinstance(spec, Allocation):
-        return spec
-    if isinstance(spec, str):
-        spec = {"name": spec}
-    settings = dict(spec)
-    name = settings.pop("name", None) or "uniform"
-    cls = ALLOCATIONS.get(name)
-    try:
-        return cls(**settings)
-    except ValidationError as exc:
-        problem = exc.errors()[0]
-        where = ".".join(str(p) for p in problem["loc"])
-        raise PrunekitError(f"allocation {name}: {where}: {problem['msg']}") from None
+def get_allocation(spec: "str | Mapping[str, Any] | Allocation | None") -> Allocation:
+    return ALLOCATIONS.build(spec if spec is not None else "uniform")
 
 
 def _matcher(pattern: str) -> Callable[[str], bool]:

@@ -8,7 +8,6 @@ would make denser than dense are kept dense and the remaining budget is shared a
 from __future__ import annotations
 
 import math
-from typing import ClassVar
 
 from pydantic import Field
 
@@ -52,7 +51,6 @@ def first_layers(layers: list[LayerInfo], keep_first_dense: bool) -> set[str]:
 
 @ALLOCATIONS.register("er")
 class ErdosRenyi(Allocation):
-    name: ClassVar[str] = "er"
 
     dense_first_layer: bool = Field(False, description="keep the first layer (in model order) dense")
 

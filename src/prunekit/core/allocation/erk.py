@@ -7,7 +7,6 @@ flattens the differences between layers (RigL's ``erk_power_scale``).
 
 from __future__ import annotations
 
-from typing import ClassVar
 
 from pydantic import Field
 
@@ -17,7 +16,6 @@ from prunekit.core.allocation.er import first_layers, scaled_densities
 
 @ALLOCATIONS.register("erk")
 class ErdosRenyiKernel(Allocation):
-    name: ClassVar[str] = "erk"
 
     dense_first_layer: bool = Field(False, description="keep the first layer (in model order) dense")
     power: float = Field(1.0, ge=0.0, le=1.0, description="exponent of the raw ERK scale; 0 is uniform")

@@ -41,8 +41,7 @@ def kth_smallest(scores: ScoreFn, names: Iterable[str], k: int) -> torch.Tensor:
 
 @ALLOCATIONS.register("global")
 class GlobalThreshold(Allocation):
-    name: ClassVar[str] = "global"
-    needs: ClassVar[str] = "scores"
+    needs: ClassVar[frozenset[str]] = frozenset({"scores"})
 
     def allocate(self, layers: list[LayerInfo], sparsity: float, scores: ScoreFn | None) -> dict[str, float]:
         assert scores is not None

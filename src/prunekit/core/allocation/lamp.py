@@ -31,8 +31,7 @@ def lamp_scores(scores: torch.Tensor) -> torch.Tensor:
 
 @ALLOCATIONS.register("lamp")
 class LAMP(Allocation):
-    name: ClassVar[str] = "lamp"
-    needs: ClassVar[str] = "scores"
+    needs: ClassVar[frozenset[str]] = frozenset({"scores"})
 
     def allocate(self, layers: list[LayerInfo], sparsity: float, scores: ScoreFn | None) -> dict[str, float]:
         assert scores is not None

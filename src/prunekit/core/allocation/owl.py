@@ -17,8 +17,7 @@ from prunekit.core.allocation.base import ALLOCATIONS, Allocation, LayerInfo, Sc
 
 @ALLOCATIONS.register("owl")
 class OWL(Allocation):
-    name: ClassVar[str] = "owl"
-    needs: ClassVar[str] = "activation_scores"
+    needs: ClassVar[frozenset[str]] = frozenset({"activations"})
 
     threshold_m: float = Field(5.0, gt=0, description="a score is an outlier above M × the block mean")
     lambda_: float = Field(0.08, ge=0, lt=0.5, alias="lambda", description="half-width of the sparsity range")

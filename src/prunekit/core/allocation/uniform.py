@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
 
 from prunekit.core.allocation.base import ALLOCATIONS, Allocation, LayerInfo, ScoreFn
 
 
 @ALLOCATIONS.register("uniform")
 class Uniform(Allocation):
-    name: ClassVar[str] = "uniform"
 
     def allocate(self, layers: list[LayerInfo], sparsity: float, scores: ScoreFn | None) -> dict[str, float]:
         return {layer.name: sparsity for layer in layers}

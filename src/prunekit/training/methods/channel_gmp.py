@@ -64,7 +64,7 @@ class ChannelGMP(GMP):
     def prune_to(self, sparsity: float, event: str) -> None:
         scores = self.channel_scores()
         infos = [LayerInfo(layer.name, (layer.shape[0],)) for layer in self.layers]
-        score_fn = (lambda name: scores[name]) if self.distribution.needs == "scores" else None
+        score_fn = (lambda name: scores[name]) if "scores" in self.distribution.needs else None
         sparsities = self.distribution.allocate(infos, sparsity, score_fn)
         masks = {}
         for layer in self.layers:

@@ -12,7 +12,6 @@ from prunekit.weights.base import METHODS, OneShotMethod
 
 @METHODS.register("magnitude")
 class Magnitude(OneShotMethod):
-    name: ClassVar[str] = "magnitude"
     comparable_across_layers: ClassVar[bool] = True
 
     def scores(self, weight: torch.Tensor, stats: LayerStatistics | None) -> torch.Tensor:

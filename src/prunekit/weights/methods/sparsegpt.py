@@ -61,7 +61,6 @@ def _drop_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
 
 @METHODS.register("sparsegpt")
 class SparseGPT(OneShotMethod):
-    name: ClassVar[str] = "sparsegpt"
     statistics: ClassVar[type[LayerStatistics]] = InputHessian
 
     dampening: float = Field(0.01, gt=0, lt=1, description="fraction of the mean Hessian diagonal added to it")

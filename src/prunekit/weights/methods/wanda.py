@@ -12,7 +12,6 @@ from prunekit.weights.base import METHODS, OneShotMethod
 
 @METHODS.register("wanda")
 class Wanda(OneShotMethod):
-    name: ClassVar[str] = "wanda"
     statistics: ClassVar[type[LayerStatistics]] = InputNorms
     per_row: ClassVar[bool] = True
 
