@@ -85,7 +85,7 @@ def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, capsys, jsonl_fil
     _fails(["data", "score", str(tmp_path / "nope.csv"), "-s", "random", "--out", str(out)], capsys, "no such file")
     _fails(["data", "score", str(jsonl_file), "-s", "el3n", "--out", str(out)], capsys, "unknown data score 'el3n'")
     _fails(["data", "score", str(jsonl_file), "-s", "el2n", "--score-arg", "el2n.epochs=2", "--out", str(out)],
-           capsys, "has no setting epochs")
+           capsys, "data score el2n has no setting 'epochs'; its settings are: epoch")
     _fails(["data", "score", str(jsonl_file), "-s", "el2n", "--score-arg", "aum.x=2", "--out", str(out)],
            capsys, "not among --score")
     _fails(["data", "prune", str(jsonl_file), "-s", "random", "--keep", "0.5", "--strategy", "best", "--out", str(out)],

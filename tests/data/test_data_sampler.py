@@ -85,3 +85,17 @@ def test_bad_sampler_settings():
     sampler = DynamicPruningSampler(10, keep=0.5, rescore=lambda epoch: np.zeros(3))
     with pytest.raises(PrunekitError, match="shape"):
         sampler.set_epoch(0)
+
+
+def test_model_scores_reads_what_a_model_alone_gives(blobs):
+    inputs, labels = blobs
+    model = tiny_classifier()
+    with torch.no_grad():
+        logits = model(inputs).double()
+    expected = torch.softmax(logits, dim=1).max(dim=1).values.numpy()  # the confidence of the model as it is
+    np.testing.assert_allclose(model_scores(model, inputs, labels, "confidence"), expected, rtol=1e-6)
+    # forgetting reads the proxy's training, which a model as it is has not got; random reads no model
+    for score in ("forgetting", "random"):
+        with pytest.raises(PrunekitError, match=f"model_scores reads a score of the model as it is "
+                                                f"\\(confidence, el2n, entropy, grand, loss, prototypes\\), not '{score}'"):
+            model_scores(model, inputs, labels, score)

@@ -192,15 +192,22 @@ def test_label_noise_is_found_by_aum_and_el2n(fmnist_small):
     assert is_flipped[highest_el2n].sum() >= 15
 
 
-def test_score_settings_are_validated(blobs):
-    from prunekit.data.base import SCORES, build
+def test_score_settings_are_validated_in_one_line_when_built(blobs):
+    from prunekit.data import SCORES
 
-    with pytest.raises(PrunekitError, match="has no setting"):
-        build(SCORES, "el2n", {"epochs": 1})
-    with pytest.raises(PrunekitError, match="integer"):
-        build(SCORES, "el2n", {"epoch": "one"})
+    for spec in ({"el2n": {"epochs": 1}}, {"name": "el2n", "epochs": 1}, ("el2n", {"epochs": 1})):
+        with pytest.raises(PrunekitError) as caught:
+            score_data((blobs[0], blobs[1]), spec)
+        assert str(caught.value) == "data score el2n has no setting 'epochs'; its settings are: epoch"
+    with pytest.raises(PrunekitError, match="^data score el2n: epoch: Input should be a valid integer"):
+        SCORES.build("el2n", epoch="one")
+    with pytest.raises(PrunekitError, match="^data score el2n: epoch: Input should be greater than or equal to 0$"):
+        SCORES.build({"el2n": {"epoch": -1}})
+    with pytest.raises(PrunekitError, match="^data score prototypes: embedding: Input should be 'auto', 'proxy'"):
+        SCORES.build({"prototypes": {"embedding": "pixels"}})
     with pytest.raises(PrunekitError, match="unknown data score"):
-        build(SCORES, "el3n")
+        SCORES.build("el3n")
+    assert SCORES.build({"vog": {"every": 2}}).settings() == {"name": "vog", "every": 2, "class_normalised": True}
     inputs, labels = blobs
     with pytest.raises(PrunekitError, match="raise --epochs"):
         score_data((inputs, labels), ("el2n", {"epoch": 5}), proxy=ProxyConfig(model="mlp", epochs=2, seeds=1))
@@ -230,3 +237,18 @@ def test_the_users_own_model_and_loss(blobs):
     trained = score_data((inputs, labels), "el2n", proxy=ProxyConfig(model=model, epochs=1, seeds=2, loss_fn=smoothed))
     assert trained.meta["proxy"]["loss"] == "smoothed" and trained.meta["proxy"]["model"] == "Sequential"
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_what_a_score_needs_decides_how_it_runs():
+    from prunekit.data import SCORES
+    from prunekit.data.base import Score
+
+    kinds = {name: SCORES.get(name).needs for name in SCORES.names()}
+    assert {name for name, needs in kinds.items() if "labels" in needs} == {"aum", "el2n", "forgetting", "grand",
+                                                                            "loss", "vog"}
+    assert {name for name, needs in kinds.items() if "proxy_training" in needs} == {"aum", "forgetting", "vog"}
+    assert not SCORES.build("random").uses_proxy(None) and not SCORES.build("perplexity").uses_proxy(None)
+    assert SCORES.build("el2n").uses_proxy(None)
+    with pytest.raises(TypeError, match="needs 'label', which is not one of"):
+        class Misspelt(Score):
+            needs = frozenset({"label"})

@@ -134,3 +134,19 @@ def test_other_bad_selections():
 
 def test_full_keep_returns_everything():
     assert select(table(np.arange(7.0)), keep=1.0).indices.tolist() == list(range(7))
+
+
+def test_strategy_settings_are_validated_in_one_line_when_built():
+    from prunekit.data import STRATEGIES
+
+    with pytest.raises(PrunekitError) as caught:
+        select(np.arange(10.0), keep=0.5, strategy={"ccs": {"hardcut": 0.2}})
+    assert str(caught.value) == "selection strategy ccs has no setting 'hardcut'; its settings are: hard_cut, strata"
+    with pytest.raises(PrunekitError, match="^selection strategy middle: start: Input should be less than or equal to 1$"):
+        STRATEGIES.build("middle", start=1.5)
+    with pytest.raises(PrunekitError, match="either in the object or as keywords"):
+        select(np.arange(10.0), keep=0.5, strategy=STRATEGIES.build("ccs"), hard_cut=0.2)
+    chooser = STRATEGIES.build({"name": "middle", "start": 0.2})
+    selection = select(np.arange(10.0), keep=0.5, strategy=chooser)
+    assert selection.meta["strategy"] == {"name": "middle", "start": 0.2}
+    assert selection.meta["strategy_notes"] == {"skipped_hardest": 2}

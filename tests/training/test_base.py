@@ -6,7 +6,7 @@ from torch import nn
 
 from prunekit.core.masks import get_mask, pruned_count
 from prunekit.errors import PrunekitError
-from prunekit.training import GMP, SET, FixedMask, OneShotMagnitude, build_sparsifier
+from prunekit.training import GMP, SET, SPARSIFIERS, FixedMask, OneShotMagnitude
 from prunekit.training.base import select_layers
 from tests.training._helpers import batches, tiny_cnn, train_steps
 
@@ -94,46 +94,87 @@ def test_include_and_exclude_choose_the_layers():
     assert get_mask(model.conv1) is None
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(sparsity=1.0, end_step=10), "sparsity must be in \\[0, 1\\)"),
-    (dict(sparsity=-0.1, end_step=10), "sparsity must be in \\[0, 1\\)"),
-    (dict(sparsity="lots", end_step=10), "must be a number"),
-    (dict(sparsity=0.5), "gmp needs the setting 'end_step'"),
-    (dict(sparsity=0.5, end_step=10, start_step=20), "ends \\(step 10\\) before it starts \\(step 20\\)"),
-    (dict(sparsity=0.5, end_step=10, start_step=10), "before it starts"),
-    (dict(sparsity=0.5, end_step=10, frequency=0), "frequency .* positive whole number"),
-    (dict(sparsity=0.5, end_step=10, initial_sparsity=0.7), "initial_sparsity 0.7 is above"),
-    (dict(sparsity=0.5, end_step=10, distribution="owl"), "needs calibration activations"),
-    (dict(sparsity=0.5, end_step=10, distribution="spiky"), "unknown allocation 'spiky'"),
-    (dict(sparsity=0.5, end_step=10, speed=3), "gmp has no setting 'speed'"),
+def create(name: str, model, sparsity=0.5, distribution=None, provided=None, **settings):
+    """A method's settings from the registry, put to work on ``model``: the path of recipes and jobs."""
+    return SPARSIFIERS.build(name, **settings).create(model, sparsity, distribution, **(provided or {}))
+
+
+@pytest.mark.parametrize("sparsity, settings, message", [
+    (1.0, dict(end_step=10), "sparsity must be in \\[0, 1\\)"),
+    (-0.1, dict(end_step=10), "sparsity must be in \\[0, 1\\)"),
+    ("lots", dict(end_step=10), "must be a number"),
+    (0.5, dict(), "gmp: end_step: Field required"),
+    (0.5, dict(end_step=10, start_step=20), "ends \\(step 10\\) before it starts \\(step 20\\)"),
+    (0.5, dict(end_step=10, start_step=10), "before it starts"),
+    (0.5, dict(end_step=10, frequency=0), "frequency: Input should be greater than or equal to 1"),
+    (0.5, dict(end_step=10, initial_sparsity=0.7), "initial_sparsity 0.7 is above"),
+    (0.5, dict(end_step=10, distribution="owl"), "needs calibration activations"),
+    (0.5, dict(end_step=10, distribution="spiky"), "unknown allocation 'spiky'"),
+    (0.5, dict(end_step=10, speed=3), "gmp has no setting 'speed'; its settings are: end_step, frequency, "
+                                      "initial_sparsity, start_step"),
 ])
-def test_bad_settings_are_one_line_errors_that_leave_the_model_alone(bad, message):
+def test_bad_settings_are_one_line_errors_that_leave_the_model_alone(sparsity, settings, message):
     model = tiny_cnn()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(PrunekitError, match=message):
-        build_sparsifier("gmp", model, **bad)
+    distribution = settings.pop("distribution", None)
+    with pytest.raises(PrunekitError, match=message) as caught:
+        create("gmp", model, sparsity, distribution, **settings)
+    assert "\n" not in str(caught.value)
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-@pytest.mark.parametrize("name, settings, message", [
-    ("rigl", dict(end_step=10, update_interval=0), "update_interval must be a positive whole number"),
-    ("set", dict(end_step=0), "end_step must be a positive whole number"),
-    ("set", dict(end_step=10, drop_fraction=1.5), "drop_fraction must be in \\(0, 1\\)"),
-    ("rigl", dict(end_step=10, decay="linear"), "decay must be cosine or constant"),
-    ("lottery", dict(steps_per_round=10, rewind_step=10), "rewind_step 10 must come before"),
-    ("lottery", dict(steps_per_round=10, schedule=[0.5, 0.3]), "strictly increasing"),
-    ("lottery", dict(steps_per_round=10, rounds=2, per_round=0.2), "give one of"),
-    ("grasp", dict(data=[], batches=1), "no data"),
-    ("synflow", dict(), "give the shape of one input"),
-    ("synflow", dict(example_input=torch.zeros(1, 5, dtype=torch.long)), "float inputs"),
-    ("channel_gmp", dict(end_step=10, distribution="erk"), "does not apply to channels"),
-    ("grasp", dict(data=batches(1), distribution="lamp"), "signed"),
-    ("nonsense", dict(), "unknown sparse-training method 'nonsense'"),
+def test_a_wrong_setting_is_refused_in_one_line_when_the_method_is_built():
+    for spec in ({"rigl": {"end_step": 500, "update_intervall": 50}},
+                 {"name": "rigl", "end_step": 500, "update_intervall": 50}):
+        with pytest.raises(PrunekitError) as caught:
+            SPARSIFIERS.build(spec)
+        assert str(caught.value) == ("sparse-training method rigl has no setting 'update_intervall'; its settings "
+                                     "are: decay, drop_fraction, end_step, update_interval")
+    with pytest.raises(PrunekitError, match="^sparse-training method lottery: steps_per_round: Input should be a "
+                                            "valid integer"):
+        SPARSIFIERS.build({"lottery": {"steps_per_round": "many"}})
+    built = SPARSIFIERS.build({"rigl": {"end_step": 50, "drop_fraction": 0.2}})
+    assert built.settings() == {"name": "rigl", "end_step": 50, "update_interval": 100, "drop_fraction": 0.2,
+                                "decay": "cosine"}
+
+
+@pytest.mark.parametrize("name, settings, provided, message", [
+    ("rigl", dict(end_step=10, update_interval=0), {}, "update_interval: Input should be greater than or equal to 1"),
+    ("set", dict(end_step=0), {}, "end_step: Input should be greater than or equal to 1"),
+    ("set", dict(end_step=10, drop_fraction=1.5), {}, "drop_fraction: Input should be less than 1"),
+    ("rigl", dict(end_step=10, decay="linear"), {}, "decay: Input should be 'cosine' or 'constant'"),
+    ("lottery", dict(steps_per_round=10, rewind_step=10), {}, "rewind_step 10 must come before"),
+    ("lottery", dict(steps_per_round=10, schedule=[0.5, 0.3]), {}, "strictly increasing"),
+    ("lottery", dict(steps_per_round=10, rounds=2, per_round=0.2), {}, "give one of"),
+    ("grasp", dict(batches=1), dict(data=[]), "no data"),
+    ("snip", dict(), {}, "snip scores the weights on training data: pass data="),
+    ("synflow", dict(), {}, "give the shape of one input"),
+    ("synflow", dict(input_shape=[1, 0]), {}, "input_shape must be positive sizes"),
+    ("synflow", dict(), dict(example_input=torch.zeros(1, 5, dtype=torch.long)), "float inputs"),
+    ("channel_gmp", dict(end_step=10), dict(distribution="erk"), "does not apply to channels"),
+    ("grasp", dict(), dict(data=batches(1), distribution="lamp"), "signed"),
+    ("nonsense", dict(), {}, "unknown sparse-training method 'nonsense'"),
 ])
-def test_method_settings_are_validated(name, settings, message):
+def test_method_settings_are_validated(name, settings, provided, message):
+    provided = dict(provided)
+    distribution = provided.pop("distribution", None)
     with pytest.raises(PrunekitError, match=message):
-        build_sparsifier(name, tiny_cnn(), **{"sparsity": 0.5, **settings})
+        create(name, tiny_cnn(), 0.5, distribution, provided, **settings)
+
+
+def test_settings_go_in_the_method_object_or_as_keywords():
+    method = SPARSIFIERS.build({"gmp": {"end_step": 4, "frequency": 2}})
+    by_object = GMP(tiny_cnn(), 0.5, method=method)
+    by_keywords = GMP(tiny_cnn(), 0.5, end_step=4, frequency=2)
+    assert by_object.method == by_keywords.method == method
+    assert by_object.describe() == by_keywords.describe()
+    with pytest.raises(PrunekitError, match="not both"):
+        GMP(tiny_cnn(), 0.5, method=method, frequency=3)
+    with pytest.raises(PrunekitError, match="GMP runs gmp, not set"):
+        GMP(tiny_cnn(), 0.5, method=SPARSIFIERS.build({"set": {"end_step": 4}}))
+    with pytest.raises(PrunekitError, match="fixed keeps the mask the model has; it takes no sparsity"):
+        SPARSIFIERS.build("fixed").create(tiny_cnn(), 0.5)
 
 
 def test_fixed_mask_keeps_existing_zeros_and_given_masks():

@@ -49,7 +49,7 @@ def test_lottery_run_reports_every_round(tmp_path, fashion_small):
 @pytest.mark.parametrize("args, message", [
     (["--method", "rigl", "--sparsity", "1.5"], "sparsity must be in \\[0, 1\\)"),
     (["--method", "gmp", "--method-arg", "start_step=30", "--method-arg", "end_step=10"], "ends \\(step 10\\) before it starts"),
-    (["--method", "rigl", "--method-arg", "update_interval=0"], "update_interval must be a positive"),
+    (["--method", "rigl", "--method-arg", "update_interval=0"], "update_interval: Input should be greater than or equal to 1"),
     (["--method", "wizard"], "unknown method 'wizard'"),
     (["--method", "rigl", "--distribution", "owl"], "needs calibration activations"),
     (["--method", "magnitude", "--method-arg", "flavour=1"], "magnitude has no setting 'flavour'"),

@@ -9,17 +9,20 @@ the hard (informative, rare, possibly mislabelled) examples, so that selection c
   them into one :class:`~prunekit.data.proxy.ProxyRun`, so one run per seed gathers them all;
 * *pass* scores need only one pass over the data (perplexity under a reference LM, prototypes on
   a given encoder, random): ``compute`` runs it, data-parallel across processes.
+
+Scores and strategies are ``Method``s: their settings are pydantic fields, validated when
+``SCORES.build`` / ``STRATEGIES.build`` makes them. A score's ``needs`` (vocabulary: ``DATA_NEEDS``)
+says which kind it is, and whether it needs labels; the scoring pipeline reads that, never a name.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import numpy as np
 
+from prunekit.core.method import Method
 from prunekit.core.registry import Registry
-from prunekit.errors import PrunekitError
 
 if TYPE_CHECKING:
     from prunekit.data.proxy import ProxyRun
@@ -30,19 +33,35 @@ STRATEGIES: Registry[type["Strategy"]] = Registry("selection strategy", ("prunek
 
 HIGHER, LOWER = "higher", "lower"
 
+# What a data score may need from the scoring pipeline, and what that means.
+DATA_NEEDS: dict[str, str] = {
+    "labels": "the examples' class labels",
+    "proxy_model": "a proxy model's outputs on every example at one point (after its short training, or at an epoch)",
+    "proxy_training": "the proxy's training as it happens (every step, or several checkpoints)",
+    "reference_model": "a pretrained model of its own (a reference language model, a sentence encoder)",
+}
+PROXY_NEEDS = frozenset({"proxy_model", "proxy_training"})
 
-@dataclasses.dataclass
-class Score:
-    """One way to rank training examples; the dataclass fields are its settings."""
 
-    name: ClassVar[str]
+class Score(Method):
+    """One way to rank training examples; the pydantic fields are its settings.
+
+    ``needs`` says what it reads: labels, a proxy run (``attach`` hooks into one) or else one pass
+    over the data (``compute``), a reference model of its own.
+    """
+
     summary: ClassVar[str]
     harder: ClassVar[str] = HIGHER
-    needs_labels: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        unknown = sorted(set(cls.needs) - set(DATA_NEEDS))
+        if unknown:  # a typo in a declaration would otherwise be a need the pipeline never provides
+            raise TypeError(f"{cls.__name__} needs '{unknown[0]}', which is not one of: {', '.join(DATA_NEEDS)}")
 
     def uses_proxy(self, context: "ScoringContext") -> bool:
-        """True when the score reads proxy training runs (then ``attach`` is used, else ``compute``)."""
-        return True
+        """True when the score reads proxy runs on this data (then ``attach`` is used, else ``compute``)."""
+        return bool(self.needs & PROXY_NEEDS)
 
     def epochs_needed(self, proxy_epochs: int) -> int:
         """How many proxy epochs must have run before the score has all it reads."""
@@ -60,70 +79,23 @@ class Score:
         """Combine the runs of several seeds (rows) into one score per example; the papers average."""
         return per_seed.mean(axis=0)
 
-    def settings(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "summary": self.summary, "harder": self.harder,
-                "needs_labels": self.needs_labels, "settings": self.settings()}
+        return {"name": self.name, "summary": self.summary, "harder": self.harder, "needs_labels": "labels" in self.needs,
+                "needs": sorted(self.needs), "settings": self.model_dump(mode="json")}
 
 
-@dataclasses.dataclass
-class Strategy:
+class Strategy(Method):
     """Chooses ``count`` examples from hardness values (higher = harder), reproducibly from ``rng``."""
 
-    name: ClassVar[str]
     summary: ClassVar[str]
 
     def choose(self, hardness: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
         """Positions (into ``hardness``) of the kept examples."""
         raise NotImplementedError
 
-    def settings(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     def notes(self) -> dict[str, Any]:
         """What the last ``choose`` decided beyond its settings (e.g. an adjusted cut), for reports."""
         return {}
-
-
-def build(registry: Registry, name: str, settings: dict[str, Any] | None = None):
-    """Instantiate a registered score or strategy by name with keyword settings, validating them."""
-    cls = registry.get(name)
-    settings = dict(settings or {})
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(settings) - set(known))
-    if unknown:
-        choices = ", ".join(sorted(known)) or "none"
-        raise PrunekitError(f"{registry.kind} '{cls.name}' has no setting {', '.join(unknown)}; its settings: {choices}")
-    for key, value in list(settings.items()):
-        settings[key] = _coerce(value, known[key], f"{cls.name}.{key}")
-    try:
-        return cls(**settings)
-    except (TypeError, ValueError) as exc:
-        raise PrunekitError(f"{registry.kind} '{cls.name}': {exc}") from None
-
-
-def _coerce(value: Any, field: dataclasses.Field, where: str) -> Any:
-    """Settings arrive from the command line as YAML scalars; check them against the field's default."""
-    default = field.default
-    if default is dataclasses.MISSING or default is None or value is None:
-        return value
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise PrunekitError(f"{where} must be true or false, got {value!r}")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise PrunekitError(f"{where} must be an integer, got {value!r}")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise PrunekitError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if isinstance(default, str) and not isinstance(value, str):
-        raise PrunekitError(f"{where} must be a string, got {value!r}")
-    return value
 
 
 def oriented(values: np.ndarray, harder: str) -> np.ndarray:

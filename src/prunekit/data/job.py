@@ -68,7 +68,6 @@ def _check_out(out: Path, overwrite: bool, inputs: tuple) -> Path:
 
 def _validate_select(options: SelectOptions, requested_scores: list[str] | None = None) -> None:
     """Catch a bad selection before hours of scoring."""
-    from prunekit.data.base import build
     from prunekit.data.selection import BALANCES, kept_count
 
     if options.keep is not None or options.count is None:
@@ -77,7 +76,7 @@ def _validate_select(options: SelectOptions, requested_scores: list[str] | None 
         raise PrunekitError(f"the kept count must be a whole number of at least 1, got {options.count!r}")
     if options.balance not in BALANCES:
         raise PrunekitError(f"class balance must be one of {', '.join(BALANCES)}, got '{options.balance}'")
-    build(STRATEGIES, options.strategy, options.settings)
+    STRATEGIES.build(options.strategy, **(options.settings or {}))
     if requested_scores is not None and options.score is not None and options.score not in requested_scores:
         raise PrunekitError(f"--select-by {options.score} is not among the computed scores: {', '.join(requested_scores)}")
 
@@ -230,13 +229,12 @@ def selection_report(selection: Selection, written: Path | None) -> str:
 
 
 def describe_methods() -> dict[str, list[dict[str, Any]]]:
-    from dataclasses import MISSING, fields
-
     def settings(cls) -> dict[str, Any]:
-        return {f.name: (None if f.default is MISSING else f.default) for f in fields(cls)}
+        return {name: (None if field.is_required() else field.default) for name, field in cls.model_fields.items()}
 
     return {"scores": [{"name": n, "summary": SCORES.get(n).summary, "harder": SCORES.get(n).harder,
-                        "needs_labels": SCORES.get(n).needs_labels, "settings": settings(SCORES.get(n))}
+                        "needs_labels": "labels" in SCORES.get(n).needs, "needs": sorted(SCORES.get(n).needs),
+                        "settings": settings(SCORES.get(n))}
                        for n in SCORES.names()],
             "strategies": [{"name": n, "summary": STRATEGIES.get(n).summary, "settings": settings(STRATEGIES.get(n))}
                            for n in STRATEGIES.names()]}

@@ -107,19 +107,23 @@ class DynamicPruningSampler(Sampler[int]):
 
 def model_scores(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, score: str = "el2n",
                  batch_size: int = 512) -> np.ndarray:
-    """One after-training score (el2n, loss, confidence, entropy, grand) of every example on ``model`` as it is now.
+    """One score of every example on ``model`` as it is now (el2n, loss, confidence, entropy, grand:
+    any score that reads a proxy model but not its training).
 
     For ``DynamicPruningSampler(rescore=lambda epoch: model_scores(model, x, y))``.
     """
-    from prunekit.data.base import SCORES, build
+    from prunekit.data.base import SCORES
     from prunekit.data.proxy import ProxyConfig, ProxyRun
 
-    if score not in ("el2n", "loss", "confidence", "entropy", "grand"):
-        raise PrunekitError(f"model_scores reads el2n, loss, confidence, entropy or grand, not '{score}'")
-    SCORES.get(score)
+    method = SCORES.build(score)
+    if "proxy_model" not in method.needs or "proxy_training" in method.needs:
+        readable = [name for name in SCORES.names()
+                    if "proxy_model" in SCORES.get(name).needs and "proxy_training" not in SCORES.get(name).needs]
+        raise PrunekitError(f"model_scores reads a score of the model as it is ({', '.join(readable)}), not '{score}'")
+    # an untrained run reads the model at epoch 0 whatever epoch a score would read in proxy training
     config = ProxyConfig(model=model, train=False, eval_batch_size=batch_size)
     run = ProxyRun(config, inputs, labels, 0, seed=0, stop_epoch=0)
-    finish = build(SCORES, score, {"epoch": 0} if score in ("el2n", "grand") else {}).attach(run)
+    finish = method.attach(run)
     was_training = model.training
     run.run()
     model.train(was_training)

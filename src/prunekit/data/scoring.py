@@ -11,20 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from prunekit.core.progress import progress_bar
-from prunekit.data.base import SCORES, Score, build
+from prunekit.data.base import SCORES, Score
 from prunekit.core.distributed import ProcessGroup, current_group
 from prunekit.data.proxy import ProxyConfig, ProxyRun, standardize
 from prunekit.data.sources import IMAGE, TABULAR, TEXT, DataSource, open_data
 from prunekit.data.table import ScoreTable
 from prunekit.errors import PrunekitError
 
-ScoreSpec = str | Score | tuple[str, dict[str, Any]]
+ScoreSpec = str | Score | tuple[str, dict[str, Any]] | Mapping[str, Any]
 
 
 @dataclasses.dataclass
@@ -95,20 +95,20 @@ class ScoringContext:
 
 
 def make_score(spec: ScoreSpec) -> Score:
-    if isinstance(spec, Score):
-        return spec
+    """A score from its name, ``(name, settings)``, ``{name: settings}``, or a Score passed through."""
     if isinstance(spec, tuple):
         name, settings = spec
-        return build(SCORES, name, settings)
-    if isinstance(spec, str):
-        return build(SCORES, spec)
-    raise PrunekitError(f"cannot use {type(spec).__name__} as a score; give its name")
+        spec = {"name": name, **settings}
+    if not isinstance(spec, (str, Mapping, Score)):
+        raise PrunekitError(f"cannot use {type(spec).__name__} as a score; give its name")
+    return SCORES.build(spec)
 
 
 def score_data(data: Any, scores: Sequence[ScoreSpec] | ScoreSpec, labels: Any = None, *,
                proxy: ProxyConfig | None = None, seed: int = 0, text_batch_size: int = 16,
                encoder: str | None = None, world: ProcessGroup | None = None, **source_options) -> ScoreTable:
-    """Score every example of ``data`` with each of ``scores`` (names, ``(name, settings)`` or Score objects).
+    """Score every example of ``data`` with each of ``scores`` (names, ``(name, settings)``, ``{name: settings}``
+    or Score objects).
 
     >>> table = score_data("fashion-mnist", ["el2n", "forgetting"], proxy=ProxyConfig(epochs=3, seeds=3))
     >>> table.scores["el2n"][:5]
@@ -117,7 +117,7 @@ def score_data(data: Any, scores: Sequence[ScoreSpec] | ScoreSpec, labels: Any =
     source = open_data(data, labels, **source_options)
     world = world or current_group()
     proxy = proxy or ProxyConfig()
-    specs = [make_score(s) for s in ([scores] if isinstance(scores, (str, Score, tuple)) else list(scores))]
+    specs = [make_score(s) for s in ([scores] if isinstance(scores, (str, Score, tuple, Mapping)) else list(scores))]
     if not specs:
         raise PrunekitError("give at least one score")
     names = [s.name for s in specs]
@@ -127,7 +127,7 @@ def score_data(data: Any, scores: Sequence[ScoreSpec] | ScoreSpec, labels: Any =
     classes = source.classes()
     count = len(source)
     for spec in specs:
-        if spec.needs_labels and label_ids is None:
+        if "labels" in spec.needs and label_ids is None:
             raise PrunekitError(f"score '{spec.name}' needs labels, but {source.description} has none "
                                 "(name the label column with --label-field)")
     context = ScoringContext(source, world, label_ids, None if classes is None else len(classes), proxy, seed,

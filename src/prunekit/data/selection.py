@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from prunekit.data.base import HIGHER, LOWER, STRATEGIES, Strategy, build, oriented
+from prunekit.data.base import HIGHER, LOWER, STRATEGIES, Strategy, oriented
 from prunekit.data.table import ScoreTable
 from prunekit.errors import PrunekitError
 
@@ -127,9 +127,7 @@ def select(scores: ScoreTable | np.ndarray, score: str | None = None, *, keep: f
     if balance not in BALANCES:
         raise PrunekitError(f"class balance must be one of {', '.join(BALANCES)}, got '{balance}'")
     target = kept_count(total, keep, count)
-    chooser = strategy if isinstance(strategy, Strategy) else build(STRATEGIES, strategy, strategy_settings)
-    if isinstance(strategy, Strategy) and strategy_settings:
-        raise PrunekitError("give strategy settings to the Strategy object, not as keywords")
+    chooser = STRATEGIES.build(strategy, **strategy_settings)
     rng = np.random.default_rng(seed)
     if balance != "none":
         if labels is None:
@@ -169,7 +167,7 @@ def _describe(score: str, direction: str, chooser: Strategy, balance: str, seed:
     kept[indices] = True
     value = hardness if direction == HIGHER else -hardness
     meta: dict[str, Any] = {
-        "score": score, "harder": direction, "strategy": {"name": chooser.name, **chooser.settings()},
+        "score": score, "harder": direction, "strategy": chooser.settings(),
         "strategy_notes": chooser.notes(), "balance": balance, "seed": seed,
         "requested": {"keep": keep, "count": count}, "total": total, "kept": target, "kept_fraction": target / total,
         "score_mean_kept": float(value[kept].mean()),

@@ -7,13 +7,16 @@
 
 Methods (``SPARSIFIERS``, by name): gmp, channel_gmp, lottery, snip, grasp, synflow, random, set,
 rigl, granet, magnitude (one-shot, then fine-tune), fixed (keep the current zeros).
+``SPARSIFIERS.build({"rigl": {"end_step": 7500}})`` makes a method's settings from a recipe;
+``.create(model, 0.9, "erk")`` puts it to work.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from prunekit.training.base import SPARSIFIERS, Sparsifier, build_sparsifier, get_sparsifier
+from prunekit.training.base import Sparsifier
+from prunekit.training.method import SPARSIFIERS, SparseTrainingMethod, TrainingRun
 from prunekit.training.methods.channel_gmp import ChannelGMP
 from prunekit.training.methods.fixed import FixedMask
 from prunekit.training.methods.gmp import GMP
@@ -28,9 +31,8 @@ from prunekit.training.methods.snip import SNIP
 from prunekit.training.methods.synflow import SynFlow
 
 __all__ = ["GMP", "SET", "SNIP", "SPARSIFIERS", "ChannelGMP", "FixedMask", "GraNet", "GraSP", "LotteryTicket",
-           "OneShotMagnitude", "RandomPruning", "RigL", "SparsityCallback", "Sparsifier", "SynFlow",
-           "build_sparsifier", "get_sparsifier", "load_training_checkpoint", "save_training_checkpoint",
-           "train_sparse"]
+           "OneShotMagnitude", "RandomPruning", "RigL", "SparseTrainingMethod", "SparsityCallback", "Sparsifier",
+           "SynFlow", "TrainingRun", "load_training_checkpoint", "save_training_checkpoint", "train_sparse"]
 
 _LAZY = {
     # transformers is imported only by those who use its Trainer

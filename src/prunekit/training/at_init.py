@@ -11,10 +11,13 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from prunekit.core.masks import WeightMask
+from prunekit.errors import PrunekitError
 from prunekit.training.base import Sparsifier, iterate_batches
+from prunekit.training.method import SparseTrainingMethod
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -42,12 +45,7 @@ def untouched_buffers(model: nn.Module) -> Iterator[None]:
 class AtInitialization(Sparsifier):
     """Computes scores when built, prunes to the target at once; the mask then stays fixed."""
 
-    default_distribution = "global"
-
-    def __init__(self, model: nn.Module, sparsity: float, distribution: str | Mapping[str, Any] | None = None,
-                 **common: Any):
-        super().__init__(model, sparsity, distribution, **common)
-        self.record("start")
+    def start(self) -> None:
         self.apply_masks(self.initial_masks(), "prune at init")
 
     def initial_masks(self) -> dict[str, torch.Tensor]:
@@ -77,22 +75,33 @@ class AtInitialization(Sparsifier):
                 p.requires_grad_(flag)
 
 
+class DataScoredMethod(SparseTrainingMethod):
+    """A pruning-at-init method that scores the weights on a few batches of training data with a loss."""
+
+    default_distribution = "global"
+    needs = frozenset({"data", "loss"})
+
+    batches: int = Field(1, ge=1, description="batches of the given data scored (their gradients are summed)")
+
+
 class DataScored(AtInitialization):
-    """A pruning-at-init method that needs a few batches of training data and a loss."""
+    """Takes ``data`` (batches ``(inputs, targets)``) and, optionally, ``loss_fn(model, batch)``."""
 
     def __init__(self, model: nn.Module, sparsity: float, distribution: str | Mapping[str, Any] | None = None, *,
-                 data: Iterable[Any] | Sequence[Any], batches: int = 1, loss_fn: LossFn | None = None,
-                 **common: Any):
-        from prunekit.training.base import check_positive_int
-
-        self.batches = check_positive_int(batches, f"{self.name}: batches")
-        self.data = iterate_batches(data, self.batches)
+                 data: Iterable[Any] | Sequence[Any] | None = None, loss_fn: LossFn | None = None, **common: Any):
+        self.given_data = data
         self.loss_fn = loss_fn
         super().__init__(model, sparsity, distribution, **common)
-        self.data = []  # scoring is done; do not keep the batches alive
 
-    def settings(self) -> dict:
-        return {"batches": self.batches}
+    def prepare(self) -> None:
+        if self.given_data is None:
+            raise PrunekitError(f"{self.name} scores the weights on training data: pass data=[(inputs, targets), ...]")
+        self.data = iterate_batches(self.given_data, self.method.batches)
+        self.given_data = None
+
+    def start(self) -> None:
+        super().start()
+        self.data = []  # scoring is done; do not keep the batches alive
 
     def loss(self, batch: Any) -> torch.Tensor:
         return (self.loss_fn or classification_loss)(self.model, batch)

@@ -1,6 +1,8 @@
-"""What every sparse-training method shares: the layers it sparsifies, their masks, and how masks change.
+"""What every sparse-training method shares at run time: the layers it sparsifies, their masks, and
+how masks change.
 
-A method is a ``Sparsifier``: built on a model (masks attach as ``WeightMask`` parametrizations,
+A method's settings are a ``SparseTrainingMethod`` (``training/method.py``); ``method.create(model,
+sparsity)`` makes a ``Sparsifier`` on the model (masks attach as ``WeightMask`` parametrizations,
 the same mechanism as one-shot pruning), then ``sparsifier.step()`` is called after every
 ``optimizer.step()``. Invariants kept by this class, whatever the method:
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -26,10 +28,8 @@ from prunekit.core.allocation import Allocation, LayerInfo, get_allocation
 from prunekit.core.allocation.base import name_matches
 from prunekit.core.masks import WeightMask, attach_mask, get_mask, pruned_count
 from prunekit.core.patterns import check_sparsity
-from prunekit.core.registry import Registry
 from prunekit.errors import PrunekitError
-
-SPARSIFIERS: Registry[type["Sparsifier"]] = Registry("sparse-training method", ("prunekit.training.methods",))
+from prunekit.training.method import SPARSIFIERS, SparseTrainingMethod
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 DISTRIBUTIONS = ("uniform", "er", "erk", "global", "lamp")
@@ -163,25 +163,34 @@ def check_fraction(value: Any, what: str, low_open: bool = True) -> float:
 class Sparsifier:
     """The optimizer-like interface: build on a model, call ``step()`` after each ``optimizer.step()``.
 
-    ``distribution`` decides each layer's share of the sparsity: ``uniform``, ``er``, ``erk``
+    Made by ``method.create(model, sparsity, distribution, ...)``, or directly with the method's
+    settings as keywords (``GMP(model, 0.5, end_step=1000)``), validated as the method validates
+    them. ``distribution`` decides each layer's share of the sparsity: ``uniform``, ``er``, ``erk``
     (``{"name": "erk", "dense_first_layer": True}``), ``global`` or ``lamp`` (by the method's
-    scores), or any registered allocation. ``optimizer`` (optional, also settable later with
-    ``attach_optimizer``) lets masks changes reset the state of pruned and regrown weights.
+    scores), or any registered allocation; by default the method's own. ``optimizer`` (optional,
+    also settable later with ``attach_optimizer``) lets mask changes reset the state of pruned and
+    regrown weights.
     """
 
-    name: ClassVar[str]
-    default_distribution: ClassVar[str] = "uniform"
-    needs_gradients: ClassVar[bool] = False
-    """Whether mask updates read the dense gradient (RigL, GraNet): captured only when needed."""
+    method_class: ClassVar[type[SparseTrainingMethod]]
     signed_scores: ClassVar[bool] = False
     """Scores whose sign matters (GraSP): distributions that square scores (LAMP) do not apply."""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "method_class" in cls.__dict__:
+            cls.method_class.sparsifier = cls  # what the method's create() builds
+
     def __init__(self, model: nn.Module, sparsity: float, distribution: str | Mapping[str, Any] | Allocation | None = None,
-                 *, include: Sequence[str] = (), exclude: Sequence[str] = (),
-                 optimizer: torch.optim.Optimizer | None = None, seed: int = 0):
+                 *, method: SparseTrainingMethod | None = None, include: Sequence[str] = (),
+                 exclude: Sequence[str] = (), optimizer: torch.optim.Optimizer | None = None, seed: int = 0,
+                 **settings: Any):
+        self.method = self._method(method, settings)
+        self.name = self.method.name
         self.model = model
         self.target_sparsity = check_sparsity(sparsity, f"{self.name}: sparsity")
-        self.distribution = get_allocation(distribution if distribution is not None else self.default_distribution)
+        self.distribution = get_allocation(distribution if distribution is not None
+                                           else self.method.default_distribution)
         if "activations" in self.distribution.needs:
             raise PrunekitError(f"{self.name}: distribution '{self.distribution.name}' needs calibration activations; "
                                 f"use one of {', '.join(DISTRIBUTIONS)}")
@@ -195,6 +204,7 @@ class Sparsifier:
         self._captured: dict[str, torch.Tensor] = {}
         self._hooks: list[Any] = []
         self._closed = False
+        self.prepare()
         self.layers = [SparseLayer(name, module) for name, module in self._select(model)]
         self._by_name = {layer.name: layer for layer in self.layers}
         for layer in self.layers:
@@ -202,11 +212,35 @@ class Sparsifier:
             if existing is None:
                 attach_mask(layer.module, torch.ones_like(layer.module.weight, dtype=torch.bool))
         self.enforce_masks()
-        if self.needs_gradients:
+        if "gradients" in self.needs:
             for layer in self.layers:
                 self._hooks.append(layer.parametrization.register_forward_hook(self._gradient_hook(layer.name)))
+        self.record("start")
+        self.start()
+
+    def _method(self, method: SparseTrainingMethod | None, settings: Mapping[str, Any]) -> SparseTrainingMethod:
+        if method is None:
+            return SPARSIFIERS.build(self.method_class.name, **settings)
+        if settings:
+            raise PrunekitError(f"{method.name}: give its settings in the method object or as keywords, not both")
+        if not isinstance(method, self.method_class):
+            raise PrunekitError(f"{type(self).__name__} runs {self.method_class.name}, not {method.name}")
+        return method
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return self.method.needs
 
     # ----- pieces a method may override -------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Derive what the run needs from the settings and the sparsity (schedules, round targets).
+
+        Runs before the model is touched, so a refusal here leaves the model as it was.
+        """
+
+    def start(self) -> None:
+        """The masks at step 0, once every layer carries one (pruning at initialisation, a first prune)."""
 
     def _select(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         return select_layers(model, self.include, self.exclude, self.name)
@@ -219,8 +253,8 @@ class Sparsifier:
         """Whether the update after optimizer step ``step`` reads gradients."""
         return False
 
-    def settings(self) -> dict:
-        """The method's settings, for reports and checkpoints."""
+    def derived_settings(self) -> dict:
+        """What the run made of the settings (e.g. a lottery ticket's per-round sparsities), for reports."""
         return {}
 
     def _extra_state(self) -> dict:
@@ -258,9 +292,11 @@ class Sparsifier:
         return {layer.name: layer.mask.clone() for layer in self.layers}
 
     def describe(self) -> dict:
+        """The method's name and every setting, with the sparsity, distribution, seed and layers of this run."""
         return {"name": self.name, "sparsity": self.target_sparsity,
                 "distribution": {"name": self.distribution.name, **self.distribution.model_dump(by_alias=True)},
-                "seed": self.seed, "layers": [layer.name for layer in self.layers], **self.settings()}
+                "seed": self.seed, "layers": [layer.name for layer in self.layers],
+                **self.method.model_dump(mode="json", by_alias=True), **self.derived_settings()}
 
     @torch.no_grad()
     def enforce_masks(self) -> None:
@@ -406,6 +442,24 @@ class Sparsifier:
         return on_forward
 
 
+class TrainsInRounds(Protocol):
+    """What a sparsifier whose method needs "rounds" tells the training loop (a lottery ticket does).
+
+    The loop trains ``steps_per_round`` steps; after a round's last step the sparsifier prunes and
+    rewinds the weights to ``rewind_step``, and the loop trains again from that step with a fresh
+    optimizer and the data order and learning rate of that step, until ``finished``. ``round``
+    counts the pruning rounds done, ``round_step`` the steps done in the current round.
+    """
+
+    steps_per_round: int
+    rewind_step: int
+    round: int
+    round_step: int
+    pruning_rounds: int
+    finished: bool
+    sparsity: float
+
+
 def global_ranks(scores: ScoreMap) -> dict[str, torch.Tensor]:
     """Signed scores replaced by their rank among all layers' scores (0 = lowest).
 
@@ -431,31 +485,6 @@ def drop_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
         drop = torch.topk(scores.reshape(-1), count, largest=False, sorted=False).indices
         mask.view(-1)[drop] = False
     return mask
-
-
-def get_sparsifier(name: str) -> type[Sparsifier]:
-    return SPARSIFIERS.get(name)
-
-
-def build_sparsifier(name: str, model: nn.Module, **settings: Any) -> Sparsifier:
-    """Build a registered method by name; unknown settings are a one-line error, not a TypeError."""
-    import inspect
-
-    cls = get_sparsifier(name)
-    accepted = set()
-    for klass in cls.__mro__:
-        if "__init__" in vars(klass):
-            accepted |= {p for p in inspect.signature(klass.__init__).parameters if p not in ("self", "model")}
-    unknown = sorted(set(settings) - accepted - {"kwargs", "common"})
-    if unknown:
-        raise PrunekitError(f"{cls.name} has no setting '{unknown[0]}'; it accepts: {', '.join(sorted(accepted - {'kwargs', 'common'}))}")
-    required = [name for name, p in inspect.signature(cls.__init__).parameters.items()
-                if name not in ("self", "model") and p.default is inspect.Parameter.empty
-                and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    missing = [name for name in required if name not in settings]
-    if missing:
-        raise PrunekitError(f"{cls.name} needs the setting '{missing[0]}'")
-    return cls(model, **settings)
 
 
 def iterate_batches(data: Iterable[Any], count: int) -> list[Any]:

@@ -11,13 +11,34 @@ stays constant; there are no updates from ``end_step`` on.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
-from torch import nn
+from pydantic import Field
 
 from prunekit.training.base import Sparsifier
-from prunekit.training.schedules import UpdateSchedule
+from prunekit.training.method import SparseTrainingMethod, TrainingRun
+from prunekit.training.schedules import UpdateSchedule, default_window
+
+
+class DropAndGrowMethod(SparseTrainingMethod):
+    """How often masks are rewired, until when, and how much: SET's and RigL's settings.
+
+    In a run of known length it rewires every ``min(100, steps / 40)`` steps until 75 % of it.
+    """
+
+    default_distribution = "erk"
+    needs = frozenset({"schedule"})
+
+    end_step: int = Field(ge=1, description="no updates from this step on (RigL: 75 % of training)")
+    update_interval: int = Field(100, ge=1, description="ΔT, steps between two updates")
+    drop_fraction: float = Field(0.3, gt=0, lt=1, description="α, the share of active weights rewired at first")
+    decay: Literal["cosine", "constant"] = "cosine"
+
+    @classmethod
+    def settings_for(cls, run: TrainingRun, given: Mapping[str, Any]) -> dict[str, Any]:
+        _, end = default_window(run.total_steps)
+        return {"end_step": end, "update_interval": max(min(100, run.total_steps // 40), 1), **given}
 
 
 def drop_and_grow(mask: torch.Tensor, magnitude: torch.Tensor, grow_scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -37,14 +58,14 @@ def drop_and_grow(mask: torch.Tensor, magnitude: torch.Tensor, grow_scores: torc
 
 
 class DynamicSparsifier(Sparsifier):
-    default_distribution = "erk"
+    """Drop and grow on the update schedule; a subclass says where to grow (``grow_scores``)."""
 
-    def __init__(self, model: nn.Module, sparsity: float, distribution: str | Mapping[str, Any] | None = None, *,
-                 end_step: int, update_interval: int = 100, drop_fraction: float = 0.3, decay: str = "cosine",
-                 **common: Any):
-        self.schedule = UpdateSchedule.build(update_interval, end_step, drop_fraction, decay, self.name)
-        super().__init__(model, sparsity, distribution, **common)
-        self.record("start")
+    def prepare(self) -> None:
+        method = self.method
+        self.schedule = UpdateSchedule.build(method.update_interval, method.end_step, method.drop_fraction,
+                                             method.decay, self.name)
+
+    def start(self) -> None:
         self.apply_masks(self.initial_masks(), "random sparse init")
 
     def initial_masks(self) -> dict[str, torch.Tensor]:
@@ -53,11 +74,8 @@ class DynamicSparsifier(Sparsifier):
         sparsities = self.allocate(self.target_sparsity, magnitude)
         return self.masks_from_scores(self.random_scores(self.generator(0)), sparsities, monotone_from=self.masks())
 
-    def settings(self) -> dict:
-        return self.schedule.to_dict()
-
     def wants_gradients_at(self, step: int) -> bool:
-        return self.needs_gradients and self.schedule.is_update(step)
+        return "gradients" in self.needs and self.schedule.is_update(step)
 
     def grow_scores(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -14,6 +14,28 @@ from prunekit.errors import PrunekitError
 from prunekit.training.base import check_fraction, check_positive_int, check_step
 
 
+def default_window(total_steps: int) -> tuple[int, int]:
+    """Where a schedule runs by default in a run of ``total_steps``: from 10 % to 75 % of it (the
+    pruning window of Zhu & Gupta and RigL's end of updates), or the whole run when that is empty."""
+    start, end = int(0.1 * total_steps), max(int(0.75 * total_steps), 1)
+    if end <= start:
+        return 0, max(total_steps, 1)
+    return start, end
+
+
+def window_problem(start: int, end: int) -> str | None:
+    """What is wrong with a schedule from ``start`` to ``end`` (None: nothing)."""
+    if end <= start:
+        return f"the schedule ends (step {end}) before it starts (step {start}); end_step must be greater than start_step"
+    return None
+
+
+def check_window(start: int, end: int, what: str) -> None:
+    problem = window_problem(start, end)
+    if problem:
+        raise PrunekitError(f"{what}: {problem}")
+
+
 @dataclass(frozen=True)
 class CubicSchedule:
     """Zhu & Gupta (2017): s_t = s_f + (s_i − s_f)(1 − (t − t₀)/(t_end − t₀))³, applied every ``frequency`` steps.
@@ -35,9 +57,7 @@ class CubicSchedule:
         frequency = check_positive_int(frequency, f"{what}: frequency (the update interval)")
         initial = check_sparsity(initial, f"{what}: initial_sparsity")
         final = check_sparsity(final, f"{what}: sparsity")
-        if end <= start:
-            raise PrunekitError(f"{what}: the schedule ends (step {end}) before it starts (step {start}); "
-                                "end_step must be greater than start_step")
+        check_window(start, end, what)
         if initial > final:
             raise PrunekitError(f"{what}: initial_sparsity {initial} is above the final sparsity {final}")
         return cls(start, end, frequency, initial, final)

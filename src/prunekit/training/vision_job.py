@@ -1,11 +1,12 @@
 """Sparse training of a small classifier on Fashion-MNIST: the job behind ``prunekit train fashion-mnist``
 and the benchmark. One settings object (``VisionTrainingRecipe``) fixes every choice of a run.
 
-Schedules are set relative to the run's length unless given (``method_args``):
-GMP / channel GMP / GraNet prune from 10 % to 75 % of the steps, about 20 times; SET / RigL rewire
-every ``min(100, steps/40)`` steps until 75 %; a lottery ticket rewinds to epoch 1 (when there are
-at least 4 epochs a round; else to initialisation); SNIP and GraSP score one batch of the seeded
-training order; SynFlow iterates 100 times; one-shot magnitude trains dense, prunes, fine-tunes.
+The job never names a method. It tells the method about the run (``TrainingRun``: its length, one
+image's shape) and the method derives the settings it leaves open (``settings_for``: GMP prunes
+from 10 % to 75 % of the steps, RigL rewires until 75 %, ...); ``method_args`` override them.
+Then it provides what the method needs: batches of the seeded training order ("data"), a dense
+training before pruning and a fine-tuning after ("trained_model"), a loop that trains in rounds
+("rounds", in ``train_sparse``). A method needing what this job cannot provide is refused.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -28,8 +29,9 @@ from prunekit.evaluate.report import SPEED_NOTE, environment, markdown_table, wr
 from prunekit.io.atomic import atomic_directory, check_output_dir
 from prunekit.models.fashion_mnist import MEAN, STD, ImageSet, load_fashion_mnist
 from prunekit.models.vision import MLP, SmallCNN
-from prunekit.training.base import SPARSIFIERS, Sparsifier, build_sparsifier
+from prunekit.training.base import Sparsifier
 from prunekit.training.fit import SparseRun, steps_per_epoch, train_sparse
+from prunekit.training.method import SPARSIFIERS, SparseTrainingMethod, TrainingRun
 from prunekit.training.report import (
     densities,
     plot_sparsity_over_training,
@@ -38,6 +40,8 @@ from prunekit.training.report import (
 )
 
 DENSE = "dense"
+# What this job gives a method: "loss" is the classifier's cross-entropy, the default of methods that need one.
+PROVIDES = frozenset({"schedule", "gradients", "data", "loss", "input_shape", "rounds", "trained_model"})
 
 
 class VisionTrainingRecipe(RecipeModel):
@@ -49,8 +53,9 @@ class VisionTrainingRecipe(RecipeModel):
     hidden: list[int] = Field(default_factory=lambda: [300, 100], description="MLP hidden sizes")
     sparsity: float = 0.9
     distribution: str | dict[str, Any] | None = None
-    epochs: int = Field(5, ge=1, description="epochs of training (per round for a lottery ticket)")
-    finetune_epochs: int | None = Field(None, ge=1, description="one-shot magnitude: epochs of fine-tuning after pruning")
+    epochs: int = Field(5, ge=1, description="epochs of training (per round for a method that trains in rounds)")
+    finetune_epochs: int | None = Field(None, ge=1, description="methods that prune a trained model: epochs of "
+                                                                "fine-tuning after pruning [default: epochs / 2]")
     batch_size: int = Field(128, ge=1)
     lr: float = Field(0.05, gt=0)
     optimizer: Literal["sgd", "adamw"] = "sgd"
@@ -65,10 +70,13 @@ class VisionTrainingRecipe(RecipeModel):
     @classmethod
     def _known(cls, value: str) -> str:
         value = value.lower()
-        if value != DENSE and value not in SPARSIFIERS:
+        if value == DENSE:
+            return value
+        if value not in SPARSIFIERS:
             raise ValueError(f"unknown method '{value}'; choose dense or one of: {', '.join(SPARSIFIERS.names())}")
-        if value == "fixed":
-            raise ValueError("'fixed' keeps an existing mask; a fresh model has none (use it from Python)")
+        refusal = SPARSIFIERS.get(value).refusal(PROVIDES, "training a fresh model on Fashion-MNIST")
+        if refusal:
+            raise ValueError(f"{refusal} (use it from Python)")
         return value
 
     @field_validator("sparsity")
@@ -85,21 +93,6 @@ def build_model(recipe: VisionTrainingRecipe) -> nn.Module:
     if recipe.model == "cnn":
         return SmallCNN(width=recipe.width)
     return MLP(hidden=tuple(recipe.hidden))
-
-
-def schedule_defaults(method: str, total_steps: int, per_epoch: int, epochs: int) -> dict[str, Any]:
-    """Schedule settings relative to the run's length (see the module docstring)."""
-    start, end = int(0.1 * total_steps), max(int(0.75 * total_steps), 1)
-    if end <= start:
-        start, end = 0, max(total_steps, 1)
-    frequency = max((end - start) // 20, 1)
-    if method in ("gmp", "channel_gmp", "granet"):
-        return {"start_step": start, "end_step": end, "frequency": frequency}
-    if method in ("set", "rigl"):
-        return {"end_step": end, "update_interval": max(min(100, total_steps // 40), 1)}
-    if method == "lottery":
-        return {"steps_per_round": total_steps, "rewind_step": per_epoch if epochs >= 4 else 0}
-    return {}
 
 
 @dataclass
@@ -126,29 +119,43 @@ def _train_once(model: nn.Module, sparsifier: Sparsifier | None, recipe: VisionT
                         evaluate_every_epoch=every_epoch, description=description)
 
 
-def build_for_run(recipe: VisionTrainingRecipe, model: nn.Module, train: ImageSet) -> Sparsifier:
+def training_run(recipe: VisionTrainingRecipe, train: ImageSet) -> TrainingRun:
     per_epoch = steps_per_epoch(len(train), recipe.batch_size)
-    total = recipe.epochs * per_epoch
-    settings: dict[str, Any] = {"sparsity": recipe.sparsity, "seed": recipe.seed,
-                                **schedule_defaults(recipe.method, total, per_epoch, recipe.epochs)}
-    if recipe.distribution is not None:
-        settings["distribution"] = recipe.distribution
-    if recipe.method in ("snip", "grasp"):
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(recipe.seed))[:recipe.batch_size]
-        settings["data"] = [(train.images[order], train.labels[order])]
-    if recipe.method == "synflow":
-        settings["input_shape"] = tuple(train.images.shape[1:])
-    settings.update(recipe.method_args)
-    if recipe.method == "lottery" and "rewind_epoch" in settings:
-        settings["rewind_step"] = int(settings.pop("rewind_epoch")) * per_epoch
-    return build_sparsifier(recipe.method, model, **settings)
+    return TrainingRun(total_steps=recipe.epochs * per_epoch, steps_per_epoch=per_epoch, epochs=recipe.epochs,
+                       input_shape=tuple(train.images.shape[1:]))
+
+
+def method_for_run(recipe: VisionTrainingRecipe, train: ImageSet) -> SparseTrainingMethod:
+    """The recipe's method with every setting validated: the recipe's own, the rest derived from the run."""
+    settings = SPARSIFIERS.get(recipe.method).settings_for(training_run(recipe, train), recipe.method_args)
+    return SPARSIFIERS.build(recipe.method, **settings)
+
+
+def seeded_batches(train: ImageSet, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of one seeded shuffle of the training images, for methods that score weights on data."""
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    for start in range(0, len(order), batch_size):
+        chosen = order[start:start + batch_size]
+        yield train.images[chosen], train.labels[chosen]
+
+
+def create(method: SparseTrainingMethod, recipe: VisionTrainingRecipe, model: nn.Module, train: ImageSet) -> Sparsifier:
+    """The method's sparsifier on ``model``, given what the method needs of this job."""
+    provided: dict[str, Any] = {"seed": recipe.seed}
+    if "data" in method.needs:
+        provided["data"] = seeded_batches(train, recipe.batch_size, recipe.seed)
+    return method.create(model, recipe.sparsity, recipe.distribution, **provided)
+
+
+def build_for_run(recipe: VisionTrainingRecipe, model: nn.Module, train: ImageSet) -> Sparsifier:
+    return create(method_for_run(recipe, train), recipe, model, train)
 
 
 def run_vision(recipe: VisionTrainingRecipe, data: tuple[ImageSet, ImageSet] | None = None,
                dense_state: dict[str, torch.Tensor] | None = None, evaluate_every_epoch: bool = True) -> VisionOutcome:
-    """Train one model as the recipe says. ``dense_state`` (one-shot magnitude only) skips the dense
-    training by starting from those trained weights; without ``evaluate_every_epoch`` the test set is
-    measured only at the end (and at the end of each lottery round)."""
+    """Train one model as the recipe says. ``dense_state`` (methods that prune a trained model only)
+    skips the dense training by starting from those trained weights; without ``evaluate_every_epoch``
+    the test set is measured only at the end (and at the end of each round of a method that has rounds)."""
     train, test = data or load_data(recipe)
     train_run = partial(_train_once, every_epoch=evaluate_every_epoch)
     model = build_model(recipe)
@@ -156,18 +163,21 @@ def run_vision(recipe: VisionTrainingRecipe, data: tuple[ImageSet, ImageSet] | N
     if recipe.method == DENSE:
         sparsifier = None
         run = train_run(model, None, recipe, train, test, recipe.epochs, "Training (dense)")
-    elif recipe.method == "magnitude":
-        build_for_run(recipe, build_model(recipe), train)  # bad settings fail now, not after the dense training
-        if dense_state is None:
-            dense_run = train_run(model, None, recipe, train, test, recipe.epochs, "Training (dense, before pruning)")
-        else:
-            model.load_state_dict(dense_state)
-        sparsifier = build_for_run(recipe, model, train)
-        finetune = recipe.finetune_epochs or max(recipe.epochs // 2, 1)
-        run = train_run(model, sparsifier, recipe, train, test, finetune, "Fine-tuning (mask kept)")
     else:
-        sparsifier = build_for_run(recipe, model, train)
-        run = train_run(model, sparsifier, recipe, train, test, recipe.epochs, f"Training ({recipe.method})")
+        method = method_for_run(recipe, train)
+        if "trained_model" in method.needs:
+            # on a throwaway model first: what the method refuses, it refuses before the dense training
+            create(method, recipe, build_model(recipe), train)
+            if dense_state is None:
+                dense_run = train_run(model, None, recipe, train, test, recipe.epochs, "Training (dense, before pruning)")
+            else:
+                model.load_state_dict(dense_state)
+            sparsifier = create(method, recipe, model, train)
+            epochs, description = recipe.finetune_epochs or max(recipe.epochs // 2, 1), "Fine-tuning (mask kept)"
+        else:
+            sparsifier = create(method, recipe, model, train)
+            epochs, description = recipe.epochs, f"Training ({recipe.method})"
+        run = train_run(model, sparsifier, recipe, train, test, epochs, description)
     example = train.images[:1]
     flops = sparse_flops(model, example, densities(sparsifier, model))
     assert run.final_accuracy is not None
@@ -228,7 +238,7 @@ def vision_markdown(report: dict) -> str:
                               f"{e['test_accuracy']:.4f}" if e.get("test_accuracy") is not None else None)
                              for i, e in enumerate(epochs)]), ""]
     if report["training"]["rounds"]:
-        lines += ["## Lottery rounds", "",
+        lines += ["## Pruning rounds", "",
                   markdown_table(["round", "sparsity", "test accuracy"],
                                  [(r["round"], f"{r['sparsity']:.4f}", f"{r['test_accuracy']:.4f}")
                                   for r in report["training"]["rounds"]]), ""]

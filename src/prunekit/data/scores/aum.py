@@ -7,8 +7,6 @@ examples, so *lower is harder*.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from prunekit.data.base import LOWER, SCORES, Score
@@ -24,12 +22,10 @@ def margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @SCORES.register("aum")
-@dataclass
 class AUM(Score):
-    name = "aum"
     summary = "area under the margin: mean (assigned logit - largest other logit) over training (Pleiss et al. 2020)"
     harder = LOWER
-    needs_labels = True
+    needs = frozenset({"labels", "proxy_training"})
 
     def attach(self, run):
         if run.stop_epoch < 1:

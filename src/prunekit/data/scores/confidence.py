@@ -6,8 +6,6 @@ model), so it also ranks unlabelled data. Low confidence = uncertain = hard, so 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
@@ -15,12 +13,10 @@ from prunekit.data.base import LOWER, SCORES, Score
 
 
 @SCORES.register("confidence")
-@dataclass
 class Confidence(Score):
-    name = "confidence"
     summary = "largest softmax probability of the proxy after training; low = uncertain (Coleman et al. 2020)"
     harder = LOWER
-    needs_labels = False
+    needs = frozenset({"proxy_model"})
 
     def attach(self, run):
         result: dict[str, np.ndarray] = {}

@@ -6,10 +6,9 @@ training, averaged over independently initialised runs (the paper's seeds). Larg
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
+from pydantic import Field
 
 from prunekit.data.base import HIGHER, SCORES, Score
 from prunekit.errors import PrunekitError
@@ -23,18 +22,12 @@ def el2n(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @SCORES.register("el2n")
-@dataclass
 class EL2N(Score):
-    name = "el2n"
     summary = "error L2 norm ||softmax - onehot|| early in training, averaged over seeds (Paul et al. 2021)"
     harder = HIGHER
-    needs_labels = True
+    needs = frozenset({"labels", "proxy_model"})
 
-    epoch: int = 1  # read after this many proxy epochs (0: at initialisation)
-
-    def __post_init__(self) -> None:
-        if self.epoch < 0:
-            raise PrunekitError(f"el2n epoch must be at least 0, got {self.epoch}")
+    epoch: int = Field(1, ge=0, description="read after this many proxy epochs (0: at initialisation)")
 
     def epochs_needed(self, proxy_epochs: int) -> int:
         return self.epoch

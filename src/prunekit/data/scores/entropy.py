@@ -5,8 +5,6 @@ Label-free like confidence; high entropy = uncertain = hard.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
@@ -20,12 +18,10 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 @SCORES.register("entropy")
-@dataclass
 class Entropy(Score):
-    name = "entropy"
     summary = "entropy (nats) of the proxy's class probabilities after training; high = uncertain (Coleman et al. 2020)"
     harder = HIGHER
-    needs_labels = False
+    needs = frozenset({"proxy_model"})
 
     def attach(self, run):
         result: dict[str, np.ndarray] = {}

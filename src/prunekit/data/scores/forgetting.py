@@ -8,8 +8,6 @@ presentation, above any example that was learnt (the paper ranks them as the mos
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from prunekit.data.base import HIGHER, SCORES, Score
@@ -17,12 +15,10 @@ from prunekit.errors import PrunekitError
 
 
 @SCORES.register("forgetting")
-@dataclass
 class Forgetting(Score):
-    name = "forgetting"
     summary = "forgetting events during proxy training; never-learnt examples rank highest (Toneva et al. 2019)"
     harder = HIGHER
-    needs_labels = True
+    needs = frozenset({"labels", "proxy_training"})
 
     def attach(self, run):
         if run.stop_epoch < 2:

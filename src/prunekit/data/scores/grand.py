@@ -7,28 +7,20 @@ training (``epoch=0`` is the paper's "at initialisation"), averaged over seeds. 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
+from pydantic import Field
 
 from prunekit.data.base import HIGHER, SCORES, Score
-from prunekit.errors import PrunekitError
 
 
 @SCORES.register("grand")
-@dataclass
 class GraNd(Score):
-    name = "grand"
     summary = ("norm of the example's loss gradient over all parameters early in training, averaged over seeds "
                "(Paul et al. 2021)")
     harder = HIGHER
-    needs_labels = True
+    needs = frozenset({"labels", "proxy_model"})
 
-    epoch: int = 1  # read after this many proxy epochs (0: at initialisation)
-
-    def __post_init__(self) -> None:
-        if self.epoch < 0:
-            raise PrunekitError(f"grand epoch must be at least 0, got {self.epoch}")
+    epoch: int = Field(1, ge=0, description="read after this many proxy epochs (0: at initialisation)")
 
     def epochs_needed(self, proxy_epochs: int) -> int:
         return self.epoch

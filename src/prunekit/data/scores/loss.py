@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from prunekit.data.base import HIGHER, SCORES, Score
 
 
 @SCORES.register("loss")
-@dataclass
 class Loss(Score):
-    name = "loss"
     summary = "the example's loss under the proxy after its training (cross-entropy unless a loss is given)"
     harder = HIGHER
-    needs_labels = True
+    needs = frozenset({"labels", "proxy_model"})
 
     def attach(self, run):
         result: dict[str, np.ndarray] = {}

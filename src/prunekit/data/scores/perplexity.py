@@ -10,11 +10,11 @@ right-padded and padding never enters a loss. Texts are streamed: the data is ne
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from prunekit.data.base import HIGHER, SCORES, Score
 from prunekit.data.sources import TEXT
@@ -73,26 +73,15 @@ def text_perplexities(model, tokenizer, texts: list[str], max_tokens: int = 512)
 
 
 @SCORES.register("perplexity")
-@dataclass
 class Perplexity(Score):
-    name = "perplexity"
     summary = ("perplexity of the text under a reference causal LM, SmolLM2-135M by default "
                "(Wenzek et al. 2020; Marion et al. 2023)")
     harder = HIGHER
-    needs_labels = False
+    needs = frozenset({"reference_model"})
 
-    model: str = "smollm2"  # a local causal-LM directory, or smollm2
-    max_tokens: int = 512
-    batch_size: int = 8
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 2:
-            raise PrunekitError(f"perplexity max_tokens must be at least 2, got {self.max_tokens}")
-        if self.batch_size < 1:
-            raise PrunekitError(f"perplexity batch_size must be at least 1, got {self.batch_size}")
-
-    def uses_proxy(self, context) -> bool:
-        return False
+    model: str = Field("smollm2", description="a local causal-LM directory, or smollm2")
+    max_tokens: int = Field(512, ge=2)
+    batch_size: int = Field(8, ge=1)
 
     def compute(self, context) -> np.ndarray:
         if context.modality != TEXT:

@@ -9,16 +9,17 @@ data and the raw inputs for unlabelled numeric data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from prunekit.data.base import HIGHER, SCORES, Score
 from prunekit.data.sources import TEXT
 from prunekit.errors import PrunekitError
 
-EMBEDDINGS = ("auto", "proxy", "encoder", "input")
+Embedding = Literal["auto", "proxy", "encoder", "input"]
 
 
 def prototype_distances(embeddings: np.ndarray, clusters: int, seed: int, threads: int | None = None) -> np.ndarray:
@@ -38,22 +39,18 @@ def prototype_distances(embeddings: np.ndarray, clusters: int, seed: int, thread
 
 
 @SCORES.register("prototypes")
-@dataclass
 class Prototypes(Score):
-    name = "prototypes"
+    """Reads the proxy model or a sentence encoder, whichever its ``embedding`` picks for the data
+    (``uses_proxy``); with the raw inputs, neither."""
+
     summary = "cosine distance to the nearest k-means centroid in an embedding space (Sorscher et al. 2022)"
     harder = HIGHER
-    needs_labels = False
+    needs = frozenset({"proxy_model", "reference_model"})
 
-    embedding: str = "auto"  # auto, proxy (penultimate features), encoder (text), input (raw inputs)
-    clusters: int = 0  # 0: the number of classes, or 10 for unlabelled data
-    encoder: str = "minilm"  # a local sentence-encoder directory for text
-
-    def __post_init__(self) -> None:
-        if self.embedding not in EMBEDDINGS:
-            raise PrunekitError(f"prototypes embedding must be one of {', '.join(EMBEDDINGS)}, got '{self.embedding}'")
-        if self.clusters < 0:
-            raise PrunekitError(f"prototypes clusters must be at least 1 (0: automatic), got {self.clusters}")
+    embedding: Embedding = Field("auto", description="auto, proxy (penultimate features), encoder (text), "
+                                                     "input (raw inputs)")
+    clusters: int = Field(0, ge=0, description="0: the number of classes, or 10 for unlabelled data")
+    encoder: str = Field("minilm", description="a local sentence-encoder directory for text")
 
     def mode(self, context) -> str:
         if self.embedding != "auto":

@@ -8,10 +8,9 @@ class (z-score) so that classes with larger gradients do not dominate. High = ha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
+from pydantic import Field
 
 from prunekit.data.base import HIGHER, SCORES, Score
 from prunekit.errors import PrunekitError
@@ -29,20 +28,14 @@ def class_normalise(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 @SCORES.register("vog")
-@dataclass
 class VoG(Score):
-    name = "vog"
     summary = ("variance of input gradients of the true-class logit across training checkpoints, class-normalised "
                "(Agarwal et al. 2022)")
     harder = HIGHER
-    needs_labels = True
+    needs = frozenset({"labels", "proxy_training"})
 
-    every: int = 1  # a checkpoint after every `every` proxy epochs
+    every: int = Field(1, ge=1, description="a checkpoint after every `every` proxy epochs")
     class_normalised: bool = True
-
-    def __post_init__(self) -> None:
-        if self.every < 1:
-            raise PrunekitError(f"vog every must be at least 1, got {self.every}")
 
     def checkpoints(self, epochs: int) -> list[int]:
         return list(range(self.every, epochs + 1, self.every))

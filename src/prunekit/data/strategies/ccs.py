@@ -9,13 +9,11 @@ whole, common ones are thinned, so the subset covers the whole difficulty range.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
+from pydantic import Field, PrivateAttr
 
 from prunekit.data.base import STRATEGIES, Strategy
 from prunekit.data.strategies._order import hardest_first
-from prunekit.errors import PrunekitError
 
 
 def stratified(hardness: np.ndarray, candidates: np.ndarray, count: int, strata: int,
@@ -43,20 +41,13 @@ def stratified(hardness: np.ndarray, candidates: np.ndarray, count: int, strata:
 
 
 @STRATEGIES.register("ccs")
-@dataclass
 class CCS(Strategy):
-    name = "ccs"
     summary = "coverage-centric: cut the hardest `hard_cut`, then sample evenly across `strata` score bins (Zheng et al. 2023)"
 
-    hard_cut: float = 0.1  # fraction of all examples dropped at the hard end first (the paper's beta)
-    strata: int = 50
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.hard_cut < 1.0:
-            raise PrunekitError(f"ccs hard_cut must be in [0, 1), got {self.hard_cut}")
-        if self.strata < 1:
-            raise PrunekitError(f"ccs strata must be at least 1, got {self.strata}")
-        self._cuts: list[tuple[int, int]] = []
+    hard_cut: float = Field(0.1, ge=0, lt=1, description="fraction of all examples dropped at the hard end first "
+                                                         "(the paper's beta)")
+    strata: int = Field(50, ge=1)
+    _cuts: list[tuple[int, int]] = PrivateAttr(default_factory=list)  # (wanted, made) per choose(), for notes()
 
     def choose(self, hardness: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
         total = hardness.shape[0]

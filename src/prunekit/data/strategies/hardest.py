@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from prunekit.data.base import STRATEGIES, Strategy
@@ -11,9 +9,7 @@ from prunekit.data.strategies._order import hardest_first
 
 
 @STRATEGIES.register("hardest")
-@dataclass
 class Hardest(Strategy):
-    name = "hardest"
     summary = "keep the highest-hardness examples"
 
     def choose(self, hardness: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:

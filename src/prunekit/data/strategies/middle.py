@@ -6,27 +6,20 @@ et al. 2023); the default centres the band, dropping equal numbers from both end
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
+from pydantic import Field, PrivateAttr
 
 from prunekit.data.base import STRATEGIES, Strategy
 from prunekit.data.strategies._order import hardest_first
-from prunekit.errors import PrunekitError
 
 
 @STRATEGIES.register("middle")
-@dataclass
 class Middle(Strategy):
-    name = "middle"
     summary = "keep a band of ranks after skipping the hardest `start` fraction (default: a centred band)"
 
-    start: float = -1.0  # fraction of all examples skipped at the hard end; negative: centre the band
-
-    def __post_init__(self) -> None:
-        if self.start > 1:
-            raise PrunekitError(f"middle start must be a fraction in [0, 1] (negative: centred), got {self.start}")
-        self._skipped = 0
+    start: float = Field(-1.0, le=1, description="fraction of all examples skipped at the hard end; "
+                                                "negative: centre the band")
+    _skipped: int = PrivateAttr(0)  # what the last choose() skipped, for notes()
 
     def choose(self, hardness: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
         total = hardness.shape[0]

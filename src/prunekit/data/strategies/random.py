@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from prunekit.data.base import STRATEGIES, Strategy
 
 
 @STRATEGIES.register("random")
-@dataclass
 class RandomSubset(Strategy):
-    name = "random"
     summary = "keep a uniform random subset from the selection seed (ignores the score)"
 
     def choose(self, hardness: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:

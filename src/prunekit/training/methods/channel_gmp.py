@@ -9,8 +9,6 @@ A BatchNorm after a pruned convolution still adds its shift: fold or remove it w
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -18,31 +16,36 @@ from torch.nn.utils import parametrize
 from prunekit.core.allocation import LayerInfo
 from prunekit.core.masks import attach_mask, get_mask, pruned_count
 from prunekit.errors import PrunekitError
-from prunekit.training.base import SPARSIFIERS, SparseLayer, drop_lowest, select_layers
-from prunekit.training.methods.gmp import GMP
+from prunekit.training.base import SparseLayer, drop_lowest, select_layers
+from prunekit.training.method import SPARSIFIERS
+from prunekit.training.methods.gmp import GMP, GMPMethod
 
 CHANNEL_DISTRIBUTIONS = ("uniform", "global", "lamp")
 
 
 @SPARSIFIERS.register("channel_gmp")
+class ChannelGMPMethod(GMPMethod):
+    """GMP's schedule, and whether the output layer (the model's outputs) is left whole."""
+
+    keep_output_layer: bool = True
+
+
 class ChannelGMP(GMP):
-    name = "channel_gmp"
+    method_class = ChannelGMPMethod
 
-    def __init__(self, model: nn.Module, sparsity: float, distribution: str | Mapping[str, Any] | None = None, *,
-                 end_step: int, keep_output_layer: bool = True, **settings: Any):
-        self.keep_output_layer = bool(keep_output_layer)
-        name = distribution if isinstance(distribution, str) or distribution is None else dict(distribution).get("name")
-        if name is not None and str(name).lower() not in CHANNEL_DISTRIBUTIONS:
-            raise PrunekitError(f"{self.name}: distribution '{name}' does not apply to channels; "
+    def prepare(self) -> None:
+        # ER and ERK size a layer's density by its weight shape; here a layer's units are its channels
+        if self.distribution.name not in CHANNEL_DISTRIBUTIONS:
+            raise PrunekitError(f"{self.name}: distribution '{self.distribution.name}' does not apply to channels; "
                                 f"use one of {', '.join(CHANNEL_DISTRIBUTIONS)}")
-        super().__init__(model, sparsity, distribution, end_step=end_step, **settings)
+        super().prepare()
 
-    def settings(self) -> dict:
-        return {**super().settings(), "unit": "output channel", "keep_output_layer": self.keep_output_layer}
+    def derived_settings(self) -> dict:
+        return {"unit": "output channel"}
 
     def _select(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         layers = select_layers(model, self.include, self.exclude, self.name)
-        if self.keep_output_layer:
+        if self.method.keep_output_layer:
             layers = layers[:-1]
         if not layers:
             raise PrunekitError(f"{self.name}: only the output layer is left to prune; pass keep_output_layer=False")

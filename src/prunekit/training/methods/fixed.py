@@ -14,16 +14,32 @@ import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
-from prunekit.training.base import SPARSIFIERS, Sparsifier
+from prunekit.training.base import Sparsifier
+from prunekit.training.method import SPARSIFIERS, SparseTrainingMethod
 
 
 @SPARSIFIERS.register("fixed")
+class FixedMaskMethod(SparseTrainingMethod):
+    """No settings: the mask is the model's own zeros, or ``masks`` given when it is created."""
+
+    needs = frozenset({"mask"})
+
+    def create(self, model: nn.Module, sparsity: float | None = None, distribution: Any = None,
+               **provided: Any) -> "FixedMask":
+        if sparsity is not None or distribution is not None:
+            raise PrunekitError(f"{self.name} keeps the mask the model has; it takes no sparsity or distribution")
+        return FixedMask(model, method=self, **provided)
+
+
 class FixedMask(Sparsifier):
-    name = "fixed"
+    method_class = FixedMaskMethod
 
     def __init__(self, model: nn.Module, masks: Mapping[str, torch.Tensor] | None = None, **common: Any):
+        self.given_masks = masks
         super().__init__(model, 0.0, "uniform", **common)
-        self.record("start")
+
+    def start(self) -> None:
+        masks = self.given_masks
         if masks is None:
             chosen = {layer.name: layer.mask & (layer.weight.detach() != 0) for layer in self.layers}
         else:
@@ -37,5 +53,6 @@ class FixedMask(Sparsifier):
                     raise PrunekitError(f"{self.name}: the mask for {layer.name} has shape {tuple(given.shape)}, "
                                         f"the weight {layer.shape}")
                 chosen[layer.name] = layer.mask & given.to(layer.mask.device, torch.bool)
+        self.given_masks = None
         self.apply_masks(chosen, "fix mask")
         self.target_sparsity = self.sparsity

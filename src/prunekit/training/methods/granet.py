@@ -9,41 +9,45 @@ gradient magnitude (as in RigL), f_t decaying with a cosine from ``drop_fraction
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Literal
 
 import torch
-from torch import nn
+from pydantic import Field
 
 from prunekit.core.allocation import get_allocation
-from prunekit.training.base import SPARSIFIERS, check_fraction
 from prunekit.training.dynamic import DynamicSparsifier
+from prunekit.training.method import SPARSIFIERS
+from prunekit.training.methods.gmp import GMPMethod
 from prunekit.training.schedules import CubicSchedule, UpdateSchedule
 
 
 @SPARSIFIERS.register("granet")
-class GraNet(DynamicSparsifier):
-    name = "granet"
-    default_distribution = "global"
-    needs_gradients = True
+class GraNetMethod(GMPMethod):
+    """GMP's schedule, and how much of each layer regenerates at a pruning step."""
 
-    def __init__(self, model: nn.Module, sparsity: float, distribution: str | Mapping[str, Any] | None = None, *,
-                 end_step: int, start_step: int = 0, frequency: int = 100, initial_sparsity: float = 0.0,
-                 drop_fraction: float = 0.5, decay: str = "cosine", **common: Any):
-        self.pruning = CubicSchedule.build(start_step, end_step, frequency, initial_sparsity, sparsity, self.name)
-        check_fraction(drop_fraction, f"{self.name}: drop_fraction")
-        super().__init__(model, sparsity, distribution, end_step=end_step, update_interval=frequency,
-                         drop_fraction=drop_fraction, decay=decay, **common)
+    default_distribution = "global"
+    needs = frozenset({"schedule", "gradients"})
+
+    drop_fraction: float = Field(0.5, gt=0, lt=1)
+    decay: Literal["cosine", "constant"] = "cosine"
+
+
+class GraNet(DynamicSparsifier):
+    method_class = GraNetMethod
+
+    def prepare(self) -> None:
+        method = self.method
+        self.pruning = CubicSchedule.build(method.start_step, method.end_step, method.frequency,
+                                           method.initial_sparsity, self.target_sparsity, self.name)
         # regeneration follows the pruning steps (which include end_step) rather than DST's own grid
-        self.schedule = UpdateSchedule(frequency, end_step, drop_fraction, decay, start_step)
+        self.schedule = UpdateSchedule(method.frequency, method.end_step, method.drop_fraction, method.decay,
+                                       method.start_step)
 
     def initial_masks(self) -> dict[str, torch.Tensor]:
         if self.pruning.initial == 0:
             return self.masks()
         sparsities = get_allocation("erk").allocate([layer.info() for layer in self.layers], self.pruning.initial, None)
         return self.masks_from_scores(self.random_scores(self.generator(0)), sparsities, monotone_from=self.masks())
-
-    def settings(self) -> dict:
-        return {**self.pruning.to_dict(), "drop_fraction": self.schedule.fraction, "decay": self.schedule.decay}
 
     def wants_gradients_at(self, step: int) -> bool:
         return self.pruning.is_update(step) and self.schedule.fraction_at(step) > 0

@@ -9,35 +9,30 @@ temperature of 200 as in the authors' code. Global by default, as in the paper.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Mapping
+from typing import Any
 
 import torch
-from torch import nn
+from pydantic import Field
 
-from prunekit.errors import PrunekitError
-from prunekit.training.at_init import DataScored, classification_loss
-from prunekit.training.base import SPARSIFIERS
+from prunekit.training.at_init import DataScored, DataScoredMethod, classification_loss
+from prunekit.training.method import SPARSIFIERS
 
 
 @SPARSIFIERS.register("grasp")
+class GraSPMethod(DataScoredMethod):
+    """GraSP's settings: the batches it scores on and the temperature dividing the logits."""
+
+    temperature: float = Field(200.0, gt=0)
+
+
 class GraSP(DataScored):
-    name = "grasp"
+    method_class = GraSPMethod
     signed_scores = True
-
-    def __init__(self, model: nn.Module, sparsity: float, distribution: str | Mapping[str, Any] | None = None, *,
-                 temperature: float = 200.0, **settings: Any):
-        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
-            raise PrunekitError(f"{self.name}: temperature must be a positive number, got {temperature!r}")
-        self.temperature = float(temperature)
-        super().__init__(model, sparsity, distribution, **settings)
-
-    def settings(self) -> dict:
-        return {**super().settings(), "temperature": self.temperature}
 
     def loss(self, batch: Any) -> torch.Tensor:
         if self.loss_fn is not None:
             return self.loss_fn(self.model, batch)
-        return partial(classification_loss, temperature=self.temperature)(self.model, batch)
+        return partial(classification_loss, temperature=self.method.temperature)(self.model, batch)
 
     def compute_scores(self) -> dict[str, torch.Tensor]:
         with self.differentiable() as params:

@@ -20,12 +20,13 @@ import math
 from typing import Any, Mapping, Sequence
 
 import torch
-from torch import nn
+from pydantic import Field, model_validator
 
 from prunekit.core.masks import WeightMask
 from prunekit.core.patterns import check_sparsity
 from prunekit.errors import PrunekitError
-from prunekit.training.base import SPARSIFIERS, Sparsifier, check_fraction, check_positive_int, check_step
+from prunekit.training.base import Sparsifier, check_fraction, check_positive_int
+from prunekit.training.method import SPARSIFIERS, SparseTrainingMethod, TrainingRun
 
 
 def round_sparsities(sparsity: float, per_round: float | None, rounds: int | None,
@@ -58,28 +59,67 @@ def round_sparsities(sparsity: float, per_round: float | None, rounds: int | Non
 
 
 @SPARSIFIERS.register("lottery")
-class LotteryTicket(Sparsifier):
-    name = "lottery"
-    default_distribution = "global"
+class LotteryTicketMethod(SparseTrainingMethod):
+    """A round's length, the step rewound to, and the per-round sparsities (at most one of
+    ``per_round``, ``rounds`` and ``schedule``; 20 % a round by default).
 
-    def __init__(self, model: nn.Module, sparsity: float, distribution: str | Mapping[str, Any] | None = None, *,
-                 steps_per_round: int, rewind_step: int = 0, per_round: float | None = None,
-                 rounds: int | None = None, schedule: Sequence[float] | None = None, **common: Any):
-        self.steps_per_round = check_positive_int(steps_per_round, f"{self.name}: steps_per_round")
-        self.rewind_step = check_step(rewind_step, f"{self.name}: rewind_step")
+    In a run of known length a round is the whole run, rewound to its first epoch when a round has
+    at least 4 epochs, else to initialisation; ``rewind_epoch`` gives the rewind point in epochs.
+    """
+
+    default_distribution = "global"
+    needs = frozenset({"schedule", "rounds"})
+
+    steps_per_round: int = Field(ge=1)
+    rewind_step: int = Field(0, ge=0, description="0 rewinds to initialisation")
+    per_round: float | None = Field(None, gt=0, lt=1, description="the share of remaining weights pruned a round")
+    rounds: int | None = Field(None, ge=1)
+    schedule: list[float] | None = Field(None, description="explicit increasing sparsities ending at the target")
+
+    @model_validator(mode="after")
+    def _rounds(self) -> "LotteryTicketMethod":
         if self.rewind_step >= self.steps_per_round:
-            raise PrunekitError(f"{self.name}: rewind_step {self.rewind_step} must come before the end of a round "
-                                f"({self.steps_per_round} steps)")
-        self.round_targets = round_sparsities(check_sparsity(sparsity, f"{self.name}: sparsity"), per_round, rounds,
-                                              schedule, self.name)
-        super().__init__(model, sparsity, distribution, **common)
+            raise ValueError(f"rewind_step {self.rewind_step} must come before the end of a round "
+                             f"({self.steps_per_round} steps)")
+        if sum(value is not None for value in (self.per_round, self.rounds, self.schedule)) > 1:
+            raise ValueError("give one of per_round, rounds or schedule, not several")
+        return self
+
+    @classmethod
+    def settings_for(cls, run: TrainingRun, given: Mapping[str, Any]) -> dict[str, Any]:
+        settings = {"steps_per_round": run.total_steps, "rewind_step": run.steps_per_epoch if run.epochs >= 4 else 0,
+                    **given}
+        if "rewind_epoch" in settings:
+            epoch = settings.pop("rewind_epoch")
+            if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+                raise PrunekitError(f"{cls.name}: rewind_epoch must be a whole number of epochs >= 0, got {epoch!r}")
+            settings["rewind_step"] = epoch * run.steps_per_epoch
+        return settings
+
+
+class LotteryTicket(Sparsifier):
+    method_class = LotteryTicketMethod
+
+    def prepare(self) -> None:
+        method = self.method
+        self.round_targets = round_sparsities(self.target_sparsity, method.per_round, method.rounds,
+                                              method.schedule, self.name)
         self.round = 0
         self.round_step = 0
         self.rewound = False
         self.snapshot: dict[str, torch.Tensor] | None = None
-        self.record("start")
+
+    def start(self) -> None:
         if self.rewind_step == 0:
             self.snapshot = self._state_to_rewind()
+
+    @property
+    def steps_per_round(self) -> int:
+        return self.method.steps_per_round
+
+    @property
+    def rewind_step(self) -> int:
+        return self.method.rewind_step
 
     @property
     def pruning_rounds(self) -> int:
@@ -94,9 +134,8 @@ class LotteryTicket(Sparsifier):
     def finished(self) -> bool:
         return self.round >= self.pruning_rounds
 
-    def settings(self) -> dict:
-        return {"steps_per_round": self.steps_per_round, "rewind_step": self.rewind_step,
-                "round_sparsities": self.round_targets}
+    def derived_settings(self) -> dict:
+        return {"round_sparsities": self.round_targets}
 
     def _tensors_to_rewind(self) -> dict[str, torch.Tensor]:
         """Every parameter and buffer of the model except the masks themselves."""

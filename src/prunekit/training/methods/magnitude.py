@@ -3,22 +3,22 @@ fine-tune" baseline (Han et al., 2015). Prunes when built; global magnitude by d
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
-from torch import nn
-
-from prunekit.training.base import SPARSIFIERS, Sparsifier
+from prunekit.training.base import Sparsifier
+from prunekit.training.method import SPARSIFIERS, SparseTrainingMethod
 
 
 @SPARSIFIERS.register("magnitude")
-class OneShotMagnitude(Sparsifier):
-    name = "magnitude"
-    default_distribution = "global"
+class OneShotMagnitudeMethod(SparseTrainingMethod):
+    """No settings. It prunes the model it is given, so a pipeline trains that model first."""
 
-    def __init__(self, model: nn.Module, sparsity: float, distribution: str | Mapping[str, Any] | None = None,
-                 **common: Any):
-        super().__init__(model, sparsity, distribution, **common)
-        self.record("start")
+    default_distribution = "global"
+    needs = frozenset({"trained_model"})
+
+
+class OneShotMagnitude(Sparsifier):
+    method_class = OneShotMagnitudeMethod
+
+    def start(self) -> None:
         scores = self.magnitude_scores()
         masks = self.masks_from_scores(scores, self.allocate(self.target_sparsity, scores), monotone_from=self.masks())
         self.apply_masks(masks, "prune")

@@ -9,13 +9,16 @@ from __future__ import annotations
 import torch
 
 from prunekit.training.at_init import AtInitialization
-from prunekit.training.base import SPARSIFIERS
+from prunekit.training.method import SPARSIFIERS, SparseTrainingMethod
 
 
 @SPARSIFIERS.register("random")
+class RandomPruningMethod(SparseTrainingMethod):
+    """No settings: the sparsifier's seed draws the mask, the distribution sets each layer's share."""
+
+
 class RandomPruning(AtInitialization):
-    name = "random"
-    default_distribution = "uniform"
+    method_class = RandomPruningMethod
 
     def compute_scores(self) -> dict[str, torch.Tensor]:
         return self.random_scores(self.generator(0))

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import torch
 
-from prunekit.training.base import SPARSIFIERS
-from prunekit.training.dynamic import DynamicSparsifier
+from prunekit.training.dynamic import DropAndGrowMethod, DynamicSparsifier
+from prunekit.training.method import SPARSIFIERS
 
 
 @SPARSIFIERS.register("rigl")
+class RigLMethod(DropAndGrowMethod):
+    needs = frozenset({"schedule", "gradients"})
+
+
 class RigL(DynamicSparsifier):
-    name = "rigl"
-    needs_gradients = True
+    method_class = RigLMethod
 
     def grow_scores(self) -> dict[str, torch.Tensor]:
         return {name: grad.abs() for name, grad in self.gradients().items()}

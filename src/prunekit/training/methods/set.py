@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import torch
 
-from prunekit.training.base import SPARSIFIERS
-from prunekit.training.dynamic import DynamicSparsifier
+from prunekit.training.dynamic import DropAndGrowMethod, DynamicSparsifier
+from prunekit.training.method import SPARSIFIERS
 
 
 @SPARSIFIERS.register("set")
+class SETMethod(DropAndGrowMethod):
+    """SET's settings are those of every drop-and-grow method; it grows at random, so it needs no gradient."""
+
+
 class SET(DynamicSparsifier):
-    name = "set"
+    method_class = SETMethod
 
     def grow_scores(self) -> dict[str, torch.Tensor]:
         return self.random_scores(self.generator(1, self.steps))

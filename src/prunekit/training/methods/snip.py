@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import torch
 
-from prunekit.training.at_init import DataScored
-from prunekit.training.base import SPARSIFIERS
+from prunekit.training.at_init import DataScored, DataScoredMethod
+from prunekit.training.method import SPARSIFIERS
 
 
 @SPARSIFIERS.register("snip")
+class SNIPMethod(DataScoredMethod):
+    """SNIP's settings: how many batches of the given data it scores on."""
+
+
 class SNIP(DataScored):
-    name = "snip"
+    method_class = SNIPMethod
 
     def compute_scores(self) -> dict[str, torch.Tensor]:
         with self.differentiable() as params:

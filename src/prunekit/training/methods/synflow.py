@@ -10,40 +10,62 @@ copy of the model in eval mode (the paper's choice against overflow); the model 
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
+from pydantic import Field, field_validator
 from torch import nn
 
 from prunekit.core.masks import get_mask
 from prunekit.errors import PrunekitError
 from prunekit.training.at_init import AtInitialization
-from prunekit.training.base import SPARSIFIERS, check_positive_int
+from prunekit.training.method import SPARSIFIERS, SparseTrainingMethod, TrainingRun
 
 
 @SPARSIFIERS.register("synflow")
+class SynFlowMethod(SparseTrainingMethod):
+    """SynFlow's settings: its iterations and the shape of one input (or give an ``example_input``)."""
+
+    default_distribution = "global"
+    needs = frozenset({"input_shape"})
+
+    iterations: int = Field(100, ge=1)
+    input_shape: tuple[int, ...] | None = Field(None, description="one input's shape, without the batch dimension")
+
+    @field_validator("input_shape")
+    @classmethod
+    def _positive(cls, shape: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if shape is not None and (not shape or any(size < 1 for size in shape)):
+            raise ValueError(f"input_shape must be positive sizes, got {shape}")
+        return shape
+
+    @classmethod
+    def settings_for(cls, run: TrainingRun, given: Mapping[str, Any]) -> dict[str, Any]:
+        return {"input_shape": run.input_shape, **given}
+
+
 class SynFlow(AtInitialization):
-    name = "synflow"
+    method_class = SynFlowMethod
 
     def __init__(self, model: nn.Module, sparsity: float, distribution: str | Mapping[str, Any] | None = None, *,
-                 input_shape: Sequence[int] | None = None, example_input: torch.Tensor | None = None,
-                 iterations: int = 100, **common: Any):
-        if (input_shape is None) == (example_input is None):
-            raise PrunekitError(f"{self.name}: give the shape of one input (input_shape) or an example_input")
-        if example_input is not None:
-            if not torch.is_tensor(example_input) or not example_input.is_floating_point():
-                raise PrunekitError(f"{self.name} feeds an all-ones input, so the model must take float inputs "
-                                    "(images, features), not token ids")
-            input_shape = tuple(example_input.shape[1:])
-        shape = tuple(int(size) for size in input_shape)
-        if not shape or any(size < 1 for size in shape):
-            raise PrunekitError(f"{self.name}: input_shape must be positive sizes, got {tuple(input_shape)}")
-        self.input_shape = shape
-        self.iterations = check_positive_int(iterations, f"{self.name}: iterations")
+                 example_input: torch.Tensor | None = None, **common: Any):
+        self.example_input = example_input
         super().__init__(model, sparsity, distribution, **common)
 
-    def settings(self) -> dict:
-        return {"iterations": self.iterations, "input_shape": list(self.input_shape)}
+    def prepare(self) -> None:
+        shape, example = self.method.input_shape, self.example_input
+        if (shape is None) == (example is None):
+            raise PrunekitError(f"{self.name}: give the shape of one input (input_shape) or an example_input")
+        if example is not None:
+            if not torch.is_tensor(example) or not example.is_floating_point():
+                raise PrunekitError(f"{self.name} feeds an all-ones input, so the model must take float inputs "
+                                    "(images, features), not token ids")
+            shape = tuple(example.shape[1:])
+        self.input_shape = tuple(int(size) for size in shape)
+        self.example_input = None  # only its shape is used
+
+    def derived_settings(self) -> dict:
+        return {"input_shape": list(self.input_shape)}
 
     def initial_masks(self) -> dict[str, torch.Tensor]:
         shadow = copy.deepcopy(self.model).double().eval()
@@ -61,7 +83,7 @@ class SynFlow(AtInitialization):
         ones = torch.ones((1, *self.input_shape), dtype=torch.float64, device=device)
         masks = {name: m.mask.clone() for name, m in shadow_masks.items()}  # existing masks stay
         density = 1.0 - self.target_sparsity
-        for iteration in range(1, self.iterations + 1):
+        for iteration in range(1, self.method.iterations + 1):
             with torch.enable_grad():
                 flow = shadow(ones).sum()
                 grads = torch.autograd.grad(flow, originals)
@@ -70,7 +92,7 @@ class SynFlow(AtInitialization):
             if not all(torch.isfinite(s).all() for s in scores.values()):
                 raise PrunekitError(f"{self.name}: the synaptic flow overflowed even in float64; "
                                     "the model is too deep for SynFlow")
-            step_sparsity = 1.0 - density ** (iteration / self.iterations)
+            step_sparsity = 1.0 - density ** (iteration / self.method.iterations)
             masks = self.masks_from_scores(scores, self.allocate(step_sparsity, scores), monotone_from=masks)
             with torch.no_grad():
                 for name, mask in masks.items():
