@@ -23,6 +23,14 @@ NEEDS = frozenset({
     "anchor_attention",    # the attention row of the [CLS] or last token (token methods)
     "features",            # hidden states (token methods)
     "labels",              # class labels of the examples (data scores)
+    "data",                # batches of training data before training starts (SNIP, GraSP)
+    "input_shape",         # the shape of one input, to build data-free inputs (SynFlow)
+    "rounds",              # training in rounds, rewound between them (lottery tickets)
+    "trained_model",       # a dense model trained first (one-shot magnitude, then fine-tuning)
+    "mask",                # an existing mask to keep (recovery fine-tuning)
+    "proxy_model",         # a small model trained on the data (data scores)
+    "proxy_training",      # that proxy's training run, epoch by epoch (data scores)
+    "reference_model",     # a pretrained model that scores each example (perplexity)
 })
 
 

@@ -65,6 +65,12 @@ class Registry(Generic[T]):
         except (TypeError, ValueError) as exc:
             raise PrunekitError(f"{self.kind} {cls.name}: {str(exc).splitlines()[0]}") from None
 
+    def unregister(self, name: str) -> None:
+        """Forget ``name`` (a method registered for a while, by a test or a plugin that is unloaded)."""
+        self._discover()
+        if self._items.pop(str(name).lower(), None) is None:
+            raise PrunekitError(f"unknown {self.kind} '{name}'")
+
     def _discover(self) -> None:
         if self._discovered:
             return
@@ -113,7 +119,9 @@ def _parse_spec(spec: "str | Mapping[str, Any]", kind: str) -> tuple[str, dict[s
 
 
 def _explain(exc: ValidationError, cls: Any, kind: str) -> PrunekitError:
-    problem = exc.errors()[0]
+    errors = exc.errors()
+    # A misspelt setting also leaves its real name missing: name the misspelling, not the absence.
+    problem = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     where = ".".join(str(p) for p in problem["loc"]) or "settings"
     if problem["type"] == "extra_forbidden":
         fields = getattr(cls, "model_fields", {})
