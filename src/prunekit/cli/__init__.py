@@ -1,7 +1,8 @@
 """The ``prunekit`` command: a thin typer app over the Python API.
 
-Each module of this package adds its commands to ``prunekit.cli.app.app``; ``main`` turns
-user errors into one line and a non-zero exit.
+Each module of this package adds its commands to ``prunekit.cli.app.app``; ``main`` keeps the CLI's
+promise for all of them (``cli/contract.py``): every ending is one line and an exit code, 0 done,
+2 for what the user can fix, 130 interrupted (saying what was kept), 1 a bug in prunekit.
 """
 
 from __future__ import annotations
@@ -9,11 +10,11 @@ from __future__ import annotations
 import os
 import sys
 
-import click
-
+from prunekit.cli import contract
 from prunekit.cli.app import app
 from prunekit.core.registry import import_submodules
 from prunekit.errors import PrunekitError
+from prunekit.io.lock import unlock_all_outputs
 
 import_submodules("prunekit.cli")
 
@@ -21,31 +22,55 @@ import_submodules("prunekit.cli")
 def main(argv: list[str] | None = None) -> int:
     from prunekit.core.progress import console
 
+    def say(text: str) -> None:
+        console.print(text, highlight=False, soft_wrap=True)
+
     _quiet_libraries()
     try:
-        result = app(args=argv, prog_name="prunekit", standalone_mode=False)
-        return result if isinstance(result, int) else 0
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
+        return _invoke(sys.argv[1:] if argv is None else list(argv))
+    except contract.NO_ARGS_HELP as exc:  # `prunekit` or `prunekit data` alone: the help is the answer
         exc.show()
+        return 0
+    except contract.EXITS as exc:  # --help, or a command ending early on purpose
         return exc.exit_code
-    except click.exceptions.Abort:
-        console.print("aborted")
-        return 130
+    except contract.USAGE_ERRORS as exc:  # a bad option, value or command: the parser's word, one line
+        say(f"[bold red]error:[/bold red] {contract.usage_message(exc)}")
+        return 2
     except PrunekitError as exc:
-        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        say(f"[bold red]error:[/bold red] {exc}")
         return exc.exit_code
-    except KeyboardInterrupt:
-        console.print("interrupted; nothing was written")
+    except (KeyboardInterrupt, *contract.ABORTS) as exc:
+        say(contract.interrupted_message(exc))
         return 130
-    except Exception as exc:  # a bug in prunekit: still one line unless asked for the traceback
+    except Exception as exc:
+        disk_full = contract.disk_full_message(exc)
+        if disk_full is not None:
+            say(f"[bold red]error:[/bold red] {disk_full}")
+            return 2
         if os.environ.get("PRUNEKIT_DEBUG"):
             raise
+        # A bug in prunekit: still one line unless asked for the traceback.
         text = str(exc).strip().splitlines()
-        console.print(f"[bold red]internal error:[/bold red] {type(exc).__name__}: {text[0] if text else ''} "
-                      "(set PRUNEKIT_DEBUG=1 for the traceback)", highlight=False, soft_wrap=True)
+        say(f"[bold red]internal error:[/bold red] {type(exc).__name__}: {text[0] if text else ''} "
+            "(set PRUNEKIT_DEBUG=1 for the traceback)")
         return 1
+    finally:
+        # Outputs this command checked but never wrote (it failed or was interrupted between).
+        unlock_all_outputs()
+
+
+def _invoke(args: list[str]) -> int:
+    """Parse and run one command, letting every exception through to ``main``.
+
+    Not ``app(standalone_mode=False)``: typer's own handling turns Ctrl-C into a silent exit code 130
+    before ``main`` could say what was kept, and prints parser errors over several lines.
+    """
+    import typer
+
+    command = typer.main.get_command(app)
+    with command.make_context("prunekit", args) as ctx:
+        result = command.invoke(ctx)
+    return result if isinstance(result, int) else 0
 
 
 def _quiet_libraries() -> None:

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 import typer
 
+from prunekit.cli import contract
 from prunekit.cli.app import app
 from prunekit.errors import PrunekitError
 
@@ -64,12 +65,7 @@ def _data_options(text_field: str, label_field: str, no_labels: bool, features: 
 
 
 def _threads(threads: Optional[int]) -> None:
-    import torch
-
-    if threads is not None:
-        if threads < 1:
-            raise PrunekitError(f"--threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
+    contract.apply_threads(threads)
 
 
 def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
@@ -99,6 +95,7 @@ def _scoring_arguments(score: list[str], score_arg: Optional[list[str]], epochs:
     names = [s.strip().lower() for s in score if s.strip()]
     if not names:
         raise PrunekitError("give at least one --score")
+    contract.check_device(device)
     settings = _score_settings(score_arg, names)
     specs = [(name, settings.get(name, {})) for name in names]
     proxy = ProxyConfig(model=proxy_model, epochs=epochs, seeds=seeds, batch_size=batch_size, lr=lr,

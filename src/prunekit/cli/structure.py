@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import typer
 
+from prunekit.cli import contract
 from prunekit.cli.app import app
 from prunekit.errors import PrunekitError
 
@@ -130,6 +131,7 @@ def shrink(
     """Remove whole neurons, attention heads and blocks so the model gets smaller and faster; write it and a report."""
     from prunekit.structure.job import run_shrink_job
 
+    contract.check_threads(threads)
     sizes = None
     if batch_sizes is not None:
         try:

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import typer
 
+from prunekit.cli import contract
 from prunekit.cli.app import app
 from prunekit.core.progress import console
 from prunekit.errors import PrunekitError
@@ -86,12 +87,10 @@ def evaluate_command(
     seed: int = typer.Option(0, help="seed of the random method"),
     attn_implementation: Optional[str] = typer.Option(None, help="Hugging Face models: sdpa or eager [default: the "
                                                                  "library's choice]"),
-    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for torch [default: torch's choice]"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch [default: torch's choice]"),
     overwrite: bool = typer.Option(False, help="replace an existing output directory"),
 ) -> None:
     """Apply token reduction methods at several rates to a model; measure quality, throughput and FLOPs."""
-    import torch
-
     from prunekit.evaluate.report import write_json
     from prunekit.io.atomic import atomic_directory, check_output_dir, write_text
     from prunekit.tokens import find_family, get_method
@@ -101,6 +100,7 @@ def evaluate_command(
     from prunekit.tokens.loading import load_token_model
     from prunekit.tokens.patch import resolve_layers
 
+    contract.check_threads(threads)
     method_names = [name.strip().lower() for name in methods.split(",") if name.strip()]
     if not method_names:
         raise PrunekitError("--methods is empty")
@@ -116,8 +116,7 @@ def evaluate_command(
     if attn_implementation not in (None, "sdpa", "eager"):
         raise PrunekitError(f"--attn-implementation must be sdpa or eager, got '{attn_implementation}'")
     out_path = check_output_dir(out, overwrite, inputs=(model,))
-    if threads:
-        torch.set_num_threads(threads)
+    contract.apply_threads(threads)
 
     loaded = load_token_model(model, attn_implementation)
     family = find_family(loaded.model)

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import typer
 
+from prunekit.cli import contract
 from prunekit.cli.app import app
 from prunekit.errors import PrunekitError
 
@@ -73,12 +74,9 @@ def fashion_mnist(
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch [default: torch's choice]"),
 ) -> None:
     """Train a small CNN or MLP on Fashion-MNIST with a sparse-training method; write the model and a report."""
-    import torch
-
     from prunekit.training.vision_job import VisionTrainingRecipe, run_vision_job
 
-    if threads:
-        torch.set_num_threads(threads)
+    contract.apply_threads(threads)
     values = {"method": method, "model": model, "sparsity": sparsity, "epochs": epochs,
               "finetune_epochs": finetune_epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
               "seed": seed, "train_limit": train_limit, "test_limit": test_limit,
@@ -113,12 +111,9 @@ def recover(
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch"),
 ) -> None:
     """Fine-tune a one-shot-pruned language model on the calibration text, keeping every pruned weight at zero."""
-    import torch
-
     from prunekit.training.recovery import RecoveryRecipe, run_recovery_job
 
-    if threads:
-        torch.set_num_threads(threads)
+    contract.apply_threads(threads)
     values: dict[str, Any] = {"model": model, "prune": prune, "sparsity": sparsity, "mode": mode, "steps": steps,
                               "batch_size": batch_size, "lr": lr, "rank": rank, "alpha": alpha,
                               "train_windows": train_windows, "train_seq_len": train_seq_len, "seed": seed}

@@ -9,6 +9,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
+from prunekit.cli import contract
 from prunekit.cli.app import app
 from prunekit.core.progress import console
 from prunekit.errors import PrunekitError
@@ -102,12 +103,9 @@ def prune(
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch [default: torch's choice]"),
 ) -> None:
     """Prune a causal language model's weights and write it, its compressed copy and a report."""
-    import torch
-
     from prunekit.weights.job import run_prune_job
 
-    if threads:
-        torch.set_num_threads(threads)
+    contract.apply_threads(threads)
     settings = {"model": model, "sparsity": sparsity, "pattern": pattern, "method": method, "allocation": allocation,
                 "evaluate": evaluate, "include": include or None, "exclude": exclude or None,
                 "overrides": _overrides(layer_sparsity) or None, "sequential": sequential, "batch_size": batch_size,
@@ -120,6 +118,7 @@ def prune(
                           _key_values(allocation_arg, "--allocation-arg"))
     if not (built.save_dense or built.save_compressed):
         raise PrunekitError("--no-dense and --no-compressed together would write no model")
+    contract.check_device(built.device)
     outcome = run_prune_job(built, out, overwrite, resume=resume)
     if outcome.out_dir is not None:  # under torchrun only rank 0 writes and reports
         _print_summary(outcome.report, outcome.out_dir)

@@ -20,6 +20,8 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
+from prunekit.io.atomic import scratch_path
+
 SAFETENSORS_DTYPES = {  # torch dtype -> the name a safetensors header gives it (read and written)
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -65,13 +67,16 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
         return
     prepared = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
     order, header = _header({name: (t.dtype, list(t.shape)) for name, t in prepared.items()}, metadata)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(struct.pack("<Q", len(header)))
-        handle.write(header)
-        for name in order:
-            _write_bytes(handle, prepared[name])
-    os.replace(tmp, path)
+    tmp = scratch_path(path, "tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(struct.pack("<Q", len(header)))
+            handle.write(header)
+            for name in order:
+                _write_bytes(handle, prepared[name])
+        os.replace(tmp, path)
+    finally:  # a failed write (a full disk) leaves nothing half-written behind
+        tmp.unlink(missing_ok=True)
 
 
 def write_safetensors_one_by_one(path: str | os.PathLike, tensors: Iterable[tuple[str, torch.Tensor]],
@@ -84,7 +89,8 @@ def write_safetensors_one_by_one(path: str | os.PathLike, tensors: Iterable[tupl
     ``metadata`` may be a callable, called after the last tensor (a manifest built while encoding).
     """
     path = Path(path)
-    scratch = path.with_name(f".{path.name}.data")
+    scratch = scratch_path(path, "data")
+    tmp = scratch_path(path, "tmp")
     placed: dict[str, tuple[torch.dtype, list[int], int, int]] = {}  # dtype, shape, offset, size in the scratch file
     try:
         with open(scratch, "wb") as handle:
@@ -100,7 +106,6 @@ def write_safetensors_one_by_one(path: str | os.PathLike, tensors: Iterable[tupl
                 del tensor
         order, header = _header({n: (d, s) for n, (d, s, _o, _z) in placed.items()},
                                 metadata() if callable(metadata) else metadata)
-        tmp = path.with_name(f".{path.name}.tmp")
         with open(tmp, "wb") as handle, open(scratch, "rb") as source:
             handle.write(struct.pack("<Q", len(header)))
             handle.write(header)
@@ -114,3 +119,4 @@ def write_safetensors_one_by_one(path: str | os.PathLike, tensors: Iterable[tupl
         os.replace(tmp, path)
     finally:
         scratch.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)

@@ -12,6 +12,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from prunekit.errors import PrunekitError
+from prunekit.io.atomic import write_text
 from prunekit.io.checkpoint import COMPRESSED_MARKER
 from prunekit.io.safetensors_file import TORCH_DTYPES, Loader, write_safetensors
 
@@ -76,7 +77,10 @@ class ShardedCheckpoint:
                 raise PrunekitError(f"shard {file} of {self.directory} is corrupt: {exc}") from None
             self._keys[file] = keys
             if self._manifests is None and weight_map is None:
-                self.weight_map.update({key: file for key in keys})
+                # Sorted, not in the set's order: that order follows PYTHONHASHSEED, and the tensors
+                # outside the blocks are written in this order (a streamed run's last shard and its
+                # manifest), so the output's bytes would differ from one run to the next.
+                self.weight_map.update({key: file for key in sorted(keys)})
         if weight_map is not None:
             for name, file in weight_map.items():
                 if name not in self._keys[file]:
@@ -118,7 +122,7 @@ class ShardedCheckpoint:
             with safe_open(str(self.directory / file), framework="pt") as handle:
                 if self._manifests is None:
                     return handle.get_tensor(name)
-                stored = {key: handle.get_tensor(key) for key in self._keys[file] if key.startswith(name + "::")}
+                stored = {key: handle.get_tensor(key) for key in sorted(self._keys[file]) if key.startswith(name + "::")}
             from prunekit.io import sparse_format
 
             return sparse_format.decode(stored, self._manifests[name])[name]
@@ -207,9 +211,35 @@ def write_index(directory: Path, shards: list[str]) -> None:
                     numel *= size
                 total += numel * torch.empty((), dtype=_dtype(tensor_slice.get_dtype())).element_size()
     text = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-    tmp = directory / f".{INDEX}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, directory / INDEX)
+    write_text(directory / INDEX, text)
+
+
+# A compressed copy of pruned weights stays below this share of the dense one (bitmask + values at
+# 50 % sparsity is about 0.53; layers kept dense count fully, hence the margin).
+COMPRESSED_SHARE = 0.7
+
+
+def saved_model_bytes(tensor_bytes: int, dense: bool = True, compressed: bool = False) -> int:
+    """Bytes a pruned model of ``tensor_bytes`` takes once saved dense and/or compressed."""
+    return (tensor_bytes if dense else 0) + (int(tensor_bytes * COMPRESSED_SHARE) if compressed else 0)
+
+
+def model_tensor_bytes(model_dir: str | os.PathLike | None, dtype: torch.dtype | str | None = None) -> int:
+    """Bytes of a model directory's tensors once loaded in ``dtype``: a job's estimate of what it will write.
+
+    Read from the safetensors headers (exact); for other formats the weight files' sizes. 0 when
+    there is nothing local to measure (a hub id), so the free-space check then passes.
+    """
+    if model_dir is None or not Path(model_dir).is_dir():
+        return 0
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+        dtype = dtype if isinstance(dtype, torch.dtype) else None
+    try:
+        return ShardedCheckpoint(model_dir).tensor_bytes(dtype)
+    except PrunekitError:  # no safetensors (or broken ones, which the loader reports in its own words)
+        return sum(path.stat().st_size for path in Path(model_dir).iterdir()
+                   if path.is_file() and path.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -25,6 +25,7 @@ from prunekit.evaluate.perplexity import perplexity, window_losses
 from prunekit.evaluate.report import environment, human_bytes, markdown_table, write_json
 from prunekit.evaluate.resources import Measured
 from prunekit.io.atomic import atomic_directory, check_output_dir
+from prunekit.io.shards import model_tensor_bytes
 from prunekit.models.base import ModelAdapter, adapter_for
 from prunekit.models.loading import parse_dtype, resolve_model_dir
 from prunekit.structure.depth import prune_depth
@@ -143,7 +144,9 @@ def _encoder_windows(tokenizer, protocol: TextProtocol, part: str) -> torch.Tens
 
 
 def run_shrink_job(recipe: ShrinkRecipe, out: str | Path, overwrite: bool = False) -> ShrinkOutcome:
-    out_path = check_output_dir(out, overwrite, inputs=(recipe.model,))
+    # The shrunk model is at most the original's size (once more as model.onnx with --onnx).
+    out_path = check_output_dir(out, overwrite, inputs=(recipe.model,), expected_bytes=lambda: (1 + recipe.onnx) *
+                                model_tensor_bytes(resolve_model_dir(recipe.model)[1], recipe.dtype))
     torch.manual_seed(recipe.data.seed)
     protocol = recipe.data.protocol()
     loaded = load_hf(recipe.model, recipe.dtype, recipe.trust_remote_code)

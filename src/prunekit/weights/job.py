@@ -21,7 +21,7 @@ from prunekit.io.atomic import atomic_directory, check_output_dir, directory_siz
 from prunekit.io.checkpoint import COMPRESSED_WEIGHTS, write_compressed, write_dense
 from prunekit.io.sparse_format import manifest_size_without_codec
 from prunekit.models.base import adapter_for
-from prunekit.io.shards import ShardedCheckpoint
+from prunekit.io.shards import ShardedCheckpoint, model_tensor_bytes, saved_model_bytes
 from prunekit.models.loading import LoadedModel, load_causal_lm, resolve_model_dir
 from prunekit.errors import PrunekitError
 from prunekit.weights.pipeline import PruneResult, check_finite_weights, prune_weights
@@ -109,7 +109,8 @@ def run_prune_job(recipe: WeightPruningRecipe, out: str | Path, overwrite: bool 
         set_enabled(False)
     if recipe.stream or resume:
         return _run_streamed(recipe, out, overwrite, resume, group)
-    out_path = check_output_dir(out, overwrite, inputs=(recipe.model,))
+    out_path = check_output_dir(out, overwrite, inputs=(recipe.model,), expected_bytes=lambda: saved_model_bytes(
+        model_tensor_bytes(resolve_model_dir(recipe.model)[1], recipe.dtype), recipe.save_dense, recipe.save_compressed))
     torch.manual_seed(recipe.data.seed)
     protocol = recipe.data.protocol()
     loaded = _load(recipe)

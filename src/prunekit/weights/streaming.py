@@ -32,7 +32,6 @@ import json
 import os
 import shutil
 import signal
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,10 +44,11 @@ from prunekit.core.calibration import HEAD, BlockInputs, SequentialCalibration, 
 from prunekit.core.distributed import ProcessGroup
 from prunekit.core.progress import progress_bar
 from prunekit.errors import PrunekitError
-from prunekit.io.atomic import replace_directory, write_text
+from prunekit.io.atomic import (check_free_space, make_temporary_dir, replace_directory, scratch_path,
+                                 writing_output, write_text)
 from prunekit.io.checkpoint import COMPRESSED_MARKER, write_compressed_shard
 from prunekit.io import sparse_format
-from prunekit.io.shards import INDEX, shard_name, write_index, write_shard
+from prunekit.io.shards import INDEX, saved_model_bytes, shard_name, write_index, write_shard
 from prunekit.io.sparse_format import FORMAT_NAME, FORMAT_VERSION, manifest_size_without_codec
 from prunekit.models.streamed import StreamedModel
 from prunekit.weights.pipeline import (
@@ -68,9 +68,6 @@ FAULT_ENV = "PRUNEKIT_FAULT_AT"
 # Every point ``_fault`` is called at, in run order; those marked per block take ``:<block>``.
 FAULT_POINTS = ("created", "allocated", "shard:", "activations:", "committed:", "cleaned:", "outside",
                 "outside_committed", "released", "assembled", "finalized", "complete", "renamed")
-# Compressed shards of pruned weights stay below this share of the dense ones (bitmask + values
-# at 50 % is about 0.53; layers kept dense count fully, hence the margin).
-_COMPRESSED_SHARE = 0.7
 
 
 @dataclass
@@ -111,7 +108,7 @@ def _activations_path(work: Path, rank: int, block: int) -> Path:
 
 
 def _save_activations(path: Path, inputs: BlockInputs) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = scratch_path(path)
     torch.save({"hidden": inputs.hidden, "args": inputs.args, "kwargs": inputs.kwargs,
                 "hidden_as_kwarg": inputs.hidden_as_kwarg}, tmp)
     os.replace(tmp, path)
@@ -149,13 +146,6 @@ def _copy_side_files(source: Path, target: Path, untied: bool, dtype: torch.dtyp
         write_text(config_path, json.dumps({**config, **updates}, indent=2))
 
 
-def _check_disk(out: Path, needed: int) -> None:
-    free = shutil.disk_usage(out.parent).free
-    if free < needed:
-        raise PrunekitError(f"not enough disk space for {out}: {needed / 2**30:.2f} GiB needed, "
-                            f"{free / 2**30:.2f} GiB free")
-
-
 def _different_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     keys = sorted(set(saved) | set(current))
     return [f"{key}: {saved.get(key)!r} → {current.get(key)!r}" for key in keys if saved.get(key) != current.get(key)]
@@ -173,8 +163,7 @@ def _read_state(path: Path) -> dict:
 
 def _needed_bytes(streamed: StreamedModel, windows: torch.Tensor | None, save_dense: bool,
                   save_compressed: bool) -> int:
-    dense = streamed.checkpoint.tensor_bytes(streamed.dtype)
-    needed = (dense if save_dense else 0) + (int(dense * _COMPRESSED_SHARE) if save_compressed else 0)
+    needed = saved_model_bytes(streamed.checkpoint.tensor_bytes(streamed.dtype), save_dense, save_compressed)
     if windows is not None:
         # A block's inputs and outputs are on disk together for a moment.
         hidden = getattr(streamed.config, "hidden_size", 0) or 0
@@ -182,6 +171,40 @@ def _needed_bytes(streamed: StreamedModel, windows: torch.Tensor | None, save_de
     return needed
 
 
+def _one_writer(run: Callable[..., StreamResult]) -> Callable[..., StreamResult]:
+    """Hold the locks on ``out`` and ``out.partial`` for the whole run (the writer's; other ranks only read).
+
+    Two runs on one output interleaved their shards and corrupted it; with the locks the second is
+    refused at once. An interruption leaves the partial run: the exception says so (``_kept_in``).
+    """
+    @functools.wraps(run)
+    def locked(model_dir: str | Path, out: str | Path, **kwargs: Any) -> StreamResult:
+        group = kwargs.get("group")
+        if group is not None and not group.is_writer:
+            return run(model_dir, out, **kwargs)
+        work = partial_dir(Path(out).expanduser().resolve())
+        with writing_output(out), writing_output(work, keeps=lambda: _kept_in(work)):
+            return run(model_dir, out, **kwargs)
+    return locked
+
+
+def _kept_in(work: Path) -> str | None:
+    """What an interrupted run leaves in its partial directory, and how to continue it."""
+    try:
+        state = json.loads((work / STATE_FILE).read_text())
+        done = int(state["completed_blocks"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no partial run on disk: nothing was kept
+    if state.get("status") == "complete":
+        kept = "the finished run (only its rename was missing)"
+    elif done:
+        kept = f"blocks 0..{done - 1}" if done > 1 else "block 0"
+    else:
+        kept = "the run's settings (no block finished yet)"
+    return f"{kept} kept in {work}; rerun the same command with --resume to continue"
+
+
+@_one_writer
 def prune_streaming(model_dir: str | Path, out: str | Path, *, method: Any = "wanda", sparsity: float | None = 0.5,
                     pattern: str | None = None, allocation: Any = "uniform", calibration: torch.Tensor | None = None,
                     include: Sequence[str] = (), exclude: Sequence[str] = (),
@@ -446,13 +469,12 @@ def _open_work_dir(work: Path, out: Path, settings: dict, resume: bool, overwrit
             raise PrunekitError(f"an interrupted run is in {work}; add --resume to continue it, "
                                 "or --overwrite to start over")
         _remove_tree(work)
-    for abandoned in work.parent.glob(f".{work.name}.*"):  # left by a kill while creating or removing
-        _remove_tree(abandoned)
-    _check_disk(out, needed_bytes())
+    # What a kill left while creating or removing a partial directory went when its lock was taken.
+    check_free_space(out, needed_bytes())
     state = {"status": "running", "settings": settings, "completed_blocks": 0, "layers": [], "block_seconds": [],
              "sparsities": None, "outside": None}
     # Built beside and renamed, so a partial directory always holds a state to resume from.
-    fresh = Path(tempfile.mkdtemp(prefix=f".{work.name}.new-", dir=work.parent))
+    fresh = make_temporary_dir(work.parent, f".{work.name}.new-")
     (fresh / COMPRESSED_SUBDIR).mkdir()
     write_text(fresh / STATE_FILE, json.dumps(state, indent=1))
     os.replace(fresh, work)
@@ -470,8 +492,9 @@ def _remove_tree(path: Path) -> None:
 def _remove_stale(work: Path, state: dict, calibrated: bool) -> None:
     """Files a killed step left behind: half-written temporaries, activations no step will read."""
     for directory in (work, work / COMPRESSED_SUBDIR):
-        for tmp in directory.glob(".*.tmp*"):
-            tmp.unlink(missing_ok=True)
+        for pattern in (".*.tmp*", ".*.data*"):
+            for tmp in directory.glob(pattern):
+                tmp.unlink(missing_ok=True)
     keep = state["completed_blocks"] if calibrated and state.get("outside") is None else None
     for path in work.glob("activations.rank*.block*.pt"):
         if keep is None or not path.name.endswith(f".block{keep:05d}.pt"):
