@@ -109,8 +109,7 @@ def _activations_path(work: Path, rank: int, block: int) -> Path:
 
 def _save_activations(path: Path, inputs: BlockInputs) -> None:
     tmp = scratch_path(path)
-    torch.save({"hidden": inputs.hidden, "args": inputs.args, "kwargs": inputs.kwargs,
-                "hidden_as_kwarg": inputs.hidden_as_kwarg}, tmp)
+    torch.save(inputs.to_state(), tmp)
     os.replace(tmp, path)
 
 
@@ -120,7 +119,7 @@ def _load_activations(path: Path) -> BlockInputs:
                             "start over with --overwrite")
     try:
         data = torch.load(path, weights_only=True)
-        return BlockInputs(data["hidden"], data["args"], data["kwargs"], data["hidden_as_kwarg"])
+        return BlockInputs.from_state(data)
     except Exception as exc:  # torch.load raises many types for a damaged file
         raise PrunekitError(f"cannot resume: {path.name} is unreadable ({type(exc).__name__}); "
                             "start over with --overwrite") from None
@@ -284,9 +283,10 @@ def prune_streaming(model_dir: str | Path, out: str | Path, *, method: Any = "wa
     first = state["completed_blocks"]
     if calibrated and state.get("outside") is None:
         if first > 0:
+            calibration_steps.attach(streamed.model, windows, batch_size)
             calibration_steps.inputs = _load_activations(_activations_path(work, rank, first))
         else:
-            with streamed.loaded(*streamed.pre_block_modules()):
+            with streamed.loaded(*streamed.capture_modules()):
                 calibration_steps.capture(streamed.model, windows, batch_size)
     layers: list[dict] = state["layers"]
     block_seconds: list[float] = state["block_seconds"]
@@ -295,14 +295,14 @@ def prune_streaming(model_dir: str | Path, out: str | Path, *, method: Any = "wa
         for index in range(first, len(blocks)):
             block_started = time.perf_counter()
             block = blocks[index]
-            targets = by_block.get(index, {})
+            targets = by_block.get(index, [])
             with streamed.loaded(block):
                 _check_finite_block(block, adapter.block_name(index))
                 if calibrated:
                     calibration_steps.run_block(index, block, targets)
                 else:
                     with torch.no_grad():
-                        for target in targets.values():
+                        for target in targets:
                             pruner.process(target, None)
                 prefix = adapter.block_name(index)
                 tensors = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
@@ -511,13 +511,13 @@ def _stream_pass(streamed: StreamedModel, steps: SequentialCalibration, windows:
                  by_block: dict, description: str) -> None:
     """Run calibration windows through every block once (loading and releasing each)."""
     blocks = streamed.adapter.blocks()
-    with streamed.loaded(*streamed.pre_block_modules()):
+    with streamed.loaded(*streamed.capture_modules()):
         steps.capture(streamed.model, windows, batch_size)
     last = max((b for b in by_block if b != HEAD), default=-1)
     with progress_bar(description, last + 1) as bar:
         for index in range(last + 1):
             with streamed.loaded(blocks[index]):
-                steps.run_block(index, blocks[index], by_block.get(index, {}))
+                steps.run_block(index, blocks[index], by_block.get(index, []))
             bar.advance()
 
 
@@ -540,7 +540,8 @@ def _finish_outside_blocks(streamed: StreamedModel, plan, sparsities, pruner, st
     tensors: dict[str, torch.Tensor | Callable[[], torch.Tensor]] = {
         name: functools.partial(_read_as, streamed, name) for name in streamed.outside_blocks()}
     if outside_targets:
-        modules = [m for m in (embeddings, norm, head) if m is not None and not (m is head and streamed.tied)]
+        # The head's inputs come from the model's own code after the blocks, which reads everything outside them.
+        modules = streamed.modules_outside_blocks()
         with streamed.loaded(*modules):
             if untied:
                 head.weight = torch.nn.Parameter(embeddings.weight.detach().clone())
