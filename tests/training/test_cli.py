@@ -13,7 +13,7 @@ BASE = ["train", "fashion-mnist", "--model", "mlp", "--epochs", "2", "--train-li
 
 def test_rigl_run_writes_model_report_and_plots(tmp_path, capsys, fashion_small):
     out = tmp_path / "rigl"
-    code = main(BASE + ["--method", "rigl", "--sparsity", "0.9", "--distribution", "erk", "--out", str(out),
+    code = main(BASE + ["--method", "rigl", "--ratio", "0.9", "--allocation", "erk", "--out", str(out),
                         "--method-arg", "update_interval=4"])
     assert code == 0
     for name in ("model.safetensors", "report.json", "report.md", "sparsity_over_training.png", "training.png",
@@ -39,7 +39,7 @@ def test_rigl_run_writes_model_report_and_plots(tmp_path, capsys, fashion_small)
 
 def test_lottery_run_reports_every_round(tmp_path, fashion_small):
     out = tmp_path / "lth"
-    assert main(BASE + ["--method", "lottery", "--sparsity", "0.8", "--out", str(out),
+    assert main(BASE + ["--method", "lottery", "--ratio", "0.8", "--out", str(out),
                         "--method-arg", "schedule=[0.5,0.8]"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert [round(r["sparsity"], 2) for r in report["training"]["rounds"]] == [0.0, 0.5, 0.8]
@@ -47,11 +47,11 @@ def test_lottery_run_reports_every_round(tmp_path, fashion_small):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--method", "rigl", "--sparsity", "1.5"], "sparsity must be in \\[0, 1\\)"),
+    (["--method", "rigl", "--ratio", "1.5"], "ratio must be in \\[0, 1\\)"),
     (["--method", "gmp", "--method-arg", "start_step=30", "--method-arg", "end_step=10"], "ends \\(step 10\\) before it starts"),
     (["--method", "rigl", "--method-arg", "update_interval=0"], "update_interval: Input should be greater than or equal to 1"),
     (["--method", "wizard"], "unknown method 'wizard'"),
-    (["--method", "rigl", "--distribution", "owl"], "needs calibration activations"),
+    (["--method", "rigl", "--allocation", "owl"], "needs calibration activations"),
     (["--method", "magnitude", "--method-arg", "flavour=1"], "magnitude has no setting 'flavour'"),
     (["--method", "rigl", "--epochs", "0"], "epochs"),
 ])

@@ -31,11 +31,11 @@ def yaml_value(text: str, what: str) -> Any:
         raise PrunekitError(f"{what}: cannot read '{text}' (a number, word or [list])") from None
 
 
-def key_values(items: Iterable[str] | None, what: str, separator: str = "=") -> dict[str, Any]:
-    """``KEY=VALUE`` items (values as YAML scalars); ``separator`` "rpartition" for keys that may hold '='."""
+def key_values(items: Iterable[str] | None, what: str, split_at_last: bool = False) -> dict[str, Any]:
+    """``KEY=VALUE`` items (values as YAML scalars); ``split_at_last`` for keys that may hold '=' themselves."""
     result: dict[str, Any] = {}
     for item in items or []:
-        key, sep, value = item.rpartition("=") if separator == "last" else item.partition("=")
+        key, sep, value = item.rpartition("=") if split_at_last else item.partition("=")
         if not sep or not key.strip():
             raise PrunekitError(f"{what} '{item}' must look like KEY=VALUE")
         result[key.strip()] = yaml_value(value, f"{what} '{item}'")
@@ -92,19 +92,30 @@ def _method_spec(current: Any, name: str | None, settings: Mapping[str, Any]) ->
 
 
 def build_recipe(recipe_type: type[RecipeModel], recipe_file: Path | None, options: Mapping[str, Any],
-                 methods: Mapping[str, tuple[str | None, Mapping[str, Any]]] | None = None) -> RecipeModel:
+                 methods: Mapping[str, tuple] | None = None) -> RecipeModel:
     """The recipe a command runs: ``recipe_file``'s settings, then ``options`` (dotted keys; None = not given),
-    then ``methods``: recipe key → (method name or None, its KEY=VALUE settings)."""
+    then ``methods``: recipe key → (method name or None, its KEY=VALUE settings[, the key holding them when
+    the recipe keeps a method's settings beside its name])."""
     data: dict[str, Any] = {}
     if recipe_file is not None:
         data = recipe_type.from_yaml(recipe_file).model_dump(mode="json", by_alias=True)
     for key, value in options.items():
         if value is not NOT_GIVEN:
             _set_nested(data, key, value)
-    for key, (name, settings) in (methods or {}).items():
-        spec = _method_spec(data.get(key), name, settings)
+    for key, entry in (methods or {}).items():
+        name, settings = entry[0], entry[1]
+        settings_key = entry[2] if len(entry) > 2 else None
+        if settings_key is None:
+            spec = _method_spec(data.get(key), name, settings)
+            if spec is not None:
+                data[key] = spec
+            continue
+        current = {"name": data.get(key), **(data.get(settings_key) or {})} if data.get(key) else None
+        spec = _method_spec(current, name, settings)
         if spec is not None:
-            data[key] = spec
+            spec = dict(spec)
+            data[key] = spec.pop("name")
+            data[settings_key] = spec
     return recipe_type.build(data, where="settings")
 
 

@@ -3,51 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
 from prunekit.cli import contract
 from prunekit.cli.app import app
-from prunekit.errors import PrunekitError
+from prunekit.cli.options import build_recipe, deprecated, key_values, run_job
 
 train_app = typer.Typer(help="Sparse training (GMP, lottery tickets, SNIP/GraSP/SynFlow, SET/RigL, ...) and "
                              "recovery fine-tuning that keeps a pruned model's mask.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
-
-
-def _settings(items: list[str] | None, what: str) -> dict[str, Any]:
-    """``key=value`` pairs, values read as YAML scalars or flow lists (``schedule=[0.5,0.8]``)."""
-    import yaml
-
-    result: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise PrunekitError(f"{what} '{item}' must look like key=value")
-        try:
-            result[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError:
-            raise PrunekitError(f"{what} '{item}': the value is not a number, word or [list]") from None
-    return result
-
-
-def _distribution(name: Optional[str], args: dict[str, Any]) -> Any:
-    if name is None and not args:
-        return None
-    if name is None:
-        raise PrunekitError("--distribution-arg needs --distribution")
-    return {"name": name, **args} if args else name
-
-
-def _recipe(cls, base_file: Optional[Path], values: dict[str, Any]):
-    data: dict[str, Any] = {}
-    if base_file is not None:
-        data = cls.from_yaml(base_file).model_dump(mode="json")
-    for key, value in values.items():
-        if value is not None:
-            data[key] = value
-    return cls.build(data, where="settings")
 
 
 @train_app.command("fashion-mnist")
@@ -56,9 +22,9 @@ def fashion_mnist(
     method: Optional[str] = typer.Option(None, help="dense, gmp, channel_gmp, lottery, snip, grasp, synflow, random, "
                                                     "set, rigl, granet or magnitude (one-shot, then fine-tune) [default: rigl]"),
     model: Optional[str] = typer.Option(None, help="cnn or mlp [default: cnn]"),
-    sparsity: Optional[float] = typer.Option(None, help="target sparsity in [0, 1) [default: 0.9]"),
-    distribution: Optional[str] = typer.Option(None, help="uniform, er, erk, global or lamp [default: the method's own]"),
-    distribution_arg: Optional[list[str]] = typer.Option(None, help="distribution setting, e.g. dense_first_layer=true"),
+    ratio: Optional[float] = typer.Option(None, help="fraction of the weights removed by the end, in [0, 1) [default: 0.9]"),
+    allocation: Optional[str] = typer.Option(None, help="uniform, er, erk, global or lamp [default: the method's own]"),
+    allocation_arg: Optional[list[str]] = typer.Option(None, help="allocation setting, e.g. dense_first_layer=true"),
     epochs: Optional[int] = typer.Option(None, help="training epochs (per round for a lottery ticket) [default: 5]"),
     finetune_epochs: Optional[int] = typer.Option(None, help="magnitude: fine-tuning epochs after pruning [default: epochs/2]"),
     batch_size: Optional[int] = typer.Option(None, help="[default: 128]"),
@@ -72,21 +38,24 @@ def fashion_mnist(
     recipe: Optional[Path] = typer.Option(None, help="YAML recipe; options given here override it"),
     overwrite: bool = typer.Option(False, help="replace an existing output directory"),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch [default: torch's choice]"),
+    sparsity: Optional[float] = typer.Option(None, hidden=True, help="deprecated: --ratio"),
+    distribution: Optional[str] = typer.Option(None, hidden=True, help="deprecated: --allocation"),
+    distribution_arg: Optional[list[str]] = typer.Option(None, hidden=True, help="deprecated: --allocation-arg"),
 ) -> None:
     """Train a small CNN or MLP on Fashion-MNIST with a sparse-training method; write the model and a report."""
-    from prunekit.training.vision_job import VisionTrainingRecipe, run_vision_job
+    from prunekit.training.vision_job import VisionTrainingJob, VisionTrainingRecipe
 
-    contract.apply_threads(threads)
-    values = {"method": method, "model": model, "sparsity": sparsity, "epochs": epochs,
-              "finetune_epochs": finetune_epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
-              "seed": seed, "train_limit": train_limit, "test_limit": test_limit,
-              "distribution": _distribution(distribution, _settings(distribution_arg, "--distribution-arg"))}
-    if method_arg:
-        values["method_args"] = _settings(method_arg, "--method-arg")
-    built = _recipe(VisionTrainingRecipe, recipe, values)
-    _report, markdown = run_vision_job(built, out, overwrite)
-    typer.echo(markdown.split("## Per-layer")[0].rstrip())
-    typer.echo(f"\nwritten: {out} (model.safetensors, report.md, report.json, plots, recipe.yaml)")
+    ratio = deprecated("--sparsity", "--ratio", sparsity, ratio)
+    allocation = deprecated("--distribution", "--allocation", distribution, allocation)
+    allocation_args = {**key_values(distribution_arg, "--distribution-arg"),
+                       **key_values(allocation_arg, "--allocation-arg")}
+    options = {"model": model, "ratio": ratio, "epochs": epochs, "finetune_epochs": finetune_epochs,
+               "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "seed": seed,
+               "train_limit": train_limit, "test_limit": test_limit}
+    built = build_recipe(VisionTrainingRecipe, recipe, options,
+                         {"method": (method, key_values(method_arg, "--method-arg"), "method_args"),
+                          "allocation": (allocation, allocation_args)})
+    run_job(VisionTrainingJob(built), out, overwrite, threads)
 
 
 @train_app.command("recover")
@@ -114,19 +83,17 @@ def recover(
     from prunekit.training.recovery import RecoveryRecipe, run_recovery_job
 
     contract.apply_threads(threads)
-    values: dict[str, Any] = {"model": model, "prune": prune, "sparsity": sparsity, "mode": mode, "steps": steps,
-                              "batch_size": batch_size, "lr": lr, "rank": rank, "alpha": alpha,
-                              "train_windows": train_windows, "train_seq_len": train_seq_len, "seed": seed}
-    if test_windows is not None:
-        values["data"] = {"test_windows": test_windows}
-    built = _recipe(RecoveryRecipe, recipe, values)
+    options = {"model": model, "prune": prune, "sparsity": sparsity, "mode": mode, "steps": steps,
+               "batch_size": batch_size, "lr": lr, "rank": rank, "alpha": alpha, "train_windows": train_windows,
+               "train_seq_len": train_seq_len, "seed": seed, "data.test_windows": test_windows}
+    built = build_recipe(RecoveryRecipe, recipe, options)
     _report, markdown = run_recovery_job(built, out, overwrite)
     typer.echo(markdown)
 
 
 @train_app.command("methods")
 def methods() -> None:
-    """List the sparse-training methods and layer-wise distributions."""
+    """List the sparse-training methods and layer-wise allocations."""
     from rich.console import Console
     from rich.table import Table
 
@@ -136,10 +103,10 @@ def methods() -> None:
     table = Table(title="sparse-training methods")
     table.add_column("name")
     table.add_column("what")
-    table.add_column("default distribution")
+    table.add_column("default allocation")
     for name in SPARSIFIERS.names():
         cls = SPARSIFIERS.get(name)
         doc = (cls.__module__ and __import__(cls.__module__, fromlist=["_"]).__doc__ or "").strip().splitlines()
         table.add_row(name, doc[0] if doc else "", cls.default_distribution)
     Console().print(table)
-    typer.echo("distributions: " + ", ".join(n for n in ALLOCATIONS.names() if n != "owl"))
+    typer.echo("allocations: " + ", ".join(n for n in ALLOCATIONS.names() if n != "owl"))

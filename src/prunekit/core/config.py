@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+import sys
+from typing import Any, ClassVar, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from prunekit.core.text import TextProtocol
 from prunekit.errors import PrunekitError
@@ -16,15 +17,39 @@ RecipeT = TypeVar("RecipeT", bound="RecipeModel")
 
 def explain_validation_error(exc: ValidationError, where: str) -> PrunekitError:
     problem = exc.errors()[0]
-    location = ".".join(str(p) for p in problem["loc"]) or "recipe"
+    location = ".".join(str(p) for p in problem["loc"])
     message = problem["msg"].removeprefix("Value error, ")
-    return PrunekitError(f"{where}: {location}: {message}")
+    return PrunekitError(f"{where}: {location}: {message}" if location else f"{where}: {message}")
+
+
+def warn_renamed(old: str, new: str) -> None:
+    """A setting renamed in this release: still read, with a warning, until the next one."""
+    print(f"warning: '{old}' is deprecated and goes in the next release; use '{new}'", file=sys.stderr)
 
 
 class RecipeModel(BaseModel):
-    """A pydantic model that reads and writes YAML; unknown keys are errors, not silently ignored."""
+    """A pydantic model that reads and writes YAML; unknown keys are errors, not silently ignored.
+
+    ``renamed`` maps settings renamed in this release to their new names: recipes written before
+    still load (with a warning) for one more release.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    renamed: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_renamed(cls, data: Any) -> Any:
+        if not cls.renamed or not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for old, new in cls.renamed.items():
+            if old in data:
+                if new in data:
+                    raise ValueError(f"give '{new}' or its old name '{old}', not both")
+                warn_renamed(old, new)
+                data[new] = data.pop(old)
+        return data
 
     @classmethod
     def build(cls: type[RecipeT], data: dict[str, Any], where: str = "recipe") -> RecipeT:

@@ -16,17 +16,18 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, ClassVar, Iterator, Literal
 
 import torch
 from pydantic import Field, field_validator
 from torch import nn
 
 from prunekit.core.config import RecipeModel
+from prunekit.core.job import Job, Outcome
 from prunekit.core.patterns import check_sparsity
 from prunekit.errors import PrunekitError
-from prunekit.evaluate.report import SPEED_NOTE, environment, markdown_table, write_json
-from prunekit.io.atomic import atomic_directory, check_output_dir
+from prunekit.evaluate.outcome import execute
+from prunekit.evaluate.report import SPEED_NOTE, environment, markdown_table
 from prunekit.models.fashion_mnist import MEAN, STD, ImageSet, load_fashion_mnist
 from prunekit.models.vision import MLP, SmallCNN
 from prunekit.training.base import Sparsifier
@@ -47,12 +48,15 @@ PROVIDES = frozenset({"schedule", "gradients", "data", "loss", "input_shape", "r
 class VisionTrainingRecipe(RecipeModel):
     """Every setting of one Fashion-MNIST run."""
 
+    renamed: ClassVar[dict[str, str]] = {"sparsity": "ratio", "distribution": "allocation"}
+
     method: str = "rigl"
     model: Literal["cnn", "mlp"] = "cnn"
     width: int = Field(32, ge=1, description="CNN channels of the first conv block")
     hidden: list[int] = Field(default_factory=lambda: [300, 100], description="MLP hidden sizes")
-    sparsity: float = 0.9
-    distribution: str | dict[str, Any] | None = None
+    ratio: float = Field(0.9, description="fraction of the sparsified layers' weights removed by the end")
+    allocation: str | dict[str, Any] | None = Field(None, description="how the ratio is spread over layers "
+                                                                      "[default: the method's own]")
     epochs: int = Field(5, ge=1, description="epochs of training (per round for a method that trains in rounds)")
     finetune_epochs: int | None = Field(None, ge=1, description="methods that prune a trained model: epochs of "
                                                                 "fine-tuning after pruning [default: epochs / 2]")
@@ -79,11 +83,11 @@ class VisionTrainingRecipe(RecipeModel):
             raise ValueError(f"{refusal} (use it from Python)")
         return value
 
-    @field_validator("sparsity")
+    @field_validator("ratio")
     @classmethod
-    def _sparsity(cls, value: float) -> float:
+    def _ratio(cls, value: float) -> float:
         try:
-            return check_sparsity(value)
+            return check_sparsity(value, "ratio")
         except PrunekitError as exc:
             raise ValueError(str(exc)) from None
 
@@ -144,7 +148,7 @@ def create(method: SparseTrainingMethod, recipe: VisionTrainingRecipe, model: nn
     provided: dict[str, Any] = {"seed": recipe.seed}
     if "data" in method.needs:
         provided["data"] = seeded_batches(train, recipe.batch_size, recipe.seed)
-    return method.create(model, recipe.sparsity, recipe.distribution, **provided)
+    return method.create(model, recipe.ratio, recipe.allocation, **provided)
 
 
 def build_for_run(recipe: VisionTrainingRecipe, model: nn.Module, train: ImageSet) -> Sparsifier:
@@ -193,7 +197,7 @@ def vision_report(outcome: VisionOutcome, train_size: int, test_size: int) -> di
     return {
         "method": sparsifier.describe() if sparsifier else {"name": DENSE},
         "model": {"kind": recipe.model, "parameters": sum(p.numel() for p in outcome.model.parameters())},
-        "sparsity": {"target": recipe.sparsity if sparsifier else 0.0,
+        "sparsity": {"target": recipe.ratio if sparsifier else 0.0,
                      "achieved": sparsifier.sparsity if sparsifier else 0.0},
         "test_accuracy": outcome.accuracy,
         "flops": outcome.flops,
@@ -250,25 +254,40 @@ def vision_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+class VisionTrainingJob(Job[VisionTrainingRecipe]):
+    """``prunekit train fashion-mnist``: train, then write the model (masks baked in), its report and plots."""
+
+    command = "train fashion-mnist"
+    recipe_type = VisionTrainingRecipe
+
+    def run(self) -> Outcome:
+        recipe = self.recipe
+        data = load_data(recipe)
+        started = time.perf_counter()
+        self.result = run_vision(recipe, data)
+        report = vision_report(self.result, len(data[0]), len(data[1]))
+        report["wall_seconds"] = time.perf_counter() - started
+        summary = [("method", report["method"]["name"]),
+                   ("sparsity", f"target {report['sparsity']['target']:.2%}, achieved {report['sparsity']['achieved']:.2%}"),
+                   ("test accuracy", f"{report['test_accuracy']:.2%}"),
+                   ("FLOPs per image", f"{report['flops']['sparse']:,.0f} of {report['flops']['dense']:,} dense "
+                                       "(theoretical)"),
+                   ("training", f"{report['training']['steps']} steps, {report['training']['seconds']:.1f} s")]
+        return Outcome(report, vision_markdown(report), summary, f"prunekit: {recipe.method} on Fashion-MNIST")
+
+    def write(self, directory: Path) -> None:
+        from prunekit.io.checkpoint import write_dense
+
+        result, recipe = self.result, self.recipe
+        if result.sparsifier is not None:
+            plot_sparsity_over_training(result.sparsifier.history, directory / "sparsity_over_training.png",
+                                        f"{recipe.method}: per-layer sparsity", total_steps=result.run.steps)
+            result.sparsifier.squash()
+        write_dense(result.model, directory)
+        plot_training(result.run.epochs, directory / "training.png", f"{recipe.method} on Fashion-MNIST ({recipe.model})")
+
+
 def run_vision_job(recipe: VisionTrainingRecipe, out: str | Path, overwrite: bool = False) -> tuple[dict, str]:
     """Train, then write the model (masks baked in), its report and plots to ``out`` atomically."""
-    from prunekit.io.checkpoint import write_dense
-
-    out_path = check_output_dir(out, overwrite)
-    data = load_data(recipe)
-    started = time.perf_counter()
-    outcome = run_vision(recipe, data)
-    report = vision_report(outcome, len(data[0]), len(data[1]))
-    report["wall_seconds"] = time.perf_counter() - started
-    markdown = vision_markdown(report)
-    with atomic_directory(out_path, overwrite) as tmp:
-        if outcome.sparsifier is not None:
-            plot_sparsity_over_training(outcome.sparsifier.history, tmp / "sparsity_over_training.png",
-                                        f"{recipe.method}: per-layer sparsity", total_steps=outcome.run.steps)
-            outcome.sparsifier.squash()
-        write_dense(outcome.model, tmp)
-        plot_training(outcome.run.epochs, tmp / "training.png", f"{recipe.method} on Fashion-MNIST ({recipe.model})")
-        write_json(tmp / "report.json", report)
-        (tmp / "report.md").write_text(markdown)
-        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-    return report, markdown
+    outcome = execute(VisionTrainingJob(recipe), out, overwrite)
+    return outcome.report, outcome.markdown
