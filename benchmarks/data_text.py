@@ -71,18 +71,17 @@ def phase_run(threads: int, procs: int) -> None:
 
 
 def phase_report() -> None:
-    from transformers import AutoTokenizer
-
     from prunekit.data import ScoreTable, open_data, select
     from prunekit.evaluate.report import environment, markdown_table, write_json
     from prunekit.models.assets import smollm2_path
+    from prunekit.models.loading import load_tokenizer
 
     runs = [json.loads(p.read_text()) for p in sorted(RAW.glob("run_p*_t*.json"))]
     if not runs:
         sys.exit("no runs yet")
     data = paragraphs_file()
     texts = [row["text"] for row in open_data(data, text_unit="paragraph").rows()]
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
+    tokenizer = load_tokenizer(smollm2_path())
     tokens = sum(min(len(tokenizer(t, add_special_tokens=False)["input_ids"]), 511) + 1 for t in texts)
     rows = []
     for run in sorted(runs, key=lambda r: (r["processes"], -r["threads"])):

@@ -27,7 +27,7 @@ from safetensors.torch import load_file  # noqa: E402
 from prunekit.core.text import TextProtocol, calibration_windows, test_windows  # noqa: E402
 from prunekit.evaluate.perplexity import perplexity  # noqa: E402
 from prunekit.evaluate.report import environment, markdown_table, write_json  # noqa: E402
-from prunekit.models.loading import load_causal_lm  # noqa: E402
+from prunekit.models.loading import load_model  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # (label, method, sparsity, pattern, allocation)
@@ -81,7 +81,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     protocol = TextProtocol(calibration_samples=32, test_windows=40, seq_len=512, seed=0)
-    lm = load_causal_lm(None)
+    lm = load_model()
     model_dir = lm.path
     calibration = calibration_windows(lm.tokenizer, protocol)
     test = test_windows(lm.tokenizer, protocol)

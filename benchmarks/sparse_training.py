@@ -248,10 +248,10 @@ def prepare() -> None:
     from prunekit.core.text import TextProtocol, calibration_windows, test_windows
     from prunekit.evaluate.perplexity import perplexity
     from prunekit.io.checkpoint import save_dense
-    from prunekit.models.loading import load_causal_lm
+    from prunekit.models.loading import load_model
     from prunekit.weights.pipeline import prune_weights
 
-    lm = load_causal_lm(None)
+    lm = load_model()
     protocol = TextProtocol()
     test = test_windows(lm.tokenizer, protocol)
     dense = perplexity(lm.model, test).perplexity

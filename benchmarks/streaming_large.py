@@ -44,7 +44,9 @@ BIG = dict(hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_a
 
 def make_big_model(directory: Path, seed: int = 0) -> Path:
     """A random Llama checkpoint written shard by shard (one per block), never whole in memory."""
-    from transformers import AutoTokenizer, LlamaConfig
+    from transformers import LlamaConfig
+
+    from prunekit.models.loading import load_tokenizer
 
     if (directory / INDEX).exists():
         return directory
@@ -72,7 +74,7 @@ def make_big_model(directory: Path, seed: int = 0) -> Path:
               str(directory / shard_name(layers, total)), metadata={"format": "pt"})
     write_index(directory, [shard_name(i, total) for i in range(total)])
     config.save_pretrained(directory)
-    AutoTokenizer.from_pretrained(smollm2_path()).save_pretrained(directory)
+    load_tokenizer(smollm2_path()).save_pretrained(directory)
     return directory
 
 

@@ -27,12 +27,13 @@ from prunekit.evaluate.perplexity import perplexity  # noqa: E402
 from prunekit.models.base import adapter_for  # noqa: E402
 from prunekit.structure import lm_calibration, lm_example_inputs, prune_structure  # noqa: E402
 from prunekit.structure.recovery import recover_lm  # noqa: E402
-from prunekit.structure.saving import load_structured, save_structured  # noqa: E402
+from prunekit.models.loading import load  # noqa: E402
+from prunekit.structure.saving import save_structured  # noqa: E402
 
 
 def _pruned_start(lm, calibration, cache: Path | None) -> None:
     if cache is not None and cache.exists():
-        lm.model = load_structured(cache)
+        lm.model = load(cache)
         return
     prune_structure(lm.model, 0.2, example_inputs=lm_example_inputs(), importance=bench.BEST,
                     calibration=lm_calibration(calibration), reconstruct=True, granularity="channels",

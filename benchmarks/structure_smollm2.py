@@ -72,7 +72,7 @@ from prunekit.evaluate.perplexity import perplexity  # noqa: E402
 from prunekit.evaluate.report import environment, markdown_table, write_json  # noqa: E402
 from prunekit.evaluate.resources import Measured  # noqa: E402
 from prunekit.models.base import adapter_for  # noqa: E402
-from prunekit.models.loading import load_causal_lm  # noqa: E402
+from prunekit.models.loading import load, load_model  # noqa: E402
 from prunekit.structure import lm_calibration, lm_example_inputs, prune_structure  # noqa: E402
 from prunekit.structure.depth import prune_depth  # noqa: E402
 from prunekit.structure.measure import (SpeedProtocol, count_parameters, lm_inputs, measure,  # noqa: E402
@@ -186,7 +186,7 @@ def plan() -> list[tuple[str, list[str]]]:
 def _load():
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    lm = load_causal_lm(None)
+    lm = load_model()
     return lm, calibration_windows(lm.tokenizer, PROTOCOL), test_windows(lm.tokenizer, PROTOCOL)
 
 
@@ -198,7 +198,7 @@ def _measure(model, test, side_by_side: bool = True) -> dict:
     if not side_by_side:
         result["speed"] = measure(model, make, SPEED.seq_len, SPEED, unit="tokens").to_dict()
         return result
-    speeds = measure_side_by_side({"dense": load_causal_lm(None).model, "pruned": model}, make, SPEED.seq_len, SPEED,
+    speeds = measure_side_by_side({"dense": load(), "pruned": model}, make, SPEED.seq_len, SPEED,
                                   unit="tokens")
     result["speed"] = speeds["pruned"].to_dict()
     result["speed_dense_side_by_side"] = speeds["dense"].to_dict()
@@ -360,7 +360,7 @@ def blocks_fraction(model, blocks: int) -> float:
 
 def equal(blocks: int, importance: str = BEST) -> None:
     """prunekit's best width pruning at the parameter fraction that ``blocks`` whole blocks hold."""
-    model = load_causal_lm(None, need_tokenizer=False).model
+    model = load()
     ratio = blocks_fraction(model, blocks)
     del model
     prune("prunekit", importance, ratio, False, "kv", 0.0, name=equal_name(blocks, importance), mlp_global=BEST_FLOOR,

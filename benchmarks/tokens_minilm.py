@@ -32,14 +32,12 @@ GROUPS = {  # label: (method, rates, layers)
 
 
 def run(groups: list[str]) -> None:
-    from transformers import AutoModel, AutoTokenizer
-
-    from prunekit.models.assets import minilm_path
+    from prunekit.models.loading import load_model
     from prunekit.tokens.evaluation import PassageProtocol, TextEmbedding
 
-    path = minilm_path()
-    model = AutoModel.from_pretrained(path).eval()
-    task = TextEmbedding.wiki(AutoTokenizer.from_pretrained(path), PassageProtocol(count=PASSAGES))
+    loaded = load_model("minilm")
+    model = loaded.model
+    task = TextEmbedding.wiki(loaded.require_tokenizer(), PassageProtocol(count=PASSAGES))
     for label in groups:
         method, rates, layers = GROUPS[label]
         measure_group(NAME, label, model, task, method, rates, layers, repeats=5, warmup=2)

@@ -27,10 +27,10 @@ GROUPS = {  # label: (method, rates, layers) -- every selection rule prunes once
 
 
 def run(groups: list[str]) -> None:
-    from prunekit.models.loading import load_causal_lm
+    from prunekit.models.loading import load_model
     from prunekit.tokens.evaluation import Prefill, PrefillProtocol
 
-    lm = load_causal_lm(None)
+    lm = load_model()
     task = Prefill.wiki(lm.tokenizer, PrefillProtocol(windows=WINDOWS))
     for label in groups:
         method, rates, layers = GROUPS[label]

@@ -31,9 +31,9 @@ GROUPS = {  # label: (method, rates, layers)
 
 def run(groups: list[str]) -> None:
     from prunekit.tokens.evaluation import ImageClassification
-    from prunekit.tokens.vision import load_fashion_vit
+    from prunekit.models.loading import load
 
-    model = load_fashion_vit()
+    model = load("fashion-vit")
     task = ImageClassification.fashion_mnist()
     for label in groups:
         method, rates, layers = GROUPS[label]

@@ -26,9 +26,9 @@ def smollm2_dir() -> Path:
 @pytest.fixture()
 def smollm2(smollm2_dir):
     """A fresh SmolLM2-135M (fp32) and its tokenizer; tests may modify it."""
-    from prunekit.models.loading import load_causal_lm
+    from prunekit.models.loading import load_model
 
-    return load_causal_lm(str(smollm2_dir))
+    return load_model(smollm2_dir, kind="causal-lm")
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -10,17 +11,20 @@ from torch import nn
 
 from prunekit.core.text import TextProtocol, calibration_windows, test_windows
 from prunekit.evaluate.perplexity import PerplexityResult, perplexity
-from prunekit.io.checkpoint import load, save_compressed, save_dense
-from prunekit.models.loading import LoadedModel, load_causal_lm
+from prunekit.io.checkpoint import save_compressed, save_dense
+from prunekit.io.formats import save_model
+from prunekit.models.loading import LoadedModel, load, load_model
 from prunekit.weights.pipeline import PruneResult, prune_weights
 
-__all__ = ["evaluate_perplexity", "load", "load_model", "prune", "save_compressed", "save_dense"]
+__all__ = ["LoadedModel", "evaluate_perplexity", "load", "load_model", "prune", "save", "save_compressed",
+           "save_dense"]
 
 
-def load_model(model: str | os.PathLike | None = None, dtype: str = "float32", device: str = "cpu",
-               trust_remote_code: bool = False) -> LoadedModel:
-    """A causal LM and its tokenizer: a local directory, a hub id (online), or None for SmolLM2-135M."""
-    return load_causal_lm(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+def save(model: nn.Module, out: str | os.PathLike, *, format: str = "huggingface", tokenizer=None,
+         overwrite: bool = False, **settings: Any) -> Path:
+    """Write a model into a new directory in one of prunekit's formats (``prunekit.io.formats.FORMATS``):
+    ``huggingface`` (dense, for ``from_pretrained``), ``compressed`` (``codec="zstd"``), ``shape-spec``."""
+    return save_model(model, out, format=format, tokenizer=tokenizer, overwrite=overwrite, **settings)
 
 
 def prune(model: nn.Module, method: str | Mapping[str, Any] = "wanda", sparsity: float | None = 0.5,

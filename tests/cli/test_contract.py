@@ -152,11 +152,11 @@ def _interrupt(*args, **kwargs):
 
 @pytest.mark.parametrize("command,target", [
     ("prune", "prunekit.weights.job._load"),
-    ("shrink", "prunekit.structure.job.load_hf"),
+    ("shrink", "prunekit.structure.job.load_model"),
     ("train fashion-mnist", "prunekit.training.vision_job.load_data"),
-    ("train recover", "prunekit.models.loading.load_causal_lm"),
+    ("train recover", "prunekit.models.loading.load_model"),
     ("data score", "prunekit.data.job.score_data"),
-    ("tokens eval", "prunekit.tokens.loading.load_token_model"),
+    ("tokens eval", "prunekit.models.loading.load_model"),
 ])
 def test_ctrl_c_says_that_nothing_was_written(command, target, monkeypatch, tiny_model_dir, csv_data, tmp_path,
                                               capsys):
@@ -195,7 +195,7 @@ def test_too_little_disk_is_refused_before_any_work(monkeypatch, tiny_model_dir,
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
     monkeypatch.setattr("prunekit.weights.job._load", lambda *a, **k: pytest.fail("prune loaded the model"))
-    monkeypatch.setattr("prunekit.structure.job.load_hf", lambda *a, **k: pytest.fail("shrink loaded the model"))
+    monkeypatch.setattr("prunekit.structure.job.load_model", lambda *a, **k: pytest.fail("shrink loaded the model"))
     for command in ("prune", "shrink"):
         out = tmp_path / command
         assert main([command, str(tiny_model_dir), "--out", str(out)]) == 2

@@ -19,9 +19,9 @@ TEXTS = ["The cat sat on the mat.", "Stocks fell sharply after the announcement 
 
 @pytest.fixture()
 def tiny_lm(tiny_model_dir):
-    from prunekit.models.loading import load_causal_lm
+    from prunekit.models.loading import load_model
 
-    return load_causal_lm(str(tiny_model_dir))
+    return load_model(tiny_model_dir, kind="causal-lm")
 
 
 def test_batched_padded_perplexity_equals_one_text_at_a_time(tiny_lm):

@@ -6,7 +6,8 @@ import torch
 from prunekit.core.masks import attach_mask
 from prunekit.errors import PrunekitError
 from prunekit.io.atomic import atomic_directory, check_output_dir
-from prunekit.io.checkpoint import COMPRESSED_WEIGHTS, load, save_compressed, save_dense
+from prunekit.io.checkpoint import COMPRESSED_WEIGHTS, save_compressed, save_dense
+from prunekit.models.loading import load
 from prunekit.weights import prune_weights
 from tests.conftest import tiny_llama
 

@@ -58,9 +58,9 @@ def test_per_layer_widths_need_the_shape_spec(tmp_path):
                                                                              for l in model.model.layers]
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=TOKENS).logits, model(input_ids=TOKENS).logits)
-    from prunekit.models.loading import load_causal_lm
+    from prunekit.models.loading import load
 
-    assert load_causal_lm(str(tmp_path), need_tokenizer=False).model.model.layers[1].mlp.down_proj.in_features \
+    assert load(tmp_path).model.layers[1].mlp.down_proj.in_features \
         == model.model.layers[1].mlp.down_proj.in_features
 
 

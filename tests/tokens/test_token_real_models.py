@@ -57,9 +57,9 @@ def test_minilm_fidelity_falls_with_the_rate_and_attention_beats_random(minilm, 
 
 @pytest.fixture(scope="module")
 def smollm2_loaded(smollm2_dir):
-    from prunekit.models.loading import load_causal_lm
+    from prunekit.models.loading import load_model
 
-    return load_causal_lm(str(smollm2_dir))
+    return load_model(smollm2_dir, kind="causal-lm")
 
 
 def test_smollm2_prefill_pruning_keeps_the_continuation_predictable(smollm2_loaded):

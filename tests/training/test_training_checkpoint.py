@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from prunekit.errors import PrunekitError
-from prunekit.io.checkpoint import load, save_compressed, save_dense
+from prunekit.io.checkpoint import save_compressed, save_dense
+from prunekit.models.loading import load
 from prunekit.training import RigL, load_training_checkpoint, save_training_checkpoint
 from prunekit.training.loop import make_optimizer, train_classifier
 from tests.training._helpers import tiny_cnn

@@ -18,9 +18,9 @@ LAYERS = ["model.layers.3.self_attn.q_proj", "model.layers.3.self_attn.o_proj", 
 @pytest.fixture(scope="module")
 def real_layers(smollm2_dir):
     """Weights of three SmolLM2 layers with their real inputs on 8 × 256 tokens of Wikipedia."""
-    from prunekit.models.loading import load_causal_lm
+    from prunekit.models.loading import load_model
 
-    lm = load_causal_lm(str(smollm2_dir))
+    lm = load_model(smollm2_dir, kind="causal-lm")
     windows = calibration_windows(lm.tokenizer, TextProtocol(calibration_samples=8, seq_len=256))
     captured = {}
     handles = [lm.model.get_submodule(name).register_forward_pre_hook(

@@ -181,7 +181,7 @@ def test_allocations_stream_like_in_memory(tmp_path, method, allocation, dtype):
 
 
 def test_stream_honours_dtype_and_no_dense(tiny_model_dir, tmp_path):
-    from prunekit.io.checkpoint import load
+    from prunekit.models.loading import load
 
     common = ["prune", str(tiny_model_dir), "--method", "magnitude", "--no-eval", "--dtype", "bfloat16"]
     memory, stream, only = tmp_path / "memory", tmp_path / "stream", tmp_path / "compressed-only"

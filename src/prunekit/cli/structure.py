@@ -208,10 +208,10 @@ def shrink_graph(
 
     from prunekit.models.base import adapter_for
     from prunekit.structure.graph import build_graph
-    from prunekit.structure.job import load_hf
+    from prunekit.models.loading import CAUSAL_LM, ENCODER, load_model
     from prunekit.structure.pipeline import lm_example_inputs
 
-    loaded = load_hf(model)
+    loaded = load_model(model, kind=(CAUSAL_LM, ENCODER), tokenizer=False)
     example = lm_example_inputs() if loaded.kind == "causal-lm" else {"input_ids": torch.arange(1, 5)[None]}
     graph = build_graph(loaded.model, example, adapter=adapter_for(loaded.model), head_mode=heads, strict=not lenient)
     if as_json:

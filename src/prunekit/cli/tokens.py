@@ -16,6 +16,21 @@ tokens_app = typer.Typer(help="Drop or merge tokens inside transformers (no retr
                          no_args_is_help=True)
 app.add_typer(tokens_app, name="tokens")
 
+# How each kind of model is measured: prunekit evaluates token reduction on one task per kind.
+_TASKS = {"image-classifier": "image", "encoder": "embedding", "causal-lm": "prefill"}
+
+
+def _check_fashion_mnist_shape(loaded) -> None:
+    """Image classifiers are measured on Fashion-MNIST: 28×28 images, 1 channel, 10 classes."""
+    config = getattr(loaded.model, "config", None)
+    if config is None:
+        return  # prunekit's own ViT, trained on Fashion-MNIST
+    shape = (getattr(config, "image_size", None), getattr(config, "num_channels", None), config.num_labels)
+    if shape != (28, 1, 10):
+        raise PrunekitError(f"{loaded.name} takes {shape[0]}×{shape[0]} images with {shape[1]} channels and "
+                            f"{shape[2]} classes; prunekit evaluates image classifiers on Fashion-MNIST (28×28, "
+                            "1 channel, 10 classes)")
+
 
 def _numbers(text: str, what: str, kind: type = float) -> list:
     try:
@@ -97,7 +112,7 @@ def evaluate_command(
     from prunekit.tokens.evaluation import (ImageClassification, ImageProtocol, PassageProtocol, Prefill,
                                             PrefillProtocol, SweepSettings, TextEmbedding, plot_sweep, run_sweep,
                                             sweep_markdown, sweep_table)
-    from prunekit.tokens.loading import load_token_model
+    from prunekit.models.loading import load_model
     from prunekit.tokens.patch import resolve_layers
 
     contract.check_threads(threads)
@@ -118,18 +133,24 @@ def evaluate_command(
     out_path = check_output_dir(out, overwrite, inputs=(model,))
     contract.apply_threads(threads)
 
-    loaded = load_token_model(model, attn_implementation)
+    loaded = load_model(model, attn_implementation=attn_implementation)
+    task_kind = _TASKS.get(loaded.kind)
+    if task_kind is None:
+        raise PrunekitError(f"{loaded.name} is a {loaded.kind}; token reduction evaluates image classifiers, "
+                            "text encoders and causal language models")
+    if task_kind == "image":
+        _check_fashion_mnist_shape(loaded)
     family = find_family(loaded.model)
     for name in method_names:
         method = get_method(name, rate_values[0], **options[name])
         family.check(method)
         resolve_layers(method, layer_values, family.depth)
-    if loaded.task == "image":
+    if task_kind == "image":
         task = ImageClassification.fashion_mnist(ImageProtocol(limit=samples))
-    elif loaded.task == "embedding":
-        task = TextEmbedding.wiki(loaded.tokenizer, PassageProtocol(count=samples or 256))
+    elif task_kind == "embedding":
+        task = TextEmbedding.wiki(loaded.require_tokenizer(), PassageProtocol(count=samples or 256))
     else:
-        task = Prefill.wiki(loaded.tokenizer, PrefillProtocol(prompt_tokens=prompt_tokens,
+        task = Prefill.wiki(loaded.require_tokenizer(), PrefillProtocol(prompt_tokens=prompt_tokens,
                                                               continuation_tokens=continuation_tokens,
                                                               windows=samples or 16))
     settings = SweepSettings(methods=method_names, rates=rate_values, batch_sizes=sizes, warmup=warmup,

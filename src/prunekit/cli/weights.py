@@ -197,14 +197,12 @@ def evaluate_command(
     """Measure a model's perplexity (a pruned output directory, its compressed/ copy, or any causal LM)."""
     from prunekit.core.text import TextProtocol, test_windows as make_windows
     from prunekit.evaluate.perplexity import perplexity
-    from prunekit.models.loading import load_causal_lm
+    from prunekit.models.loading import CAUSAL_LM, load_model
     from prunekit.weights.job import model_sparsity
 
     protocol = TextProtocol(test=test, test_windows=test_windows, seq_len=seq_len, text_field=text_field)
-    loaded = load_causal_lm(model)
-    if loaded.tokenizer is None:
-        raise PrunekitError(f"{model} has no tokenizer")
-    result = perplexity(loaded.model, make_windows(loaded.tokenizer, protocol), batch_size)
+    loaded = load_model(model, kind=CAUSAL_LM)
+    result = perplexity(loaded.model, make_windows(loaded.require_tokenizer(), protocol), batch_size)
     info = {"model": loaded.name, "perplexity": result.perplexity, "mean_loss": result.mean_loss,
             "sparsity": model_sparsity(loaded.model), "windows": result.windows, "seq_len": result.seq_len,
             "test": protocol.describe()["test_split"], "protocol": protocol.describe()["test_protocol"]}

@@ -1,4 +1,5 @@
-"""Saving and loading pruned models: a plain Hugging Face directory, or prunekit's compressed one."""
+"""Writing pruned models (a plain Hugging Face directory, or prunekit's compressed one) and reading the
+compressed tensors back. Loading a whole model goes through ``prunekit.load`` (``io.formats``)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from prunekit.io.safetensors_file import Loader, write_safetensors, write_safete
 
 COMPRESSED_WEIGHTS = "model.sparse.safetensors"
 COMPRESSED_MARKER = "prunekit_compressed.json"
+COMPRESSED_SUBDIR = "compressed"  # where a pruning run writes the compressed copy beside the dense model
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -148,68 +150,3 @@ def write_compressed_shard(tensors: Mapping[str, torch.Tensor | Loader], path: P
     manifest["aliases"] = aliases or {}
     write_safetensors_one_by_one(path, payloads(), lambda: sparse_format.manifest_to_metadata(manifest))
     return manifest
-
-
-def load_compressed(path: str | os.PathLike, dtype: torch.dtype | None = None, model: nn.Module | None = None) -> nn.Module:
-    """Rebuild a model from a compressed directory; ``model`` supplies the skeleton for non-HF modules."""
-    path = Path(path)
-    marker = json.loads((path / COMPRESSED_MARKER).read_text())
-    state, aliases = read_compressed_state(path)
-    if model is None:
-        model = _skeleton_from_config(path, marker)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if unexpected:
-        raise PrunekitError(f"{path} holds tensors the model does not have: {', '.join(unexpected[:3])}")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    for alias, owner in aliases.items():
-        if alias in missing:
-            module_name, _, attr = alias.rpartition(".")
-            owner_module, _, owner_attr = owner.rpartition(".")
-            setattr(model.get_submodule(module_name), attr, getattr(model.get_submodule(owner_module), owner_attr))
-    # A key left out because it is tied to another (HF's tie_weights restored it) is not missing.
-    current = model.state_dict()
-    still_missing = [k for k in missing if k not in aliases and (k not in current or current[k].is_meta)]
-    if still_missing:
-        raise PrunekitError(f"{path} lacks tensors the model needs: {', '.join(still_missing[:3])}")
-    if dtype is not None:
-        model.to(dtype)
-    return model.eval()
-
-
-def _skeleton_from_config(path: Path, marker: dict) -> nn.Module:
-    import transformers
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig
-
-    architecture = marker.get("architecture")
-    model_cls = getattr(transformers, architecture, None) if architecture else None
-    if model_cls is None:
-        raise PrunekitError(f"{path}: unknown architecture {architecture!r}; pass the model skeleton to prunekit.load")
-    config = AutoConfig.from_pretrained(path)
-    with init_empty_weights():
-        return model_cls._from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
-
-
-def load(path: str | os.PathLike, model: nn.Module | None = None, dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a model saved by prunekit, in either format, restoring every tensor bit for bit."""
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise PrunekitError(f"no such model directory: {path}")
-    if is_compressed_dir(path):
-        return load_compressed(path, dtype=dtype, model=model)
-    from prunekit.structure.saving import is_structured_dir, load_structured
-
-    if is_structured_dir(path):  # structurally pruned: rebuilt from its shape spec
-        return load_structured(path, model=model, dtype=dtype)
-    if model is not None:
-        weights = path / "model.safetensors"
-        if not weights.exists():
-            raise PrunekitError(f"{path} has no model.safetensors")
-        model.load_state_dict(load_file(str(weights)), strict=False)
-        if hasattr(model, "tie_weights"):
-            model.tie_weights()
-        return model
-    from prunekit.models.loading import load_causal_lm
-
-    return load_causal_lm(str(path), dtype=dtype or "float32", need_tokenizer=False).model

@@ -27,7 +27,7 @@ from prunekit.evaluate.resources import Measured
 from prunekit.io.atomic import atomic_directory, check_output_dir
 from prunekit.io.shards import model_tensor_bytes
 from prunekit.models.base import ModelAdapter, adapter_for
-from prunekit.models.loading import parse_dtype, resolve_model_dir
+from prunekit.models.loading import CAUSAL_LM, ENCODER, LoadedModel, load_model, resolve_model_dir
 from prunekit.structure.depth import prune_depth
 from prunekit.structure.measure import Measurement, SpeedProtocol, compare, lm_inputs, measure_side_by_side
 from prunekit.structure.peak_memory import describe as describe_memory
@@ -42,52 +42,11 @@ ONNX_FILE = "model.onnx"
 
 
 @dataclass
-class LoadedHF:
-    model: nn.Module
-    tokenizer: object
-    name: str
-    path: Path | None
-    kind: str  # "causal-lm" or "encoder"
-
-
-@dataclass
 class ShrinkOutcome:
     report: dict
     out_dir: Path | None
     markdown: str = ""
     extra: dict = field(default_factory=dict)
-
-
-def load_hf(spec: str | None, dtype: str = "float32", trust_remote_code: bool = False) -> LoadedHF:
-    """A causal LM or an encoder with its tokenizer (structurally pruned directories included)."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-    from prunekit.models.loading import needs_shape_spec
-
-    name, path = resolve_model_dir(spec)
-    source = str(path) if path is not None else name
-    architectures: list[str] = []
-    if path is not None:
-        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
-    causal = any(a.endswith("ForCausalLM") for a in architectures) or path is None
-    with status(f"Loading {name}"):
-        try:
-            if path is not None and needs_shape_spec(path):
-                from prunekit.structure.saving import load_structured
-
-                model = load_structured(path, dtype=parse_dtype(dtype))
-            elif causal:
-                model = AutoModelForCausalLM.from_pretrained(source, dtype=parse_dtype(dtype),
-                                                             trust_remote_code=trust_remote_code)
-            else:
-                model = AutoModel.from_pretrained(source, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code)
-            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        except PrunekitError:
-            raise
-        except Exception as exc:  # corrupt weights, unknown architectures, missing tokenizer
-            text = str(exc).strip().splitlines()
-            raise PrunekitError(f"could not load {source}: {type(exc).__name__}: {text[0] if text else ''}") from None
-    return LoadedHF(model.eval(), tokenizer, name, path, "causal-lm" if causal else "encoder")
 
 
 def _mean_pooled(model: nn.Module, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -110,7 +69,7 @@ def _disk_bytes(path: Path | None) -> int | None:
     return sum(p.stat().st_size for p in path.glob("*.safetensors")) or None
 
 
-def _speeds(loaded: LoadedHF, original: nn.Module, recipe: ShrinkRecipe) -> tuple[Measurement, Measurement]:
+def _speeds(loaded: LoadedModel, original: nn.Module, recipe: ShrinkRecipe) -> tuple[Measurement, Measurement]:
     """Speed of the original and of the shrunk model, timed side by side."""
     protocol = SpeedProtocol(tuple(recipe.measure.batch_sizes), recipe.measure.runs, recipe.measure.warmup,
                              recipe.measure.threads, recipe.measure.seq_len)
@@ -124,7 +83,7 @@ def _speeds(loaded: LoadedHF, original: nn.Module, recipe: ShrinkRecipe) -> tupl
     return speeds["before"], speeds["after"]
 
 
-def _quality(loaded: LoadedHF, test: torch.Tensor | None, reference: torch.Tensor | None, recipe: ShrinkRecipe,
+def _quality(loaded: LoadedModel, test: torch.Tensor | None, reference: torch.Tensor | None, recipe: ShrinkRecipe,
              label: str) -> float | None:
     if test is None:
         return None
@@ -149,7 +108,9 @@ def run_shrink_job(recipe: ShrinkRecipe, out: str | Path, overwrite: bool = Fals
                                 model_tensor_bytes(resolve_model_dir(recipe.model)[1], recipe.dtype))
     torch.manual_seed(recipe.data.seed)
     protocol = recipe.data.protocol()
-    loaded = load_hf(recipe.model, recipe.dtype, recipe.trust_remote_code)
+    loaded = load_model(recipe.model, kind=(CAUSAL_LM, ENCODER), dtype=recipe.dtype,
+                        trust_remote_code=recipe.trust_remote_code)
+    loaded.require_tokenizer()
     adapter = adapter_for(loaded.model)
     if recipe.importance is None:  # resolved here so that the report and recipe.yaml name it
         default = "fisher" if loaded.kind == "causal-lm" else "flap"
@@ -236,13 +197,13 @@ def run_shrink_job(recipe: ShrinkRecipe, out: str | Path, overwrite: bool = Fals
     return ShrinkOutcome(report, out_path, markdown)
 
 
-def prune_depth_check(loaded: LoadedHF, adapter: ModelAdapter, recipe: ShrinkRecipe) -> None:
+def prune_depth_check(loaded: LoadedModel, adapter: ModelAdapter, recipe: ShrinkRecipe) -> None:
     blocks = len(adapter.blocks())
     if recipe.depth.blocks >= blocks:
         raise PrunekitError(f"cannot remove {recipe.depth.blocks} of {blocks} blocks; keep at least one")
 
 
-def _depth(loaded: LoadedHF, adapter: ModelAdapter, recipe: ShrinkRecipe, calibration: torch.Tensor):
+def _depth(loaded: LoadedModel, adapter: ModelAdapter, recipe: ShrinkRecipe, calibration: torch.Tensor):
     settings = recipe.depth
     if loaded.kind == "causal-lm":
         batches = lm_calibration(calibration, recipe.batch_size).batches
@@ -258,7 +219,7 @@ def _depth(loaded: LoadedHF, adapter: ModelAdapter, recipe: ShrinkRecipe, calibr
     return prune_depth(loaded.model, adapter.blocks_path, settings.blocks, settings.criterion, batches, evaluate)
 
 
-def _export(loaded: LoadedHF, directory: Path) -> dict:
+def _export(loaded: LoadedModel, directory: Path) -> dict:
     example = (torch.randint(0, loaded.model.get_input_embeddings().num_embeddings, (1, 16),
                              generator=torch.Generator().manual_seed(0)),)
     pick = (lambda output: output.logits) if loaded.kind == "causal-lm" else (lambda output: output.last_hidden_state)
@@ -431,4 +392,4 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ShrinkOutcome", "embedding_fidelity", "load_hf", "report_markdown", "run_shrink_job"]
+__all__ = ["ShrinkOutcome", "embedding_fidelity", "report_markdown", "run_shrink_job"]

@@ -173,10 +173,11 @@ def run_recovery(recipe: RecoveryRecipe, loaded=None) -> dict:
     from prunekit.core.text import TextProtocol, calibration_windows, test_windows
     from prunekit.evaluate.perplexity import perplexity
     from prunekit.evaluate.report import environment
-    from prunekit.models.loading import load_causal_lm
+    from prunekit.models.loading import CAUSAL_LM, load_model
     from prunekit.weights.pipeline import prune_weights
 
-    loaded = loaded or load_causal_lm(recipe.model)
+    loaded = loaded or load_model(recipe.model, kind=CAUSAL_LM)
+    loaded.require_tokenizer()
     if recipe.prune is None:
         pruned_layers(loaded.model)  # a dense model is refused before any slow step
     protocol = recipe.data.protocol()
@@ -243,10 +244,10 @@ def run_recovery_job(recipe: RecoveryRecipe, out: str | Path, overwrite: bool = 
     from prunekit.evaluate.report import write_json
     from prunekit.io.atomic import atomic_directory, check_output_dir
     from prunekit.io.checkpoint import write_dense
-    from prunekit.models.loading import load_causal_lm
+    from prunekit.models.loading import CAUSAL_LM, load_model
 
     out_path = check_output_dir(out, overwrite, inputs=(recipe.model,))
-    loaded = load_causal_lm(recipe.model)
+    loaded = load_model(recipe.model, kind=CAUSAL_LM)
     report = run_recovery(recipe, loaded)
     markdown = recovery_markdown(report)
     with atomic_directory(out_path, overwrite) as tmp:

@@ -18,17 +18,16 @@ from prunekit.evaluate.plots import plot_curves, plot_layer_sparsity
 from prunekit.evaluate.report import SPEED_NOTE, environment, human_bytes, markdown_table, write_json
 from prunekit.evaluate.resources import Measured, process_peak_rss
 from prunekit.io.atomic import atomic_directory, check_output_dir, directory_size
-from prunekit.io.checkpoint import COMPRESSED_WEIGHTS, write_compressed, write_dense
+from prunekit.io.checkpoint import COMPRESSED_SUBDIR, COMPRESSED_WEIGHTS, write_compressed, write_dense
 from prunekit.io.sparse_format import manifest_size_without_codec
 from prunekit.models.base import adapter_for
 from prunekit.io.shards import ShardedCheckpoint, model_tensor_bytes, saved_model_bytes
-from prunekit.models.loading import LoadedModel, load_causal_lm, resolve_model_dir
+from prunekit.models.loading import CAUSAL_LM, LoadedModel, load_model, resolve_model_dir
 from prunekit.errors import PrunekitError
 from prunekit.weights.pipeline import PruneResult, check_finite_weights, prune_weights
 from prunekit.weights.recipe import WeightPruningRecipe
 from prunekit.weights.streaming import StreamResult, prune_streaming
 
-COMPRESSED_SUBDIR = "compressed"
 
 
 @dataclass
@@ -56,8 +55,9 @@ def parameter_count(model: torch.nn.Module) -> int:
 
 
 def _load(recipe: WeightPruningRecipe) -> LoadedModel:
-    loaded = load_causal_lm(recipe.model, dtype=recipe.dtype, device=recipe.device,
-                            trust_remote_code=recipe.trust_remote_code)
+    loaded = load_model(recipe.model, kind=CAUSAL_LM, dtype=recipe.dtype, device=recipe.device,
+                        trust_remote_code=recipe.trust_remote_code)
+    loaded.require_tokenizer()
     check_finite_weights(loaded.model)
     return loaded
 
@@ -182,12 +182,12 @@ def checkpoint_sparsity(directory: Path) -> float:
 
 def _run_streamed(recipe: WeightPruningRecipe, out: str | Path, overwrite: bool, resume: bool,
                   group: ProcessGroup | None) -> JobOutcome:
-    from transformers import AutoTokenizer
-
-    from prunekit.models.loading import parse_dtype
+    from prunekit.models.loading import check_kind, load_tokenizer, parse_dtype, resolve
     from prunekit.models.streamed import StreamedModel
 
     name, model_dir = resolve_model_dir(recipe.model)
+    if model_dir is not None:
+        check_kind(name, resolve(model_dir).identify(recipe.trust_remote_code), CAUSAL_LM)
     if model_dir is None:
         raise PrunekitError("streaming reads a local model directory; download the model first")
     if recipe.trust_remote_code and recipe.evaluate and _uses_remote_code(model_dir):
@@ -198,10 +198,9 @@ def _run_streamed(recipe: WeightPruningRecipe, out: str | Path, overwrite: bool,
     check_output_dir(out_path, overwrite=True, inputs=(str(model_dir),))  # existence is checked by the stream
     torch.manual_seed(recipe.data.seed)
     protocol = recipe.data.protocol()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=recipe.trust_remote_code)
-    except Exception as exc:
-        raise PrunekitError(f"could not load the tokenizer from {model_dir}: {exc}") from None
+    tokenizer = load_tokenizer(model_dir, recipe.trust_remote_code)
+    if tokenizer is None:
+        raise PrunekitError(f"{name} has no tokenizer; save one beside the model (tokenizer.save_pretrained)")
     dtype = parse_dtype(recipe.dtype)
     skeleton = StreamedModel(model_dir, device=recipe.device, dtype=dtype, trust_remote_code=recipe.trust_remote_code)
     info = _model_info(name, model_dir, skeleton.adapter.describe(), parameter_count(skeleton.model),

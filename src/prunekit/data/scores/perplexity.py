@@ -23,11 +23,10 @@ from prunekit.errors import PrunekitError
 
 @functools.lru_cache(maxsize=1)
 def _reference_model(spec: str):
-    from prunekit.models.loading import load_causal_lm
+    from prunekit.models.loading import CAUSAL_LM, load_model
 
-    loaded = load_causal_lm(None if spec in ("", "smollm2", "default") else spec)
-    if loaded.tokenizer is None:
-        raise PrunekitError(f"the reference model {spec} has no tokenizer")
+    loaded = load_model(spec or None, kind=CAUSAL_LM)
+    loaded.require_tokenizer()
     return loaded
 
 

@@ -36,7 +36,8 @@ def _check_layers(result, pattern: SparsityPattern, sparsity: float, model) -> s
 def check(factory: ModelFactory, windows: torch.Tensor) -> SupportResult:
     from transformers import AutoModelForCausalLM
 
-    from prunekit.io.checkpoint import load, save_compressed, save_dense
+    from prunekit.io.checkpoint import save_compressed, save_dense
+    from prunekit.models.loading import load
     from prunekit.weights.pipeline import prune_weights
 
     details = []
