@@ -24,11 +24,11 @@ def indices(folder: Path) -> list[int]:
 def test_prune_a_jsonl_file_end_to_end(jsonl_file, tmp_path, digest):
     before = digest(jsonl_file)
     out = tmp_path / "pruned"
-    code = main(["data", "prune", str(jsonl_file), "-s", "el2n", "-s", "prototypes", "--keep", "0.5",
+    code = main(["data", "prune", str(jsonl_file), "-s", "el2n", "-s", "prototypes", "--ratio", "0.5",
                  "--balance", "proportional", "--epochs", "3", "--batch-size", "4", "--out", str(out)])
     assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["data.jsonl", "indices.txt", "report.md", "scores.csv",
-                                                     "scores.json", "selection.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["data.jsonl", "indices.txt", "recipe.yaml", "report.json",
+                                                     "report.md", "scores.csv", "scores.json", "selection.json"]
     kept = indices(out)
     assert len(kept) == 9
     lines = [line for line in jsonl_file.read_text(encoding="utf-8").splitlines(keepends=True) if line.strip()]
@@ -77,8 +77,8 @@ def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, capsys, jsonl_fil
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     before = digest(jsonl_file)
-    _fails(["data", "prune", str(jsonl_file), "-s", "random", "--keep", "1.5", "--out", str(out)], capsys, "(0, 1]")
-    _fails(["data", "prune", str(jsonl_file), "-s", "random", "--keep", "0", "--out", str(out)], capsys, "(0, 1]")
+    _fails(["data", "prune", str(jsonl_file), "-s", "random", "--ratio", "1.5", "--out", str(out)], capsys, "less than 1")
+    _fails(["data", "prune", str(jsonl_file), "-s", "random", "--ratio", "-0.1", "--out", str(out)], capsys, "greater than or equal to 0")
     _fails(["data", "score", str(unlabelled), "-s", "el2n", "--out", str(out)], capsys, "needs labels")
     _fails(["data", "score", str(unlabelled), "-s", "confidence", "--out", str(out)], capsys, "trains a proxy model")
     _fails(["data", "score", str(empty), "-s", "random", "--out", str(out)], capsys, "is empty")
@@ -87,8 +87,8 @@ def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, capsys, jsonl_fil
     _fails(["data", "score", str(jsonl_file), "-s", "el2n", "--score-arg", "el2n.epochs=2", "--out", str(out)],
            capsys, "data score el2n has no setting 'epochs'; its settings are: epoch")
     _fails(["data", "score", str(jsonl_file), "-s", "el2n", "--score-arg", "aum.x=2", "--out", str(out)],
-           capsys, "not among --score")
-    _fails(["data", "prune", str(jsonl_file), "-s", "random", "--keep", "0.5", "--strategy", "best", "--out", str(out)],
+           capsys, "which is not among: el2n")
+    _fails(["data", "prune", str(jsonl_file), "-s", "random", "--ratio", "0.5", "--strategy", "best", "--out", str(out)],
            capsys, "unknown selection strategy")
     _fails(["data", "score", str(jsonl_file), "-s", "random", "--out", str(jsonl_file)], capsys, "input itself")
     assert not out.exists()
@@ -100,18 +100,18 @@ def test_scores_applied_to_other_data_are_refused(tmp_path, capsys, jsonl_file, 
     scores = tmp_path / "scores"
     assert main(["data", "score", str(jsonl_file), "-s", "random", "--out", str(scores)]) == 0
     out = tmp_path / "out"
-    _fails(["data", "select", str(scores), "--keep", "0.5", "--data", "fashion-mnist", "--limit", "20",
+    _fails(["data", "select", str(scores), "--ratio", "0.5", "--data", "fashion-mnist", "--limit", "20",
             "--out", str(out)], capsys, "computed on other data")
-    _fails(["data", "select", str(scores), "--keep", "0.5", "--data", str(csv_file), "--out", str(out)],
+    _fails(["data", "select", str(scores), "--ratio", "0.5", "--data", str(csv_file), "--out", str(out)],
            capsys, "differs from the data the scores were computed on")
     nothing = tmp_path / "nothing"
     nothing.mkdir()
-    _fails(["data", "select", str(nothing), "--keep", "0.5", "--out", str(out)], capsys, "no scores at")
+    _fails(["data", "select", str(nothing), "--ratio", "0.5", "--out", str(out)], capsys, "no scores at")
     assert not out.exists()
     # the output must not clobber existing results
-    assert main(["data", "select", str(scores), "--keep", "0.5", "--out", str(out)]) == 0
-    _fails(["data", "select", str(scores), "--keep", "0.5", "--out", str(out)], capsys, "--overwrite")
-    assert main(["data", "select", str(scores), "--keep", "0.25", "--out", str(out), "--overwrite"]) == 0
+    assert main(["data", "select", str(scores), "--ratio", "0.5", "--out", str(out)]) == 0
+    _fails(["data", "select", str(scores), "--ratio", "0.5", "--out", str(out)], capsys, "--overwrite")
+    assert main(["data", "select", str(scores), "--ratio", "0.75", "--out", str(out), "--overwrite"]) == 0
     assert len(indices(out)) == 5  # round(0.25 * 18 = 4.5) rounds half up
 
 
@@ -119,9 +119,9 @@ def test_corrupt_scores_files_are_refused(tmp_path, capsys):
     folder = tmp_path / "scores"
     folder.mkdir()
     (folder / "scores.csv").write_text("index,label,s\n0,,1.0\n2,,oops\n")
-    _fails(["data", "select", str(folder), "--keep", "0.5", "--out", str(tmp_path / "o")], capsys, "expected 1")
+    _fails(["data", "select", str(folder), "--ratio", "0.5", "--out", str(tmp_path / "o")], capsys, "expected 1")
     (folder / "scores.csv").write_text("index,label,s\n0,,1.0\n1,,oops\n")
-    _fails(["data", "select", str(folder), "--keep", "0.5", "--out", str(tmp_path / "o")], capsys, "is not a number")
+    _fails(["data", "select", str(folder), "--ratio", "0.5", "--out", str(tmp_path / "o")], capsys, "is not a number")
 
 
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -21,7 +21,7 @@ def blobs():
 
 def test_observed_losses_cover_every_example_then_keep_the_hardest(blobs):
     inputs, labels = blobs
-    sampler = DynamicPruningSampler(60, keep=0.5, every=1, seed=0)
+    sampler = DynamicPruningSampler(60, ratio=0.5, every=1, seed=0)
     seen_by_epoch, values_after = [], []
     model = tiny_classifier()
 
@@ -49,7 +49,7 @@ def test_rescore_every_k_epochs_with_the_current_model(blobs):
         calls.append(epoch)
         return model_scores(model, inputs, labels, "el2n")
 
-    sampler = DynamicPruningSampler(60, keep=0.25, every=2, rescore=rescore, labels=labels.numpy(),
+    sampler = DynamicPruningSampler(60, ratio=0.75, every=2, rescore=rescore, labels=labels.numpy(),
                                     balance="proportional", seed=3)
     train_classifier(model, inputs, labels, epochs=5, batch_size=8, seed=0, sampler=sampler)
     assert calls == [0, 2, 4]
@@ -78,11 +78,11 @@ def test_the_sampler_is_reproducible_and_a_dataloader_sampler(blobs):
 
 
 def test_bad_sampler_settings():
-    with pytest.raises(PrunekitError, match=r"\(0, 1\]"):
-        DynamicPruningSampler(10, keep=1.5)
+    with pytest.raises(PrunekitError, match=r"\[0, 1\)"):
+        DynamicPruningSampler(10, ratio=1.5)
     with pytest.raises(PrunekitError, match="at least 1 epoch"):
-        DynamicPruningSampler(10, keep=0.5, every=0)
-    sampler = DynamicPruningSampler(10, keep=0.5, rescore=lambda epoch: np.zeros(3))
+        DynamicPruningSampler(10, ratio=0.5, every=0)
+    sampler = DynamicPruningSampler(10, ratio=0.5, rescore=lambda epoch: np.zeros(3))
     with pytest.raises(PrunekitError, match="shape"):
         sampler.set_epoch(0)
 

@@ -19,15 +19,15 @@ def table(values, labels=None, harder="higher") -> ScoreTable:
 
 
 @settings(max_examples=60, deadline=None)
-@given(total=st.integers(1, 400), keep=st.floats(0.001, 1.0), strategy=st.sampled_from(["hardest", "easiest", "middle", "random", "ccs"]),
+@given(total=st.integers(1, 400), ratio=st.floats(0.0, 0.999), strategy=st.sampled_from(["hardest", "easiest", "middle", "random", "ccs"]),
        balance=st.sampled_from(["none", "proportional", "equal"]), classes=st.integers(1, 7), seed=st.integers(0, 5))
-def test_exact_counts_for_every_strategy_and_balance(total, keep, strategy, balance, classes, seed):
+def test_exact_counts_for_every_strategy_and_balance(total, ratio, strategy, balance, classes, seed):
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, classes, size=total)
     values = rng.normal(size=total).round(1)  # ties on purpose
-    selection = select(table(values, labels), "s", keep=keep, strategy=strategy, balance=balance, seed=seed)
-    expected = max(1, int(np.floor(keep * total + 0.5)))
-    assert len(selection) == expected == kept_count(total, keep)
+    selection = select(table(values, labels), "s", ratio=ratio, strategy=strategy, balance=balance, seed=seed)
+    expected = max(1, int(np.floor((1 - ratio) * total + 0.5)))
+    assert len(selection) == expected == kept_count(total, ratio)
     assert np.all(np.diff(selection.indices) > 0) and selection.indices.min() >= 0 and selection.indices.max() < total
     if balance == "proportional":
         quotas = class_quotas(labels, expected, "proportional")
@@ -35,7 +35,7 @@ def test_exact_counts_for_every_strategy_and_balance(total, keep, strategy, bala
             assert int((labels[selection.indices] == label).sum()) == quota
             share = expected * (labels == label).sum() / total
             assert abs(quota - share) < 1  # every class keeps its share, rounded
-    again = select(table(values, labels), "s", keep=keep, strategy=strategy, balance=balance, seed=seed)
+    again = select(table(values, labels), "s", ratio=ratio, strategy=strategy, balance=balance, seed=seed)
     assert np.array_equal(again.indices, selection.indices)
 
 
@@ -53,12 +53,12 @@ def test_proportional_quotas_use_largest_remainders():
 
 def test_hardest_easiest_and_middle_by_definition():
     values = np.arange(10, dtype=float)  # row i has score i
-    assert select(table(values), keep=0.3, strategy="hardest").indices.tolist() == [7, 8, 9]
-    assert select(table(values), keep=0.3, strategy="easiest").indices.tolist() == [0, 1, 2]
-    assert select(table(values), keep=0.4, strategy="middle").indices.tolist() == [3, 4, 5, 6]
-    assert select(table(values), keep=0.3, strategy="middle", start=0.2).indices.tolist() == [5, 6, 7]
+    assert select(table(values), ratio=0.7, strategy="hardest").indices.tolist() == [7, 8, 9]
+    assert select(table(values), ratio=0.7, strategy="easiest").indices.tolist() == [0, 1, 2]
+    assert select(table(values), ratio=0.6, strategy="middle").indices.tolist() == [3, 4, 5, 6]
+    assert select(table(values), ratio=0.7, strategy="middle", start=0.2).indices.tolist() == [5, 6, 7]
     # a score where lower is harder (AUM) flips the ends
-    assert select(table(values, harder="lower"), keep=0.3, strategy="hardest").indices.tolist() == [0, 1, 2]
+    assert select(table(values, harder="lower"), ratio=0.7, strategy="hardest").indices.tolist() == [0, 1, 2]
 
 
 def test_ties_are_broken_at_random_not_by_row_order():
@@ -71,9 +71,9 @@ def test_ties_are_broken_at_random_not_by_row_order():
 def test_class_balanced_hardest_keeps_the_hardest_of_each_class():
     labels = np.array([0] * 6 + [1] * 4)
     values = np.array([1, 2, 3, 4, 5, 6, 10, 20, 30, 40], dtype=float)
-    kept = select(table(values, labels), keep=0.5, strategy="hardest", balance="proportional").indices
+    kept = select(table(values, labels), ratio=0.5, strategy="hardest", balance="proportional").indices
     assert kept.tolist() == [3, 4, 5, 8, 9]
-    unbalanced = select(table(values, labels), keep=0.5, strategy="hardest").indices
+    unbalanced = select(table(values, labels), ratio=0.5, strategy="hardest").indices
     assert unbalanced.tolist() == [5, 6, 7, 8, 9]
 
 
@@ -101,15 +101,20 @@ def test_ccs_cuts_the_hardest_and_covers_every_stratum():
 
 def test_ccs_reduces_the_cut_when_the_budget_needs_the_examples():
     values = np.arange(100, dtype=float)
-    selection = select(values, keep=0.95, strategy="ccs", hard_cut=0.1)
+    selection = select(values, ratio=0.05, strategy="ccs", hard_cut=0.1)
     assert len(selection) == 95 and "hard_cut_reduced" in selection.meta["strategy_notes"]
     assert selection.meta["strategy_notes"]["hard_examples_cut"] == 5
 
 
-@pytest.mark.parametrize("keep", [0.0, -0.1, 1.5, float("nan"), float("inf")])
-def test_fractions_outside_zero_one_are_refused(keep):
-    with pytest.raises(PrunekitError, match=r"\(0, 1\]"):
-        select(table(np.arange(10.0)), keep=keep)
+@pytest.mark.parametrize("ratio", [1.0, -0.1, 1.5, float("nan"), float("inf")])
+def test_fractions_outside_zero_one_are_refused(ratio):
+    with pytest.raises(PrunekitError, match=r"\[0, 1\)"):
+        select(table(np.arange(10.0)), ratio=ratio)
+
+
+def test_the_kept_fraction_is_still_read_with_a_warning(capsys):
+    assert select(table(np.arange(10.0)), keep=0.3).indices.tolist() == [7, 8, 9]
+    assert "'keep' is deprecated" in capsys.readouterr().err
 
 
 def test_other_bad_selections():
@@ -117,36 +122,36 @@ def test_other_bad_selections():
     with pytest.raises(PrunekitError, match="either"):
         select(scores)
     with pytest.raises(PrunekitError, match="either"):
-        select(scores, keep=0.5, count=3)
+        select(scores, ratio=0.5, count=3)
     with pytest.raises(PrunekitError, match="between 1 and the 10"):
         select(scores, count=11)
     with pytest.raises(PrunekitError, match="needs labels"):
-        select(scores, keep=0.5, balance="proportional")
+        select(scores, ratio=0.5, balance="proportional")
     with pytest.raises(PrunekitError, match="unknown selection strategy"):
-        select(scores, keep=0.5, strategy="best")
+        select(scores, ratio=0.5, strategy="best")
     with pytest.raises(PrunekitError, match="missing or infinite"):
-        select(np.array([1.0, np.nan, 2.0]), keep=0.5)
+        select(np.array([1.0, np.nan, 2.0]), ratio=0.5)
     with pytest.raises(PrunekitError, match="no score 'el2n'"):
-        select(scores, "el2n", keep=0.5)
+        select(scores, "el2n", ratio=0.5)
     with pytest.raises(PrunekitError, match="hard_cut"):
-        select(scores, keep=0.5, strategy="ccs", hard_cut=1.5)
+        select(scores, ratio=0.5, strategy="ccs", hard_cut=1.5)
 
 
-def test_full_keep_returns_everything():
-    assert select(table(np.arange(7.0)), keep=1.0).indices.tolist() == list(range(7))
+def test_removing_nothing_returns_everything():
+    assert select(table(np.arange(7.0)), ratio=0.0).indices.tolist() == list(range(7))
 
 
 def test_strategy_settings_are_validated_in_one_line_when_built():
     from prunekit.data import STRATEGIES
 
     with pytest.raises(PrunekitError) as caught:
-        select(np.arange(10.0), keep=0.5, strategy={"ccs": {"hardcut": 0.2}})
+        select(np.arange(10.0), ratio=0.5, strategy={"ccs": {"hardcut": 0.2}})
     assert str(caught.value) == "selection strategy ccs has no setting 'hardcut'; its settings are: hard_cut, strata"
     with pytest.raises(PrunekitError, match="^selection strategy middle: start: Input should be less than or equal to 1$"):
         STRATEGIES.build("middle", start=1.5)
     with pytest.raises(PrunekitError, match="either in the object or as keywords"):
-        select(np.arange(10.0), keep=0.5, strategy=STRATEGIES.build("ccs"), hard_cut=0.2)
+        select(np.arange(10.0), ratio=0.5, strategy=STRATEGIES.build("ccs"), hard_cut=0.2)
     chooser = STRATEGIES.build({"name": "middle", "start": 0.2})
-    selection = select(np.arange(10.0), keep=0.5, strategy=chooser)
+    selection = select(np.arange(10.0), ratio=0.5, strategy=chooser)
     assert selection.meta["strategy"] == {"name": "middle", "start": 0.2}
     assert selection.meta["strategy_notes"] == {"skipped_hardest": 2}

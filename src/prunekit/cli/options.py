@@ -42,6 +42,28 @@ def key_values(items: Iterable[str] | None, what: str, split_at_last: bool = Fal
     return result
 
 
+def grouped_key_values(items: Iterable[str] | None, what: str, names: list[str],
+                       example: str = "el2n.epoch=2") -> dict[str, dict[str, Any]]:
+    """``NAME.KEY=VALUE`` items grouped by the method they set, one of ``names``; with a single name the
+    ``NAME.`` may be left out."""
+    grouped: dict[str, dict[str, Any]] = {name: {} for name in names}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        name, dot, setting = key.strip().rpartition(".")
+        if not sep or not setting:
+            raise PrunekitError(f"{what} '{item}' must look like NAME.KEY=VALUE, e.g. {example}")
+        if not dot:
+            if len(names) != 1:
+                raise PrunekitError(f"{what} '{item}': name the method it sets (NAME.{setting}=...) when several "
+                                    "are given")
+            name = names[0]
+        name = name.lower()
+        if name not in grouped:
+            raise PrunekitError(f"{what} '{item}' names '{name}', which is not among: {', '.join(names)}")
+        grouped[name][setting] = yaml_value(value, f"{what} '{item}'")
+    return grouped
+
+
 def numbers(text: str | None, what: str, kind: type = float) -> list | None:
     """A comma-separated list of numbers (``0.3,0.5,0.7``); None when not given."""
     if text is None:
@@ -64,6 +86,14 @@ def deprecated(old: str, new: str, value: Any, current: Any = NOT_GIVEN) -> Any:
         raise PrunekitError(f"give {new} or its old name {old}, not both")
     print(f"warning: {old} is deprecated and goes in the next release; use {new}", file=sys.stderr)
     return value
+
+
+def _get_nested(data: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(data, dict):
+            return None
+        data = data.get(part)
+    return data
 
 
 def _set_nested(data: dict, dotted: str, value: Any) -> None:
@@ -106,9 +136,9 @@ def build_recipe(recipe_type: type[RecipeModel], recipe_file: Path | None, optio
         name, settings = entry[0], entry[1]
         settings_key = entry[2] if len(entry) > 2 else None
         if settings_key is None:
-            spec = _method_spec(data.get(key), name, settings)
+            spec = _method_spec(_get_nested(data, key), name, settings)
             if spec is not None:
-                data[key] = spec
+                _set_nested(data, key, spec)
             continue
         current = {"name": data.get(key), **(data.get(settings_key) or {})} if data.get(key) else None
         spec = _method_spec(current, name, settings)

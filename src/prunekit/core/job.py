@@ -41,6 +41,8 @@ class Job(Generic[RecipeT]):
 
     def __init__(self, recipe: RecipeT):
         self.recipe = recipe
+        # Under torchrun every process runs the job, and only the writer (process 0) writes.
+        self.writer = True
 
     def inputs(self) -> tuple[str | None, ...]:
         """Paths the output must never be, lie inside or contain."""
@@ -53,5 +55,6 @@ class Job(Generic[RecipeT]):
     def run(self) -> Outcome:
         raise NotImplementedError
 
-    def write(self, directory: Path) -> None:
-        """Write the job's files (model, plots) into ``directory``; reports and the recipe are written for it."""
+    def write(self, directory: Path, outcome: Outcome) -> None:
+        """Write the job's files (model, plots) into ``directory``; reports and the recipe are written after,
+        so what writing finds (a file's name, its size) may still go into ``outcome``."""

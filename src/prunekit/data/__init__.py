@@ -2,7 +2,7 @@
 
 >>> from prunekit import data
 >>> table = data.score_data("fashion-mnist", ["el2n", "forgetting"])
->>> kept = data.select(table, "el2n", keep=0.5, strategy="hardest")
+>>> kept = data.select(table, "el2n", ratio=0.5, strategy="hardest")
 >>> images, labels = data.open_data("fashion-mnist").subset(kept.indices)
 """
 

@@ -7,14 +7,16 @@ appear whole or not at all; only process 0 of a ``torchrun`` group writes.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field, field_validator, model_validator
 
-from prunekit.data.base import SCORES, STRATEGIES
+from prunekit.core.config import RecipeModel
 from prunekit.core.distributed import ProcessGroup, current_group
+from prunekit.core.job import Job, Outcome
+from prunekit.data.base import SCORES, STRATEGIES
 from prunekit.data.proxy import ProxyConfig
 from prunekit.data.scoring import make_score, score_data
 from prunekit.data.selection import Selection, select
@@ -27,31 +29,118 @@ SELECTION_JSON = "selection.json"
 REPORT_MD = "report.md"
 
 
-@dataclass
-class DataOptions:
+class DataReading(RecipeModel):
     """How to read the user's data (the command line's reading options)."""
 
     text_field: str | None = "text"
-    label_field: str | None = "auto"
+    labels: bool = Field(True, description="false: treat the data as unlabelled")
+    label_field: str = Field("auto", description="the column holding the class label ('auto': 'label' when present)")
     features: list[str] | None = None
-    text_unit: str = "line"
+    text_unit: Literal["line", "paragraph"] = "line"
     input_key: str | None = None
-    limit: int | None = None
+    limit: int | None = Field(None, ge=1, description="read only the first N examples")
 
     def open(self, data: Any) -> DataSource:
-        return open_data(data, text_field=self.text_field, label_field=self.label_field, features=self.features,
+        return open_data(data, text_field=self.text_field, label_field=self.label_field if self.labels else None,
+                         features=self.features,
                          text_unit=self.text_unit, input_key=self.input_key, limit=self.limit)
 
 
-@dataclass
-class SelectOptions:
-    score: str | None = None
-    keep: float | None = None
-    count: int | None = None
-    strategy: str = "hardest"
-    balance: str = "none"
+class ProxySettings(RecipeModel):
+    """The proxy model proxy scores read (``prunekit.data.proxy.ProxyConfig``)."""
+
+    model: Literal["auto", "cnn", "mlp"] = "auto"
+    epochs: int = Field(3, ge=0)
+    seeds: int = Field(3, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.05, gt=0)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    cnn_width: int = Field(16, ge=1)
+    device: str = "cpu"
+
+    def config(self) -> ProxyConfig:
+        return ProxyConfig(**self.model_dump())
+
+
+class SelectionSettings(RecipeModel):
+    """Which examples are kept: all but the fraction ``ratio`` (or ``count`` of them), chosen by one score."""
+
+    score: str | None = Field(None, description="the score to select by [default: the only (or first) one]")
+    ratio: float | None = Field(None, ge=0, lt=1, description="fraction of the examples removed")
+    count: int | None = Field(None, ge=1, description="number of examples kept (instead of ratio)")
+    strategy: dict[str, Any] = Field(default_factory=lambda: {"name": "hardest"})
+    balance: Literal["none", "proportional", "equal"] = "none"
     seed: int = 0
-    settings: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kept_fraction(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("keep") is not None:
+            from prunekit.core.config import warn_renamed
+
+            if data.get("ratio") is not None:
+                raise ValueError("give the removed fraction (ratio) or the deprecated kept fraction (keep), not both")
+            warn_renamed("keep", "ratio (the fraction removed: 1 - keep)")
+            data = {**data, "ratio": 1.0 - float(data.pop("keep"))}
+        elif isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k != "keep"}
+        return data
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _strategy(cls, value: Any) -> dict[str, Any]:
+        return STRATEGIES.build(value).settings()
+
+    @model_validator(mode="after")
+    def _one_amount(self) -> "SelectionSettings":
+        if (self.ratio is None) == (self.count is None):
+            raise ValueError("give either the fraction of examples removed (ratio) or the number kept (count)")
+        return self
+
+    def choose(self, table: ScoreTable, default_score: str | None = None) -> Selection:
+        strategy = dict(self.strategy)
+        selection = select(table, self.score or default_score, ratio=self.ratio, count=self.count,
+                           strategy=strategy.pop("name"), balance=self.balance, seed=self.seed, **strategy)
+        classes = table.meta.get("data", {}).get("classes")
+        if classes and "per_class" in selection.meta:
+            selection.meta["class_names"] = {i: str(name) for i, name in enumerate(classes)}
+        return selection
+
+
+class DataScoreRecipe(RecipeModel):
+    """``prunekit data score`` (and ``data prune``, which also selects and writes the kept rows)."""
+
+    data: str = Field(description="a data file, or fashion-mnist[:train|test]")
+    scores: list[dict[str, Any]] = Field(min_length=1)
+    reading: DataReading = Field(default_factory=DataReading)
+    proxy: ProxySettings = Field(default_factory=ProxySettings)
+    encoder: str | None = Field(None, description="sentence encoder for text [default: all-MiniLM-L6-v2]")
+    text_batch_size: int = Field(16, ge=1)
+    seed: int = Field(0, description="seed of the random score (proxy seeds are 0..seeds-1)")
+    selection: SelectionSettings | None = None
+
+    @field_validator("scores", mode="before")
+    @classmethod
+    def _scores(cls, value: Any) -> list[dict[str, Any]]:
+        specs = value if isinstance(value, list) else [value]
+        return [make_score(spec).settings() for spec in specs]
+
+    @model_validator(mode="after")
+    def _selection_names_a_scored_score(self) -> "DataScoreRecipe":
+        names = [spec["name"] for spec in self.scores]
+        if self.selection is not None and self.selection.score is not None and self.selection.score not in names:
+            raise ValueError(f"selecting by {self.selection.score}, which is not among the computed scores: "
+                             f"{', '.join(names)}")
+        return self
+
+
+class DataSelectRecipe(RecipeModel):
+    """``prunekit data select``: choose from a scores file; with ``data``, also write the kept rows."""
+
+    scores: str = Field(description="a scores directory (or its scores.csv)")
+    data: str | None = None
+    reading: DataReading = Field(default_factory=DataReading)
+    selection: SelectionSettings
 
 
 def _input_path(data: Any) -> Path | None:
@@ -60,25 +149,91 @@ def _input_path(data: Any) -> Path | None:
     return None
 
 
-def _check_out(out: Path, overwrite: bool, inputs: tuple) -> Path:
-    from prunekit.io.atomic import check_output_dir
+class DataScoreJob(Job[DataScoreRecipe]):
+    """Score every example (collectively across a ``torchrun`` group; process 0 writes); with a selection,
+    also choose the kept examples and write them in the data's own format."""
 
-    return check_output_dir(out, overwrite, inputs)
+    command = "data score"
+    recipe_type = DataScoreRecipe
+
+    def __init__(self, recipe: DataScoreRecipe, world: ProcessGroup | None = None):
+        super().__init__(recipe)
+        self.world = world or current_group()
+        self.writer = self.world.is_writer
+
+    def inputs(self) -> tuple[str | None, ...]:
+        path = _input_path(self.recipe.data)
+        return (str(path) if path else None,)
+
+    def run(self) -> Outcome:
+        recipe = self.recipe
+        self.source = recipe.reading.open(recipe.data)
+        self.table = score_data(self.source, recipe.scores, proxy=recipe.proxy.config(), seed=recipe.seed,
+                                encoder=recipe.encoder, text_batch_size=recipe.text_batch_size, world=self.world)
+        self.selection = None
+        if recipe.selection is not None:
+            self.selection = recipe.selection.choose(self.table, recipe.scores[0]["name"])
+        table, meta = self.table, self.table.meta
+        summary = [("data", f"{meta['data']['description']} ({len(table)} rows)"), ("scores", ", ".join(table.names)),
+                   ("processes", f"{self.world.world_size} × {meta['threads_per_process']} threads"),
+                   ("time", f"{meta['timings']['total_seconds']:.1f} s")]
+        if self.selection is not None:
+            summary.append(("kept", _kept_line(self.selection)))
+        report = {"scores": table.meta, "selection": self.selection.meta if self.selection is not None else None}
+        return Outcome(report, score_report(table), summary, "prunekit data")
+
+    def write(self, directory: Path, outcome: Outcome) -> None:
+        self.table.write(directory)
+        if self.selection is not None:
+            written = _write_selection(directory, self.selection, self.source)
+            outcome.markdown += "\n" + selection_report(self.selection, written)
+            outcome.report["selection"] = self.selection.meta
 
 
-def _validate_select(options: SelectOptions, requested_scores: list[str] | None = None) -> None:
-    """Catch a bad selection before hours of scoring."""
-    from prunekit.data.selection import BALANCES, kept_count
+class DataSelectJob(Job[DataSelectRecipe]):
+    command = "data select"
+    recipe_type = DataSelectRecipe
 
-    if options.keep is not None or options.count is None:
-        kept_count(1, options.keep, options.count)  # checks the fraction (and that exactly one is given)
-    elif isinstance(options.count, bool) or not isinstance(options.count, int) or options.count < 1:
-        raise PrunekitError(f"the kept count must be a whole number of at least 1, got {options.count!r}")
-    if options.balance not in BALANCES:
-        raise PrunekitError(f"class balance must be one of {', '.join(BALANCES)}, got '{options.balance}'")
-    STRATEGIES.build(options.strategy, **(options.settings or {}))
-    if requested_scores is not None and options.score is not None and options.score not in requested_scores:
-        raise PrunekitError(f"--select-by {options.score} is not among the computed scores: {', '.join(requested_scores)}")
+    def inputs(self) -> tuple[str | None, ...]:
+        data = _input_path(self.recipe.data)
+        return (self.recipe.scores, str(data) if data else None)
+
+    def run(self) -> Outcome:
+        recipe = self.recipe
+        self.table = ScoreTable.read(Path(recipe.scores).expanduser())
+        self.source = None
+        if recipe.data is not None:
+            self.source = recipe.reading.open(recipe.data)
+            check_scores_match(self.table, self.source)
+        self.selection = recipe.selection.choose(self.table)
+        meta = self.selection.meta
+        summary = [("kept", _kept_line(self.selection)),
+                   ("by", f"{meta['score']} ({meta['harder']} = harder), balance {meta['balance']}")]
+        return Outcome({"selection": meta}, "", summary, "prunekit data select")
+
+    def write(self, directory: Path, outcome: Outcome) -> None:
+        written = _write_selection(directory, self.selection, self.source)
+        outcome.markdown = selection_report(self.selection, written)
+        outcome.report["selection"] = self.selection.meta
+
+
+def _kept_line(selection: Selection) -> str:
+    meta = selection.meta
+    return (f"{len(selection)} of {selection.total} ({selection.fraction:.2%}) by {meta['score']}, "
+            f"{meta['strategy']['name']}")
+
+
+def _write_selection(folder: Path, selection: Selection, source: DataSource | None) -> Path | None:
+    from prunekit.evaluate.report import write_json
+    from prunekit.io.atomic import write_text
+
+    write_text(folder / INDICES_FILE, "".join(f"{i}\n" for i in selection.indices.tolist()))
+    written = None
+    if source is not None:
+        written = source.write_subset(selection.indices, folder)
+        selection.meta["written"] = written.name
+    write_json(folder / SELECTION_JSON, selection.meta)
+    return written
 
 
 def check_scores_match(table: ScoreTable, source: DataSource) -> None:
@@ -95,82 +250,6 @@ def check_scores_match(table: ScoreTable, source: DataSource) -> None:
     labels = source.labels()
     if table.labels is not None and labels is not None and not np.array_equal(table.labels, labels):
         raise PrunekitError(f"the labels in the scores differ from the labels of {source.description}")
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def run_score_job(data: Any, scores: list, out: Path, overwrite: bool = False, options: DataOptions | None = None,
-                  proxy: ProxyConfig | None = None, seed: int = 0, encoder: str | None = None,
-                  text_batch_size: int = 16, select_options: SelectOptions | None = None,
-                  world: ProcessGroup | None = None) -> tuple[ScoreTable, Selection | None, Path]:
-    """Score (and, with ``select_options``, select and write the pruned data) into ``out``."""
-    from prunekit.io.atomic import atomic_directory
-
-    world = world or current_group()
-    options = options or DataOptions()
-    specs = [make_score(s) for s in scores]
-    if select_options is not None:
-        _validate_select(select_options, [s.name for s in specs])
-    out_path = _check_out(out, overwrite, (_input_path(data),))
-    source = options.open(data)
-    table = score_data(source, specs, proxy=proxy, seed=seed, encoder=encoder, text_batch_size=text_batch_size,
-                       world=world)
-    selection = None
-    if select_options is not None:
-        selection = _select(table, select_options)
-    if world.is_writer:
-        with atomic_directory(out_path, overwrite=overwrite) as tmp:
-            table.write(tmp)
-            written = None
-            if selection is not None:
-                written = _write_selection(tmp, selection, source)
-            (tmp / REPORT_MD).write_text(score_report(table) + ("" if selection is None else
-                                                                "\n" + selection_report(selection, written)))
-    world.barrier()
-    return table, selection, out_path
-
-
-def _select(table: ScoreTable, options: SelectOptions) -> Selection:
-    selection = select(table, options.score, keep=options.keep, count=options.count, strategy=options.strategy,
-                       balance=options.balance, seed=options.seed, **(options.settings or {}))
-    classes = table.meta.get("data", {}).get("classes")
-    if classes and "per_class" in selection.meta:
-        selection.meta["class_names"] = {i: str(name) for i, name in enumerate(classes)}
-    return selection
-
-
-def _write_selection(folder: Path, selection: Selection, source: DataSource | None) -> Path | None:
-    from prunekit.evaluate.report import write_json
-    from prunekit.io.atomic import write_text
-
-    write_text(folder / INDICES_FILE, "".join(f"{i}\n" for i in selection.indices.tolist()))
-    written = None
-    if source is not None:
-        written = source.write_subset(selection.indices, folder)
-        selection.meta["written"] = written.name
-    write_json(folder / SELECTION_JSON, selection.meta)
-    return written
-
-
-def run_select_job(scores: Path, out: Path, options: SelectOptions, data: Any = None,
-                   data_options: DataOptions | None = None, overwrite: bool = False) -> tuple[Selection, Path]:
-    """Select from a scores file; with ``data``, also write the selected rows in the data's format."""
-    from prunekit.io.atomic import atomic_directory
-
-    _validate_select(options)
-    scores_path = Path(scores).expanduser()
-    out_path = _check_out(out, overwrite, (scores_path, _input_path(data)))
-    table = ScoreTable.read(scores_path)
-    source = None
-    if data is not None:
-        source = (data_options or DataOptions()).open(data)
-        check_scores_match(table, source)
-    selection = _select(table, options)
-    with atomic_directory(out_path, overwrite=overwrite) as tmp:
-        written = _write_selection(tmp, selection, source)
-        (tmp / REPORT_MD).write_text(selection_report(selection, written))
-    return selection, out_path
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,10 +30,19 @@ from prunekit.errors import PrunekitError
 class DynamicPruningSampler(Sampler[int]):
     """Yields the indices of the current kept subset, shuffled per epoch; re-selects every ``every`` epochs."""
 
-    def __init__(self, num_examples: int, keep: float | None = None, count: int | None = None, every: int = 1,
+    def __init__(self, num_examples: int, ratio: float | None = None, count: int | None = None, every: int = 1,
                  strategy: str = "hardest", harder: str = HIGHER,
                  rescore: Callable[[int], np.ndarray] | None = None, labels: Sequence[int] | None = None,
-                 balance: str = "none", seed: int = 0, **strategy_settings: Any):
+                 balance: str = "none", seed: int = 0, keep: float | None = None, **strategy_settings: Any):
+        """Trains on all but the fraction ``ratio`` of the examples (or on ``count`` of them); ``keep`` (the
+        kept fraction, ``1 - ratio``) is deprecated."""
+        if keep is not None:
+            from prunekit.core.config import warn_renamed
+
+            if ratio is not None:
+                raise PrunekitError("give the removed fraction (ratio) or the deprecated kept fraction (keep), not both")
+            warn_renamed("keep", "ratio (the fraction removed: 1 - keep)")
+            ratio = 1.0 - keep
         if num_examples < 1:
             raise PrunekitError("a sampler needs at least one example")
         if every < 1:
@@ -41,7 +50,7 @@ class DynamicPruningSampler(Sampler[int]):
         if harder not in (HIGHER, LOWER):
             raise PrunekitError(f"harder must be higher or lower, got '{harder}'")
         self.num_examples = int(num_examples)
-        self.count = kept_count(self.num_examples, keep, count)
+        self.count = kept_count(self.num_examples, ratio, count)
         self.every = every
         self.strategy = strategy
         self.strategy_settings = strategy_settings

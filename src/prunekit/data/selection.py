@@ -43,16 +43,16 @@ class Selection:
         return keep
 
 
-def kept_count(total: int, keep: float | None = None, count: int | None = None) -> int:
-    """The number of examples kept from ``total``: exactly one of a fraction or a count."""
-    if (keep is None) == (count is None):
-        raise PrunekitError("give either a kept fraction (--keep) or a kept count (--count)")
-    if keep is not None:
-        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not math.isfinite(keep):
-            raise PrunekitError(f"the kept fraction must be a number in (0, 1], got {keep!r}")
-        if not 0.0 < keep <= 1.0:
-            raise PrunekitError(f"the kept fraction must be in (0, 1], got {keep}")
-        return max(1, int(math.floor(keep * total + 0.5)))
+def kept_count(total: int, ratio: float | None = None, count: int | None = None) -> int:
+    """The number of examples kept from ``total``: exactly one of the fraction removed (``ratio``) or a kept count."""
+    if (ratio is None) == (count is None):
+        raise PrunekitError("give either the fraction of examples removed (--ratio) or the number kept (--count)")
+    if ratio is not None:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
+            raise PrunekitError(f"the removed fraction (ratio) must be a number in [0, 1), got {ratio!r}")
+        if not 0.0 <= ratio < 1.0:
+            raise PrunekitError(f"the removed fraction (ratio) must be in [0, 1), got {ratio}")
+        return max(1, int(math.floor((1.0 - ratio) * total + 0.5)))
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)):
         raise PrunekitError(f"the kept count must be a whole number, got {count!r}")
     if not 1 <= count <= total:
@@ -93,16 +93,26 @@ def class_quotas(labels: np.ndarray, count: int, balance: str) -> dict[int, int]
     return {int(c): int(q) for c, q in zip(classes, quotas)}
 
 
-def select(scores: ScoreTable | np.ndarray, score: str | None = None, *, keep: float | None = None,
+def select(scores: ScoreTable | np.ndarray, score: str | None = None, *, ratio: float | None = None,
            count: int | None = None, strategy: str | Strategy = "hardest", balance: str = "none",
-           labels: np.ndarray | None = None, harder: str = HIGHER, seed: int = 0, **strategy_settings) -> Selection:
-    """Choose the kept examples.
+           labels: np.ndarray | None = None, harder: str = HIGHER, seed: int = 0, keep: float | None = None,
+           **strategy_settings) -> Selection:
+    """Choose the kept examples: all but the fraction ``ratio`` (or ``count`` of them).
 
     ``scores`` is a :class:`ScoreTable` (then ``score`` names the column, labels come with it) or a
     plain array of one score per example (``harder`` says which end is hard, ``labels`` is needed
     for class balance). ``strategy`` is hardest, easiest, middle, random or ccs (settings as keywords,
-    e.g. ``hard_cut=0.2``).
+    e.g. ``hard_cut=0.2``). ``keep`` (the kept fraction, ``1 - ratio``) is deprecated.
     """
+    if keep is not None:
+        from prunekit.core.config import warn_renamed
+
+        if ratio is not None:
+            raise PrunekitError("give the removed fraction (ratio) or the deprecated kept fraction (keep), not both")
+        warn_renamed("keep", "ratio (the fraction removed: 1 - keep)")
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
+            raise PrunekitError(f"the kept fraction must be in (0, 1], got {keep!r}")
+        ratio = 1.0 - keep
     if isinstance(scores, ScoreTable):
         if score is None:
             if len(scores.names) != 1:
@@ -126,7 +136,7 @@ def select(scores: ScoreTable | np.ndarray, score: str | None = None, *, keep: f
         raise PrunekitError(f"score '{score}' has {int((~np.isfinite(hardness)).sum())} missing or infinite values")
     if balance not in BALANCES:
         raise PrunekitError(f"class balance must be one of {', '.join(BALANCES)}, got '{balance}'")
-    target = kept_count(total, keep, count)
+    target = kept_count(total, ratio, count)
     chooser = STRATEGIES.build(strategy, **strategy_settings)
     rng = np.random.default_rng(seed)
     if balance != "none":
@@ -149,7 +159,7 @@ def select(scores: ScoreTable | np.ndarray, score: str | None = None, *, keep: f
     if np.unique(indices).shape[0] != indices.shape[0] or indices.shape[0] != target:
         raise RuntimeError(f"strategy {chooser.name} chose {indices.shape[0]} rows for {target} (or repeated one)")
     meta = _describe(score, direction, chooser, balance, seed, hardness, indices, total, target, labels, quotas,
-                     keep=keep, count=count)
+                     ratio=ratio, count=count)
     return Selection(indices, total, meta)
 
 
@@ -162,14 +172,14 @@ def _checked(positions: np.ndarray, expected: int, size: int) -> np.ndarray:
 
 def _describe(score: str, direction: str, chooser: Strategy, balance: str, seed: int, hardness: np.ndarray,
               indices: np.ndarray, total: int, target: int, labels: np.ndarray | None,
-              quotas: dict[int, int] | None, keep: float | None, count: int | None) -> dict[str, Any]:
+              quotas: dict[int, int] | None, ratio: float | None, count: int | None) -> dict[str, Any]:
     kept = np.zeros(total, dtype=bool)
     kept[indices] = True
     value = hardness if direction == HIGHER else -hardness
     meta: dict[str, Any] = {
         "score": score, "harder": direction, "strategy": chooser.settings(),
         "strategy_notes": chooser.notes(), "balance": balance, "seed": seed,
-        "requested": {"keep": keep, "count": count}, "total": total, "kept": target, "kept_fraction": target / total,
+        "requested": {"ratio": ratio, "count": count}, "total": total, "kept": target, "kept_fraction": target / total,
         "score_mean_kept": float(value[kept].mean()),
         "score_mean_dropped": float(value[~kept].mean()) if (~kept).any() else None,
     }

@@ -275,7 +275,7 @@ class VisionTrainingJob(Job[VisionTrainingRecipe]):
                    ("training", f"{report['training']['steps']} steps, {report['training']['seconds']:.1f} s")]
         return Outcome(report, vision_markdown(report), summary, f"prunekit: {recipe.method} on Fashion-MNIST")
 
-    def write(self, directory: Path) -> None:
+    def write(self, directory: Path, outcome: Outcome) -> None:
         from prunekit.io.checkpoint import write_dense
 
         result, recipe = self.result, self.recipe
