@@ -81,7 +81,7 @@ def _needs_calibration(recipe: WeightPruningRecipe) -> bool:
     from prunekit.core.allocation import get_allocation
     from prunekit.weights.base import get_method
 
-    return get_method(recipe.method).needs_calibration or get_allocation(recipe.allocation).needs == "activation_scores"
+    return get_method(recipe.method).needs_calibration or "activations" in get_allocation(recipe.allocation).needs
 
 
 def _prune(loaded: LoadedModel, recipe: WeightPruningRecipe, calibration: torch.Tensor | None,
