@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from prunekit.core.text import TextProtocol, calibration_windows, test_windows
+from prunekit.errors import PrunekitError
 from prunekit.evaluate.perplexity import PerplexityResult, perplexity
 from prunekit.io.checkpoint import save_compressed, save_dense
 from prunekit.io.formats import save_model
@@ -27,15 +28,15 @@ def save(model: nn.Module, out: str | os.PathLike, *, format: str = "huggingface
     return save_model(model, out, format=format, tokenizer=tokenizer, overwrite=overwrite, **settings)
 
 
-def prune(model: nn.Module, method: str | Mapping[str, Any] = "wanda", sparsity: float | None = 0.5,
-          pattern: str | None = None, allocation: str | Mapping[str, Any] = "uniform",
-          calibration: torch.Tensor | TextProtocol | str | None = None, tokenizer=None,
-          include: Sequence[str] = (), exclude: Sequence[str] = (), overrides: Mapping[str, float] | None = None,
-          sequential: str = "layer", batch_size: int = 4, untie_embeddings: bool = False) -> PruneResult:
-    """Prune a model's weights in place.
+def prune(model: nn.Module, method: Any = "wanda", ratio: float | None = None, *,
+          calibration: torch.Tensor | TextProtocol | str | None = None, tokenizer=None, **settings: Any) -> PruneResult:
+    """Prune a model's weights in place: ``ratio`` of the targeted weights (default 0.5, or an N:M ``pattern``'s).
 
-    ``calibration`` is a tensor of token ids (samples, seq_len), a ``TextProtocol``, or the name
-    of a text source ("wiki" or a .txt/.jsonl path) turned into windows with ``tokenizer``.
+    ``method`` is a name, ``{name: settings}`` or a ``prunekit.weights.PruneSettings``; the other settings
+    (``pattern``, ``allocation``, ``include``, ``exclude``, ``overrides``, ``sequential``, ``batch_size``,
+    ``untie_embeddings``, ``blocks``) are keywords. ``calibration`` is a tensor of token ids (samples,
+    seq_len), a ``TextProtocol``, or the name of a text source ("wiki" or a .txt/.jsonl path) turned into
+    windows with ``tokenizer``.
 
     >>> lm = prunekit.load_model()
     >>> result = prunekit.prune(lm.model, "sparsegpt", pattern="2:4", calibration="wiki", tokenizer=lm.tokenizer)
@@ -44,13 +45,9 @@ def prune(model: nn.Module, method: str | Mapping[str, Any] = "wanda", sparsity:
         calibration = TextProtocol(calibration=calibration)
     if isinstance(calibration, TextProtocol):
         if tokenizer is None:
-            raise ValueError("a tokenizer is needed to turn calibration text into token windows")
+            raise PrunekitError("a tokenizer is needed to turn calibration text into token windows")
         calibration = calibration_windows(tokenizer, calibration)
-    if pattern is not None and sparsity == 0.5:
-        sparsity = None  # the default yields to the pattern's own sparsity
-    return prune_weights(model, method=method, sparsity=sparsity, pattern=pattern, allocation=allocation,
-                         calibration=calibration, include=include, exclude=exclude, overrides=overrides,
-                         sequential=sequential, batch_size=batch_size, untie_embeddings=untie_embeddings)
+    return prune_weights(model, method, ratio, calibration=calibration, **settings)
 
 
 def evaluate_perplexity(model: nn.Module, tokenizer=None, protocol: TextProtocol | None = None,

@@ -30,7 +30,7 @@ def pruned_runs(tmp_path_factory, smollm2_dir):
     runs = {}
     for method in ("wanda", "magnitude"):
         out = root / method
-        assert main(["prune", str(smollm2_dir), "--method", method, "--sparsity", "0.5", *SMALL,
+        assert main(["prune", str(smollm2_dir), "--method", method, "--ratio", "0.5", *SMALL,
                      "--out", str(out)]) == 0
         runs[method] = out
     assert _digest(smollm2_dir) == before, "the input model was modified"
@@ -103,16 +103,17 @@ def test_recipe_round_trip_and_cli_override(tmp_path, tiny_model_dir):
 
 def test_sweep_writes_table_and_plot(tmp_path, tiny_model_dir):
     out = tmp_path / "sweep"
-    assert main(["sweep", str(tiny_model_dir), "--method", "magnitude", "--sparsities", "0.2,0.6",
+    assert main(["sweep", str(tiny_model_dir), "--method", "magnitude", "--ratios", "0.2,0.6",
                  "--calib-samples", "2", "--test-windows", "2", "--seq-len", "64", "--out", str(out)]) == 0
-    data = json.loads((out / "sweep.json").read_text())
-    assert [p["sparsity"] for p in data["points"]] == [0.2, 0.6]
-    assert (out / "sweep.png").exists() and "| 60% |" in (out / "sweep.md").read_text()
+    data = json.loads((out / "report.json").read_text())
+    assert [p["ratio"] for p in data["points"]] == [0.2, 0.6]
+    assert (out / "sweep.png").exists() and "| 60% |" in (out / "report.md").read_text()
+    assert "ratios:" in (out / "recipe.yaml").read_text()
 
 
 def test_console_script_help():
     result = subprocess.run([sys.executable, "-m", "prunekit", "prune", "--help"], capture_output=True, text=True)
-    assert result.returncode == 0 and "--sparsity" in result.stdout
+    assert result.returncode == 0 and "--ratio" in result.stdout
 
 
 # ---------------------------------------------------------------- bad input
@@ -133,9 +134,19 @@ def _fails(args, capsys, message, tmp_path):
 TINY = ["--calib-samples", "2", "--test-windows", "2", "--seq-len", "64"]
 
 
-@pytest.mark.parametrize("sparsity", ["1.0", "-0.2", "1.5"])
-def test_sparsity_out_of_range(tiny_model_dir, tmp_path, capsys, sparsity):
-    _fails(["prune", str(tiny_model_dir), "--sparsity", sparsity], capsys, "sparsity must be in [0, 1)", tmp_path)
+@pytest.mark.parametrize("ratio", ["1.0", "-0.2", "1.5"])
+def test_ratio_out_of_range(tiny_model_dir, tmp_path, capsys, ratio):
+    _fails(["prune", str(tiny_model_dir), "--ratio", ratio], capsys, "ratio must be in [0, 1)", tmp_path)
+
+
+def test_the_old_name_of_the_ratio_still_works_with_a_warning(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "old"
+    assert main(["prune", str(tiny_model_dir), "--method", "magnitude", "--sparsity", "0.3", "--no-eval",
+                 "--no-compressed", "--out", str(out)]) == 0
+    assert "--sparsity is deprecated" in capsys.readouterr().err
+    assert json.loads((out / "report.json").read_text())["sparsity"]["target"] == 0.3
+    _fails(["prune", str(tiny_model_dir), "--sparsity", "0.3", "--ratio", "0.4"], capsys,
+           "give --ratio or its old name --sparsity, not both", tmp_path)
 
 
 def test_malformed_pattern(tiny_model_dir, tmp_path, capsys):
@@ -214,8 +225,8 @@ def test_output_equal_to_input(tiny_model_dir, tmp_path, capsys):
 
 
 def test_conflicting_sparsity_and_pattern(tiny_model_dir, tmp_path, capsys):
-    _fails(["prune", str(tiny_model_dir), "--pattern", "2:4", "--sparsity", "0.7"], capsys,
-           "sparsity 0.7 conflicts with pattern 2:4", tmp_path)
+    _fails(["prune", str(tiny_model_dir), "--pattern", "2:4", "--ratio", "0.7"], capsys,
+           "ratio 0.7 conflicts with pattern 2:4", tmp_path)
 
 
 def test_global_allocation_needs_comparable_scores(tiny_model_dir, tmp_path, capsys):

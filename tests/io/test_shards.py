@@ -97,7 +97,7 @@ STREAMED_RUN = """
 import sys
 from pathlib import Path
 from prunekit.weights.streaming import prune_streaming
-prune_streaming(Path(sys.argv[1]), Path(sys.argv[2]), method="magnitude", sparsity=0.5,
+prune_streaming(Path(sys.argv[1]), Path(sys.argv[2]), method="magnitude", ratio=0.5,
                 include=["model.layers.*", "lm_head"])
 """
 

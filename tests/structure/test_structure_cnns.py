@@ -8,10 +8,12 @@ import torch
 from structure_helpers import randomize_norms, run, shrunk_equals_zeroed
 
 import prunekit
+from prunekit.errors import PrunekitError
 from prunekit.models.vision import InceptionNet, MobileNetSE, VGGNet
-from prunekit.structure import prune_structure
-from prunekit.structure.allocation import _step
+from prunekit.structure import classifier_calibration, prune_structure
+from prunekit.structure.allocation import WidthAllocation, _step, allocate
 from prunekit.structure.graph import build_graph
+from prunekit.structure.importance import get_importance, normalize_scores
 from prunekit.structure.measure import count_macs, count_parameters
 from prunekit.structure.saving import save_structured
 from prunekit.structure.zoo import DenseNetLike, ResNetLike
@@ -111,3 +113,42 @@ def test_saved_cnns_load_back_with_identical_outputs(name, tmp_path):
     rebuilt = prunekit.load(tmp_path, model=ARCHITECTURES[name]())
     assert count_parameters(rebuilt) == count_parameters(model)
     assert torch.equal(run(rebuilt.eval(), (IMAGES,)), run(model, (IMAGES,)))
+
+
+def test_fisher_buys_macs_at_the_least_loss_per_mac():
+    # Fisher's scores are losses; the allocation buys MACs. A unit of the hidden Linear layer costs a few
+    # hundred MACs, a convolution channel thousands: at half the loss, the Linear unit is still the dearer
+    # loss per MAC removed. Ranked as raw losses (Fisher's default before the CNN benchmark), the cheap
+    # losses go first whatever they save: the Linear layer is cut to its floor and the target then needs
+    # the convolutions' channels as well.
+    model = tiny("plain")
+    graph = build_graph(model, (IMAGES[:1],))
+    families = graph.select(["channels"])
+    hidden = next(f for f in families if any(m.tensor == "classifier.1.weight" and m.dim == 0 for m in f.members))
+    offsets = {f.name: torch.arange(f.size, dtype=torch.float64) * 1e-3 for f in families}  # a strict order
+    scores = {f.name: (0.5 if f is hidden else 1.0) + offsets[f.name] for f in families}
+    per_mac = {f.name: (graph.mac_count() - graph.mac_count({f.name: 1})) for f in families}
+    assert all(0.6 / per_mac[hidden.name] > 1.1 / per_mac[f.name] for f in families if f is not hidden)
+    settings = {"name": "global", "round_to": 1, "floor": 0.25}
+    by_default = allocate(graph, families, scores, 0.3, "macs", WidthAllocation(**settings),
+                          default_normalize=get_importance("fisher").default_normalize)
+    raw = allocate(graph, families, scores, 0.3, "macs", WidthAllocation(**settings, normalize="none"))
+    assert raw.widths[hidden.name][1] == hidden.size // 4  # the raw ranking empties it to the floor
+    assert hidden.name not in by_default.removal
+
+    def estimated_loss(plan) -> float:
+        return sum(float(scores[name][units].sum()) for name, units in plan.removal.items())
+
+    assert by_default.achieved >= 0.3 and estimated_loss(by_default) < estimated_loss(raw)
+    with pytest.raises(PrunekitError, match="cost of one unit"):  # only an allocation knows what a unit costs
+        normalize_scores(scores, {f.name: f for f in families}, "cost")
+
+
+def test_fisher_prunes_a_cnn_ranking_loss_per_mac():
+    model = tiny("depthwise-se")
+    labels = torch.arange(IMAGES.shape[0]) % 10
+    result = prune_structure(model, 0.3, example_inputs=(IMAGES[:1],), importance="fisher", target="macs",
+                             granularity="channels", allocation={"name": "global", "round_to": 4, "floor": 0.2},
+                             calibration=classifier_calibration(IMAGES, labels, batch_size=2))
+    assert result.allocation["normalize"] == "cost" and result.plan.achieved >= 0.3
+    assert run(model, (IMAGES,)).shape == (IMAGES.shape[0], 10)

@@ -105,7 +105,7 @@ def test_fisher_is_half_the_mean_squared_gradient_of_a_unit_mask():
     expected = squares / 40 / 2  # one sample per example, whatever the calibration's batches
     assert torch.allclose(scores, expected, rtol=1e-4, atol=1e-12)
     assert scores.min() > 0 and all(p.grad is None for p in model.parameters())
-    assert get_importance("fisher").default_normalize == "none"  # a loss estimate: comparable across layers as is
+    assert get_importance("fisher").default_normalize == "cost"  # a loss estimate, ranked per parameter or MAC removed
 
 
 def test_fisher_ranks_a_unit_nothing_reads_last():

@@ -72,7 +72,7 @@ def test_the_cli_evaluates_a_hugging_face_vit_and_writes_its_report(tmp_path):
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == ["quality_vs_throughput.png", "report.json", "report.md"]
     report = json.loads((out / "report.json").read_text())
-    assert report["model"] == {"name": str(model_dir), "family": "hf-vit"}
+    assert report["model"] == {"name": str(model_dir), "family": "encoder"}
     assert report["points"][0]["patch"]["method"] == {"name": "tome", "rate": 0.0, "r": None, "proportional": False}
     assert report["points"][0]["quality"] == report["baseline"]["quality"]
     assert report["points"][1]["flops_ratio"] < 0.8 and report["points"][3]["flops_ratio"] < 0.9

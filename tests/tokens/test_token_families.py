@@ -160,3 +160,31 @@ def test_a_cache_of_fixed_length_is_refused():
                            pad_token_id=0, cache_implementation="static")
         with pytest.raises(PrunekitError, match="DynamicCache"):
             model(input_ids=ids, past_key_values=StaticCache(config=model.config, max_cache_len=32), use_cache=True)
+
+
+def test_sliding_window_decoding_masks_kept_tokens_by_their_original_positions():
+    """Most of a long prompt removed under a small window: a layer's cache keeps kept tokens the window has
+    passed, which decoding must not see. Prefill and decoding equal the unpatched model with the removed
+    tokens hidden from the later blocks."""
+    from prunekit.tools.support.tokens import HideRemoved
+    from tests.models.tiny_models import tiny_causal_lm
+
+    model = tiny_causal_lm("mistral", sliding_window=6)
+    prompt = torch.randint(3, 200, (1, 20), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        with apply(model, "random", rate=0.6, layers=[0]) as patch:
+            output = model(input_ids=prompt, use_cache=True)
+            kept = patch.kept_positions()[0]
+            logits, tokens = [output.logits[0, -1]], []
+            for _ in range(4):
+                tokens.append(logits[-1].argmax()[None, None])
+                output = model(input_ids=tokens[-1], past_key_values=output.past_key_values, use_cache=True)
+                logits.append(output.logits[0, -1])
+        keep = torch.zeros(1, 24, dtype=torch.bool)
+        keep[0, kept] = True
+        keep[0, 20:] = True
+        reference = HideRemoved(model, 1, keep, causal=True)
+        expected = model(input_ids=torch.cat([prompt, *tokens], dim=1)).logits[0]
+        reference.remove()
+    assert len(kept) == 2 + 18 - 10
+    assert torch.allclose(torch.stack(logits[:4]), expected[19:23], atol=1e-4)

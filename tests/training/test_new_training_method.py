@@ -89,7 +89,7 @@ BASE = dict(model="mlp", hidden=[16], epochs=2, batch_size=50, lr=0.1, seed=4)  
 
 
 def test_a_new_method_gets_its_schedule_and_data_from_the_job(registered):
-    recipe = VisionTrainingRecipe(method="stepwise", sparsity=0.6, method_args={"every": 2}, **BASE)
+    recipe = VisionTrainingRecipe(method="stepwise", ratio=0.6, method_args={"every": 2}, **BASE)
     outcome = run_vision(recipe, DATA, evaluate_every_epoch=False)
     sparsifier = outcome.sparsifier
     assert isinstance(sparsifier, Stepwise)
@@ -105,7 +105,7 @@ def test_a_new_method_gets_its_schedule_and_data_from_the_job(registered):
 
 
 def test_a_method_that_prunes_a_trained_model_is_trained_first_then_fine_tuned(registered):
-    recipe = VisionTrainingRecipe(method="prune_trained", sparsity=0.5, finetune_epochs=1, **BASE)
+    recipe = VisionTrainingRecipe(method="prune_trained", ratio=0.5, finetune_epochs=1, **BASE)
     outcome = run_vision(recipe, DATA, evaluate_every_epoch=False)
     sparsifier = outcome.sparsifier
     fresh = build_model(recipe)

@@ -42,9 +42,9 @@ def smollm2_windows(tokenizer):
 @pytest.mark.parametrize("method,pattern,include", [("wanda", None, ()), ("sparsegpt", "2:4", ("model.layers.[0-3].*",))])
 def test_streaming_equals_in_memory_on_smollm2(smollm2, smollm2_dir, smollm2_windows, tmp_path, method, pattern,
                                                include):
-    sparsity = None if pattern else 0.5
-    prune_weights(smollm2.model, method, sparsity, pattern, calibration=smollm2_windows, include=include)
-    prune_streaming(smollm2_dir, tmp_path / "out", method=method, sparsity=sparsity, pattern=pattern,
+    ratio = None if pattern else 0.5
+    prune_weights(smollm2.model, method, ratio, pattern=pattern, calibration=smollm2_windows, include=include)
+    prune_streaming(smollm2_dir, tmp_path / "out", method=method, ratio=ratio, pattern=pattern,
                     calibration=smollm2_windows, save_compressed=False, include=include)
     streamed = _state(tmp_path / "out")
     reference = smollm2.model.state_dict()
@@ -167,7 +167,7 @@ def test_allocations_stream_like_in_memory(tmp_path, method, allocation, dtype):
     include = ["model.layers.*", "lm_head"]
     model = LlamaForCausalLM.from_pretrained(path, dtype=dtype).eval()
     in_memory = prune_weights(model, method, 0.5, allocation=allocation, calibration=windows, include=include)
-    streamed = prune_streaming(path, tmp_path / "out", method=method, sparsity=0.5, allocation=allocation,
+    streamed = prune_streaming(path, tmp_path / "out", method=method, ratio=0.5, allocation=allocation,
                                calibration=windows, include=include, dtype=dtype, save_compressed=False)
     allocated = {layer.name: layer.target_sparsity for layer in in_memory.layers}
     assert len(set(allocated.values())) > 1, "the allocation did not vary: the test would not see a difference"

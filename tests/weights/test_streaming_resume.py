@@ -21,7 +21,7 @@ from tests.conftest import tiny_llama
 LAYERS = 3
 # Wanda with OWL over the blocks and the (untied) head: a dense pass, calibration activations
 # carried from block to block, and a head that needs the activations after the last block.
-SETTINGS = dict(method="wanda", sparsity=0.5, allocation="owl", include=["model.layers.*", "lm_head"],
+SETTINGS = dict(method="wanda", ratio=0.5, allocation="owl", include=["model.layers.*", "lm_head"],
                 codec="zstd")
 
 

@@ -61,6 +61,8 @@ def _score_recipe(recipe_type, recipe_file, data, score, score_arg, options: dic
         options["scores"] = [{"name": name, **settings.get(name, {})} for name in names]
     elif score_arg:
         raise PrunekitError("--score-arg needs the --score it sets")
+    elif recipe_file is None:
+        raise PrunekitError("Missing option '--score' (or a --recipe that names its scores)")
     return build_recipe(recipe_type, recipe_file, options, methods)
 
 

@@ -55,6 +55,13 @@ class Job(Generic[RecipeT]):
     def run(self) -> Outcome:
         raise NotImplementedError
 
+    def run_into(self, out: Path, overwrite: bool) -> Outcome:
+        """For jobs that write as they go: compute and write into ``out`` (checked and locked by the job)."""
+        raise NotImplementedError
+
+    def finished(self) -> None:
+        """Called on every process once the writer has written (a torchrun group waits for it here)."""
+
     def write(self, directory: Path, outcome: Outcome) -> None:
         """Write the job's files (model, plots) into ``directory``; reports and the recipe are written after,
         so what writing finds (a file's name, its size) may still go into ``outcome``."""

@@ -20,19 +20,21 @@ def execute(job: Job, out: str | Path | None, overwrite: bool = False) -> Outcom
     if out is None:
         return job.run()
     if job.writes_as_it_goes:
-        outcome = job.run()
-        outcome.files = sorted(p.name for p in outcome.out_dir.iterdir()) if outcome.out_dir else []
+        outcome = job.run_into(Path(out), overwrite)
+        if outcome.out_dir is not None:
+            outcome.files = sorted(p.name for p in outcome.out_dir.iterdir() if not p.name.startswith("."))
+        job.finished()
         return outcome
     # Every process of a torchrun group checks alike (so all refuse together); only the writer writes.
     out_path = check_output_dir(out, overwrite, inputs=job.inputs(), expected_bytes=job.expected_bytes())
     outcome = job.run()
-    if not job.writer:
-        return outcome
-    with atomic_directory(out_path, overwrite) as tmp:
-        job.write(tmp, outcome)
-        write_outcome(tmp, outcome, job)
-        files = sorted(p.name for p in tmp.iterdir() if not p.name.startswith("."))
-    outcome.out_dir, outcome.files = out_path, files
+    if job.writer:
+        with atomic_directory(out_path, overwrite) as tmp:
+            job.write(tmp, outcome)
+            write_outcome(tmp, outcome, job)
+            files = sorted(p.name for p in tmp.iterdir() if not p.name.startswith("."))
+        outcome.out_dir, outcome.files = out_path, files
+    job.finished()
     return outcome
 
 

@@ -19,6 +19,7 @@ from prunekit.core.registry import Registry
 from prunekit.errors import PrunekitError
 from prunekit.models.layout import (
     CONFIG_HEADS,
+    CONFIG_EMBEDDING,
     CONFIG_HIDDEN,
     CONFIG_KV_HEADS,
     CONFIG_LAYERS,
@@ -33,6 +34,7 @@ from prunekit.models.layout import (
     find_final_norm,
     find_mlp,
     is_linear_like,
+    is_norm,
     linear_shape,
     module_path,
     text_config,
@@ -45,6 +47,18 @@ QKVLayout = Literal["stacked", "per_head", "per_group", "opaque"]
 HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_head", "n_heads")
 KV_HEAD_ATTRIBUTES = ("num_key_value_heads", "num_kv_heads", "n_head_kv", "kv_heads")
 HEAD_DIM_ATTRIBUTES = ("head_dim", "attention_head_size", "head_size")
+# Attributes an attention's forward may read for the width of all its queries (heads × head size) or of its
+# keys and values, under the names families use (GPT-2 splits c_attn by split_size, GPTBigCode by embed_dim and
+# kv_dim, BERT reshapes by all_head_size). Several also name the hidden size; they are updated only where they
+# held the heads' width.
+QUERY_WIDTH_ATTRIBUTES = ("all_head_size", "split_size", "embed_dim", "hidden_size", "dim")
+KV_WIDTH_ATTRIBUTES = ("kv_dim",)
+OPAQUE_QKV = "the order of its fused query/key/value rows is not one prunekit removes heads from"
+UNKNOWN_ATTENTION = ("an attention without separate or fused query/key/value projections (latent attention, say): "
+                     "its internal widths are kept in attributes prunekit does not know")
+FUSED_EXPERTS = "fused expert tensors (experts × rows × columns) keep one width for every expert"
+MIXER = ("neither attention nor an MLP (a state-space or convolution mixer): structural pruning does not follow "
+         "channels coupled through its scan or convolution")
 
 
 @dataclass(frozen=True)
@@ -55,7 +69,8 @@ class AttentionLayout:
     rows are then ordered as ``qkv_layout`` says: ``stacked`` (all queries, then keys, then values),
     ``per_head`` ([q, k, v] of each head in turn), ``per_group`` (each key/value group's queries, its key,
     its value) or ``opaque`` (an order prunekit does not address). ``transposed``: the projections store their
-    weight as (in, out) (transformers' ``Conv1D``).
+    weight as (in, out) (transformers' ``Conv1D``). ``per_head``: parameters of the attention holding one value
+    per query head (GPT-OSS's attention sinks), which go with their head.
     """
 
     name: str
@@ -71,6 +86,7 @@ class AttentionLayout:
     qkv_layout: QKVLayout = "stacked"
     transposed: bool = False
     block: int = -1
+    per_head: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -227,9 +243,11 @@ class ModelAdapter:
             heads, kv_heads, head_dim = self.head_counts(heads_module, modules[0], modules[1])
             q, k, v = (f"{prefix}.{p}" for p in (parts.q, parts.k, parts.v))
             transposed = type(modules[0]).__name__ == "Conv1D"
-        return AttentionLayout(f"{prefix}.{parts.module}", f"{prefix}.{parts.heads_module}".rstrip("."), q, k, v,
-                               f"{prefix}.{parts.o}", heads, kv_heads, head_dim, bool(parts.qkv), self.qkv_layout,
-                               transposed, index)
+        heads_path = f"{prefix}.{parts.heads_module}".rstrip(".")
+        per_head = tuple(f"{heads_path}.{name}" for name, parameter in heads_module.named_parameters(recurse=False)
+                         if parameter.dim() == 1 and parameter.numel() == heads)
+        return AttentionLayout(f"{prefix}.{parts.module}", heads_path, q, k, v, f"{prefix}.{parts.o}", heads, kv_heads,
+                               head_dim, bool(parts.qkv), self.qkv_layout, transposed, index, per_head)
 
     def _head_dim(self, heads_module: nn.Module, heads: int | None) -> int:
         for name in HEAD_DIM_ATTRIBUTES:
@@ -257,10 +275,14 @@ class ModelAdapter:
         return q_rows // head_dim, k_rows // head_dim, head_dim
 
     def fused_head_counts(self, heads_module: nn.Module, fused: nn.Module) -> tuple[int, int, int]:
-        """Head counts of a fused query/key/value projection: the config's (or the module's), checked against its rows."""
+        """Head counts of a fused query/key/value projection: the config's (or the module's), checked against its rows.
+
+        An attention that keeps no head count of its own (GPT-NeoX reshapes by head size alone) may have lost
+        heads since the config was written: with one key and value per head (or one for all), its rows tell."""
         heads = _first_int(heads_module, HEAD_ATTRIBUTES)
         kv_heads = _first_int(heads_module, KV_HEAD_ATTRIBUTES)
         config = self.config
+        counted_by_module = heads is not None
         if heads is None:
             heads, _ = config_value(config, CONFIG_HEADS)
         if kv_heads is None:
@@ -271,13 +293,30 @@ class ModelAdapter:
         kv_heads = kv_heads or heads
         head_dim = self._head_dim(heads_module, heads)
         rows = linear_shape(fused)[0]
+        if isinstance(heads, int) and not counted_by_module and rows != (heads + 2 * kv_heads) * head_dim \
+                and rows % head_dim == 0:
+            total = rows // head_dim
+            if kv_heads == heads and total % 3 == 0:
+                heads = kv_heads = total // 3
+            elif kv_heads == 1 and total > 2:
+                heads = total - 2
         if not isinstance(heads, int) or rows != (heads + 2 * kv_heads) * head_dim:
             raise PrunekitError(f"{type(heads_module).__name__}: the fused projection has {rows} rows, not the "
                                 f"({heads} + 2 × {kv_heads}) heads × {head_dim} the config describes")
         return heads, kv_heads, head_dim
 
-    def set_head_counts(self, heads_module: nn.Module, num_heads: int, num_kv_heads: int) -> None:
-        """Update the attributes an attention's forward reads after heads were removed."""
+    def head_blocker(self, attention: AttentionLayout) -> str | None:
+        """Why ``attention``'s heads cannot be removed (they stay whole, and the notes say why), or None."""
+        if attention.fused and attention.qkv_layout == "opaque":
+            return OPAQUE_QKV
+        return None
+
+    def set_head_counts(self, heads_module: nn.Module, num_heads: int, num_kv_heads: int,
+                        previous: tuple[int, int] | None = None) -> None:
+        """Update the attributes an attention's forward reads after heads were removed.
+
+        ``previous`` (query heads, key/value heads before) lets the widths kept as attributes (``QUERY_WIDTH_ATTRIBUTES``,
+        ``KV_WIDTH_ATTRIBUTES``) follow, where they held the heads' width."""
         head_dim = self._head_dim(heads_module, num_heads)
         for attribute in HEAD_ATTRIBUTES:
             if isinstance(getattr(heads_module, attribute, None), int):
@@ -287,8 +326,50 @@ class ModelAdapter:
                 setattr(heads_module, attribute, num_kv_heads)
         if isinstance(getattr(heads_module, "num_key_value_groups", None), int):
             heads_module.num_key_value_groups = num_heads // num_kv_heads
-        if isinstance(getattr(heads_module, "all_head_size", None), int):
-            heads_module.all_head_size = num_heads * head_dim
+        if previous is None:
+            if isinstance(getattr(heads_module, "all_head_size", None), int):
+                heads_module.all_head_size = num_heads * head_dim
+            return
+        for attributes, before, after in ((QUERY_WIDTH_ATTRIBUTES, previous[0], num_heads),
+                                          (KV_WIDTH_ATTRIBUTES, previous[1], num_kv_heads)):
+            for attribute in attributes:
+                value = getattr(heads_module, attribute, None)
+                if isinstance(value, int) and not isinstance(value, bool) and value == before * head_dim:
+                    setattr(heads_module, attribute, after * head_dim)
+
+    def whole_parts(self) -> dict[str, str]:
+        """Modules structural pruning leaves whole (traced as black boxes), each with the reason.
+
+        Fused expert tensors give every expert one width, so no expert can lose its own channels; an attention
+        without the projections prunekit addresses (latent attention) keeps its internal widths in attributes;
+        and a part of a transformer block that is neither its attention, its MLP nor a norm (the state-space or
+        short-convolution mixers of hybrid models) couples its channels through a scan prunekit does not follow.
+        Blocks without an attention or MLP (a CNN's) have no such parts.
+        """
+        whole: dict[str, str] = {}
+        for index, block in enumerate(self.blocks()):
+            prefix = self.block_name(index)
+            parts = self.block_parts(index)
+            for experts in parts.experts:
+                if experts.fused:
+                    whole[f"{prefix}.{experts.module}"] = FUSED_EXPERTS
+            attention = parts.attention
+            projections = attention is not None and bool((attention.q and attention.k and attention.v) or attention.qkv)
+            if not (projections or parts.mlp is not None or parts.experts):
+                continue
+            if attention is not None and self.attention_layout(index) is None:
+                whole[f"{prefix}.{attention.module}"] = UNKNOWN_ATTENTION
+            addressed = {attention.module.partition(".")[0]} if attention is not None else set()
+            if parts.mlp is not None:
+                paths = [parts.mlp.module] if parts.mlp.module else \
+                    [p for p in (parts.mlp.gate, parts.mlp.up, parts.mlp.down, parts.mlp.gate_up) if p]
+                addressed |= {path.partition(".")[0] for path in paths}
+            addressed |= {(experts.container or experts.module).partition(".")[0] for experts in parts.experts}
+            for name, child in block.named_children():
+                if name in addressed or is_norm(child) or not any(True for _ in child.parameters()):
+                    continue
+                whole[f"{prefix}.{name}"] = MIXER
+        return whole
 
     # ---- structural pruning: what the config must say afterwards ------------------------------------
     def bias_siblings(self, module_name: str) -> list[str]:
@@ -339,20 +420,28 @@ class ModelAdapter:
         elif len(widths) > 1:
             blockers.append(f"MLP widths differ across layers ({min(widths)}..{max(widths)})")
         heads = {(layout.num_heads, layout.num_kv_heads, layout.head_dim) for layout in self.attention_layouts()}
+        configured, heads_key = config_value(config, CONFIG_HEADS)
+        hidden, _ = config_value(config, CONFIG_HIDDEN)
+        # Without a head_dim of its own (stored, not a property), a config derives the head size from
+        # hidden_size / heads: fewer heads would mean larger ones.
+        derived = not isinstance(vars(config).get("head_dim"), int) and isinstance(hidden, int)
         if len(heads) == 1:
             num_heads, num_kv_heads, head_dim = heads.pop()
-            _, heads_key = config_value(config, CONFIG_HEADS)
-            _, kv_key = config_value(config, CONFIG_KV_HEADS)
-            if heads_key:
-                updates[heads_key] = num_heads
-            if kv_key:
-                updates[kv_key] = num_kv_heads
-            if getattr(config, "head_dim", None) is not None:
-                updates["head_dim"] = head_dim
+            if derived and num_heads != configured and hidden // num_heads != head_dim:
+                blockers.append("the config derives the head size from the hidden size and the number of heads, so "
+                                "it cannot describe removed heads")
+            else:
+                _, kv_key = config_value(config, CONFIG_KV_HEADS)
+                if heads_key:
+                    updates[heads_key] = num_heads
+                if kv_key:
+                    updates[kv_key] = num_kv_heads
+                if getattr(config, "head_dim", None) is not None:
+                    updates["head_dim"] = head_dim
         elif heads:
             blockers.append("head counts differ across layers")
         embeddings = self.embeddings()
-        _, hidden_key = config_value(config, CONFIG_HIDDEN)
+        _, hidden_key = config_value(config, CONFIG_EMBEDDING + CONFIG_HIDDEN)
         if embeddings is not None and hidden_key and hasattr(embeddings, "embedding_dim"):
             updates[hidden_key] = embeddings.embedding_dim
         for flag, part in (("attention_bias", "attention"), ("mlp_bias", "mlp")):
@@ -364,7 +453,8 @@ class ModelAdapter:
                 updates[flag] = True
             elif any(has_bias):
                 blockers.append(f"only some {part} projections have a bias, which {flag} cannot describe")
-        return updates, blockers
+        # Quantities a family derives from others (Falcon's head_dim) are read-only properties of its config.
+        return {k: v for k, v in updates.items() if not isinstance(getattr(type(config), k, None), property)}, blockers
 
     def describe(self) -> dict:
         config = getattr(self.model, "config", None)

@@ -23,7 +23,7 @@ QUERY_NAMES = ("q_proj", "query", "q", "wq", "q_lin", "query_proj", "q_a_proj")
 KEY_NAMES = ("k_proj", "key", "k", "wk", "k_lin", "key_proj")
 VALUE_NAMES = ("v_proj", "value", "v", "wv", "v_lin", "value_proj")
 FUSED_QKV_NAMES = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "W_pack", "qkv", "wqkv")
-OUTPUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo", "o", "out_lin", "output_proj")
+OUTPUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo", "o", "out_lin", "output_proj", "proj")
 GATE_NAMES = ("gate_proj", "w1", "wi_0", "fc_gate")
 UP_NAMES = ("up_proj", "w3", "wi_1", "fc1", "c_fc", "dense_h_to_4h", "fc_in", "lin1", "wi")
 DOWN_NAMES = ("down_proj", "w2", "fc2", "c_proj", "dense_4h_to_h", "fc_out", "lin2", "wo")
@@ -34,9 +34,15 @@ FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "norm
                     "embedding_norm", "layernorm")
 # Config attributes that hold the same quantity under the names different families use.
 CONFIG_LAYERS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+# Config lists with one entry a layer (whether it is sliding or full attention, a convolution, uses rotary
+# positions), and lists naming layers by index (which layers are attention in a hybrid): both follow removed blocks.
+CONFIG_PER_LAYER = ("layer_types", "no_rope_layers", "layers_block_type")
+CONFIG_LAYER_INDICES = ("full_attn_idxs", "attn_layer_indices", "mlp_only_layers", "moe_layer_indices")
 CONFIG_HEADS = ("num_attention_heads", "n_head", "num_heads", "n_heads", "decoder_attention_heads")
 CONFIG_KV_HEADS = ("num_key_value_heads", "num_kv_heads", "n_head_kv", "n_kv_heads", "num_kv")
 CONFIG_HIDDEN = ("hidden_size", "n_embd", "d_model", "dim", "embed_dim")
+# Factorised embeddings (ALBERT, ELECTRA) have their own width, projected to the hidden size after the table.
+CONFIG_EMBEDDING = ("embedding_size",)
 CONFIG_MLP = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "d_ff", "decoder_ffn_dim")
 
 
@@ -157,18 +163,18 @@ def find_final_norm(model: nn.Module, blocks_path: str) -> str | None:
     parent = model.get_submodule(parent_path) if parent_path else model
     names = list(parent._modules)
     after = names[names.index(list_name) + 1:] if list_name in names else names
-    norms = [name for name in after if _is_norm(parent._modules[name])]
+    norms = [name for name in after if is_norm(parent._modules[name])]
     preferred = [name for name in norms if name in FINAL_NORM_NAMES]
     if not preferred:
         # Some families register it before the blocks (OPT's final_layer_norm); only its name tells then.
-        preferred = [name for name in names if name in FINAL_NORM_NAMES and _is_norm(parent._modules[name])]
+        preferred = [name for name in names if name in FINAL_NORM_NAMES and is_norm(parent._modules[name])]
     chosen = (preferred or norms or [None])[-1]
     if chosen is None:
         return None
     return f"{parent_path}.{chosen}" if parent_path else chosen
 
 
-def _is_norm(module: nn.Module | None) -> bool:
+def is_norm(module: nn.Module | None) -> bool:
     if module is None:
         return False
     if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)):

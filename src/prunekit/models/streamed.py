@@ -25,7 +25,7 @@ class StreamedModel:
     """
 
     def __init__(self, directory: str | os.PathLike, device: str = "cpu", dtype: torch.dtype | None = None,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, blocks: str | None = None):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.directory = Path(directory)
@@ -46,7 +46,7 @@ class StreamedModel:
         for name, buffer in list(self.model.named_buffers()):
             if buffer.device.type != "meta":
                 set_module_tensor_to_device(self.model, name, self.device, value=buffer)
-        self.adapter: ModelAdapter = adapter_for(self.model)
+        self.adapter: ModelAdapter = adapter_for(self.model, blocks=blocks)
         head = self.adapter.head()
         head_stored = head is not None and f"{self.adapter.head_path}.weight" in self.checkpoint
         self.tied = head is not None and not head_stored

@@ -36,7 +36,7 @@ class WidthAllocation(BaseModel):
     floor: float = Field(0.1, ge=0.0, le=1.0, description="smallest fraction of a family's units that is kept")
     round_to: int = Field(8, ge=1, description="kept neurons/channels are a multiple of this (families of at least 2×)")
     normalize: Normalization | None = Field(None, description="cross-family normalisation for global ranking; "
-                                                              "default: the criterion's own (kind for flap, none for fisher, else mean)")
+                                                              "default: the criterion's own (kind for flap, cost for fisher, else mean)")
 
 
 @dataclass
@@ -101,7 +101,7 @@ def allocate(graph: DependencyGraph, families: list[Family], scores: Mapping[str
     if target not in ("params", "macs"):
         raise PrunekitError(f"unknown target '{target}'; choose params or macs")
     if not families:
-        raise PrunekitError("nothing to prune: no family of the chosen granularities is left (check --ignore)")
+        raise nothing_to_prune(graph)
     measure = graph.parameter_count if target == "params" else graph.mac_count
     total = measure()
     if total == 0:
@@ -125,8 +125,12 @@ def allocate(graph: DependencyGraph, families: list[Family], scores: Mapping[str
     free = [f for f in families if f.name not in fixed]
 
     if strategy.name == "global" and free:
-        normalized = normalize_scores({f.name: scores[f.name] for f in free}, {f.name: f for f in free},
-                                      strategy.normalize or default_normalize)
+        method = strategy.normalize or default_normalize
+        # One unit's cost at the unpruned widths: exact for the first unit removed; a Linear between two
+        # families makes later units of one cheaper as the other shrinks, which the ranking ignores.
+        unit_costs = {f.name: total - measure({f.name: 1}) for f in free} if method == "cost" else None
+        normalized = normalize_scores({f.name: scores[f.name] for f in free}, {f.name: f for f in free}, method,
+                                      unit_costs)
         pooled = torch.sort(torch.cat(list(normalized.values()))).values
 
     def counts(t: float) -> dict[str, int]:
@@ -146,7 +150,8 @@ def allocate(graph: DependencyGraph, families: list[Family], scores: Mapping[str
         reachable = 1 - measure(counts(1.0)) / total
         raise PrunekitError(f"a ratio of {ratio:.0%} of the {target} cannot be reached: with every family at its "
                             f"floor ({strategy.floor:.0%} of its units{', ' + str(len(fixed)) + ' overridden' if fixed else ''}) "
-                            f"at most {reachable:.1%} can be removed; lower the ratio, the floor, or add granularities")
+                            f"at most {reachable:.1%} can be removed; lower the ratio, the floor, or add granularities"
+                            + _left_whole(graph))
     low, high = 0.0, 1.0
     if total - measure(counts(0.0)) >= goal:
         high = 0.0
@@ -166,6 +171,20 @@ def allocate(graph: DependencyGraph, families: list[Family], scores: Mapping[str
         if count:
             removal[family.name] = _lowest(family, scores[family.name], count)
     return WidthPlan(removal, widths, target, ratio, total, measure(chosen), notes)
+
+
+def nothing_to_prune(graph: DependencyGraph) -> PrunekitError:
+    return PrunekitError("nothing to prune: no family of the chosen granularities is left "
+                         + (_left_whole(graph).strip() or "(check --ignore)"))
+
+
+def _left_whole(graph: DependencyGraph) -> str:
+    """Why the reachable ratio is low when part of the model is left whole (fused experts, mixers)."""
+    inside = graph.whole_parameters()
+    if not inside:
+        return ""
+    share = inside / graph.parameter_count()
+    return f" ({share:.0%} of the parameters lie in parts left whole: {'; '.join(dict.fromkeys(graph.whole.values()))})"
 
 
 def _lowest(family: Family, scores: torch.Tensor, count: int) -> list[int]:

@@ -22,6 +22,7 @@ from torch import nn
 
 from prunekit.core.progress import progress_bar
 from prunekit.errors import PrunekitError
+from prunekit.models.layout import CONFIG_LAYER_INDICES, CONFIG_LAYERS, CONFIG_PER_LAYER, text_config
 from prunekit.structure.statistics import run_batch
 
 Criterion = Literal["influence", "perplexity"]
@@ -135,15 +136,26 @@ def remove_blocks(model: nn.Module, path: str, indices: Sequence[int]) -> None:
             for name in ("layer_idx", "layer_index", "layer_id"):
                 if isinstance(getattr(module, name, None), int):
                     setattr(module, name, new_index)
-    config = getattr(model, "config", None)
+    config = text_config(model)
     if config is not None:
-        for name in ("num_hidden_layers", "n_layer", "num_layers"):
-            if isinstance(getattr(config, name, None), int) and getattr(config, name) == len(blocks):
-                setattr(config, name, len(kept))
-        for name in ("layer_types",):
-            values = getattr(config, name, None)
-            if isinstance(values, list) and len(values) == len(blocks):
-                setattr(config, name, [v for i, v in enumerate(values) if i not in drop])
+        _drop_from_config(config, len(blocks), drop)
+
+
+def _drop_from_config(config, blocks: int, drop: list[int]) -> None:
+    """Describe the kept blocks in the config: the layer count, the per-layer lists (``CONFIG_PER_LAYER``) and
+    the lists of layer indices (``CONFIG_LAYER_INDICES``)."""
+    for name in CONFIG_LAYERS:
+        if isinstance(getattr(config, name, None), int) and getattr(config, name) == blocks:
+            setattr(config, name, blocks - len(drop))
+    renumbered = {old: new for new, old in enumerate(i for i in range(blocks) if i not in drop)}
+    for name in CONFIG_PER_LAYER + CONFIG_LAYER_INDICES:
+        values = vars(config).get(name)
+        if not isinstance(values, (list, tuple)):
+            continue
+        if name in CONFIG_LAYER_INDICES:
+            setattr(config, name, type(values)(renumbered[i] for i in values if i in renumbered))
+        elif len(values) == blocks:
+            setattr(config, name, type(values)(v for i, v in enumerate(values) if i not in drop))
 
 
 def prune_depth(model: nn.Module, path: str, count: int, criterion: Criterion = "influence",

@@ -9,7 +9,9 @@ each member tensor; removing a unit removes exactly those slices and keeps the m
 Components that touch the model's inputs or outputs are pinned; components whose channels were
 reshaped into heads are left to the head layouts (``prunekit.structure.heads``) and frozen when
 no layout claims them; a parameter used elementwise (a position embedding) joins a family only
-when its coupled elements form whole slices along one dimension.
+when its coupled elements form whole slices along one dimension. Parts of a block the adapter says
+structural pruning leaves whole (``ModelAdapter.whole_parts``: fused expert tensors, state-space and
+convolution mixers) are traced as black boxes, so their tensors never join a family.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch import nn
 from prunekit.core.allocation.base import name_matches
 from prunekit.errors import PrunekitError
 from prunekit.models.base import ModelAdapter
-from prunekit.structure.heads import HeadLayout, HeadMode, find_head_layouts
+from prunekit.structure.heads import HeadLayout, HeadMode, find_head_layouts, structural_adapter
 from prunekit.structure.trace import PINNED, Trace, WeightCall, trace
 
 KINDS = ("channels", "heads", "hidden")
@@ -96,6 +98,12 @@ class DependencyGraph:
     grouped_convs: dict[str, int] = field(default_factory=dict)
     group_norms: dict[str, int] = field(default_factory=dict)
     example_inputs: tuple | dict = ()
+    whole: dict[str, str] = field(default_factory=dict)  # module -> why it is left whole (traced as a black box)
+
+    @cached_property
+    def input_dims(self) -> dict[str, int]:
+        """Weight -> the dimension that reads its layer's input channels (1, or 0 for a Conv1D stored (in, out))."""
+        return {call.weight: call.input_dim for call in self.calls if call.kind in ("linear", "conv")}
 
     @cached_property
     def consumed_weights(self) -> frozenset[str]:
@@ -148,6 +156,12 @@ class DependencyGraph:
         return sum(call.positions * self._numel_after(self.tensors[call.weight], by_dim)
                    for call in self.calls if call.kind in ("linear", "conv"))
 
+    def whole_parameters(self) -> int:
+        """Parameters inside the modules left whole (``whole``)."""
+        prefixes = tuple(f"{name}." for name in self.whole)
+        return sum(math.prod(info.shape) for info in self.tensors.values()
+                   if not info.is_buffer and prefixes and f"{info.module}.".startswith(prefixes))
+
     def summary(self) -> list[dict]:
         return [family.describe() for family in self.families]
 
@@ -179,19 +193,27 @@ def build_graph(model: nn.Module, example_inputs: tuple | dict, adapter: ModelAd
                 head_mode: HeadMode = "kv", strict: bool = True) -> DependencyGraph:
     """Trace ``model`` on ``example_inputs`` and group its prunable units into families.
 
-    ``adapter`` (a Hugging Face family adapter) names the attention heads; modules covered by a
-    ``HEAD_RULES`` entry get head families too. ``strict=False`` freezes the channels around an
-    operation the tracer does not know instead of failing.
+    ``adapter`` names the attention heads and the parts left whole; without one, the adapter read from the
+    model's structure does (none for models without repeated blocks). ``strict=False`` freezes the
+    channels around an operation the tracer does not know instead of failing.
     """
     if head_mode not in ("kv", "query"):
         raise PrunekitError(f"unknown head mode '{head_mode}'; choose kv or query")
-    result = trace(model, example_inputs, strict=strict)
+    adapter = adapter if adapter is not None else structural_adapter(model)
+    whole = adapter.whole_parts() if adapter is not None else {}
+    routers = adapter.routers() if adapter is not None else set()
+    result = trace(model, example_inputs, strict=strict, sealed=whole, pinned=routers)
     comp = _components(result)
     infos, by_id = _canonical_names(model)
     pinned = int(comp[PINNED])
     frozen_comps: set[int] = {pinned}
     notes: list[str] = [f"unknown operation {op}: the channels it touches are left unpruned (strict=False)"
                         for op in result.frozen_ops]
+    by_reason: dict[str, list[str]] = defaultdict(list)
+    for name, reason in whole.items():
+        by_reason[reason].append(name)
+    notes += [f"{names[0]}{f' and {len(names) - 1} more' if len(names) > 1 else ''} left whole: {reason}"
+              for reason, names in by_reason.items()]
 
     dim_comps: dict[tuple[str, int], np.ndarray] = {}
     element_keys: dict[str, list[tuple[str, int]]] = defaultdict(list)
@@ -242,13 +264,15 @@ def build_graph(model: nn.Module, example_inputs: tuple | dict, adapter: ModelAd
 
     families: list[Family] = []
     claimed: set[int] = set()
-    for layout in find_head_layouts(model, adapter, tensor_name):
-        family, touched = _head_family(layout, head_mode, dim_comps, members_of, frozen_comps, mixing)
+    heads = find_head_layouts(model, adapter, tensor_name)
+    notes += heads.notes()
+    for layout in heads.layouts:
+        family, touched, reason = _head_family(layout, head_mode, dim_comps, members_of, frozen_comps, mixing)
         claimed |= touched
         if family is not None:
             families.append(family)
         else:
-            notes.append(f"{layout.name}: heads are coupled to tensors outside the attention; left unpruned")
+            notes.append(f"{layout.name}: heads left unpruned: {reason}")
 
     signatures: dict[tuple, list[int]] = defaultdict(list)
     for component, members in members_of.items():
@@ -262,8 +286,8 @@ def build_graph(model: nn.Module, example_inputs: tuple | dict, adapter: ModelAd
         signatures[signature].append(component)
     for component in split - claimed - frozen_comps:
         tensors = sorted({t for t, _ in members_of.get(component, {})})
-        if tensors:
-            notes.append(f"channels of {', '.join(tensors[:3])} are reshaped into heads that no head rule "
+        if tensors and not all(heads.left_whole(infos[t].module) for t in tensors):
+            notes.append(f"channels of {', '.join(tensors[:3])} are reshaped into heads that no head layout "
                          "describes; left unpruned")
     for signature, components in signatures.items():
         first_key = (signature[0][0], signature[0][1])
@@ -277,7 +301,7 @@ def build_graph(model: nn.Module, example_inputs: tuple | dict, adapter: ModelAd
     families.sort(key=lambda f: (_first_call(f.modules[0], infos, call_order) if f.modules else 0, f.name))
     notes = list(dict.fromkeys(notes))
     return DependencyGraph(model, families, infos, result.calls, notes, result.grouped_convs, result.group_norms,
-                           example_inputs)
+                           example_inputs, whole)
 
 
 def _first_call(module: str, infos: dict[str, TensorInfo], call_order: dict[str, int]) -> int:
@@ -300,9 +324,10 @@ def _head_family(layout: HeadLayout, mode: HeadMode, dim_comps, members_of, froz
     # Every component a head touches must stay inside the attention's own tensors ...
     for component in touched:
         if component in frozen_comps or component not in members_of:
-            return None, touched
-        if any(t not in layout_tensors for t, _ in members_of[component]):
-            return None, touched
+            return None, touched, "its channels meet the model's inputs or outputs or an unpruned part"
+        outside = sorted({t for t, _ in members_of[component] if t not in layout_tensors})
+        if outside:
+            return None, touched, f"its heads are coupled to {outside[0]} outside the attention"
     # ... and, when whole key/value groups go, inside one unit (no component shared by two heads).
     if mode == "kv" or layout.heads_per_group == 1:
         touched_array = np.array(sorted(touched), dtype=np.int64)
@@ -322,7 +347,7 @@ def _head_family(layout: HeadLayout, mode: HeadMode, dim_comps, members_of, froz
     exact = not any(c in mixing for c in touched)
     family = Family(layout.name, "heads", layout.unit_name(mode), members, layout.modules, exact,
                     layout.groups(mode), layout, mode)
-    return family, touched
+    return family, touched, None
 
 
 def _common_prefix(names: list[str]) -> str:

@@ -3,8 +3,14 @@
 The channel trace sees attention as projections whose outputs are reshaped into heads; it marks
 those channels as split (their sizes are fixed by a reshape) and leaves them alone. Removing a
 head needs to know which rows and columns make it and which attributes the forward reads, so a
-head layout comes from the model family's adapter (Hugging Face models) or from a rule for a
-module class (``HEAD_RULES``, for models defined in plain PyTorch such as prunekit's ViT).
+head layout comes from the model's adapter (``prunekit.models.base.ModelAdapter.attention_layouts``),
+the same one for Hugging Face families and for plain PyTorch models such as prunekit's ViT.
+
+A fused query/key/value projection orders its rows as the adapter says (``qkv_layout``): ``stacked``
+(all queries, then keys, then values), ``per_head`` ([q, k, v] of each head in turn), ``per_group``
+(each key/value group's queries, then its key, then its value); an ``opaque`` order, or an attention
+the adapter names a reason for (``head_blocker``), keeps its heads whole and the notes say why.
+Transposed weights (transformers' ``Conv1D``, stored (in, out)) hold their rows in dimension 1.
 
 Grouped-query attention has two exact ways to remove heads (``mode``):
 
@@ -18,25 +24,24 @@ query, key and value rows and its output columns go together.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Literal
+from typing import Callable, Literal
 
 import torch
 from torch import nn
 
-from prunekit.core.registry import Registry
 from prunekit.errors import PrunekitError
-from prunekit.models.base import ModelAdapter
+from prunekit.models.base import AttentionLayout, ModelAdapter, QKVLayout, adapter_for
 
 HeadMode = Literal["kv", "query"]
 
 
 @dataclass
 class Projection:
-    """Rows ``offset .. offset + heads × head_dim`` of ``weight`` (and ``bias``) produce heads."""
+    """A weight (and bias) whose rows produce heads; ``dim`` holds the rows (1 for a weight stored (in, out))."""
 
     weight: str
     bias: str | None
-    offset: int = 0
+    dim: int = 0
 
 
 @dataclass
@@ -45,15 +50,19 @@ class HeadLayout:
     q: Projection
     k: Projection
     v: Projection
-    o_weight: str  # columns of the output projection read the heads
+    o_weight: str  # the output projection's input columns read the heads
     num_heads: int
     num_kv_heads: int
     head_dim: int
     set_heads: Callable[[int, int], None]
     modules: tuple[str, ...]
+    qkv_layout: QKVLayout = "stacked"
+    fused: bool = False
+    o_dim: int = 1  # the output projection's dimension holding its input columns
+    per_head: tuple[str, ...] = ()  # parameters holding one value per query head (attention sinks)
 
     def tensors(self) -> set[str]:
-        names = {self.o_weight}
+        names = {self.o_weight, *self.per_head}
         for projection in (self.q, self.k, self.v):
             names.add(projection.weight)
             if projection.bias:
@@ -64,34 +73,57 @@ class HeadLayout:
     def heads_per_group(self) -> int:
         return self.num_heads // self.num_kv_heads
 
-    def _rows(self, heads: list[int]) -> torch.Tensor:
-        return torch.cat([torch.arange(h * self.head_dim, (h + 1) * self.head_dim) for h in heads])
+    def _span(self, start_head: int) -> torch.Tensor:
+        return torch.arange(start_head * self.head_dim, (start_head + 1) * self.head_dim)
+
+    def rows(self, role: str, index: int) -> torch.Tensor:
+        """Rows of query head ``index`` (role ``q``) or of key/value group ``index`` (``k``, ``v``) in their
+        projection, as the layout orders a fused projection (see the module docstring)."""
+        heads, groups, per_group = self.num_heads, self.num_kv_heads, self.heads_per_group
+        if not self.fused:
+            return self._span(index)
+        if self.qkv_layout == "stacked":
+            start = {"q": index, "k": heads + index, "v": heads + groups + index}[role]
+        elif self.qkv_layout == "per_head":
+            start = 3 * index + {"q": 0, "k": 1, "v": 2}[role]
+        elif self.qkv_layout == "per_group":
+            group = index // per_group if role == "q" else index
+            offset = index % per_group if role == "q" else per_group + (role == "v")
+            start = group * (per_group + 2) + offset
+        else:
+            raise PrunekitError(f"{self.name}: the order of its fused query/key/value rows is not one prunekit knows")
+        return self._span(start)
 
     def units(self, mode: HeadMode) -> list[dict[tuple[str, int], torch.Tensor]]:
         """Each unit as ``{(tensor, dim): indices}``; ``mode`` as in the module docstring."""
         result = []
         if mode == "kv" or self.heads_per_group == 1:
             for group in range(self.num_kv_heads):
-                query_heads = list(range(group * self.heads_per_group, (group + 1) * self.heads_per_group))
+                query_heads = range(group * self.heads_per_group, (group + 1) * self.heads_per_group)
                 unit: dict[tuple[str, int], list[torch.Tensor]] = {}
-                q_rows = self._rows(query_heads)
-                kv_rows = self._rows([group])
-                for projection, rows in ((self.q, q_rows), (self.k, kv_rows), (self.v, kv_rows)):
-                    _add(unit, (projection.weight, 0), rows + projection.offset)
-                    if projection.bias:
-                        _add(unit, (projection.bias, 0), rows + projection.offset)
-                _add(unit, (self.o_weight, 1), q_rows)
+                for head in query_heads:
+                    self._add_rows(unit, self.q, self.rows("q", head))
+                for role, projection in (("k", self.k), ("v", self.v)):
+                    self._add_rows(unit, projection, self.rows(role, group))
+                _add(unit, (self.o_weight, self.o_dim), torch.cat([self._span(h) for h in query_heads]))
+                for tensor in self.per_head:
+                    _add(unit, (tensor, 0), torch.as_tensor(list(query_heads)))
                 result.append({key: torch.cat(parts) for key, parts in unit.items()})
         else:
             for head in range(self.num_heads):
                 unit = {}
-                rows = self._rows([head])
-                _add(unit, (self.q.weight, 0), rows + self.q.offset)
-                if self.q.bias:
-                    _add(unit, (self.q.bias, 0), rows + self.q.offset)
-                _add(unit, (self.o_weight, 1), rows)
+                self._add_rows(unit, self.q, self.rows("q", head))
+                _add(unit, (self.o_weight, self.o_dim), self._span(head))
+                for tensor in self.per_head:
+                    _add(unit, (tensor, 0), torch.tensor([head]))
                 result.append({key: torch.cat(parts) for key, parts in unit.items()})
         return result
+
+    @staticmethod
+    def _add_rows(unit: dict, projection: Projection, rows: torch.Tensor) -> None:
+        _add(unit, (projection.weight, projection.dim), rows)
+        if projection.bias:
+            _add(unit, (projection.bias, 0), rows)
 
     def unit_name(self, mode: HeadMode) -> str:
         if self.heads_per_group == 1:
@@ -114,82 +146,68 @@ def _add(unit: dict, key: tuple[str, int], rows: torch.Tensor) -> None:
     unit.setdefault(key, []).append(rows)
 
 
-class HeadRule:
-    """Describes the heads of one attention module class defined outside Hugging Face."""
-
-    name: ClassVar[str]
-
-    @classmethod
-    def matches(cls, module: nn.Module) -> bool:
-        raise NotImplementedError
-
-    @classmethod
-    def layout(cls, name: str, module: nn.Module, tensor_name: Callable[[torch.Tensor], str]) -> HeadLayout:
-        raise NotImplementedError
+def structural_adapter(model: nn.Module) -> ModelAdapter | None:
+    """The adapter read from ``model``'s structure, or None when it has no repeated blocks (most CNNs)."""
+    try:
+        return adapter_for(model)
+    except PrunekitError:
+        return None
 
 
-HEAD_RULES: Registry[type[HeadRule]] = Registry("attention head rule", ())
+def head_layout(model: nn.Module, adapter: ModelAdapter, attention: AttentionLayout,
+                tensor_name: Callable[[torch.Tensor], str]) -> HeadLayout:
+    modules = {role: model.get_submodule(path) for role, path in
+               (("q", attention.q), ("k", attention.k), ("v", attention.v), ("o", attention.o))}
+    heads_module = model.get_submodule(attention.heads_module)
+    row_dim = 1 if attention.transposed else 0
+
+    def projection(role: str) -> Projection:
+        module = modules[role]
+        return Projection(tensor_name(module.weight), tensor_name(module.bias) if module.bias is not None else None,
+                          row_dim)
+
+    def set_heads(num_heads: int, num_kv_heads: int) -> None:
+        adapter.set_head_counts(heads_module, num_heads, num_kv_heads, (attention.num_heads, attention.num_kv_heads))
+
+    if attention.num_heads % max(attention.num_kv_heads, 1):
+        raise PrunekitError(f"{attention.name}: {attention.num_heads} query heads do not divide into "
+                            f"{attention.num_kv_heads} key/value groups")
+    o_transposed = type(modules["o"]).__name__ == "Conv1D"
+    return HeadLayout(attention.name, projection("q"), projection("k"), projection("v"),
+                      tensor_name(modules["o"].weight), attention.num_heads, attention.num_kv_heads, attention.head_dim,
+                      set_heads, (attention.name, attention.q, attention.k, attention.v, attention.o),
+                      attention.qkv_layout, attention.fused, 0 if o_transposed else 1,
+                      tuple(tensor_name(model.get_parameter(name)) for name in attention.per_head))
 
 
-@HEAD_RULES.register("prunekit-vit")
-class PrunekitViTHeads(HeadRule):
-    """``prunekit.models.vit.Attention``: one fused qkv Linear (q, k, v stacked by rows) and ``proj``."""
+@dataclass
+class HeadLayouts:
+    layouts: list[HeadLayout]
+    whole: dict[str, list[str]]  # reason -> attentions whose heads stay whole for it
 
-    name = "prunekit-vit"
+    def notes(self) -> list[str]:
+        return [f"heads of {_listing(names)} are left whole: {reason}" for reason, names in self.whole.items()]
 
-    @classmethod
-    def matches(cls, module: nn.Module) -> bool:
-        from prunekit.models.vit import Attention
-
-        return isinstance(module, Attention)
-
-    @classmethod
-    def layout(cls, name, module, tensor_name):
-        width = module.num_heads * module.head_dim
-        bias = tensor_name(module.qkv.bias) if module.qkv.bias is not None else None
-        weight = tensor_name(module.qkv.weight)
-
-        def set_heads(num_heads: int, _kv: int) -> None:
-            module.num_heads = num_heads
-
-        return HeadLayout(name, Projection(weight, bias, 0), Projection(weight, bias, width),
-                          Projection(weight, bias, 2 * width), tensor_name(module.proj.weight), module.num_heads,
-                          module.num_heads, module.head_dim, set_heads, (name, f"{name}.qkv", f"{name}.proj"))
+    def left_whole(self, module: str) -> bool:
+        return any(module == name or module.startswith(name + ".") for names in self.whole.values() for name in names)
 
 
 def find_head_layouts(model: nn.Module, adapter: ModelAdapter | None,
-                      tensor_name: Callable[[torch.Tensor], str]) -> list[HeadLayout]:
-    """Head layouts from the adapter (Hugging Face families) and from ``HEAD_RULES`` (other modules)."""
-    layouts: list[HeadLayout] = []
-    claimed: set[str] = set()
-    if adapter is not None:
-        for attention in adapter.attention_layouts():
-            modules = {role: model.get_submodule(path) for role, path in
-                       (("q", attention.q), ("k", attention.k), ("v", attention.v), ("o", attention.o))}
-            heads_module = model.get_submodule(attention.heads_module)
-
-            def projection(role: str) -> Projection:
-                module = modules[role]
-                return Projection(tensor_name(module.weight),
-                                  tensor_name(module.bias) if module.bias is not None else None)
-
-            def set_heads(num_heads: int, num_kv_heads: int, heads_module=heads_module) -> None:
-                adapter.set_head_counts(heads_module, num_heads, num_kv_heads)
-
-            if attention.num_heads % max(attention.num_kv_heads, 1):
-                raise PrunekitError(f"{attention.name}: {attention.num_heads} query heads do not divide into "
-                                    f"{attention.num_kv_heads} key/value groups")
-            layouts.append(HeadLayout(attention.name, projection("q"), projection("k"), projection("v"),
-                                      tensor_name(modules["o"].weight), attention.num_heads, attention.num_kv_heads,
-                                      attention.head_dim, set_heads,
-                                      (attention.name, attention.q, attention.k, attention.v, attention.o)))
-            claimed.add(attention.name)
-    rules = [HEAD_RULES.get(name) for name in HEAD_RULES.names()]
-    for name, module in model.named_modules():
-        if name in claimed:
+                      tensor_name: Callable[[torch.Tensor], str]) -> HeadLayouts:
+    """Head layouts of every attention the adapter describes (the structural adapter when none is given), and
+    the attentions whose heads stay whole, by reason."""
+    adapter = adapter if adapter is not None else structural_adapter(model)
+    found = HeadLayouts([], {})
+    if adapter is None:
+        return found
+    for attention in adapter.attention_layouts():
+        blocker = adapter.head_blocker(attention)
+        if blocker is not None:
+            found.whole.setdefault(blocker, []).append(attention.name)
             continue
-        for rule in rules:
-            if rule.matches(module):
-                layouts.append(rule.layout(name, module, tensor_name))
-                break
-    return layouts
+        found.layouts.append(head_layout(model, adapter, attention, tensor_name))
+    return found
+
+
+def _listing(names: list[str]) -> str:
+    return ", ".join(names) if len(names) <= 2 else f"{names[0]} and {len(names) - 1} more attentions"

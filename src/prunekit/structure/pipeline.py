@@ -17,7 +17,7 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.models.base import ModelAdapter, adapter_for
-from prunekit.structure.allocation import Target, WidthAllocation, WidthPlan, allocate, check_ratio
+from prunekit.structure.allocation import Target, WidthAllocation, WidthPlan, allocate, check_ratio, nothing_to_prune
 from prunekit.structure.graph import KINDS, DependencyGraph, build_graph
 from prunekit.structure.heads import HeadMode
 from prunekit.structure.importance.base import Importance, ScoringContext, get_importance, is_consumer
@@ -228,6 +228,8 @@ def prune_structure(model: nn.Module, ratio: float = 0.2, *, example_inputs: tup
         graph = build_graph(model, example_inputs, adapter=adapter, head_mode=head_mode, strict=strict)
     timings["graph_seconds"] = time.perf_counter() - started
     families = graph.select(kinds, ignore)
+    if not families:  # before any calibration: criteria have nothing to score
+        raise nothing_to_prune(graph)
     notes = list(graph.frozen)
     if "heads" in kinds and not any(f.kind == "heads" for f in graph.families):
         notes.append("no attention heads were found that prunekit knows how to remove")

@@ -79,7 +79,7 @@ def reconstruction_targets(graph: DependencyGraph, removal: Mapping[str, Sequenc
     checked = check_removal(graph, removal)
     merged = removed_by_dimension(graph, checked)
     inexact = {m.tensor for name in checked for m in graph.family(name).members if not graph.family(name).exact}
-    consumers = {tensor for (tensor, dim) in merged if dim == 1}
+    consumers = {tensor for (tensor, dim) in merged if dim == graph.input_dims.get(tensor, 1)}
     owners = compensation_targets(graph, consumers, adapter)
     modules = {call.weight: call.module for call in graph.calls if call.kind in ("linear", "conv")}
     targets, skipped = {}, []
@@ -89,7 +89,7 @@ def reconstruction_targets(graph: DependencyGraph, removal: Mapping[str, Sequenc
         if name is None or not isinstance(module, nn.Linear) or tensor in inexact:
             skipped.append(modules.get(tensor, tensor) or "<root>")
             continue
-        targets[name] = merged[(tensor, 1)]
+        targets[name] = merged[(tensor, graph.input_dims.get(tensor, 1))]
     return targets, sorted(set(skipped))
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.models.base import ModelAdapter
+from prunekit.models.layout import is_linear_like
 from prunekit.structure.graph import DependencyGraph, Family
 from prunekit.structure.trace import _flatten
 
@@ -100,8 +101,8 @@ def _owner(graph: DependencyGraph, tensor: str) -> tuple[nn.Module, str]:
 def compensation_targets(graph: DependencyGraph, weights, adapter: ModelAdapter | None = None) -> dict[str, str]:
     """Consumer weight -> the module whose bias absorbs FLAP's compensation for its removed inputs.
 
-    Only an ``nn.Linear`` or ungrouped convolution that owns the weight and is the only module
-    applying it qualifies. The model's output head never does: its bias would be vocabulary-sized
+    Only an ``nn.Linear`` (or transformers' ``Conv1D``) or ungrouped convolution that owns the weight and is the
+    only module applying it qualifies. The model's output head never does: its bias would be vocabulary-sized
     and no Hugging Face config can describe it (plain ``from_pretrained`` would be lost), and a tied
     head's weight is the embedding table, whose module has no bias to add.
     """
@@ -119,7 +120,8 @@ def compensation_targets(graph: DependencyGraph, weights, adapter: ModelAdapter 
             continue
         name = uses[0].module
         module = graph.model.get_submodule(name) if name else graph.model
-        if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or module.weight is not graph.tensor(weight):
+        if not (is_linear_like(module) or isinstance(module, nn.modules.conv._ConvNd)) \
+                or module.weight is not graph.tensor(weight):
             continue
         if head is not None and module is head:
             continue
@@ -134,9 +136,11 @@ def _compensation_deltas(graph: DependencyGraph, removed_by_dim: dict[tuple[str,
     Returns weight name -> bias change over the consumer's rows before slicing."""
     deltas = {}
     for (tensor, dim), index in removed_by_dim.items():
-        if dim != 1 or tensor not in targets or tensor not in means:
+        input_dim = graph.input_dims.get(tensor, 1)
+        if dim != input_dim or tensor not in targets or tensor not in means:
             continue
         weight = graph.tensor(tensor).detach()
+        weight = weight.t() if input_dim == 0 else weight  # rows first (a Conv1D stores (in, out))
         columns = weight.index_select(1, index.to(weight.device))
         if columns.dim() > 2:  # convolution: constant inputs pass through the summed kernel (borders aside)
             columns = columns.flatten(2).sum(-1)
@@ -149,7 +153,7 @@ def _apply_compensation(graph: DependencyGraph, deltas: dict[str, torch.Tensor],
                         targets: Mapping[str, str]) -> list[str]:
     done = []
     for tensor, delta in deltas.items():
-        rows = removed_by_dim.get((tensor, 0))
+        rows = removed_by_dim.get((tensor, 1 - graph.input_dims.get(tensor, 1)))  # the output rows' dimension
         if rows is not None:
             keep = torch.ones(delta.shape[0], dtype=torch.bool)
             keep[rows] = False
@@ -195,6 +199,8 @@ def _sync(module: nn.Module, before: dict) -> None:
             module.normalized_shape = tuple(module.weight.shape)
     elif isinstance(module, nn.Embedding):
         module.num_embeddings, module.embedding_dim = module.weight.shape
+    elif type(module).__name__ == "Conv1D" and "nf" in old:  # transformers' Conv1D: weight (nx in, nf out)
+        module.nx, module.nf = module.weight.shape
     # Hugging Face MLPs record their width (not read by the forward, but saved in reprs and configs).
     down = getattr(module, "down_proj", None)
     if isinstance(down, nn.Linear) and "intermediate_size" in old:

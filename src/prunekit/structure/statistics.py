@@ -18,6 +18,7 @@ from prunekit.core.calibration import HEAD, Target, run_sequential
 from prunekit.core.statistics import LayerStatistics
 from prunekit.errors import PrunekitError
 from prunekit.models.base import ModelAdapter
+from prunekit.models.layout import is_linear_like
 from prunekit.structure.graph import DependencyGraph
 
 
@@ -79,7 +80,8 @@ def input_moments(model: nn.Module, graph: DependencyGraph, weights: Iterable[st
     modules = {}
     for weight, (module_name, channel_dim) in calls.items():
         module = model.get_submodule(module_name) if module_name else model
-        moments = ChannelMoments(graph.tensors[weight].shape[1] * _groups_of(module), channel_dim=channel_dim)
+        columns = graph.tensors[weight].shape[graph.input_dims.get(weight, 1)]
+        moments = ChannelMoments(columns * _groups_of(module), channel_dim=channel_dim)
         stats[weight] = moments
         modules.setdefault(id(module), (module, []))[1].append(moments)
     hooks = {}
@@ -149,13 +151,14 @@ def _moments_sequential(model: nn.Module, adapter: ModelAdapter, calls: dict[str
     targets, wanted = [], {}
     for weight, (module_name, _dim) in calls.items():
         module = model.get_submodule(module_name)
-        if not isinstance(module, nn.Linear):
+        if not is_linear_like(module):
             raise PrunekitError(f"block-by-block calibration only records Linear inputs; {module_name} is "
                                 f"{type(module).__name__}")
+        transposed = type(module).__name__ == "Conv1D"  # weight stored (in, out)
         if module_name in block_of:
-            targets.append(Target(module_name, module, block_of[module_name]))
+            targets.append(Target(module_name, module, block_of[module_name], transposed=transposed))
         elif module is head:
-            targets.append(Target(module_name, module, HEAD))
+            targets.append(Target(module_name, module, HEAD, transposed=transposed))
         else:
             raise PrunekitError(f"{module_name} lies outside the model's blocks; calibrate it with whole-model batches")
         wanted[module_name] = weight

@@ -32,10 +32,13 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from prunekit.errors import PrunekitError
+from prunekit.models.layout import is_linear_like
 
 NO_LABEL = -1
 PINNED = 0
 _LABEL_ATTR = "_prunekit_labels"
+_WEIGHT_VIEW_ATTR = "_prunekit_transposed_weight"  # set on ``W.T`` taken by the linear layer owning W
+_TRANSPOSES = {"get:T", "t", "get:mT"}
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class WeightCall:
     positions: int  # output positions per call (tokens, or batch × spatial)
     groups: int = 1
     channel_dim: int = -1  # the input dimension holding channels (-1 linear, 1 conv)
+    input_dim: int = 1  # the weight dimension that reads the input channels (0 for a Conv1D stored (in, out))
 
 
 @dataclass
@@ -75,6 +79,7 @@ class Trace:
     elementwise_tensors: set[str]
     module_types: dict[str, str] = field(default_factory=dict)
     frozen_ops: list[str] = field(default_factory=list)  # unknown operations passed with strict=False
+    sealed: list[str] = field(default_factory=list)  # modules run as black boxes (their inputs and outputs pinned)
 
 
 class TraceError(PrunekitError):
@@ -157,10 +162,14 @@ _CONSTANT_MAKERS = {"new_zeros", "new_ones", "new_empty", "new_full", "new_tenso
 
 
 class _Tracer(TorchFunctionMode):
-    def __init__(self, model: nn.Module, strict: bool = True):
+    def __init__(self, model: nn.Module, strict: bool = True, sealed: Iterable[str] = (),
+                 pinned: Iterable[str] = ()):
         super().__init__()
         self.model = model
         self.strict = strict
+        self.sealed = set(sealed)
+        self.pinned = set(pinned)
+        self.sealed_depth = 0  # > 0 while a sealed module runs: its operations are not followed
         self.tensor_names: dict[int, tuple[str, torch.Tensor, bool]] = {}
         for name, param in model.named_parameters():
             self.tensor_names[id(param)] = (name, param, False)
@@ -285,11 +294,17 @@ class _Tracer(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if self.sealed_depth:
+            return out
         outputs = _flatten(out)
         if not outputs:
             return out
         name = _func_name(func)
         inputs = _flatten(args) + _flatten(kwargs)
+        if name in _TRANSPOSES and isinstance(out, torch.Tensor) and self._own_weight(args[0] if args else None):
+            # A linear layer transposing its own weight for a hand-written product (Falcon's ``x @ W.T``).
+            setattr(out, _WEIGHT_VIEW_ATTR, args[0])
+            return out
         if name in _CONSTANT_MAKERS or not self._labelled(inputs):
             for tensor in outputs:
                 if tensor is not None and self.named(tensor) is None:
@@ -372,7 +387,14 @@ class _Tracer(TorchFunctionMode):
         label_args = [self._substitute(a) for a in args]
         label_kwargs = {k: self._substitute(v) for k, v in kwargs.items()}
         try:
-            moved = func(*label_args, **label_kwargs)
+            try:
+                moved = func(*label_args, **label_kwargs)
+            except RuntimeError:
+                if name != "view":
+                    raise
+                # Label tensors are laid out differently from the data (broadcast, moved), and ``view`` needs
+                # compatible strides; a view never reorders elements, so reshaping the labels is the same map.
+                moved = torch.Tensor.reshape(*label_args, **label_kwargs)
         except Exception as exc:  # the op rejected integer label tensors
             raise TraceError(f"cannot follow channels through '{name}' {self._where()}: {exc}") from None
         outputs, moved_list = _flatten(out), _flatten(moved)
@@ -410,7 +432,7 @@ class _Tracer(TorchFunctionMode):
             dims = (dims,)
         dims = tuple(sorted({d % max(labels.dim(), 1) for d in dims})) if labels.dim() else ()
         reduced, constant = _reduce_labels(labels, dims, keepdim)
-        if _REDUCTIONS[name] and not bool(constant.all()):
+        if _REDUCTIONS[name] and not bool(constant.all()) and _mixes_channels(labels, dims):
             self.mark(self.mixing, labels)
         for tensor in _flatten(out):
             if tensor.shape == reduced.shape:
@@ -424,7 +446,7 @@ class _Tracer(TorchFunctionMode):
         dim = kwargs.get("dim", args[1] if len(args) > 1 and isinstance(args[1], int) else -1)
         if dim is None:
             dim = -1
-        if labels.dim() and _ALONG_DIM[name] and _varies_along(labels, dim % labels.dim()):
+        if labels.dim() and _ALONG_DIM[name] and _mixes_channels(labels, (dim % labels.dim(),)):
             self.mark(self.mixing, labels)
         for tensor in _flatten(out):
             self.set_labels(tensor, labels if tensor.shape == labels.shape
@@ -466,13 +488,13 @@ class _Tracer(TorchFunctionMode):
         self.set_labels(target, labels)
 
     def _record_call(self, weight: torch.Tensor, kind: str, output: torch.Tensor, channels: int, groups: int = 1,
-                     channel_dim: int = -1) -> None:
+                     channel_dim: int = -1, input_dim: int = 1) -> None:
         info = self.named(weight)
         if info is None:
             return
         positions = output.numel() // max(channels, 1)
         self.calls.append(WeightCall(info[0], self.module_stack[-1] if self.module_stack else "", kind, positions,
-                                     groups, channel_dim))
+                                     groups, channel_dim, input_dim))
 
     def _linear(self, name, func, args, kwargs, out):
         x = args[0] if args else kwargs["input"]
@@ -604,14 +626,46 @@ class _Tracer(TorchFunctionMode):
             labels = labels.squeeze(-1)
         return labels
 
+    def _own_weight(self, tensor: Any) -> bool:
+        """``tensor`` is the weight of the linear-like module running now (a Linear subclass or transformers'
+        ``Conv1D``), which may compute its product by hand instead of calling ``F.linear``."""
+        if not isinstance(tensor, torch.Tensor) or not self.module_stack or tensor.dim() != 2:
+            return False
+        module = self.model.get_submodule(self.module_stack[-1]) if self.module_stack[-1] else self.model
+        return is_linear_like(module) and module.weight is tensor
+
+    def _product_weight(self, tensor: Any) -> tuple[torch.Tensor, int] | None:
+        """(weight, the dimension reading the input) when ``tensor`` is a linear-like module's own weight used as
+        the right operand of a product: ``x @ W`` (Conv1D, stored (in, out)) or ``x @ W.T`` (stored (out, in))."""
+        if self._own_weight(tensor):
+            return tensor, 0
+        source = getattr(tensor, _WEIGHT_VIEW_ATTR, None) if isinstance(tensor, torch.Tensor) else None
+        if source is not None and self._own_weight(source):
+            return source, 1
+        return None
+
     def _check_raw_matrix(self, tensor: torch.Tensor) -> None:
         info = self.named(tensor)
         if info is not None and not info[2] and tensor.dim() >= 2:
             raise TraceError(f"a matrix product with the raw parameter '{info[0]}' {self._where()} is not "
                              "supported; use nn.Linear")
 
+    def _weight_product(self, x: torch.Tensor, weight: torch.Tensor, input_dim: int, bias: torch.Tensor | None,
+                        out: torch.Tensor) -> None:
+        """A linear layer written as a product: the input's channels meet the weight's ``input_dim``."""
+        rows = self.dim_space(weight, 1 - input_dim, "Linear weight")
+        cols = self.dim_space(weight, input_dim, "Linear weight")
+        self._couple_features(self.labels(x), cols, -1)
+        if bias is not None:
+            self.union(self.dim_space(bias, 0, "Linear bias"), rows)
+        self.set_labels(out, rows.expand(out.shape).clone())
+        self._record_call(weight, "linear", out, rows.numel(), input_dim=input_dim)
+
     def _matmul(self, name, func, args, kwargs, out):
-        a, b = args[0], args[1]
+        a, b = (args + tuple(kwargs.values()))[:2]
+        product = self._product_weight(b)
+        if product is not None:
+            return self._weight_product(a, product[0], product[1], None, out)
         self._check_raw_matrix(a)
         self._check_raw_matrix(b)
         self.set_labels(out, self._contract(self.labels(a), self.labels(b)).clone())
@@ -620,7 +674,12 @@ class _Tracer(TorchFunctionMode):
         self._matmul(name, func, (args[1], args[0]), kwargs, out)
 
     def _addmm(self, name, func, args, kwargs, out):
-        bias, a, b = args[0], args[1], args[2]
+        # addmm(input, mat1, mat2) and baddbmm(input, batch1, batch2), positional or by keyword (BLOOM's ALiBi)
+        names = ("input", "mat1", "mat2") if name == "addmm" else ("input", "batch1", "batch2")
+        bias, a, b = (args[i] if len(args) > i else kwargs[key] for i, key in enumerate(names))
+        product = self._product_weight(b)
+        if product is not None:
+            return self._weight_product(a, product[0], product[1], bias, out)
         self._check_raw_matrix(a)
         self._check_raw_matrix(b)
         labels = self._contract(self.labels(a), self.labels(b))
@@ -647,13 +706,38 @@ class _Tracer(TorchFunctionMode):
             def push(_module, _args, name=name):
                 self.module_stack.append(name)
 
-            def pop(_module, _args, _output, name=name):
+            def pop(_module, _args, output, name=name):
                 if self.module_stack and self.module_stack[-1] == name:
                     self.module_stack.pop()
+                if name in self.pinned:
+                    for tensor in _flatten(output):
+                        self.union(self.labels(tensor), torch.tensor(PINNED))
 
+            if name in self.sealed:
+                handles += self._seal(module, name)
+                continue
             handles.append(module.register_forward_pre_hook(push))
             handles.append(module.register_forward_hook(pop, always_call=True))
         return handles
+
+    def _seal(self, module: nn.Module, name: str) -> list:
+        """Run ``module`` as a black box: its channels are not followed, so whatever enters or leaves it is pinned
+        and its own tensors never join a family (they stay whole)."""
+        def enter(_module, args, kwargs):
+            self.module_stack.append(name)
+            for tensor in _flatten(args) + _flatten(kwargs):
+                self.union(self.labels(tensor), torch.tensor(PINNED))
+            self.sealed_depth += 1
+
+        def leave(_module, _args, _kwargs, output):
+            self.sealed_depth -= 1
+            if self.module_stack and self.module_stack[-1] == name:
+                self.module_stack.pop()
+            for tensor in _flatten(output):
+                self.set_labels(tensor, torch.full(tensor.shape, PINNED, dtype=torch.long))
+
+        return [module.register_forward_pre_hook(enter, with_kwargs=True),
+                module.register_forward_hook(leave, with_kwargs=True, always_call=True)]
 
 
 def _varying_dims(labels: torch.Tensor) -> int:
@@ -664,6 +748,21 @@ def _varies_along(labels: torch.Tensor, dim: int) -> bool:
     if labels.shape[dim] <= 1:
         return False
     return bool((labels != labels.narrow(dim, 0, 1)).any())
+
+
+def _mixes_channels(labels: torch.Tensor, dims: tuple[int, ...]) -> bool:
+    """Whether some slice over ``dims`` holds two different channels: a statistic over it (a mean, a max, a
+    softmax's sum) then makes each channel's values depend on the other's. A slice with one channel among
+    unlabelled values (an attention head's sink beside its scores) mixes no channels."""
+    rest = [d for d in range(labels.dim()) if d not in dims]
+    size = math.prod(labels.shape[d] for d in dims)
+    if size <= 1:
+        return False
+    rows = labels.permute(*rest, *dims).reshape(-1, size)
+    valid = rows >= 0
+    highest = torch.where(valid, rows, torch.full_like(rows, NO_LABEL)).amax(-1)
+    lowest = torch.where(valid, rows, torch.full_like(rows, torch.iinfo(rows.dtype).max)).amin(-1)
+    return bool(((highest >= 0) & (lowest != highest)).any())
 
 
 def _constant_along(labels: torch.Tensor, dim: int) -> torch.Tensor:
@@ -692,10 +791,13 @@ def pin_labels(tracer: _Tracer, tensors: list[torch.Tensor]) -> None:
         tracer.union(tracer.labels(tensor), torch.tensor(PINNED))
 
 
-def trace(model: nn.Module, example_inputs: tuple | dict, strict: bool = True) -> Trace:
+def trace(model: nn.Module, example_inputs: tuple | dict, strict: bool = True, sealed: Iterable[str] = (),
+          pinned: Iterable[str] = ()) -> Trace:
     """Run ``model`` once on ``example_inputs`` (a tuple of positional arguments or a dict of keyword
-    arguments) and record every coupling between channels."""
-    tracer = _Tracer(model, strict=strict)
+    arguments) and record every coupling between channels. ``sealed`` names modules run as black boxes
+    (``_Tracer._seal``): parts of a model whose channels structural pruning leaves whole. ``pinned`` names
+    modules whose outputs are pinned like the model's own (the routers of experts: one output per expert)."""
+    tracer = _Tracer(model, strict=strict, sealed=sealed, pinned=pinned)
     args, kwargs = (example_inputs, {}) if isinstance(example_inputs, tuple) else ((), dict(example_inputs))
     for tensor in _flatten(args) + _flatten(kwargs):
         if tensor.is_floating_point():
@@ -728,4 +830,4 @@ def trace(model: nn.Module, example_inputs: tuple | dict, strict: bool = True) -
     return Trace(num_ids=tracer.next_id, spaces=tracer.spaces, pairs=pairs, split_ids=split, mixing_ids=mixing,
                  calls=tracer.calls, grouped_convs=tracer.grouped_convs, group_norms=tracer.group_norms,
                  elementwise_tensors=set(tracer._element_spaces), module_types=module_types,
-                 frozen_ops=list(dict.fromkeys(tracer.frozen_ops)))
+                 frozen_ops=list(dict.fromkeys(tracer.frozen_ops)), sealed=sorted(tracer.sealed))

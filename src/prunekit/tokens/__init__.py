@@ -1,6 +1,6 @@
 """Training-free token reduction inside transformers: ToMe, EViT, Zero-TPrune, DivPrune, FastV and
-random / attention-magnitude baselines, on prunekit's ViT, Hugging Face ViT and BERT-style encoders,
-and Llama-style decoders at prefill.
+random / attention-magnitude baselines, on prunekit's ViT, Hugging Face encoders (text, ViT) and
+Hugging Face causal language models at prefill, recognised by structure.
 
 >>> import prunekit.tokens
 >>> with prunekit.tokens.apply(model, "tome", rate=0.2) as patch:

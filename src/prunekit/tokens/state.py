@@ -93,6 +93,14 @@ class TokenState:
         return torch.where(self.valid, positions, -1).amax(dim=1)
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An attention mask as an additive bias: a boolean one (True = attend) becomes 0 / the lowest value, a
+    float one is already additive. The lowest finite value (not -inf) keeps a row that sees nothing finite."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask.to(dtype)
+
+
 def _packing_order(survivors: torch.Tensor, align_right: bool = False) -> torch.Tensor:
     """(batch, tokens): indices that gather each row's survivors, in their original order, to the
     front of the row (or, with ``align_right``, so that they end the row's first ``max count``)."""

@@ -1,13 +1,13 @@
-"""The main job: load a model, prune it, evaluate it, and write the model, its compressed copy and a report."""
+"""The main job (``prunekit prune``): load a model, prune it, evaluate it, and write the model, its compressed
+copy and a report; and ``prunekit sweep`` and ``prunekit eval`` beside it. All three are ``Job``s."""
 
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from pydantic import Field
 
 from prunekit.core.distributed import ProcessGroup, from_environment
 from prunekit.core.masks import sparsity_of
@@ -15,9 +15,12 @@ from prunekit.core.progress import set_enabled, status
 from prunekit.core.text import TextProtocol, calibration_windows, test_windows
 from prunekit.evaluate.perplexity import PerplexityResult, perplexity, streamed_perplexity
 from prunekit.evaluate.plots import plot_curves, plot_layer_sparsity
-from prunekit.evaluate.report import SPEED_NOTE, environment, human_bytes, markdown_table, write_json
+from prunekit.core.config import RecipeModel
+from prunekit.core.job import Job, Outcome
+from prunekit.evaluate.outcome import write_outcome
+from prunekit.evaluate.report import SPEED_NOTE, environment, human_bytes, markdown_table
 from prunekit.evaluate.resources import Measured, process_peak_rss
-from prunekit.io.atomic import atomic_directory, check_output_dir, directory_size
+from prunekit.io.atomic import check_output_dir, directory_size
 from prunekit.io.checkpoint import COMPRESSED_SUBDIR, COMPRESSED_WEIGHTS, write_compressed, write_dense
 from prunekit.io.sparse_format import manifest_size_without_codec
 from prunekit.models.base import adapter_for
@@ -26,16 +29,7 @@ from prunekit.models.loading import CAUSAL_LM, LoadedModel, load_model, resolve_
 from prunekit.errors import PrunekitError
 from prunekit.weights.pipeline import PruneResult, check_finite_weights, prune_weights
 from prunekit.weights.recipe import WeightPruningRecipe
-from prunekit.weights.streaming import StreamResult, prune_streaming
-
-
-
-@dataclass
-class JobOutcome:
-    report: dict
-    out_dir: Path | None
-    markdown: str = ""
-    extra: dict = field(default_factory=dict)
+from prunekit.weights.streaming import StreamOutput, StreamResult, prune_streaming
 
 
 def model_sparsity(model: torch.nn.Module) -> float:
@@ -73,8 +67,8 @@ def _windows(tokenizer, protocol: TextProtocol, calibrate: bool, evaluate: bool,
 
 
 def _vocab_size(model: torch.nn.Module) -> int | None:
-    embeddings = adapter_for(model).embeddings()
-    return getattr(embeddings, "num_embeddings", None)
+    getter = getattr(model, "get_input_embeddings", None)
+    return getattr(getter() if callable(getter) else None, "num_embeddings", None)
 
 
 def _needs_calibration(recipe: WeightPruningRecipe) -> bool:
@@ -88,11 +82,7 @@ def _prune(loaded: LoadedModel, recipe: WeightPruningRecipe, calibration: torch.
            group: ProcessGroup | None = None) -> PruneResult:
     if group is not None and calibration is not None:
         calibration = group.share(calibration)
-    return prune_weights(loaded.model, method=recipe.method, sparsity=recipe.effective_sparsity,
-                         pattern=recipe.pattern, allocation=recipe.allocation, calibration=calibration,
-                         include=recipe.include, exclude=recipe.exclude, overrides=recipe.overrides,
-                         sequential=recipe.sequential, batch_size=recipe.batch_size,
-                         untie_embeddings=recipe.untie_embeddings,
+    return prune_weights(loaded.model, recipe.pruning(), calibration=calibration,
                          reduce=group.reduce_statistics if group is not None else None)
 
 
@@ -101,53 +91,96 @@ def _model_info(name: str, path, adapter_description: dict, parameters: int, dty
             "parameters": parameters, "dtype": dtype}
 
 
-def run_prune_job(recipe: WeightPruningRecipe, out: str | Path, overwrite: bool = False,
-                  resume: bool = False) -> JobOutcome:
-    """Run the main job; under ``torchrun`` calibration is split across processes and rank 0 writes."""
-    group = from_environment(recipe.device)
-    if group is not None and not group.is_writer:
-        set_enabled(False)
-    if recipe.stream or resume:
-        return _run_streamed(recipe, out, overwrite, resume, group)
-    out_path = check_output_dir(out, overwrite, inputs=(recipe.model,), expected_bytes=lambda: saved_model_bytes(
-        model_tensor_bytes(resolve_model_dir(recipe.model)[1], recipe.dtype), recipe.save_dense, recipe.save_compressed))
-    torch.manual_seed(recipe.data.seed)
-    protocol = recipe.data.protocol()
-    loaded = _load(recipe)
-    # Recipes are checked before the (slow) data and pruning steps, against the loaded model.
-    calibration, test = _windows(loaded.tokenizer, protocol, _needs_calibration(recipe), recipe.evaluate,
-                                 _vocab_size(loaded.model))
-    before = perplexity(loaded.model, test, recipe.batch_size, "Perplexity before", group) if test is not None else None
-    with Measured() as measured:
-        result = _prune(loaded, recipe, calibration, group)
-    after = perplexity(loaded.model, test, recipe.batch_size, "Perplexity after", group) if test is not None else None
-    info = _model_info(loaded.name, loaded.path, adapter_for(loaded.model).describe(), parameter_count(loaded.model),
-                       recipe.dtype)
-    extra = {"processes": group.world_size if group else 1}
-    if group is not None and not group.is_writer:
-        group.barrier()
-        return JobOutcome(report={}, out_dir=None)
-    with atomic_directory(out_path, overwrite) as tmp:
+def prune_job(recipe: WeightPruningRecipe, resume: bool = False) -> Job:
+    """The job ``prunekit prune`` runs: in memory, or streamed block by block (``stream``, or resuming)."""
+    return StreamedPruneJob(recipe, resume) if (recipe.stream or resume) else PruneJob(recipe)
+
+
+class PruneJob(Job[WeightPruningRecipe]):
+    """Prune in memory; under ``torchrun`` calibration is split across processes and process 0 writes."""
+
+    command = "prune"
+    recipe_type = WeightPruningRecipe
+
+    def __init__(self, recipe: WeightPruningRecipe):
+        super().__init__(recipe)
+        self.group = from_environment(recipe.device)
+        self.writer = self.group is None or self.group.is_writer
+        if not self.writer:
+            set_enabled(False)
+
+    def inputs(self) -> tuple[str | None, ...]:
+        return (self.recipe.model,)
+
+    def expected_bytes(self):
+        recipe = self.recipe
+        return lambda: saved_model_bytes(model_tensor_bytes(resolve_model_dir(recipe.model)[1], recipe.dtype),
+                                         recipe.save_dense, recipe.save_compressed)
+
+    def run(self) -> Outcome:
+        recipe, group = self.recipe, self.group
+        torch.manual_seed(recipe.data.seed)
+        protocol = recipe.data.protocol()
+        loaded = self.loaded = _load(recipe)
+        # Recipes are checked before the (slow) data and pruning steps, against the loaded model.
+        calibration, test = _windows(loaded.tokenizer, protocol, _needs_calibration(recipe), recipe.evaluate,
+                                     _vocab_size(loaded.model))
+        before = perplexity(loaded.model, test, recipe.batch_size, "Perplexity before", group) if test is not None else None
+        with Measured() as measured:
+            result = self.result = _prune(loaded, recipe, calibration, group)
+        after = perplexity(loaded.model, test, recipe.batch_size, "Perplexity after", group) if test is not None else None
+        info = _model_info(loaded.name, loaded.path, adapter_for(loaded.model, blocks=recipe.blocks).describe(),
+                           parameter_count(loaded.model), recipe.dtype)
+        dense_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in loaded.model.parameters()}.values())
+        report = build_report(info, recipe, protocol, result, before, after, measured, {"dense_bytes": dense_bytes},
+                              model_sparsity(loaded.model), {"processes": group.world_size if group else 1})
+        return Outcome(report, report_markdown(report), summary_rows(report), f"prunekit: {loaded.name}")
+
+    def write(self, directory: Path, outcome: Outcome) -> None:
+        recipe, loaded = self.recipe, self.loaded
         sizes = {}
         if recipe.save_dense:
             with status("Saving the dense model (loads with from_pretrained)"):
-                write_dense(loaded.model, tmp, loaded.tokenizer)
-            sizes["dense_bytes"] = directory_size(tmp, "*.safetensors")
+                write_dense(loaded.model, directory, loaded.tokenizer)
+            sizes["dense_bytes"] = directory_size(directory, "*.safetensors")
         if recipe.save_compressed:
             with status(f"Saving the compressed model ({recipe.codec})"):
-                (tmp / COMPRESSED_SUBDIR).mkdir()
-                manifest = write_compressed(loaded.model, tmp / COMPRESSED_SUBDIR, loaded.tokenizer, recipe.codec)
-            sizes["compressed_bytes"] = (tmp / COMPRESSED_SUBDIR / COMPRESSED_WEIGHTS).stat().st_size
+                (directory / COMPRESSED_SUBDIR).mkdir()
+                manifest = write_compressed(loaded.model, directory / COMPRESSED_SUBDIR, loaded.tokenizer, recipe.codec)
+            sizes["compressed_bytes"] = (directory / COMPRESSED_SUBDIR / COMPRESSED_WEIGHTS).stat().st_size
             sizes["compressed_without_codec_bytes"] = manifest_size_without_codec(manifest)
-        if "dense_bytes" not in sizes:
-            sizes["dense_bytes"] = sum(p.numel() * p.element_size()
-                                       for p in {id(p): p for p in loaded.model.parameters()}.values())
-        report = build_report(info, recipe, protocol, result, before, after, measured, _sizes(sizes, recipe.codec),
-                              model_sparsity(loaded.model), extra)
-        markdown = _write_reports(tmp, report, recipe, result, loaded.name)
-    if group is not None:
-        group.barrier()
-    return JobOutcome(report=report, out_dir=out_path, markdown=markdown)
+        sizes.setdefault("dense_bytes", outcome.report["size"]["dense_bytes"])
+        outcome.report["size"] = _sizes(sizes, recipe.codec)
+        outcome.markdown = report_markdown(outcome.report)
+        outcome.summary = summary_rows(outcome.report)
+        _plot_layers(directory, self.result, loaded.name)
+
+    def finished(self) -> None:
+        if self.group is not None:
+            self.group.barrier()  # every process stays until process 0 has written
+
+
+class StreamedPruneJob(Job[WeightPruningRecipe]):
+    """Prune out of core: one block in memory at a time, the output written as it goes, resumable."""
+
+    command = "prune"
+    recipe_type = WeightPruningRecipe
+    writes_as_it_goes = True
+
+    def __init__(self, recipe: WeightPruningRecipe, resume: bool = False, overwrite: bool = False):
+        super().__init__(recipe)
+        self.resume, self.overwrite = resume, overwrite
+        self.group = from_environment(recipe.device)
+        self.writer = self.group is None or self.group.is_writer
+        if not self.writer:
+            set_enabled(False)
+
+    def run_into(self, out: Path, overwrite: bool) -> Outcome:
+        outcome = _run_streamed(self.recipe, out, overwrite, self.resume, self.group)
+        if outcome.report:
+            outcome.summary = summary_rows(outcome.report)
+            outcome.title = f"prunekit: {outcome.report['model']['name']}"
+        return outcome
 
 
 def _sizes(sizes: dict, codec: str) -> dict:
@@ -157,15 +190,15 @@ def _sizes(sizes: dict, codec: str) -> dict:
     return sizes
 
 
-def _write_reports(directory: Path, report: dict, recipe: WeightPruningRecipe, result: PruneResult, name: str) -> str:
-    markdown = report_markdown(report)
-    write_json(directory / "report.json", report)
-    (directory / "report.md").write_text(markdown)
-    (directory / "recipe.yaml").write_text(recipe.to_yaml())
+def write_reports(directory: Path, report: dict, markdown: str, recipe: WeightPruningRecipe) -> None:
+    """The files every job writes (``evaluate.outcome.write_outcome``), for a run that writes as it goes."""
+    write_outcome(directory, Outcome(report, markdown), Job(recipe))
+
+
+def _plot_layers(directory: Path, result: PruneResult, name: str) -> None:
     plot_layer_sparsity([l.name for l in result.layers], [l.target_sparsity for l in result.layers],
                         [l.achieved_sparsity for l in result.layers], directory / "sparsity.png",
                         f"{name}: {result.method['name']} {result.pattern}, {result.allocation['name']}")
-    return markdown
 
 
 def checkpoint_sparsity(directory: Path) -> float:
@@ -181,7 +214,7 @@ def checkpoint_sparsity(directory: Path) -> float:
 
 
 def _run_streamed(recipe: WeightPruningRecipe, out: str | Path, overwrite: bool, resume: bool,
-                  group: ProcessGroup | None) -> JobOutcome:
+                  group: ProcessGroup | None) -> Outcome:
     from prunekit.models.loading import check_kind, load_tokenizer, parse_dtype, resolve
     from prunekit.models.streamed import StreamedModel
 
@@ -202,7 +235,8 @@ def _run_streamed(recipe: WeightPruningRecipe, out: str | Path, overwrite: bool,
     if tokenizer is None:
         raise PrunekitError(f"{name} has no tokenizer; save one beside the model (tokenizer.save_pretrained)")
     dtype = parse_dtype(recipe.dtype)
-    skeleton = StreamedModel(model_dir, device=recipe.device, dtype=dtype, trust_remote_code=recipe.trust_remote_code)
+    skeleton = StreamedModel(model_dir, device=recipe.device, dtype=dtype, trust_remote_code=recipe.trust_remote_code,
+                             blocks=recipe.blocks)
     info = _model_info(name, model_dir, skeleton.adapter.describe(), parameter_count(skeleton.model),
                        recipe.dtype)
     calibration, test = _windows(tokenizer, protocol, _needs_calibration(recipe), recipe.evaluate,
@@ -227,19 +261,16 @@ def _run_streamed(recipe: WeightPruningRecipe, out: str | Path, overwrite: bool,
                  "block_seconds": outcome.block_seconds, "resumed_from_block": outcome.resumed_from_block}
         report = build_report(info, recipe, protocol, outcome.result, before, after, measured, sizes,
                               checkpoint_sparsity(weights), extra)
-        holder["report"] = report
-        holder["markdown"] = _write_reports(work, report, recipe, outcome.result, name)
+        markdown = report_markdown(report)
+        write_reports(work, report, markdown, recipe)
+        _plot_layers(work, outcome.result, name)
+        holder["report"], holder["markdown"] = report, markdown
 
     with measured:
-        outcome = prune_streaming(model_dir, out_path, method=recipe.method, sparsity=recipe.effective_sparsity,
-                                  pattern=recipe.pattern, allocation=recipe.allocation, calibration=calibration,
-                                  include=recipe.include, exclude=recipe.exclude, overrides=recipe.overrides,
-                                  sequential=recipe.sequential, batch_size=recipe.batch_size, device=recipe.device,
-                                  dtype=dtype, untie_embeddings=recipe.untie_embeddings,
-                                  save_dense=recipe.save_dense, save_compressed=recipe.save_compressed,
-                                  codec=recipe.codec, resume=resume, overwrite=overwrite,
-                                  trust_remote_code=recipe.trust_remote_code, group=group,
-                                  extra_settings={"protocol": protocol.describe()}, finalize=finalize)
+        output = StreamOutput(recipe.save_dense, recipe.save_compressed, recipe.codec, resume, overwrite)
+        outcome = prune_streaming(model_dir, out_path, recipe.pruning(), calibration=calibration, output=output,
+                                  device=recipe.device, dtype=dtype, trust_remote_code=recipe.trust_remote_code,
+                                  group=group, extra_settings={"protocol": protocol.describe()}, finalize=finalize)
     if outcome.already_finished and (group is None or group.is_writer):
         # Killed after its reports were written: the finished run's own report stands.
         report_path = out_path / "report.json"
@@ -248,8 +279,8 @@ def _run_streamed(recipe: WeightPruningRecipe, out: str | Path, overwrite: bool,
         holder["report"] = json.loads(report_path.read_text())
         markdown_path = out_path / "report.md"
         holder["markdown"] = markdown_path.read_text() if markdown_path.exists() else ""
-    return JobOutcome(report=holder.get("report", {}), out_dir=out_path if "report" in holder else None,
-                      markdown=holder.get("markdown", ""))
+    return Outcome(holder.get("report", {}), holder.get("markdown", ""),
+                   out_dir=out_path if "report" in holder else None)
 
 
 def _uses_remote_code(model_dir: Path) -> bool:
@@ -323,40 +354,124 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run_sweep(recipe: WeightPruningRecipe, sparsities: list[float], out: str | Path, overwrite: bool = False) -> JobOutcome:
-    """Prune the same model at several sparsities (restoring it in between) and plot perplexity."""
-    out_path = check_output_dir(out, overwrite, inputs=(recipe.model,))
-    protocol = recipe.data.protocol()
-    loaded = _load(recipe)
-    calibration, test = _windows(loaded.tokenizer, protocol, _needs_calibration(recipe), True,
-                                 _vocab_size(loaded.model))
-    pristine = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
-    dense = perplexity(loaded.model, test, recipe.batch_size, "Perplexity dense")
-    points = []
-    for value in sparsities:
-        loaded.model.load_state_dict(pristine)
-        step = recipe.model_copy(update={"sparsity": value})
-        WeightPruningRecipe.model_validate(step.model_dump())
-        with Measured() as measured:
-            result = _prune(loaded, step, calibration)
-        after = perplexity(loaded.model, test, recipe.batch_size, f"Perplexity at {value:.0%}")
-        points.append({"sparsity": value, "achieved": result.achieved_sparsity, "perplexity": after.perplexity,
-                       "prune_seconds": measured.seconds})
-    report = {"model": loaded.name, "method": recipe.method, "pattern": recipe.pattern,
-              "allocation": recipe.allocation, "dense_perplexity": dense.perplexity, "points": points,
-              "protocol": protocol.describe(), "environment": environment()}
-    table = markdown_table(["sparsity", "achieved", "perplexity", "prune s"],
-                           [(f"{p['sparsity']:.0%}", f"{p['achieved']:.4f}", p["perplexity"], f"{p['prune_seconds']:.1f}")
-                            for p in points])
-    markdown = (f"# Sparsity sweep: {loaded.name}, {recipe.method['name']} ({recipe.allocation['name']})\n\n"
-                f"Dense perplexity: {dense.perplexity:.4g}\n\n{table}\n\nProtocol: {protocol.summary()}\n")
-    with atomic_directory(out_path, overwrite) as tmp:
-        write_json(tmp / "sweep.json", report)
-        (tmp / "sweep.md").write_text(markdown)
-        plot_curves({recipe.method["name"]: ([p["sparsity"] * 100 for p in points], [p["perplexity"] for p in points])},
-                    tmp / "sweep.png", "sparsity (%)", "perplexity (log scale)",
-                    f"{loaded.name}: perplexity against sparsity", log_y=True, reference=("dense", dense.perplexity))
-    return JobOutcome(report=report, out_dir=out_path, markdown=markdown)
+def summary_rows(report: dict) -> list[tuple[str, str]]:
+    """The terminal's summary of a prune report."""
+    ppl, size = report["perplexity"], report["size"]
+    rows = [("method", f"{report['method']['name']} · {report['pattern']} · {report['allocation']['name']}"),
+            ("ratio", f"target {report['sparsity']['target']:.2%}, achieved {report['sparsity']['achieved_in_targets']:.2%} "
+                      f"of targeted weights ({report['sparsity']['achieved_in_model']:.2%} of all)")]
+    if ppl["before"] is not None:
+        rows.append(("perplexity", f"{ppl['before']:.3f} → {ppl['after']:.3f}"))
+    run = report.get("run", {})
+    rows.append(("prune time", f"{report['timing']['prune_seconds']:.1f} s"
+                 + (f" ({run['processes']} processes)" if run.get("processes", 1) > 1 else "")
+                 + (" (streamed)" if run.get("streamed") else "")))
+    rows.append(("peak RSS (pruning)", f"{report['memory']['peak_rss_during_prune_bytes'] / 2**20:.0f} MiB"))
+    if size.get("compressed_bytes"):
+        rows.append(("size on disk", f"dense {size['dense_bytes'] / 2**20:.1f} MiB → compressed "
+                                     f"{size['compressed_bytes'] / 2**20:.1f} MiB ({size['compressed_ratio']:.1%})"))
+    if report.get("unreached_experts"):
+        rows.append(("experts", f"{len(report['unreached_experts'])} no calibration token reached, pruned by magnitude"))
+    rows.append(("protocol", f"calibration {report['protocol']['calibration_windows']}; "
+                             f"test {report['protocol']['test_protocol']}"))
+    rows.append(("note", "masks do not speed up dense CPU kernels (see report.md)"))
+    return rows
+
+
+class SweepRecipe(WeightPruningRecipe):
+    """``prunekit sweep``: the prune settings, at several ratios."""
+
+    ratios: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.5, 0.6, 0.7], min_length=1)
+
+
+class SweepJob(Job[SweepRecipe]):
+    """Prune the same model at several ratios (restoring it in between) and plot perplexity against them."""
+
+    command = "sweep"
+    recipe_type = SweepRecipe
+
+    def inputs(self) -> tuple[str | None, ...]:
+        return (self.recipe.model,)
+
+    def run(self) -> Outcome:
+        recipe = self.recipe
+        protocol = recipe.data.protocol()
+        loaded = _load(recipe)
+        calibration, test = _windows(loaded.tokenizer, protocol, _needs_calibration(recipe), True,
+                                     _vocab_size(loaded.model))
+        pristine = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
+        dense = perplexity(loaded.model, test, recipe.batch_size, "Perplexity dense")
+        points = []
+        for value in recipe.ratios:
+            loaded.model.load_state_dict(pristine)
+            step = WeightPruningRecipe.model_validate({**recipe.model_dump(exclude={"ratios"}), "ratio": value})
+            with Measured() as measured:
+                result = _prune(loaded, step, calibration)
+            after = perplexity(loaded.model, test, recipe.batch_size, f"Perplexity at {value:.0%}")
+            points.append({"ratio": value, "achieved": result.achieved_sparsity, "perplexity": after.perplexity,
+                           "prune_seconds": measured.seconds})
+        self.name, self.dense = loaded.name, dense.perplexity
+        report = {"model": loaded.name, "method": recipe.method, "pattern": recipe.pattern,
+                  "allocation": recipe.allocation, "dense_perplexity": dense.perplexity, "points": points,
+                  "protocol": protocol.describe(), "environment": environment()}
+        table = markdown_table(["ratio", "achieved", "perplexity", "prune s"],
+                               [(f"{p['ratio']:.0%}", f"{p['achieved']:.4f}", p["perplexity"],
+                                 f"{p['prune_seconds']:.1f}") for p in points])
+        markdown = (f"# Ratio sweep: {loaded.name}, {recipe.method['name']} ({recipe.allocation['name']})\n\n"
+                    f"Dense perplexity: {dense.perplexity:.4g}\n\n{table}\n\nProtocol: {protocol.summary()}\n"
+                    "\n![perplexity against the ratio](sweep.png)\n")
+        summary = [(f"{p['ratio']:.0%}", f"perplexity {p['perplexity']:.4g} (dense {dense.perplexity:.4g})")
+                   for p in points]
+        return Outcome(report, markdown, summary, f"prunekit sweep: {loaded.name}")
+
+    def write(self, directory: Path, outcome: Outcome) -> None:
+        points = outcome.report["points"]
+        plot_curves({self.recipe.method["name"]: ([p["ratio"] * 100 for p in points],
+                                                  [p["perplexity"] for p in points])},
+                    directory / "sweep.png", "ratio removed (%)", "perplexity (log scale)",
+                    f"{self.name}: perplexity against the ratio", log_y=True, reference=("dense", self.dense))
+
+
+class EvalRecipe(RecipeModel):
+    """``prunekit eval``: perplexity of a causal language model on the pinned text protocol's test part."""
+
+    model: str | None = Field(None, description="model directory, a pruned output or its compressed/ copy")
+    test: str = "wiki"
+    test_windows: int = Field(40, ge=1)
+    seq_len: int = Field(512, ge=2)
+    text_field: str = "text"
+    batch_size: int = Field(4, ge=1)
+    blocks: str | None = None
+
+    def protocol(self) -> TextProtocol:
+        return TextProtocol(test=self.test, test_windows=self.test_windows, seq_len=self.seq_len,
+                            text_field=self.text_field)
+
+
+class EvalJob(Job[EvalRecipe]):
+    command = "eval"
+    recipe_type = EvalRecipe
+
+    def inputs(self) -> tuple[str | None, ...]:
+        return (self.recipe.model,)
+
+    def run(self) -> Outcome:
+        recipe = self.recipe
+        protocol = recipe.protocol()
+        loaded = load_model(recipe.model, kind=CAUSAL_LM)
+        loaded.require_tokenizer()
+        _, windows = _windows(loaded.tokenizer, protocol, False, True, _vocab_size(loaded.model))
+        result = perplexity(loaded.model, windows, recipe.batch_size)
+        described = protocol.describe()
+        report = {"model": loaded.name, "perplexity": result.perplexity, "mean_loss": result.mean_loss,
+                  "sparsity": model_sparsity(loaded.model), "windows": result.windows, "seq_len": result.seq_len,
+                  "test": described["test_split"], "protocol": described["test_protocol"],
+                  "environment": environment()}
+        rows = [(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+                for key, value in report.items() if key != "environment"]
+        markdown = (f"# Perplexity of {loaded.name}\n\n" + markdown_table(["", ""], rows)
+                    + f"\n\nEnvironment: {json.dumps(report['environment'])}\n")
+        return Outcome(report, markdown, rows, f"perplexity of {loaded.name}")
 
 
 def sparsity_by_layer(model: torch.nn.Module) -> dict[str, float]:

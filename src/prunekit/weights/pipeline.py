@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -11,15 +12,16 @@ from torch import nn
 
 from prunekit.core.allocation import Allocation, LayerInfo, apply_overrides, get_allocation
 from prunekit.core.allocation.base import name_matches
-from prunekit.core.calibration import HEAD, StatsReducer, Target, run_sequential
+from prunekit.core.calibration import HEAD, SequentialCalibration, StatsReducer, Target, group_by_block
 from prunekit.core.masks import sparsity_of
-from prunekit.core.patterns import SparsityPattern, check_sparsity
-from prunekit.core.progress import track
+from prunekit.core.patterns import SparsityPattern
+from prunekit.core.progress import progress_bar
 from prunekit.core.statistics import InputNorms, LayerStatistics
 from prunekit.errors import PrunekitError
 from prunekit.models.base import ModelAdapter, adapter_for
 from prunekit.models.layout import is_linear_like
 from prunekit.weights.base import OneShotMethod, get_method
+from prunekit.weights.recipe import PruneSettings
 
 
 @dataclass
@@ -87,9 +89,10 @@ def select_targets(model: nn.Module, adapter: ModelAdapter, include: Sequence[st
     return chosen
 
 
-def _untie(model: nn.Module, adapter: ModelAdapter) -> None:
+def untie_head(model: nn.Module, adapter: ModelAdapter) -> None:
+    """Give the head its own copy of the tied embedding (pruning either half alone stores both from then on)."""
     head = adapter.head()
-    head.weight = nn.Parameter(head.weight.detach().clone())
+    head.weight = nn.Parameter(adapter.embeddings().weight.detach().clone())
     if hasattr(model, "config"):
         model.config.tie_word_embeddings = False
         text_config = getattr(model.config, "get_text_config", lambda: None)()
@@ -97,17 +100,17 @@ def _untie(model: nn.Module, adapter: ModelAdapter) -> None:
             text_config.tie_word_embeddings = False
 
 
-def _check_tied(model: nn.Module, adapter: ModelAdapter, targets: list[Target], untie: bool) -> None:
+def _needs_untie(adapter: ModelAdapter, targets: list[Target], untie: bool) -> bool:
     touches = [t for t in targets if t.module is adapter.head() or t.module is adapter.embeddings()]
     if not touches or not adapter.heads_are_tied():
-        return
+        return False
     if len(touches) == 2:
         raise PrunekitError("lm_head and the input embedding share one tensor; target one of them, not both")
     if not untie:
         raise PrunekitError(f"{touches[0].name} shares its weight with the tied "
                             f"{'input embedding' if touches[0].block == HEAD else 'lm_head'}; "
                             "pass --untie-embeddings to prune it alone")
-    _untie(model, adapter)
+    return True
 
 
 def check_finite_weights(model: nn.Module, targets: Sequence[Target] | None = None) -> None:
@@ -118,11 +121,10 @@ def check_finite_weights(model: nn.Module, targets: Sequence[Target] | None = No
     rows it uses. Non-finite weights elsewhere in the blocks still surface as non-finite
     activations, which calibration refuses by block.
     """
-    if targets is None:
-        parameters = model.named_parameters()
-    else:
-        parameters = [(target.name, target.weight) for target in targets]
-    for name, parameter in parameters:
+    if targets is not None:
+        check_finite(targets)
+        return
+    for name, parameter in model.named_parameters():
         if parameter.is_floating_point() and not torch.isfinite(parameter).all():
             raise PrunekitError(f"weight {name} contains NaN or inf; refusing to prune a broken model")
 
@@ -142,68 +144,81 @@ class NormCollector:
 
 
 class Pruner:
-    """Prunes each target at its allocated sparsity when its statistics are complete."""
+    """Prunes each target at its allocated ratio when its statistics are complete."""
 
-    def __init__(self, method: OneShotMethod, sparsities: Mapping[str, float], pattern: SparsityPattern):
-        self.method, self.sparsities, self.pattern = method, sparsities, pattern
+    def __init__(self, method: OneShotMethod, ratios: Mapping[str, float], pattern: SparsityPattern):
+        self.method, self.ratios, self.pattern = method, ratios, pattern
         self.unreached_targets: list[str] = []
 
     def statistics(self, target: Target) -> type[LayerStatistics] | None:
         return self.method.statistics
 
     def process(self, target: Target, stats: LayerStatistics | None) -> None:
-        self.method.prune(target.weight, stats, self.sparsities[target.name], self.pattern)
+        self.method.prune(target.weight, stats, self.ratios[target.name], self.pattern)
 
     def unreached(self, target: Target) -> None:
         """An expert no calibration token reached: pruned by magnitude (nothing else is known of it), and named."""
         from prunekit.weights.base import get_method
 
         self.unreached_targets.append(target.name)
-        get_method("magnitude").prune(target.weight, None, self.sparsities[target.name], self.pattern)
+        get_method("magnitude").prune(target.weight, None, self.ratios[target.name], self.pattern)
 
 
 @dataclass
 class PrunePlan:
-    """A validated pruning job on one model: what to prune, how, and how much overall."""
+    """A validated pruning job on one model: what to prune, how, and how much overall.
 
+    Built once (``plan_pruning``) from the settings and the model's shapes (it may live on the meta
+    device), then handed to every step.
+    """
+
+    settings: PruneSettings
     method: OneShotMethod
     pattern: SparsityPattern
     allocation: Allocation
-    sparsity: float
+    ratio: float
     targets: list[Target]
     adapter: ModelAdapter
+    untie: bool = False
 
     @property
     def needs_data(self) -> bool:
         return self.method.needs_calibration or "activations" in self.allocation.needs
 
+    @property
+    def sparsity(self) -> float:  # the name before the vocabulary settled on "ratio"
+        return self.ratio
 
-def plan_pruning(model: nn.Module, method: str | Mapping[str, Any] | OneShotMethod = "wanda",
-                 sparsity: float | None = 0.5, pattern: str | SparsityPattern | None = None,
-                 allocation: str | Mapping[str, Any] | Allocation = "uniform", include: Sequence[str] = (),
-                 exclude: Sequence[str] = (), untie_embeddings: bool = False,
-                 has_calibration: bool = True) -> PrunePlan:
+    def active(self, ratios: Mapping[str, float]) -> list[Target]:
+        return [t for t in self.targets if ratios[t.name] > 0]
+
+
+def pruning_settings(method: Any = None, ratio: float | None = None, **settings: Any) -> PruneSettings:
+    """The settings of ``prune_weights`` from a ``PruneSettings`` (or a job recipe), or from keywords."""
+    if isinstance(method, PruneSettings):
+        if ratio is not None or settings:
+            raise PrunekitError("give the settings either as a PruneSettings object or as keywords, not both")
+        return method.pruning()
+    values = {key: value for key, value in settings.items() if value is not None}  # "sparsity" warns, then maps
+    if method is not None:
+        values["method"] = method
+    if ratio is not None:
+        values["ratio"] = ratio
+    return PruneSettings.build(values, where="pruning settings")
+
+
+def plan_pruning(model: nn.Module, settings: PruneSettings, has_calibration: bool = True) -> PrunePlan:
     """Check every setting against the model (shapes only: it may live on the meta device)."""
-    method = get_method(method)
-    pattern = SparsityPattern.parse(pattern)
-    allocation = get_allocation(allocation)
-    if pattern.is_nm:
-        if sparsity is not None and abs(float(sparsity) - pattern.sparsity) > 1e-9:
-            raise PrunekitError(f"sparsity {sparsity} conflicts with pattern {pattern}, which is "
-                                f"{pattern.sparsity:.0%} sparse; leave the sparsity out")
-        if allocation.name != "uniform":
-            raise PrunekitError(f"pattern {pattern} fixes every layer's sparsity; allocation '{allocation.name}' does not apply")
-        sparsity = pattern.sparsity
-    if sparsity is None:
-        raise PrunekitError("give a sparsity in [0, 1) or an N:M pattern")
-    sparsity = check_sparsity(sparsity)
-    adapter = adapter_for(model)
-    targets = select_targets(model, adapter, include, exclude)
-    _check_tied(model, adapter, targets, untie_embeddings)
+    method = get_method(settings.method)
+    pattern = SparsityPattern.parse(settings.pattern)
+    allocation = get_allocation(settings.allocation)
+    adapter = adapter_for(model, blocks=settings.blocks)
+    targets = select_targets(model, adapter, settings.include, settings.exclude)
+    untie = _needs_untie(adapter, targets, settings.untie_embeddings)
     if pattern.is_nm:
         for target in targets:
             pattern.check_width(target.name, target.in_features)
-    plan = PrunePlan(method, pattern, allocation, sparsity, targets, adapter)
+    plan = PrunePlan(settings, method, pattern, allocation, settings.effective_ratio, targets, adapter, untie)
     if plan.needs_data and not has_calibration:
         needer = method.name if method.needs_calibration else f"allocation {allocation.name}"
         raise PrunekitError(f"{needer} needs calibration data")
@@ -218,10 +233,9 @@ def plan_pruning(model: nn.Module, method: str | Mapping[str, Any] | OneShotMeth
     return plan
 
 
-def allocate_sparsities(plan: PrunePlan, weight_of: Callable[[str], torch.Tensor],
-                        dense_norms: Callable[[list[Target]], dict[str, torch.Tensor]] | None,
-                        overrides: Mapping[str, float] | None = None) -> dict[str, float]:
-    """Per-layer sparsities: the allocation's, then the explicit overrides.
+def allocate_ratios(plan: PrunePlan, weight_of: Callable[[str], torch.Tensor],
+                    dense_norms: Callable[[list[Target]], dict[str, torch.Tensor]] | None) -> dict[str, float]:
+    """Per-layer ratios: the allocation's, then the explicit overrides.
 
     ``weight_of(name)`` gives a target's weight (from memory or from disk); ``dense_norms`` runs
     the unpruned model over the calibration data and returns every target's input norms.
@@ -238,62 +252,169 @@ def allocate_sparsities(plan: PrunePlan, weight_of: Callable[[str], torch.Tensor
         def scores(name: str) -> torch.Tensor:
             weight = weight_of(name).detach().float().abs()
             return weight if name not in norms else weight * norms[name].unsqueeze(0)
-    sparsities = apply_overrides(plan.allocation.allocate(infos, plan.sparsity, scores), overrides)
+    ratios = apply_overrides(plan.allocation.allocate(infos, plan.ratio, scores), plan.settings.overrides)
     if plan.pattern.is_nm:
-        wrong = [n for n, s in sparsities.items() if s not in (0.0, plan.pattern.sparsity)]
+        wrong = [n for n, s in ratios.items() if s not in (0.0, plan.pattern.sparsity)]
         if wrong:
             raise PrunekitError(f"with pattern {plan.pattern} a layer is either dense (0) or {plan.pattern.sparsity}; "
-                                f"{wrong[0]} was given {sparsities[wrong[0]]}")
-    return sparsities
+                                f"{wrong[0]} was given {ratios[wrong[0]]}")
+    return ratios
 
 
-def prune_weights(model: nn.Module, method: str | Mapping[str, Any] | OneShotMethod = "wanda",
-                  sparsity: float | None = 0.5, pattern: str | SparsityPattern | None = None,
-                  allocation: str | Mapping[str, Any] | Allocation = "uniform",
-                  calibration: torch.Tensor | None = None, include: Sequence[str] = (), exclude: Sequence[str] = (),
-                  overrides: Mapping[str, float] | None = None, sequential: str = "layer", batch_size: int = 4,
-                  untie_embeddings: bool = False, reduce: StatsReducer | None = None) -> PruneResult:
-    """Prune ``model`` in place (like ``torch.nn.utils.prune``); copy it first to keep the original.
+class BlockSource:
+    """Where the model's blocks come from and where they go once pruned: this one keeps the whole model in
+    memory and prunes it in place. ``prunekit.weights.streaming`` loads each block from disk and writes it
+    out as soon as it is pruned; both feed the same loop (``prune_blocks``)."""
 
-    ``calibration`` is a (samples, seq_len) tensor of token ids, needed by calibrated methods
-    and by OWL. With an N:M ``pattern`` the sparsity is the pattern's own (1 - N/M). ``reduce``
-    combines statistics across processes (see ``prunekit.core.distributed``).
-    """
-    started = time.perf_counter()
-    plan = plan_pruning(model, method, sparsity, pattern, allocation, include, exclude, untie_embeddings,
-                        calibration is not None)
-    check_finite_weights(model, plan.targets)
-    by_name = {t.name: t for t in plan.targets}
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def loaded(self, *modules: nn.Module):
+        return contextlib.nullcontext()
+
+    def capture_modules(self) -> list[nn.Module]:
+        """What must be in memory to capture the first block's inputs."""
+        return []
+
+    def outside_modules(self) -> list[nn.Module]:
+        """What must be in memory to prune the targets outside the blocks (the head sees the model's own code)."""
+        return []
+
+    def block_loaded(self, index: int, block: nn.Module) -> None:
+        """Block ``index`` is in memory, not yet pruned."""
+
+    def block_done(self, index: int, block: nn.Module, steps: SequentialCalibration) -> None:
+        """Block ``index`` is pruned (and, calibrated, ``steps`` holds its outputs)."""
+
+    def outside_done(self, targets: list[Target]) -> None:
+        """The targets outside the blocks are pruned (or there were none)."""
+
+
+def check_finite(targets: Sequence[Target]) -> None:
+    for target in targets:
+        weight = target.weight
+        if weight.is_floating_point() and not torch.isfinite(weight).all():
+            raise PrunekitError(f"weight {target.name} contains NaN or inf; refusing to prune a broken model")
+
+
+def prune_blocks(plan: PrunePlan, source: BlockSource, ratios: Mapping[str, float],
+                 calibration: torch.Tensor | None, *, reduce: StatsReducer | None = None, first: int = 0,
+                 inputs=None, outside: bool = True) -> Pruner:
+    """The one loop of one-shot pruning: block by block (from ``first``, with ``inputs`` the activations saved
+    before it), then the targets outside the blocks. Every weight is checked finite as its block is loaded."""
+    pruner = Pruner(plan.method, ratios, plan.pattern)
+    settings = plan.settings
+    calibrated = plan.method.needs_calibration
+    active = plan.active(ratios)
+    by_block = group_by_block([t for t in active if t.block is not None and t.block != HEAD])
+    blocks = plan.adapter.blocks()
+    steps = SequentialCalibration(plan.adapter, pruner, settings.sequential, reduce)
+    head_targets = [t for t in active if t.block == HEAD]
+    if calibrated and (first < len(blocks) or (outside and head_targets)):
+        if inputs is not None:
+            steps.attach(source.model, calibration, settings.batch_size)
+            steps.inputs = inputs
+        else:
+            with source.loaded(*source.capture_modules()):
+                steps.capture(source.model, calibration, settings.batch_size)
+    with progress_bar(f"Pruning ({plan.method.name})", len(blocks)) as bar:
+        bar.advance(first)
+        for index in range(first, len(blocks)):
+            block = blocks[index]
+            targets = by_block.get(index, [])
+            with source.loaded(block):
+                source.block_loaded(index, block)
+                check_finite([t for t in plan.targets if t.block == index])
+                if calibrated:
+                    steps.run_block(index, block, targets)
+                else:
+                    with torch.no_grad():
+                        for target in targets:
+                            pruner.process(target, None)
+                source.block_done(index, block, steps)
+            bar.advance()
+    if outside:
+        outside_targets = [t for t in plan.targets if t.block is None or t.block == HEAD]
+        if outside_targets:
+            with source.loaded(*source.outside_modules()):
+                if plan.untie:
+                    untie_head(source.model, plan.adapter)
+                check_finite(outside_targets)
+                if head_targets and calibrated:
+                    steps.run_head(head_targets)
+                with torch.no_grad():
+                    for target in outside_targets:
+                        if (target.block is None or not calibrated) and ratios[target.name] > 0:
+                            pruner.process(target, None)
+                source.outside_done(outside_targets)
+        else:
+            source.outside_done([])
+    steps.inputs = None
+    return pruner
+
+
+def dense_norms_pass(plan: PrunePlan, source: BlockSource, calibration: torch.Tensor,
+                     reduce: StatsReducer | None = None):
+    """OWL's dense pass: every block run once, unpruned, recording its targets' input norms."""
 
     def dense_norms(targets: list[Target]) -> dict[str, torch.Tensor]:
         collector = NormCollector()
-        run_sequential(model, plan.adapter, calibration, targets, collector, mode="dense", batch_size=batch_size,
-                       description="Outlier scores", reduce=reduce)
+        steps = SequentialCalibration(plan.adapter, collector, "dense", reduce)
+        by_block = group_by_block(targets)
+        blocks = plan.adapter.blocks()
+        with source.loaded(*source.capture_modules()):
+            steps.capture(source.model, calibration, plan.settings.batch_size)
+        stop = len(blocks) if HEAD in by_block else max((b for b in by_block if b != HEAD), default=-1) + 1
+        with progress_bar("Outlier scores", stop) as bar:
+            for index in range(stop):
+                with source.loaded(blocks[index]):
+                    steps.run_block(index, blocks[index], by_block.get(index, []))
+                bar.advance()
+        if HEAD in by_block:
+            with source.loaded(*source.outside_modules()):
+                steps.run_head(by_block[HEAD])
         return collector.norms
 
-    alloc_started = time.perf_counter()
-    sparsities = allocate_sparsities(plan, lambda name: by_name[name].weight, dense_norms, overrides)
-    allocation_seconds = time.perf_counter() - alloc_started if plan.allocation.needs else 0.0
+    return dense_norms
 
-    active = [t for t in plan.targets if sparsities[t.name] > 0]
-    pruner = Pruner(plan.method, sparsities, plan.pattern)
-    if plan.method.needs_calibration:
-        run_sequential(model, plan.adapter, calibration, active, pruner, mode=sequential, batch_size=batch_size,
-                       description=f"Pruning ({plan.method.name})", reduce=reduce)
-    else:
-        with torch.no_grad():
-            for target in track(active, f"Pruning ({plan.method.name})"):
-                pruner.process(target, None)
-    return PruneResult(method=describe(plan.method), pattern=str(plan.pattern), allocation=describe(plan.allocation),
-                       sparsity=plan.sparsity, sequential=sequential if plan.method.needs_calibration else "none",
-                       layers=[layer_result(t, sparsities[t.name]) for t in plan.targets],
-                       seconds=time.perf_counter() - started, allocation_seconds=allocation_seconds,
-                       calibration_windows=int(calibration.shape[0]) if calibration is not None and plan.needs_data else 0,
-                       unreached_experts=pruner.unreached_targets)
+
+def prune_result(plan: PrunePlan, layers: list[LayerResult], pruner: Pruner | None, started: float,
+                 calibration: torch.Tensor | None, allocation_seconds: float = 0.0) -> PruneResult:
+    return PruneResult(method=plan.method.settings(), pattern=str(plan.pattern), allocation=plan.allocation.settings(),
+                       sparsity=plan.ratio,
+                       sequential=plan.settings.sequential if plan.method.needs_calibration else "none",
+                       layers=layers, seconds=time.perf_counter() - started, allocation_seconds=allocation_seconds,
+                       calibration_windows=int(calibration.shape[0]) if calibration is not None and plan.needs_data
+                       else 0, unreached_experts=list(pruner.unreached_targets) if pruner else [])
+
+
+def prune_weights(model: nn.Module, method: Any = None, ratio: float | None = None, *,
+                  calibration: torch.Tensor | None = None, reduce: StatsReducer | None = None,
+                  **settings: Any) -> PruneResult:
+    """Prune ``model`` in place (like ``torch.nn.utils.prune``); copy it first to keep the original.
+
+    ``method`` is a name, ``{name: settings}`` or a ``PruneSettings`` holding every setting; otherwise the
+    other settings (``pattern``, ``allocation``, ``include``, ``exclude``, ``overrides``, ``sequential``,
+    ``batch_size``, ``untie_embeddings``, ``blocks``) are keywords. ``calibration`` is a (samples, seq_len)
+    tensor of token ids, needed by calibrated methods and by OWL. With an N:M ``pattern`` the ratio is the
+    pattern's own (1 - N/M). ``reduce`` combines statistics across processes (``prunekit.core.distributed``).
+    """
+    started = time.perf_counter()
+    plan = plan_pruning(model, pruning_settings(method, ratio, **settings), calibration is not None)
+    check_finite(plan.targets)  # in memory, before any work; a stream checks each block as it loads it
+    source = BlockSource(model)
+    alloc_started = time.perf_counter()
+    by_name = {t.name: t for t in plan.targets}
+    norms = dense_norms_pass(plan, source, calibration, reduce) if calibration is not None else None
+    ratios = allocate_ratios(plan, lambda name: by_name[name].weight, norms)
+    allocation_seconds = time.perf_counter() - alloc_started if plan.allocation.needs else 0.0
+    pruner = prune_blocks(plan, source, ratios, calibration, reduce=reduce)
+    return prune_result(plan, [layer_result(t, ratios[t.name]) for t in plan.targets], pruner, started,
+                        calibration, allocation_seconds)
 
 
 def describe(item: OneShotMethod | Allocation) -> dict:
-    return {"name": item.name, **item.model_dump(by_alias=True)}
+    return item.settings()
 
 
 def layer_result(target: Target, allocated: float, weight: torch.Tensor | None = None) -> LayerResult:

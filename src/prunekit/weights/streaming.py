@@ -35,14 +35,13 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors import safe_open
 
-from prunekit.core.calibration import HEAD, BlockInputs, SequentialCalibration, group_by_block
+from prunekit.core.calibration import BlockInputs, SequentialCalibration, Target
 from prunekit.core.distributed import ProcessGroup
-from prunekit.core.progress import progress_bar
 from prunekit.errors import PrunekitError
 from prunekit.io.atomic import (check_free_space, make_temporary_dir, replace_directory, scratch_path,
                                  writing_output, write_text)
@@ -52,14 +51,18 @@ from prunekit.io.shards import INDEX, saved_model_bytes, shard_name, write_index
 from prunekit.io.sparse_format import FORMAT_NAME, FORMAT_VERSION, manifest_size_without_codec
 from prunekit.models.streamed import StreamedModel
 from prunekit.weights.pipeline import (
+    BlockSource,
     LayerResult,
-    NormCollector,
+    PrunePlan,
     PruneResult,
     Pruner,
-    allocate_sparsities,
-    describe,
+    allocate_ratios,
+    dense_norms_pass,
     layer_result,
     plan_pruning,
+    prune_blocks,
+    prune_result,
+    pruning_settings,
 )
 
 STATE_FILE = "prunekit_run.json"
@@ -160,9 +163,9 @@ def _read_state(path: Path) -> dict:
     return state
 
 
-def _needed_bytes(streamed: StreamedModel, windows: torch.Tensor | None, save_dense: bool,
-                  save_compressed: bool) -> int:
-    needed = saved_model_bytes(streamed.checkpoint.tensor_bytes(streamed.dtype), save_dense, save_compressed)
+def _needed_bytes(streamed: StreamedModel, windows: torch.Tensor | None, output: StreamOutput) -> int:
+    needed = saved_model_bytes(streamed.checkpoint.tensor_bytes(streamed.dtype), output.save_dense,
+                               output.save_compressed)
     if windows is not None:
         # A block's inputs and outputs are on disk together for a moment.
         hidden = getattr(streamed.config, "hidden_size", 0) or 0
@@ -177,13 +180,13 @@ def _one_writer(run: Callable[..., StreamResult]) -> Callable[..., StreamResult]
     refused at once. An interruption leaves the partial run: the exception says so (``_kept_in``).
     """
     @functools.wraps(run)
-    def locked(model_dir: str | Path, out: str | Path, **kwargs: Any) -> StreamResult:
+    def locked(model_dir: str | Path, out: str | Path, *args: Any, **kwargs: Any) -> StreamResult:
         group = kwargs.get("group")
         if group is not None and not group.is_writer:
-            return run(model_dir, out, **kwargs)
+            return run(model_dir, out, *args, **kwargs)
         work = partial_dir(Path(out).expanduser().resolve())
         with writing_output(out), writing_output(work, keeps=lambda: _kept_in(work)):
-            return run(model_dir, out, **kwargs)
+            return run(model_dir, out, *args, **kwargs)
     return locked
 
 
@@ -203,22 +206,101 @@ def _kept_in(work: Path) -> str | None:
     return f"{kept} kept in {work}; rerun the same command with --resume to continue"
 
 
+@dataclass
+class StreamOutput:
+    """What a streamed run writes besides the pruning itself."""
+
+    save_dense: bool = True
+    save_compressed: bool = True
+    codec: str = "zstd"
+    resume: bool = False
+    overwrite: bool = False
+
+
+class StreamedBlocks(BlockSource):
+    """Blocks loaded from disk one at a time, each written out as its own shard once pruned, the run's state
+    committed after every step (see the module docstring)."""
+
+    def __init__(self, streamed: StreamedModel, plan: PrunePlan, ratios: Mapping[str, float], work: Path,
+                 state: dict, output: StreamOutput, group: ProcessGroup | None):
+        super().__init__(streamed.model)
+        self.streamed, self.plan, self.ratios, self.work, self.state = streamed, plan, ratios, work, state
+        self.output, self.group = output, group
+        self.writer = group is None or group.is_writer
+        self.rank = group.rank if group is not None else 0
+        self.total_shards = len(plan.adapter.blocks()) + 1
+        self.calibrated = plan.method.needs_calibration
+        self.mark = time.perf_counter()
+
+    def loaded(self, *modules):
+        return self.streamed.loaded(*modules)
+
+    def capture_modules(self):
+        return self.streamed.capture_modules()
+
+    def outside_modules(self):
+        return self.streamed.modules_outside_blocks()
+
+    def block_loaded(self, index: int, block: torch.nn.Module) -> None:
+        _check_finite_block(block, self.plan.adapter.block_name(index))
+
+    def block_done(self, index: int, block: torch.nn.Module, steps: SequentialCalibration) -> None:
+        prefix = self.plan.adapter.block_name(index)
+        tensors = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
+        self.state["layers"].extend(asdict(layer_result(t, self.ratios[t.name]))
+                                    for t in self.plan.targets if t.block == index)
+        if self.writer:
+            _write_shards(self.work, index, self.total_shards, tensors, self.output)
+        del tensors
+        _fault("shard", index)
+        if self.calibrated:
+            _save_activations(_activations_path(self.work, self.rank, index + 1), steps.inputs)
+            _fault("activations", index)
+        now = time.perf_counter()
+        self.state["block_seconds"].append(now - self.mark)
+        self.mark = now
+        self.state["completed_blocks"] = index + 1
+        _commit(self.work, self.state, self.writer, self.group)
+        _fault("committed", index)
+        if self.calibrated:
+            _activations_path(self.work, self.rank, index).unlink(missing_ok=True)
+        _fault("cleaned", index)
+
+    def outside_done(self, targets: list[Target]) -> None:
+        """The last shard: embeddings, norm and head, pruned or as they were."""
+        streamed, adapter = self.streamed, self.plan.adapter
+        # Loaders, not tensors: the writers read each one when they write it (the embeddings and the
+        # head of a 3.5 B model are 630 MB together; held at once they were the run's memory peak).
+        tensors: dict[str, torch.Tensor | Callable[[], torch.Tensor]] = {
+            name: functools.partial(_read_as, streamed, name) for name in streamed.outside_blocks()}
+        for target in targets:
+            tensors[f"{target.name}.weight"] = target.module.weight.detach().clone()
+            self.state["layers"].append(asdict(layer_result(target, self.ratios[target.name])))
+        if self.plan.untie:
+            tensors[f"{adapter.head_path}.weight"] = adapter.head().weight.detach().clone()
+        if self.writer:
+            _write_shards(self.work, self.total_shards - 1, self.total_shards, tensors, self.output)
+        self.state["outside"] = {"untied": self.plan.untie}
+        _fault("outside")
+        _commit(self.work, self.state, self.writer, self.group)
+        _fault("outside_committed")
+
+
 @_one_writer
-def prune_streaming(model_dir: str | Path, out: str | Path, *, method: Any = "wanda", sparsity: float | None = 0.5,
-                    pattern: str | None = None, allocation: Any = "uniform", calibration: torch.Tensor | None = None,
-                    include: Sequence[str] = (), exclude: Sequence[str] = (),
-                    overrides: Mapping[str, float] | None = None, sequential: str = "layer", batch_size: int = 4,
-                    device: str = "cpu", dtype: torch.dtype | str | None = None, untie_embeddings: bool = False,
-                    save_dense: bool = True, save_compressed: bool = True, codec: str = "zstd",
-                    resume: bool = False, overwrite: bool = False, trust_remote_code: bool = False,
+def prune_streaming(model_dir: str | Path, out: str | Path, settings: Any = None, *,
+                    calibration: torch.Tensor | None = None, output: StreamOutput | None = None,
+                    device: str = "cpu", dtype: torch.dtype | str | None = None, trust_remote_code: bool = False,
                     group: ProcessGroup | None = None, extra_settings: Mapping[str, Any] | None = None,
-                    finalize: Callable[[Path, StreamResult], None] | None = None) -> StreamResult:
+                    finalize: Callable[[Path, StreamResult], None] | None = None, **options: Any) -> StreamResult:
     """Prune a safetensors checkpoint block by block into ``out`` (see the module docstring).
 
-    ``dtype`` (default: the checkpoint's) is the dtype blocks are computed and stored in.
-    ``save_dense=False`` writes only the compressed copy (``out/compressed``).
+    ``settings`` is a ``PruneSettings`` (or a method name, the other pruning settings then keywords, as
+    ``prune_weights`` takes them). ``dtype`` (default: the checkpoint's) is the dtype blocks are computed
+    and stored in; ``output`` says what is written (``save_dense=False``: only ``out/compressed``).
     """
-    if not (save_dense or save_compressed):
+    output_keys = {"save_dense", "save_compressed", "codec", "resume", "overwrite"}
+    output = output or StreamOutput(**{k: options.pop(k) for k in list(options) if k in output_keys})
+    if not (output.save_dense or output.save_compressed):
         raise PrunekitError("writing neither the dense nor the compressed model would write no model")
     if isinstance(dtype, str):
         from prunekit.models.loading import parse_dtype
@@ -228,32 +310,35 @@ def prune_streaming(model_dir: str | Path, out: str | Path, *, method: Any = "wa
     model_dir, out = Path(model_dir), Path(out).expanduser().resolve()
     writer = group is None or group.is_writer
     rank = group.rank if group is not None else 0
-    streamed = StreamedModel(model_dir, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    plan = plan_pruning(streamed.model, method, sparsity, pattern, allocation, include, exclude, untie_embeddings,
-                        calibration is not None)
+    method = options.pop("method", None)
+    if settings is not None and method is not None:
+        raise PrunekitError("give the pruning settings or a method, not both")
+    pruning = pruning_settings(settings if settings is not None else method, options.pop("ratio", None), **options)
+    streamed = StreamedModel(model_dir, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                             blocks=pruning.blocks)
+    plan = plan_pruning(streamed.model, pruning, calibration is not None)
     windows = group.share(calibration) if group is not None and calibration is not None else calibration
-    settings = {"model": streamed.checkpoint.fingerprint(), "method": describe(plan.method),
-                "pattern": str(plan.pattern), "allocation": describe(plan.allocation), "sparsity": plan.sparsity,
-                "include": list(include), "exclude": list(exclude), "overrides": dict(overrides or {}),
-                "sequential": sequential, "batch_size": batch_size, "dtype": str(streamed.dtype),
-                "untie_embeddings": untie_embeddings, "dense": save_dense, "compressed": save_compressed,
-                "codec": codec, "calibration": _windows_digest(calibration),
-                "processes": group.world_size if group else 1, **(extra_settings or {})}
+    run_settings = {"model": streamed.checkpoint.fingerprint(), "method": plan.method.settings(),
+                    "pattern": str(plan.pattern), "allocation": plan.allocation.settings(), "sparsity": plan.ratio,
+                    "include": list(pruning.include), "exclude": list(pruning.exclude),
+                    "overrides": dict(pruning.overrides), "sequential": pruning.sequential,
+                    "batch_size": pruning.batch_size, "dtype": str(streamed.dtype),
+                    "untie_embeddings": pruning.untie_embeddings, "dense": output.save_dense,
+                    "compressed": output.save_compressed, "codec": output.codec,
+                    "calibration": _windows_digest(calibration), "processes": group.world_size if group else 1,
+                    **(extra_settings or {})}
     work = partial_dir(out)
     calibrated = plan.method.needs_calibration
-    adapter = streamed.adapter
-    blocks = adapter.blocks()
-    total_shards = len(blocks) + 1
+    blocks = plan.adapter.blocks()
 
     def open_work() -> tuple[dict, bool]:
-        return _open_work_dir(work, out, settings, resume, overwrite,
-                              lambda: _needed_bytes(streamed, calibration, save_dense, save_compressed),
-                              calibrated)
+        return _open_work_dir(work, out, run_settings, output.resume, output.overwrite,
+                              lambda: _needed_bytes(streamed, calibration, output), calibrated)
 
     state, finished = _on_writer(group, open_work)
     _fault("created")
     if finished:
-        outcome = StreamResult(result=_result(plan, state, sequential, calibration, started), out_dir=out,
+        outcome = StreamResult(result=_result(plan, state, calibration, started), out_dir=out,
                                block_seconds=state["block_seconds"], resumed_from_block=len(blocks),
                                already_finished=True)
         if group is not None:
@@ -264,82 +349,29 @@ def prune_streaming(model_dir: str | Path, out: str | Path, *, method: Any = "wa
         return streamed.checkpoint.get(f"{name}.weight").to(streamed.dtype)
 
     if state.get("sparsities") is None:
-        def dense_norms(targets):
-            collector = NormCollector()
-            _stream_pass(streamed, SequentialCalibration(adapter, collector, "dense",
-                                                         group.reduce_statistics if group else None),
-                         windows, batch_size, group_by_block(targets), "Outlier scores")
-            return collector.norms
-
-        state["sparsities"] = allocate_sparsities(plan, weight_of, dense_norms, overrides)
+        reduce = group.reduce_statistics if group else None
+        norms = dense_norms_pass(plan, StreamedBlocks(streamed, plan, {}, work, state, output, group), windows,
+                                 reduce) if windows is not None else None
+        state["sparsities"] = allocate_ratios(plan, weight_of, norms)
         _commit(work, state, writer, None)
         _fault("allocated")
-    sparsities: dict[str, float] = state["sparsities"]
-    pruner = Pruner(plan.method, sparsities, plan.pattern)
-    active = [t for t in plan.targets if sparsities[t.name] > 0]
-    by_block = group_by_block([t for t in active if t.block is not None])
-    calibration_steps = SequentialCalibration(adapter, pruner, sequential if sequential != "dense" else "layer",
-                                              group.reduce_statistics if group else None)
+    ratios: dict[str, float] = state["sparsities"]
     first = state["completed_blocks"]
-    if calibrated and state.get("outside") is None:
-        if first > 0:
-            calibration_steps.attach(streamed.model, windows, batch_size)
-            calibration_steps.inputs = _load_activations(_activations_path(work, rank, first))
-        else:
-            with streamed.loaded(*streamed.capture_modules()):
-                calibration_steps.capture(streamed.model, windows, batch_size)
-    layers: list[dict] = state["layers"]
-    block_seconds: list[float] = state["block_seconds"]
-    with progress_bar(f"Pruning ({plan.method.name}, streamed)", len(blocks)) as bar:
-        bar.advance(first)
-        for index in range(first, len(blocks)):
-            block_started = time.perf_counter()
-            block = blocks[index]
-            targets = by_block.get(index, [])
-            with streamed.loaded(block):
-                _check_finite_block(block, adapter.block_name(index))
-                if calibrated:
-                    calibration_steps.run_block(index, block, targets)
-                else:
-                    with torch.no_grad():
-                        for target in targets:
-                            pruner.process(target, None)
-                prefix = adapter.block_name(index)
-                tensors = {f"{prefix}.{k}": v for k, v in block.state_dict().items()}
-                layers.extend(asdict(layer_result(t, sparsities[t.name])) for t in plan.targets if t.block == index)
-                if writer:
-                    _write_shards(work, index, total_shards, tensors, save_dense, save_compressed, codec)
-            del tensors
-            _fault("shard", index)
-            if calibrated:
-                _save_activations(_activations_path(work, rank, index + 1), calibration_steps.inputs)
-                _fault("activations", index)
-            block_seconds.append(time.perf_counter() - block_started)
-            state["completed_blocks"] = index + 1
-            _commit(work, state, writer, group)
-            _fault("committed", index)
-            if calibrated:
-                _activations_path(work, rank, index).unlink(missing_ok=True)
-            _fault("cleaned", index)
-            bar.advance()
-
-    if state.get("outside") is None:
-        state["outside"] = _finish_outside_blocks(streamed, plan, sparsities, pruner, calibration_steps, work,
-                                                  total_shards, writer, save_dense, save_compressed, codec, layers)
-        _fault("outside")
-        _commit(work, state, writer, group)
-        _fault("outside_committed")
-    calibration_steps.inputs = None
+    source = StreamedBlocks(streamed, plan, ratios, work, state, output, group)
+    inputs = None
+    if calibrated and first > 0 and state.get("outside") is None:
+        inputs = _load_activations(_activations_path(work, rank, first))
+    pruner = prune_blocks(plan, source, ratios, windows, reduce=group.reduce_statistics if group else None,
+                          first=first, inputs=inputs, outside=state.get("outside") is None)
     for leftover in work.glob(f"activations.rank{rank}.block*.pt"):
         leftover.unlink()
     _fault("released")
 
-    result = _result(plan, state, sequential, calibration, started)
-    outcome = StreamResult(result=result, out_dir=out, block_seconds=block_seconds, resumed_from_block=first)
+    result = _result(plan, state, calibration, started, pruner)
+    outcome = StreamResult(result=result, out_dir=out, block_seconds=state["block_seconds"], resumed_from_block=first)
     if writer:
         if state.get("status") != "complete":  # complete: reports are written, only the rename was missing
-            _assemble(work, model_dir, streamed, total_shards, state["outside"]["untied"], save_dense,
-                      save_compressed, codec, outcome)
+            _assemble(work, model_dir, streamed, source.total_shards, state["outside"]["untied"], output, outcome)
             _fault("assembled")
             if finalize is not None:
                 finalize(work, outcome)
@@ -383,37 +415,33 @@ def _commit(work: Path, state: dict, writer: bool, group: ProcessGroup | None) -
         group.barrier()
 
 
-def _result(plan, state: dict, sequential: str, calibration: torch.Tensor | None, started: float) -> PruneResult:
-    return PruneResult(method=describe(plan.method), pattern=str(plan.pattern), allocation=describe(plan.allocation),
-                       sparsity=plan.sparsity, sequential=sequential if plan.method.needs_calibration else "none",
-                       layers=[LayerResult(**{**layer, "shape": tuple(layer["shape"])}) for layer in state["layers"]],
-                       seconds=time.perf_counter() - started,
-                       calibration_windows=int(calibration.shape[0]) if calibration is not None and plan.needs_data
-                       else 0)
+def _result(plan: PrunePlan, state: dict, calibration: torch.Tensor | None, started: float,
+            pruner: Pruner | None = None) -> PruneResult:
+    layers = [LayerResult(**{**layer, "shape": tuple(layer["shape"])}) for layer in state["layers"]]
+    return prune_result(plan, layers, pruner, started, calibration)
 
 
 def _compressed_name(index: int, total: int) -> str:
     return f"model.sparse-{index + 1:05d}-of-{total:05d}.safetensors"
 
 
-def _write_shards(work: Path, index: int, total: int, tensors: Mapping[str, Any], save_dense: bool,
-                  save_compressed: bool, codec: str) -> None:
-    if save_dense:
+def _write_shards(work: Path, index: int, total: int, tensors: Mapping[str, Any], output: StreamOutput) -> None:
+    if output.save_dense:
         write_shard(work, shard_name(index, total), tensors)
-    if save_compressed:
-        write_compressed_shard(tensors, work / COMPRESSED_SUBDIR / _compressed_name(index, total), codec)
+    if output.save_compressed:
+        write_compressed_shard(tensors, work / COMPRESSED_SUBDIR / _compressed_name(index, total), output.codec)
 
 
 def _assemble(work: Path, model_dir: Path, streamed: StreamedModel, total_shards: int, untied: bool,
-              save_dense: bool, save_compressed: bool, codec: str, outcome: StreamResult) -> None:
+              output: StreamOutput, outcome: StreamResult) -> None:
     """Index, config, tokenizer and marker next to the shards, and the sizes; safe to repeat."""
     directories = []
-    if save_dense:
+    if output.save_dense:
         shards = [shard_name(i, total_shards) for i in range(total_shards)]
         write_index(work, shards)
         outcome.dense_bytes = sum((work / s).stat().st_size for s in shards)
         directories.append(work)
-    if save_compressed:
+    if output.save_compressed:
         compressed = work / COMPRESSED_SUBDIR
         files = [_compressed_name(i, total_shards) for i in range(total_shards)]
         plain = without_codec = 0
@@ -426,12 +454,12 @@ def _assemble(work: Path, model_dir: Path, streamed: StreamedModel, total_shards
                 for size in entry["shape"]:
                     numel *= size
                 plain += numel * torch.empty((), dtype=getattr(torch, entry["dtype"])).element_size()
-        marker = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "codec": codec, "weights": files,
+        marker = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "codec": output.codec, "weights": files,
                   "architecture": type(streamed.model).__name__}
         write_text(compressed / COMPRESSED_MARKER, json.dumps(marker, indent=2))
         outcome.compressed_bytes = sum((compressed / f).stat().st_size for f in files)
         outcome.compressed_without_codec_bytes = without_codec
-        if not save_dense:  # what the dense model would take, as the in-memory path reports it
+        if not output.save_dense:  # what the dense model would take, as the in-memory path reports it
             outcome.dense_bytes = plain
         directories.append(compressed)
     for directory in directories:
@@ -507,57 +535,6 @@ def _check_finite_block(block: torch.nn.Module, name: str) -> None:
             raise PrunekitError(f"weight {name}.{local} contains NaN or inf; refusing to prune a broken model")
 
 
-def _stream_pass(streamed: StreamedModel, steps: SequentialCalibration, windows: torch.Tensor, batch_size: int,
-                 by_block: dict, description: str) -> None:
-    """Run calibration windows through every block once (loading and releasing each)."""
-    blocks = streamed.adapter.blocks()
-    with streamed.loaded(*streamed.capture_modules()):
-        steps.capture(streamed.model, windows, batch_size)
-    last = max((b for b in by_block if b != HEAD), default=-1)
-    with progress_bar(description, last + 1) as bar:
-        for index in range(last + 1):
-            with streamed.loaded(blocks[index]):
-                steps.run_block(index, blocks[index], by_block.get(index, []))
-            bar.advance()
-
-
 def _read_as(streamed: StreamedModel, name: str) -> torch.Tensor:
     value = streamed.checkpoint.get(name)
     return value.to(streamed.dtype) if value.is_floating_point() else value
-
-
-def _finish_outside_blocks(streamed: StreamedModel, plan, sparsities, pruner, steps, work: Path, total_shards: int,
-                           writer: bool, save_dense: bool, save_compressed: bool, codec: str,
-                           layers: list[dict]) -> dict:
-    """Prune targets outside the blocks (head, embeddings) and write the last shard."""
-    adapter = streamed.adapter
-    head, embeddings, norm = adapter.head(), adapter.embeddings(), adapter.final_norm()
-    outside_targets = [t for t in plan.targets if t.block is None or t.block == HEAD]
-    # Pruning either half of a tied pair stores the head separately from then on.
-    untied = streamed.tied and any(t.module is head or t.module is embeddings for t in outside_targets)
-    # Loaders, not tensors: the writers read each one when they write it (the embeddings and the
-    # head of a 3.5 B model are 630 MB together; held at once they were the run's memory peak).
-    tensors: dict[str, torch.Tensor | Callable[[], torch.Tensor]] = {
-        name: functools.partial(_read_as, streamed, name) for name in streamed.outside_blocks()}
-    if outside_targets:
-        # The head's inputs come from the model's own code after the blocks, which reads everything outside them.
-        modules = streamed.modules_outside_blocks()
-        with streamed.loaded(*modules):
-            if untied:
-                head.weight = torch.nn.Parameter(embeddings.weight.detach().clone())
-            calibrated = plan.method.needs_calibration
-            head_targets = [t for t in outside_targets if t.block == HEAD and sparsities[t.name] > 0]
-            if head_targets and calibrated:
-                steps.run_head(head_targets)
-            with torch.no_grad():
-                for target in outside_targets:
-                    if (target.block is None or not calibrated) and sparsities[target.name] > 0:
-                        pruner.process(target, None)
-            for target in outside_targets:
-                tensors[f"{target.name}.weight"] = target.module.weight.detach().clone()
-                layers.append(asdict(layer_result(target, sparsities[target.name])))
-            if untied:
-                tensors[f"{adapter.head_path}.weight"] = head.weight.detach().clone()
-    if writer:
-        _write_shards(work, total_shards - 1, total_shards, tensors, save_dense, save_compressed, codec)
-    return {"untied": untied}

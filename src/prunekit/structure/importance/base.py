@@ -16,7 +16,7 @@ from prunekit.structure.graph import DependencyGraph, Family, Member
 IMPORTANCE: Registry[type["Importance"]] = Registry("importance criterion", ("prunekit.structure.importance",))
 
 Reduction = Literal["sum", "mean", "max"]
-Normalization = Literal["mean", "max", "sum", "standardize", "kind", "none"]
+Normalization = Literal["mean", "max", "sum", "standardize", "kind", "cost", "none"]
 
 
 @dataclass
@@ -41,12 +41,14 @@ def is_weight(context: ScoringContext, member: Member) -> bool:
 
 
 def is_consumer(context: ScoringContext, member: Member) -> bool:
-    """Columns of a Linear or input channels of a (non-grouped) convolution: where units are read.
+    """Columns of a Linear (rows of a Conv1D stored (in, out)) or input channels of a (non-grouped) convolution:
+    where units are read.
 
     Dimension 1 of an embedding table is where hidden channels are *written*; activation statistics
     exist only for tensors a Linear or convolution multiplies its input by."""
-    return (member.dim == 1 and is_weight(context, member) and member.tensor not in context.graph.grouped_convs
-            and member.tensor in context.graph.consumed_weights)
+    graph = context.graph
+    return (member.tensor in graph.consumed_weights and member.dim == graph.input_dims.get(member.tensor, 1)
+            and is_weight(context, member) and member.tensor not in graph.grouped_convs)
 
 
 class Importance(BaseModel):
@@ -106,15 +108,21 @@ def get_importance(spec: "str | Mapping[str, Any] | Importance") -> Importance:
 
 
 def normalize_scores(scores: Mapping[str, torch.Tensor], families: Mapping[str, Family],
-                     method: Normalization) -> dict[str, torch.Tensor]:
+                     method: Normalization, unit_costs: Mapping[str, float] | None = None) -> dict[str, torch.Tensor]:
     """Make scores of different families comparable for one global ranking.
 
     ``mean``/``max``/``sum`` divide each family by that statistic of its own scores;
     ``standardize`` z-scores each family; ``kind`` z-scores all families of one kind together
-    (heads against heads, neurons against neurons: FLAP's adaptive structure search); ``none``
-    leaves raw scores.
+    (heads against heads, neurons against neurons: FLAP's adaptive structure search); ``cost``
+    divides each family by ``unit_costs`` (what one of its units costs in the allocation's target,
+    parameters or MACs): for scores that estimate a loss, the loss per parameter or MAC removed, so
+    that removing the lowest buys the target at the least estimated loss; ``none`` leaves raw scores.
     """
     result: dict[str, torch.Tensor] = {}
+    if method == "cost":
+        if unit_costs is None:
+            raise PrunekitError("cost normalisation needs the cost of one unit of every family (the allocation gives it)")
+        return {name: values.double() / max(float(unit_costs[name]), 1.0) for name, values in scores.items()}
     if method == "kind":
         by_kind: dict[str, list[str]] = {}
         for name in scores:

@@ -1,28 +1,28 @@
 """What a model family must say for token reduction to run inside it.
 
-A family knows where the blocks are, how one block splits into attention and MLP (the reduction
-happens between them), how to read the block's queries and keys, which tokens are protected, and
-how to build the attention mask once tokens are gone. A new architecture is a new file here.
+A family is a kind of model, not a list of architectures: Hugging Face encoders and causal language models
+are recognised through the model adapter (``prunekit.models``), which says where the blocks and their
+attention are, reads the queries and keys their attention kernels receive and splits a block around its
+attention. The family keeps the mechanics of one kind: which tokens are protected, how the attention mask and
+positions follow the kept tokens, and (for decoders) how decoding goes on after a pruned prefill.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, ClassVar, Sequence
 
 import torch
 from torch import nn
 
 from prunekit.core.registry import Registry
 from prunekit.errors import PrunekitError
+from prunekit.models.attention import READABLE_IMPLEMENTATIONS
 from prunekit.tokens.base import METHODS, TokenMethod
 
 if TYPE_CHECKING:
     from prunekit.tokens.patch import TokenPatch
 
 FAMILIES: Registry[type["TokenFamily"]] = Registry("token-pruning model family", ("prunekit.tokens.families",))
-
-# Attention implementations whose queries and keys prunekit can read and that accept an additive mask.
-READABLE_ATTENTION = ("eager", "sdpa")
 
 
 class TokenFamily:
@@ -67,7 +67,7 @@ class TokenFamily:
             raise PrunekitError(f"{method.name} ranks tokens by the attention of a [CLS] token, which "
                                 f"{self.model_name()} does not have; choose one of: {', '.join(usable)}")
         implementation = self.attention_implementation()
-        if implementation is not None and implementation not in READABLE_ATTENTION:
+        if implementation is not None and implementation not in READABLE_IMPLEMENTATIONS:
             switch = ("reload it with attn_implementation='sdpa' (or 'eager'), or call "
                       "model.set_attn_implementation('sdpa')")
             if method.needs & {"attention", "anchor_attention", "keys"}:
@@ -106,44 +106,9 @@ class TokenFamily:
         raise NotImplementedError
 
 
-class ProjectionCapture:
-    """Keeps the outputs of chosen projections (the query and key linear layers) while armed."""
-
-    def __init__(self, patch: "TokenPatch", modules: dict[str, nn.Module]):
-        self.armed = False
-        self.outputs: dict[str, torch.Tensor] = {}
-        for name, module in modules.items():
-            patch.add_handle(module.register_forward_hook(self._hook(name)))
-
-    def _hook(self, name: str):
-        def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
-            if self.armed:
-                self.outputs[name] = output
-
-        return hook
-
-    def __enter__(self) -> "ProjectionCapture":
-        self.outputs = {}
-        self.armed = True
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.armed = False
-
-    def heads(self, name: str, head_dim: int) -> torch.Tensor:
-        """The captured projection as (batch, heads, tokens, head_dim)."""
-        output = self.outputs.pop(name)
-        batch, tokens, _ = output.shape
-        return output.view(batch, tokens, -1, head_dim).transpose(1, 2)
-
-
-def base_model(model: nn.Module) -> nn.Module:
-    """The backbone of a Hugging Face model with a head (``model.base_model``), or the model itself."""
-    base = getattr(model, "base_model", None)
-    return base if isinstance(base, nn.Module) else model
-
-
 def find_family(model: nn.Module) -> TokenFamily:
+    """The family ``model`` belongs to; a family that recognises the model but cannot reduce it says why when
+    it is checked (``check``), not here."""
     for name in FAMILIES.names():
         family = FAMILIES.get(name)
         if family.matches(model):

@@ -1,0 +1,146 @@
+"""Structural pruning: ``prunekit shrink`` at 20 % of the parameters end to end on an architecture.
+
+The check runs what the job runs (``prune_structure`` with the job's default granularity, head mode,
+allocation and importance: Fisher from the language-model loss for causal LMs, FLAP from activation
+statistics for encoders), then verifies the promises of a shrunk model:
+
+- it runs and its outputs are finite;
+- it has exactly the parameters the plan counted (plus the compensation biases FLAP creates, which the
+  plan reserves room for);
+- it computes what the original computes with the removed units zeroed (the exactness property of every
+  family marked exact; compensated biases are carried over to the reference), so nothing was removed
+  that the graph did not know about and no head count or width attribute was left stale;
+- the saved directory loads back (``from_pretrained`` where the saver says the config describes every
+  shape, ``prunekit.load`` from the shape spec otherwise) with identical outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+
+import torch
+from torch import nn
+
+from prunekit.errors import PrunekitError
+from prunekit.tools.support import ModelFactory, SupportResult, one_line
+
+RATIO = 0.2
+# The shrunk model against the zeroed original: the same sums in another order (float32 of tiny random models).
+TOLERANCE = 1e-4
+
+
+def _unique_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _missing_biases(model: nn.Module) -> set[str]:
+    return {name for name, module in model.named_modules()
+            if "bias" in module._parameters and module._parameters["bias"] is None}
+
+
+def model_outputs(model: nn.Module, inputs: torch.Tensor, causal: bool) -> torch.Tensor:
+    with torch.no_grad():
+        if causal:
+            return model(input_ids=inputs, use_cache=False).logits
+        return model(input_ids=inputs).last_hidden_state
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+def zeroed_reference(original: nn.Module, shrunk: nn.Module, result, example, head_mode: str) -> str | nn.Module:
+    """``original`` with every removed unit zeroed and the compensated biases of ``shrunk`` carried over, or the
+    reason no such reference exists (a removed family is not exact)."""
+    from prunekit.models import adapter_for
+    from prunekit.models.layout import is_linear_like, linear_shape
+    from prunekit.structure.graph import build_graph
+    from prunekit.structure.shrink import zero_units
+
+    graph = build_graph(original, example, adapter=adapter_for(original), head_mode=head_mode)
+    for name, units in result.plan.removal.items():
+        family = graph.family(name)
+        if not family.exact:
+            return f"{name} is not exact (read by a statistic over channels)"
+        zero_units(graph, family, units)
+    for name in result.shrink.compensated:
+        target, source = original.get_submodule(name), shrunk.get_submodule(name)
+        rows = linear_shape(target)[0] if is_linear_like(target) else target.weight.shape[0]
+        if rows != source.bias.shape[0]:
+            return f"{name} lost output rows and took a compensation bias"
+        target.bias = nn.Parameter(source.bias.detach().clone())
+    return original
+
+
+def check(factory: ModelFactory, windows: torch.Tensor) -> SupportResult:
+    """Shrink a fresh model from ``factory`` by 20 % of its parameters and verify the result.
+
+    ``windows`` (token ids, samples × length) calibrate the importance and are the inputs whose outputs
+    are compared.
+    """
+    import prunekit
+    from prunekit.models import adapter_for
+    from prunekit.structure.importance import get_importance
+    from prunekit.structure.pipeline import encoder_calibration, lm_calibration, lm_example_inputs, prune_structure
+    from prunekit.structure.recipe import ShrinkRecipe
+    from prunekit.structure.saving import save_structured
+
+    model = factory().eval()
+    original = copy.deepcopy(model)
+    causal = is_causal_lm(model)
+    recipe = ShrinkRecipe(ratio=RATIO)
+    importance = recipe.importance or get_importance("fisher" if causal else "flap").settings()
+    example = lm_example_inputs() if causal else {"input_ids": torch.arange(1, 5).unsqueeze(0)}
+    calibration = (lm_calibration if causal else encoder_calibration)(windows, recipe.batch_size)
+    inputs = windows[:2]
+    try:
+        biases_before = _missing_biases(model)
+        result = prune_structure(model, recipe.ratio, example_inputs=example, importance=importance,
+                                 granularity=recipe.granularity, target=recipe.target, allocation=recipe.allocation,
+                                 head_mode=recipe.heads, ignore=recipe.ignore, overrides=recipe.overrides,
+                                 calibration=calibration, adapter=adapter_for(model), seed=recipe.data.seed,
+                                 strict=not recipe.lenient, reconstruct=recipe.reconstruct,
+                                 damping=recipe.reconstruct_damping)
+        model.eval()
+        outputs = model_outputs(model, inputs, causal)
+        if not torch.isfinite(outputs).all():
+            return SupportResult("broken", "the shrunk model's outputs are not finite")
+        added = sum(model.get_submodule(name).bias.numel() for name in biases_before - _missing_biases(model))
+        planned = result.plan.total_after + added
+        actual = _unique_parameters(model)
+        if actual != planned:
+            return SupportResult("broken", f"{actual:,} parameters after shrinking, the plan counted {planned:,}")
+        reference = zeroed_reference(original, model, result, example, recipe.heads)
+        if isinstance(reference, str):
+            exactness = f"exactness not checked: {reference}"
+        else:
+            expected = model_outputs(reference, inputs, causal)
+            difference = float((expected - outputs).abs().max())
+            if difference > TOLERANCE * max(1.0, float(expected.abs().max())):
+                return SupportResult("broken", f"the shrunk model differs from the original with the removed units "
+                                               f"zeroed by {difference:.3g}")
+            exactness = "equals the zeroed original"
+        with tempfile.TemporaryDirectory() as tmp:
+            saved = save_structured(model, tmp, None, adapter_for(model))
+            if saved.from_pretrained:
+                from transformers import AutoModel, AutoModelForCausalLM
+
+                loader = AutoModelForCausalLM if causal else AutoModel
+                reloaded, how = loader.from_pretrained(tmp).eval(), "from_pretrained"
+            else:
+                reloaded, how = prunekit.load(tmp).eval(), "the shape spec"
+            if _unique_parameters(reloaded) != actual:
+                return SupportResult("broken", f"reloaded through {how}, the model has {_unique_parameters(reloaded):,} "
+                                               f"parameters, not {actual:,}")
+            if not torch.equal(model_outputs(reloaded, inputs, causal), outputs):
+                return SupportResult("broken", f"reloaded through {how}, the model gives other outputs")
+    except PrunekitError as exc:
+        return SupportResult("refused", one_line(exc))
+    except Exception as exc:  # noqa: BLE001 - anything else is a defect this check exists to report
+        return SupportResult("broken", f"{type(exc).__name__}: {one_line(exc)}")
+    removed = 1 - actual / result.shrink.parameters_before
+    kinds = sorted({family["kind"] for family in result.families if family["name"] in result.plan.removal})
+    return SupportResult("yes", f"{removed:.1%} removed as {' and '.join(kinds)}, {exactness}, reloads via {how}")
