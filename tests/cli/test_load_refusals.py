@@ -47,7 +47,7 @@ def texts(tmp_path):
 def _commands(model: str, texts: str, out: str) -> dict[str, list[str]]:
     return {
         "prune": ["prune", model, "--method", "magnitude", *TINY, "--out", out],
-        "sweep": ["sweep", model, "--method", "magnitude", "--sparsities", "0.5", *TINY, "--out", out],
+        "sweep": ["sweep", model, "--method", "magnitude", "--ratios", "0.5", *TINY, "--out", out],
         "eval": ["eval", model, "--test-windows", "2", "--seq-len", "64"],
         "shrink": ["shrink", model, "--ratio", "0.2", *TINY, "--out", out],
         "shrink-graph": ["shrink-graph", model],
