@@ -50,3 +50,12 @@ def test_the_command_line_reports_success():
     result = subprocess.run([sys.executable, "-m", "prunekit.tools.check_imports"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "layering holds" in result.stdout
+
+
+def test_looking_a_method_up_imports_no_job_machinery():
+    code = ("import sys\nfrom prunekit.weights.base import get_method\nget_method('sparsegpt')\n"
+            "print(sorted(m for m in ('matplotlib', 'prunekit.weights.job', 'prunekit.cli', 'datasets') "
+            "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
