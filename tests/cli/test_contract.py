@@ -5,7 +5,6 @@ import errno
 import json
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -62,6 +61,21 @@ def test_usage_errors_are_one_line_and_exit_2(args, message, tmp_path, capsys):
     line = _line(capsys)
     assert line.startswith("error:") and message in line and "--help" in line, line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+@pytest.mark.parametrize("command", ["eval", "prune"])
+def test_a_batch_size_below_1_is_one_line_and_exit_2_before_any_load(command, value, monkeypatch, tmp_path,
+                                                                     capsys):
+    """Issue 16, item 7: `eval --batch-size 0` used to end in an internal error (exit 1) after loading."""
+    monkeypatch.setattr("prunekit.weights.job.load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "out"
+    args = {"eval": ["eval", "smollm2"],
+            "prune": ["prune", "smollm2", *FAST, "--out", str(out)]}[command]
+    assert main([*args, "--batch-size", value]) == 2
+    line = _line(capsys)
+    assert line.startswith("error:") and "batch_size" in line and "greater than or equal to 1" in line, line
+    _no_leftovers(tmp_path, out)
 
 
 def test_main_handles_the_exceptions_the_installed_typer_raises():
