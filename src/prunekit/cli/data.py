@@ -53,7 +53,8 @@ def _selection(prefix: str, score, ratio, keep, count, strategy, strategy_arg, b
     return options, {f"{prefix}.strategy": (strategy, key_values(strategy_arg, "--strategy-arg"))}
 
 
-def _score_recipe(recipe_type, recipe_file, data, score, score_arg, options: dict, methods: dict | None = None):
+def _score_recipe(recipe_type, recipe_file, data, score, score_arg, options: dict, methods: dict | None = None,
+                  command: str = "score"):
     names = [s.strip().lower() for s in (score or []) if s.strip()]
     settings = grouped_key_values(score_arg, "--score-arg", names) if names else {}
     options = {**options, "data": data}
@@ -62,7 +63,8 @@ def _score_recipe(recipe_type, recipe_file, data, score, score_arg, options: dic
     elif score_arg:
         raise PrunekitError("--score-arg needs the --score it sets")
     elif recipe_file is None:
-        raise PrunekitError("Missing option '--score' (or a --recipe that names its scores)")
+        raise PrunekitError(f"Missing option '--score' (or a --recipe that names its scores; see "
+                            f"`prunekit data {command} --help`)")
     return build_recipe(recipe_type, recipe_file, options, methods)
 
 
@@ -191,7 +193,7 @@ def prune_command(
                "encoder": encoder, "text_batch_size": text_batch_size, "seed": seed, **selection}
     if recipe is None and options.get("selection.ratio") is None and options.get("selection.count") is None:
         raise PrunekitError("give the fraction of examples removed (--ratio) or the number kept (--count)")
-    built = _score_recipe(DataScoreRecipe, recipe, data, score, score_arg, options, methods)
+    built = _score_recipe(DataScoreRecipe, recipe, data, score, score_arg, options, methods, "prune")
     _run_scoring(built, out, overwrite, threads)
 
 
