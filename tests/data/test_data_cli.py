@@ -96,6 +96,65 @@ def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, capsys, jsonl_fil
     assert digest(jsonl_file) == before
 
 
+MALFORMED = {
+    "broken.jsonl": '{"text": "fine", "label": 1}\n{"text": "cut", "label": 2\n{"text": "more", "label": 1}\n',
+    "ragged.csv": "a,b,label\n1,2,0\n3,4,1\n5,6,7,8\n",
+    "fraction.csv": "a,b,label\n1,2,0\n3,4,0.5\n",
+}
+
+
+def test_malformed_files_are_exactly_one_line(tmp_path):
+    """The datasets readers log each parse error before raising it; that copy used to print a second line
+    before prunekit's. A fresh process, so that datasets' own log handler writes to the real stderr."""
+    for name, content in MALFORMED.items():
+        (tmp_path / name).write_text(content)
+    script = ("import sys\nfrom prunekit.cli import main\n"
+              "for name in sys.argv[1:]:\n"
+              "    code = main(['data', 'score', name, '-s', 'random', '--out', name + '.out'])\n"
+              "    print(f'== {name} {code}', file=sys.stderr, flush=True)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PRUNEKIT_QUIET": "1"}
+    done = subprocess.run([sys.executable, "-c", script, *MALFORMED], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    printed, lines = {}, []
+    for line in done.stderr.splitlines():
+        if line.startswith("== "):
+            _, name, code = line.split()
+            printed[name] = (int(code), lines)
+            lines = []
+        elif line.strip():
+            lines.append(line)
+    assert printed["broken.jsonl"] == (2, ["error: cannot read broken.jsonl: JSON parse error: Missing a comma or "
+                                           "'}' after an object member. in row 1"]), done.stderr
+    assert printed["ragged.csv"] == (2, ["error: cannot read ragged.csv: Error tokenizing data. C error: Expected 3 "
+                                         "fields in line 4, saw 4"]), done.stderr
+    assert printed["fraction.csv"] == (2, ["error: fraction.csv row 1: label 0.5 is not a class (labels must be "
+                                           "integers or strings)"]), done.stderr
+    assert not list(tmp_path.glob("*.out"))
+
+
+def test_limit_is_honoured_for_a_data_file(tmp_path, jsonl_file, capsys):
+    """--limit used to be read only for Fashion-MNIST: a file was scored and pruned whole."""
+    out, chosen = tmp_path / "pruned", tmp_path / "chosen"
+    assert main(["data", "prune", str(jsonl_file), "-s", "random", "--ratio", "0.5", "--limit", "6",
+                 "--out", str(out)]) == 0
+    scores = (out / "scores.csv").read_text().splitlines()
+    assert len(scores) == 1 + 6 and [int(line.split(",")[0]) for line in scores[1:]] == list(range(6))
+    kept = indices(out)
+    assert len(kept) == 3 and max(kept) < 6
+    lines = [line for line in jsonl_file.read_text(encoding="utf-8").splitlines(keepends=True) if line.strip()]
+    assert (out / "data.jsonl").read_text(encoding="utf-8") == "".join(lines[i] for i in kept)
+    import yaml
+
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["reading"]["limit"] == 6
+    # scores of the first 6 rows are applied to the first 6 rows only
+    _fails(["data", "select", str(out), "--ratio", "0.5", "--data", str(jsonl_file), "--out", str(chosen)],
+           capsys, "computed on other data")
+    assert main(["data", "select", str(out), "--ratio", "0.5", "--data", str(jsonl_file), "--limit", "6",
+                 "--out", str(chosen)]) == 0
+    assert (chosen / "data.jsonl").read_text(encoding="utf-8") == (out / "data.jsonl").read_text(encoding="utf-8")
+
+
 def test_scores_applied_to_other_data_are_refused(tmp_path, capsys, jsonl_file, csv_file):
     scores = tmp_path / "scores"
     assert main(["data", "score", str(jsonl_file), "-s", "random", "--out", str(scores)]) == 0

@@ -207,3 +207,83 @@ def test_text_files_are_streamed_not_loaded(tmp_path):
     import datasets
 
     assert isinstance(source._load(), datasets.IterableDataset)
+
+
+# ------------------------------------------------------------------ issue 16, item 11: labels and --limit
+
+def test_csv_labels_that_are_fractions_or_blank_are_refused(tmp_path):
+    """CSV cells are read as text; a number in a label cell must still be a whole one (as in JSON Lines)."""
+    fractional = tmp_path / "fraction.csv"
+    fractional.write_text("a,b,label\n1,2,0\n3,4,1.5\n")
+    with pytest.raises(PrunekitError, match=r"row 1: label 1.5 is not a class"):
+        open_data(fractional).labels()
+    blank = tmp_path / "blank.csv"
+    blank.write_text("a,b,label\n1,2,0\n3,4,\n")
+    with pytest.raises(PrunekitError, match=r"row 1: a row has no label"):
+        open_data(blank).labels()
+    words = tmp_path / "words.csv"
+    words.write_text("a,b,label\n1,2,cat\n3,4,2.0\n5,6,007\n")
+    assert open_data(words).classes() == ["007", "2.0", "cat"]  # whole numbers and words stay classes as written
+
+
+def _pairs_dataset(rows: int):
+    from torch.utils.data import Dataset
+
+    class Pairs(Dataset):
+        def __len__(self):
+            return rows
+
+        def __getitem__(self, i):
+            return torch.full((2, 4, 4), float(i)), i % 3
+
+    return Pairs()
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "tabular csv", "parquet", "txt", "npz", "pt", "tensors",
+                                  "texts", "torch dataset", "datasets"])
+def test_limit_reads_only_the_first_rows_of_every_source(kind, tmp_path, jsonl_file, csv_file, tabular_csv,
+                                                         parquet_file):
+    """``limit`` used to be honoured for Fashion-MNIST only and silently ignored for everything else."""
+    import datasets
+
+    images = np.arange(20 * 3 * 3, dtype=np.float32).reshape(20, 3, 3)
+    labels = np.arange(20) % 4
+    np.savez(tmp_path / "set.npz", images=images, labels=labels)
+    torch.save({"inputs": torch.from_numpy(images), "labels": torch.from_numpy(labels)}, tmp_path / "set.pt")
+    (tmp_path / "lines.txt").write_text("".join(f"line {i}\n" for i in range(20)))
+    texts = [f"text {i}" for i in range(20)]
+    data = {"jsonl": jsonl_file, "csv": csv_file, "tabular csv": tabular_csv, "parquet": parquet_file,
+            "txt": tmp_path / "lines.txt", "npz": tmp_path / "set.npz", "pt": tmp_path / "set.pt",
+            "tensors": (torch.from_numpy(images), torch.from_numpy(labels)), "texts": (texts, list(labels)),
+            "torch dataset": _pairs_dataset(20),
+            "datasets": datasets.Dataset.from_dict({"text": texts, "label": labels.tolist()})}[kind]
+    whole, first = open_data(data), open_data(data, limit=7)
+    assert len(whole) > 7 and len(first) == 7
+    if first.labels() is not None:
+        assert first.labels().tolist() == whole.labels()[:7].tolist() or first.label_values() == \
+            whole.label_values()[:7]
+    if first.modality == "text":
+        assert sum(list(first.text_batches(3)), []) == sum(list(whole.text_batches(3)), [])[:7]
+    else:
+        assert torch.equal(first.inputs(), whole.inputs()[:7])
+    assert "first 7" in first.description
+    out = tmp_path / "out"
+    out.mkdir()
+    written = first.write_subset(np.array([0, 2, 6]), out)
+    assert len(open_data(written)) == 3
+    assert len(open_data(data, limit=len(whole) + 5)) == len(whole)  # a limit above the size reads all
+
+
+@pytest.mark.parametrize("limit", [0, -3])
+def test_a_limit_below_1_is_refused(limit, jsonl_file):
+    with pytest.raises(PrunekitError, match=f"--limit must be at least 1, got {limit}"):
+        open_data(jsonl_file, limit=limit)
+
+
+def test_limited_jsonl_rows_are_the_first_lines_byte_for_byte(jsonl_file, tmp_path):
+    source = open_data(jsonl_file, limit=5)
+    out = tmp_path / "out"
+    out.mkdir()
+    written = source.write_subset(np.array([1, 4]), out)
+    original = [line for line in jsonl_file.read_bytes().splitlines(keepends=True) if line.strip()]
+    assert written.read_bytes() == original[1] + original[4]

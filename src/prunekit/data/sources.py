@@ -11,7 +11,8 @@ any subset of its rows in its own format. Sources:
   every pass re-reads the file;
 * ``.npz``/``.pt``/``.safetensors`` array files, and the built-in ``fashion-mnist``.
 
-The input is never modified: writers create new files only.
+``limit=N`` reads only the first N examples of any of them. The input is never modified: writers
+create new files only.
 """
 
 from __future__ import annotations
@@ -114,9 +115,37 @@ def _plain_label(value: Any, where: str) -> Any:
         if not value.is_integer():
             raise PrunekitError(f"{where}: label {value} is not a class (labels must be integers or strings)")
         return int(value)
+    if isinstance(value, str) and not value.strip():
+        raise PrunekitError(f"{where}: a row has no label")
     if isinstance(value, (int, str)):
         return value
     raise PrunekitError(f"{where}: label {value!r} is not a class (labels must be integers or strings)")
+
+
+def _text_label(value: Any, where: str) -> Any:
+    """A label read as text (a CSV cell): a number in it must be a whole one, as in every other format."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if number is not None and not number.is_integer():
+            raise PrunekitError(f"{where}: label {value.strip()} is not a class (labels must be integers or strings)")
+    return _plain_label(value, where)
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise PrunekitError(f"--limit must be at least 1, got {limit}")
+
+
+def _first(value: Any, limit: int | None) -> Any:
+    """The first ``limit`` rows of an array, tensor or sequence (all of them when ``limit`` is None)."""
+    return value if limit is None or value is None else value[:limit]
+
+
+def _limited(description: str, limit: int | None) -> str:
+    return description + (f" (first {limit})" if limit else "")
 
 
 def encode_labels(values: Sequence[Any], where: str) -> tuple[np.ndarray, list]:
@@ -167,9 +196,18 @@ class TensorSource(DataSource):
 
     def __init__(self, inputs: Any, labels: Any = None, description: str = "in-memory arrays",
                  extra: dict[str, Any] | None = None, file_format: str = ".npz",
-                 keys: tuple[str, str | None] = ("inputs", "labels")):
+                 keys: tuple[str, str | None] = ("inputs", "labels"), limit: int | None = None):
+        _check_limit(limit)
+        if limit is not None:
+            rows = len(inputs)
+            if labels is not None and len(labels) != rows:
+                raise PrunekitError(f"{description}: {rows} inputs but {len(labels)} labels")
+            extra = {k: v[:limit] if getattr(v, "ndim", 0) and v.shape[0] == rows else v
+                     for k, v in (extra or {}).items()}
+            inputs, labels = inputs[:limit], _first(labels, limit)
         self.raw_inputs = inputs
-        self.description = description
+        self.description = description = _limited(description, limit)
+        self.limit = limit
         tensor = _as_tensor(inputs, f"{description}: inputs")
         if tensor.ndim == 0 or tensor.shape[0] == 0:
             raise PrunekitError(f"{description} holds no examples")
@@ -266,9 +304,14 @@ class TextListSource(DataSource):
 
     modality = TEXT
 
-    def __init__(self, texts: Sequence[str], labels: Sequence[Any] | None = None, description: str = "in-memory texts"):
-        self.description = description
-        texts = list(texts)
+    def __init__(self, texts: Sequence[str], labels: Sequence[Any] | None = None, description: str = "in-memory texts",
+                 limit: int | None = None):
+        _check_limit(limit)
+        self.description = description = _limited(description, limit)
+        if limit is not None and labels is not None and len(labels) != len(texts):
+            raise PrunekitError(f"{description}: {len(texts)} texts but {len(labels)} labels")
+        texts = list(_first(texts, limit))
+        labels = None if labels is None else _first(labels, limit)
         if not texts:
             raise PrunekitError(f"{description} holds no texts")
         for number, text in enumerate(texts):
@@ -325,13 +368,15 @@ class TextListSource(DataSource):
 class TorchDatasetSource(DataSource):
     """A map-style ``torch.utils.data.Dataset`` whose items are ``(input, label)``, ``input`` or a dict."""
 
-    def __init__(self, dataset, description: str | None = None, input_key: str = "input", label_key: str = "label"):
+    def __init__(self, dataset, description: str | None = None, input_key: str = "input", label_key: str = "label",
+                 limit: int | None = None):
         if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise PrunekitError("a torch Dataset must be map-style (have __len__ and __getitem__); "
                                 "pass an IterableDataset's items as tensors instead")
+        _check_limit(limit)
         self.dataset = dataset
-        self.description = description or f"torch dataset {type(dataset).__name__}"
-        count = len(dataset)
+        self.description = _limited(description or f"torch dataset {type(dataset).__name__}", limit)
+        count = len(dataset) if limit is None else min(len(dataset), limit)
         if count == 0:
             raise PrunekitError(f"{self.description} is empty")
         inputs, labels = [], []
@@ -398,11 +443,20 @@ def _first_line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]
 
 
+# The file readers of ``datasets`` log each parse error at ERROR level just before raising it; prunekit
+# turns the exception into its own one line, so the logged copy would be a second line saying the same.
+_READERS_THAT_LOG_WHAT_THEY_RAISE = ("json.json", "csv.csv", "parquet.parquet")
+
+
 def _quiet_datasets() -> None:
+    import logging
+
     import datasets
 
     datasets.utils.logging.set_verbosity_error()
     datasets.utils.logging.disable_progress_bar()
+    for reader in _READERS_THAT_LOG_WHAT_THEY_RAISE:
+        logging.getLogger(f"datasets.packaged_modules.{reader}").setLevel(logging.CRITICAL)
 
 
 class RowSource(DataSource):
@@ -413,8 +467,10 @@ class RowSource(DataSource):
     """
 
     def __init__(self, description: str, text_field: str | None = "text", label_field: str | None = "auto",
-                 features: Sequence[str] | None = None):
-        self.description = description
+                 features: Sequence[str] | None = None, limit: int | None = None):
+        _check_limit(limit)
+        self.limit = limit
+        self.description = _limited(description, limit)
         self._text_field = text_field
         self._label_field_spec = label_field
         self._feature_spec = list(features) if features else None
@@ -426,8 +482,10 @@ class RowSource(DataSource):
     def _raw_rows(self) -> Iterator[dict[str, Any]]: ...
 
     def rows(self) -> Iterator[dict[str, Any]]:
-        """Every row in order; a reader failure becomes one clear error."""
+        """Every row in order (the first ``limit`` of them); a reader failure becomes one clear error."""
         iterator = iter(self._raw_rows())
+        if self.limit is not None:
+            iterator = itertools.islice(iterator, self.limit)
         while True:
             try:
                 row = next(iterator)
@@ -487,7 +545,7 @@ class RowSource(DataSource):
         with progress_bar(f"Reading {self.description}", None) as bar:
             for number, row in enumerate(self.rows()):
                 if labels is not None:
-                    labels.append(_plain_label(row.get(self.label_field), f"{self.description} row {number}"))
+                    labels.append(self._label(row.get(self.label_field), f"{self.description} row {number}"))
                 if features is not None:
                     features.append([_number(row.get(c), f"{self.description} row {number} column '{c}'")
                                      for c in self.feature_fields])
@@ -502,6 +560,9 @@ class RowSource(DataSource):
         self._scanned = {"count": count, "labels": labels,
                          "features": None if features is None else torch.tensor(features, dtype=torch.float32)}
         return self._scanned
+
+    def _label(self, value: Any, where: str) -> Any:
+        return _plain_label(value, where)
 
     def __len__(self) -> int:
         return self._scan()["count"]
@@ -565,15 +626,16 @@ class HFDatasetSource(RowSource):
     """A ``datasets.Dataset`` or ``datasets.IterableDataset`` given in Python."""
 
     def __init__(self, dataset, text_field: str | None = "text", label_field: str | None = "auto",
-                 features: Sequence[str] | None = None, description: str | None = None):
+                 features: Sequence[str] | None = None, description: str | None = None, limit: int | None = None):
         self.dataset = dataset
-        super().__init__(description or f"datasets.{type(dataset).__name__}", text_field, label_field, features)
+        super().__init__(description or f"datasets.{type(dataset).__name__}", text_field, label_field, features,
+                         limit)
 
     def _raw_rows(self) -> Iterator[dict[str, Any]]:
         return iter(self.dataset)
 
     def fingerprint(self) -> dict[str, Any]:
-        info = {"kind": "datasets", "rows": len(self)}
+        info = {"kind": "datasets", "rows": len(self), "limit": self.limit}
         fingerprint = getattr(self.dataset, "_fingerprint", None)
         if fingerprint:
             info["datasets_fingerprint"] = fingerprint
@@ -609,7 +671,7 @@ class FileSource(RowSource):
     """
 
     def __init__(self, path: str | os.PathLike, text_field: str | None = "text", label_field: str | None = "auto",
-                 features: Sequence[str] | None = None, text_unit: str = "line"):
+                 features: Sequence[str] | None = None, text_unit: str = "line", limit: int | None = None):
         self.path = Path(path).expanduser()
         self.suffix = self.path.suffix.lower()
         check_readable_file(self.path)
@@ -624,7 +686,7 @@ class FileSource(RowSource):
         if self.format == "text":
             text_field, features = "text", None
             label_field = None
-        super().__init__(str(self.path), text_field, label_field, features)
+        super().__init__(str(self.path), text_field, label_field, features, limit)
 
     def _load(self):
         _quiet_datasets()
@@ -669,7 +731,10 @@ class FileSource(RowSource):
 
     def fingerprint(self) -> dict[str, Any]:
         return {"kind": "file", "path": str(self.path.resolve()), "bytes": self.path.stat().st_size,
-                "sha256": file_sha256(self.path), "rows": len(self), "text_unit": self.text_unit}
+                "sha256": file_sha256(self.path), "rows": len(self), "text_unit": self.text_unit, "limit": self.limit}
+
+    def _label(self, value: Any, where: str) -> Any:
+        return _text_label(value, where) if self.format == "csv" else _plain_label(value, where)
 
     def subset(self, indices: np.ndarray) -> list[dict[str, Any]]:
         wanted = set(np.asarray(indices).tolist())
@@ -708,19 +773,24 @@ class FileSource(RowSource):
         """JSON Lines rows are copied byte for byte: the reader counts one row per non-blank line."""
         from prunekit.io.atomic import atomic_file
 
-        number = -1
+        number, rows = -1, len(self)
         with open(self.path, "rb") as source, atomic_file(path, "wb") as handle:
             for line in source:
                 if not line.strip():
                     continue
+                if self.limit is not None and number + 1 == rows:
+                    break  # only the first `limit` rows were read; the rest are not looked at
                 number += 1
                 if number in wanted:
+                    if self.limit is not None:
+                        _one_json_object(line, self.path)
                     handle.write(line if line.endswith(b"\n") else line + b"\n")
-        if number + 1 != len(self):
+        if number + 1 != rows:
             raise PrunekitError(f"{self.path} is not JSON Lines (one object per line): {number + 1} non-blank lines "
                                 f"but {len(self)} rows")
 
     def _write_parquet(self, index: np.ndarray, path: Path) -> None:
+        """The selected rows, batch by batch; batches after the last selected row (past a limit) are not read."""
         import pyarrow.parquet as pq
 
         from prunekit.io.atomic import atomic_file
@@ -734,6 +804,8 @@ class FileSource(RowSource):
                 if hi > lo:
                     writer.write_batch(batch.take(index[lo:hi] - offset))
                 offset += batch.num_rows
+                if hi == len(index):
+                    break
             writer.close()
 
     def info(self) -> dict[str, Any]:
@@ -741,6 +813,17 @@ class FileSource(RowSource):
         info.update({"path": str(self.path), "format": self.format,
                      "text_unit": self.text_unit if self.format == "text" else None})
         return info
+
+
+def _one_json_object(line: bytes, path: Path) -> None:
+    """A line copied from a JSON Lines file read only in part must hold one whole object (the full
+    file's line count is not there to compare with the reader's row count)."""
+    try:
+        whole = isinstance(json.loads(line), dict)
+    except ValueError:
+        whole = False
+    if not whole:
+        raise PrunekitError(f"{path} is not JSON Lines (one object per line)")
 
 
 def _text_units(lines: Iterator[str], unit: str) -> Iterator[str]:
@@ -787,7 +870,8 @@ def file_sha256(path: Path) -> str:
 class ArrayFileSource(TensorSource):
     """``.npz`` / ``.pt`` / ``.safetensors`` holding an inputs array and (optionally) a labels array."""
 
-    def __init__(self, path: str | os.PathLike, input_key: str | None = None, label_key: str | None = "auto"):
+    def __init__(self, path: str | os.PathLike, input_key: str | None = None, label_key: str | None = "auto",
+                 limit: int | None = None):
         self.path = Path(path).expanduser()
         check_readable_file(self.path)
         suffix = self.path.suffix.lower()
@@ -802,11 +886,12 @@ class ArrayFileSource(TensorSource):
             raise PrunekitError(f"{self.path} has no labels array '{label_key}'; arrays: {', '.join(arrays)}")
         extra = {k: v for k, v in arrays.items() if k not in (input_key, label_key)}
         super().__init__(arrays[input_key], arrays[label_key] if label_key else None, description=str(self.path),
-                         extra=extra, file_format=".pt" if suffix == ".pth" else suffix, keys=(input_key, label_key))
+                         extra=extra, file_format=".pt" if suffix == ".pth" else suffix, keys=(input_key, label_key),
+                         limit=limit)
 
     def fingerprint(self) -> dict[str, Any]:
         return {"kind": "file", "path": str(self.path.resolve()), "bytes": self.path.stat().st_size,
-                "sha256": file_sha256(self.path), "rows": len(self)}
+                "sha256": file_sha256(self.path), "rows": len(self), "limit": self.limit}
 
 
 def _read_arrays(path: Path, suffix: str) -> dict[str, Any]:
@@ -838,8 +923,7 @@ class FashionMnistSource(TensorSource):
     def __init__(self, split: str = "train", limit: int | None = None):
         from prunekit.models.fashion_mnist import load_fashion_mnist
 
-        if limit is not None and limit < 1:
-            raise PrunekitError(f"--limit must be at least 1, got {limit}")
+        _check_limit(limit)
         data = load_fashion_mnist(split, limit)
         name = f"{BUILTIN}:{split}" + (f" (first {limit})" if limit else "")
         super().__init__(data.images, data.labels, description=name, keys=("images", "labels"))
@@ -859,9 +943,14 @@ def open_data(data: Any, labels: Any = None, *, text_field: str | None = "text",
 
     ``data`` is a DataSource, a path (file formats above, or ``fashion-mnist[:train|test]``),
     a tensor or array of inputs (``labels`` beside it), an ``(inputs, labels)`` pair, a list of
-    strings, a map-style torch Dataset, or a Hugging Face ``datasets`` object.
+    strings, a map-style torch Dataset, or a Hugging Face ``datasets`` object. ``limit`` keeps only the
+    first ``limit`` examples, whatever the source.
     """
+    _check_limit(limit)
     if isinstance(data, DataSource):
+        if limit is not None and getattr(data, "limit", None) != limit:
+            raise PrunekitError(f"{data.description} is already open; give the limit when opening it "
+                                f"(open_data(..., limit={limit}))")
         return data
     if isinstance(data, (str, os.PathLike)):
         text = str(data)
@@ -870,27 +959,27 @@ def open_data(data: Any, labels: Any = None, *, text_field: str | None = "text",
             return FashionMnistSource(split, limit)
         path = Path(text).expanduser()
         if path.suffix.lower() in ARRAY_FORMATS:
-            return ArrayFileSource(path, input_key, label_field)
-        return FileSource(path, text_field, label_field, features, text_unit)
+            return ArrayFileSource(path, input_key, label_field, limit=limit)
+        return FileSource(path, text_field, label_field, features, text_unit, limit=limit)
     if isinstance(data, (torch.Tensor, np.ndarray)):
-        return TensorSource(data, labels)
+        return TensorSource(data, labels, limit=limit)
     if isinstance(data, tuple) and len(data) == 2 and labels is None:
         first = data[0]
         if isinstance(first, (list, tuple)) and first and isinstance(first[0], str):
-            return TextListSource(first, data[1])
-        return TensorSource(data[0], data[1])
+            return TextListSource(first, data[1], limit=limit)
+        return TensorSource(data[0], data[1], limit=limit)
     if isinstance(data, list) and data and all(isinstance(x, str) for x in data):
-        return TextListSource(data, labels)
+        return TextListSource(data, labels, limit=limit)
     try:
         import datasets
 
         if isinstance(data, (datasets.Dataset, datasets.IterableDataset)):
-            return HFDatasetSource(data, text_field, label_field, features)
+            return HFDatasetSource(data, text_field, label_field, features, limit=limit)
     except ImportError:  # pragma: no cover - datasets is a dependency
         pass
     from torch.utils.data import Dataset
 
     if isinstance(data, Dataset):
-        return TorchDatasetSource(data)
+        return TorchDatasetSource(data, limit=limit)
     raise PrunekitError(f"cannot use {type(data).__name__} as training data; give tensors, arrays, texts, a torch "
                         "Dataset, a datasets.Dataset or a file path")
