@@ -1,4 +1,10 @@
-"""Shared fixtures: offline hub, quiet progress, the real SmolLM2 and tiny random models."""
+"""Shared fixtures: offline hub, quiet progress, the real SmolLM2 and tiny random models.
+
+Two kinds of test (docs/DEVELOPING.md, "Tests"): unit tests on tiny random models, the default
+``pytest -m "not slow"`` run, and real-model tests marked ``slow``. A test that uses a fixture loading a
+real model (``REAL_MODEL_FIXTURES``) is marked ``slow`` here; a test that loads one itself carries the
+mark in its file. The tokenizer and the path of SmolLM2 are cheap and do not make a test slow.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,22 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# Fixtures that load a real model (SmolLM2-135M, all-MiniLM-L6-v2) or run one: any test using one is slow.
+REAL_MODEL_FIXTURES = frozenset({
+    "smollm2",          # SmolLM2-135M in fp32 (here)
+    "smollm2_loaded",   # the same, once per module (tests/tokens/test_token_real_models.py)
+    "real_layers",      # three SmolLM2 layers with their real inputs (tests/weights/test_methods.py)
+    "pruned_runs",      # two CLI prunes of SmolLM2 (tests/cli/test_prune_cli.py)
+    "minilm",           # all-MiniLM-L6-v2 (tests/tokens/test_token_real_models.py)
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    slow = pytest.mark.slow(reason="uses a real model")
+    for item in items:
+        if REAL_MODEL_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(slow)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from prunekit.models import adapter_for
 from prunekit.models.loading import load, load_model, resolve
 
 
+@pytest.mark.slow  # loads a real model
 def test_default_model_is_smollm2_from_the_cache(smollm2_dir):
     lm = load_model()
     assert lm.name == "SmolLM2-135M-Instruct"
@@ -21,6 +22,7 @@ def test_default_model_is_smollm2_from_the_cache(smollm2_dir):
     assert len(adapter.blocks()) == 30 and adapter.heads_are_tied()
 
 
+@pytest.mark.slow  # loads a real model
 def test_aliases_resolve_in_one_place(smollm2_dir):
     for spec in (None, "smollm2", "default", "SmolLM2-135M-Instruct"):
         source = resolve(spec)

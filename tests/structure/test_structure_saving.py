@@ -127,6 +127,7 @@ def test_onnx_export_matches_pytorch(tmp_path, which):
     assert check_onnx(path, model, inputs, output_fn=pick) < 1e-4
 
 
+@pytest.mark.slow  # loads a real model
 def test_minilm_heads_and_neurons_shrink_and_reload(tmp_path):
     from prunekit.models.assets import minilm_path
 
