@@ -52,7 +52,7 @@ from prunekit.models.fashion_mnist import load_fashion_mnist  # noqa: E402
 from prunekit.structure import classifier_calibration, prune_structure  # noqa: E402
 from prunekit.structure.measure import (SpeedProtocol, count_macs, count_parameters, image_inputs, measure,  # noqa: E402
                                         measure_side_by_side)
-from prunekit.structure.recovery import recover_classifier  # noqa: E402
+from prunekit.training.recovery import recover_classifier  # noqa: E402
 from prunekit.structure.zoo import ResNetLike  # noqa: E402
 from prunekit.training.loop import train_classifier  # noqa: E402
 
@@ -189,7 +189,7 @@ def shrink(tool: str, importance: str, finetune_epochs: int, mode: str) -> None:
     accuracy_pruned = accuracy(model, test_set.images, test_set.labels)
     started = time.perf_counter()
     recovery = recover_classifier(model, train_set.images, train_set.labels, teacher=dense if mode == "distill" else None,
-                                  mode=mode, epochs=finetune_epochs, lr=0.01, seed=0)
+                                  objective=mode, epochs=finetune_epochs, lr=0.01, seed=0)
     dense_speed, shrunk_speed = _speeds_side_by_side(dense, model)
     result = {"tool": tool, "importance": importance, "finetune_epochs": finetune_epochs, "mode": mode,
               "prune_seconds": prune_seconds, "finetune_seconds": time.perf_counter() - started,

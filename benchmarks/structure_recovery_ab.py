@@ -26,7 +26,7 @@ from prunekit.core.text import random_windows, source_text, tokenize  # noqa: E4
 from prunekit.evaluate.perplexity import perplexity  # noqa: E402
 from prunekit.models.base import adapter_for  # noqa: E402
 from prunekit.structure import lm_calibration, lm_example_inputs, prune_structure  # noqa: E402
-from prunekit.structure.recovery import recover_lm  # noqa: E402
+from prunekit.training.recovery import recover  # noqa: E402
 from prunekit.models.loading import load  # noqa: E402
 from prunekit.structure.saving import save_structured  # noqa: E402
 
@@ -56,8 +56,8 @@ def main(settings: str, seconds: float, cache: Path | None = None) -> None:
         mode, lr, *parts = item.split(":")
         train_only = tuple(parts[0].split("+")) if parts else ()
         lm.model.load_state_dict(start)
-        result = recover_lm(lm.model, train, teacher if mode == "distill" else None, mode, max_seconds=seconds,
-                            lr=float(lr), batch_size=1, train_only=train_only)
+        result = recover(lm.model, train, teacher=teacher if mode == "distill" else None, objective=mode,
+                         seconds=seconds, lr=float(lr), batch_size=1, train_only=train_only)
         print(f"{item}: {result.steps} steps in {result.seconds:.0f} s, losses "
               f"{[round(v, 3) for v in result.losses]}, perplexity on 12 windows "
               f"{perplexity(lm.model, quick).perplexity:.2f}", flush=True)

@@ -77,7 +77,7 @@ from prunekit.structure import lm_calibration, lm_example_inputs, prune_structur
 from prunekit.structure.depth import prune_depth  # noqa: E402
 from prunekit.structure.measure import (SpeedProtocol, count_parameters, lm_inputs, measure,  # noqa: E402
                                         measure_side_by_side)
-from prunekit.structure.recovery import recover_lm  # noqa: E402
+from prunekit.training.recovery import recover as recover_lm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent / "results"
 RAW = ROOT / "raw" / "structure_smollm2"
@@ -292,7 +292,7 @@ def _prunekit(model, importance: str, ratio: float, calibration: torch.Tensor, m
 def _recover(lm, teacher, seconds: float, lr: float, mode: str, train_only: str = "") -> dict:
     text = tokenize(lm.tokenizer, source_text(PROTOCOL.calibration, "calibration", PROTOCOL))
     train = random_windows(text, RECOVERY_SAMPLES, PROTOCOL.seq_len, PROTOCOL.seed + 1)
-    return recover_lm(lm.model, train, teacher, mode, max_seconds=seconds, lr=lr, batch_size=1,
+    return recover_lm(lm.model, train, teacher=teacher, objective=mode, seconds=seconds, lr=lr, batch_size=1,
                       train_only=tuple(train_only.split("+")) if train_only else ()).to_dict()
 
 

@@ -12,7 +12,7 @@ from prunekit.models.vit import ViT
 from prunekit.structure.depth import block_influence, prune_depth, remove_blocks
 from prunekit.structure.graph import build_graph
 from prunekit.structure.shrink import shrink
-from structure_helpers import IMAGES, TOKENS, graph_of, run, tiny_llama
+from structure_helpers import TOKENS, graph_of, run, tiny_llama
 
 
 def _vit_with_identity_block(identity: int = 1) -> ViT:

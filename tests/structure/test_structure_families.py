@@ -115,7 +115,7 @@ def test_an_unreachable_ratio_names_the_parts_left_whole():
     model = _build("mixtral")
     with pytest.raises(PrunekitError, match=r"cannot be reached.*\(\d+% of the parameters lie in parts left whole: "
                                             r"fused expert tensors"):
-        check_plan(_graph(model, "mixtral"), 0.2, ("channels", "heads"))
+        check_plan(_graph(model, "mixtral"), ratio=0.2, granularity=("channels", "heads"))
 
 
 def test_router_outputs_are_pinned():

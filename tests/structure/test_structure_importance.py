@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import ClassVar
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.structure.graph import build_graph
-from prunekit.structure.importance import IMPORTANCE, ScoringContext, get_importance, normalize_scores
+from prunekit.structure.importance import IMPORTANCE, Importance, ScoringContext, get_importance, normalize_scores
 from prunekit.structure.pipeline import classifier_calibration, score_families
 from prunekit.structure.shrink import shrink
 from prunekit.structure.statistics import input_moments
@@ -212,3 +213,67 @@ def test_fisher_of_llama_neurons_and_kv_groups_matches_explicit_masks():
         squares["heads"] += gradients[1].square()
     torch.testing.assert_close(scores["model.layers.1.mlp"], squares["mlp"] / 5 / 2, rtol=1e-6, atol=1e-14)
     torch.testing.assert_close(scores["model.layers.1.self_attn"], squares["heads"] / 5 / 2, rtol=1e-6, atol=1e-14)
+
+
+class _SampleCount:
+    """Counts the calibration samples whose gradients reach each family's first-layer weight."""
+
+    def __init__(self, families, context):
+        self.families = {f.name: f for f in families}
+        self.counts = {name: torch.zeros(f.size, dtype=torch.float64) for name, f in self.families.items()}
+        self.seen = 0
+
+    @property
+    def tensors(self):
+        return ["fc1.weight"]
+
+    def __call__(self, gradients):
+        self.seen += 1
+        for name in self.counts:  # per unit: the absolute gradient of its fc1 row, one sample at a time
+            self.counts[name] += gradients["fc1.weight"].abs().sum(1).double()
+
+    def result(self):
+        return {name: total / self.seen for name, total in self.counts.items()}
+
+
+class _PerSampleCriterion(Importance):  # a criterion of its own, not registered
+    name: ClassVar[str] = "per-sample-test"
+    needs: ClassVar[frozenset[str]] = frozenset({"sample_gradients"})
+
+    def per_sample(self, families, context):
+        return _SampleCount(families, context)
+
+    def score(self, family, context):
+        return context.per_sample[family.name]
+
+
+def test_the_pipeline_provides_what_a_criterion_declares_without_naming_it():
+    """A criterion needing per-sample gradients gets them through its own accumulator; the pipeline names none."""
+    from prunekit.structure import pipeline
+
+    assert "Fisher" not in open(pipeline.__file__).read()
+    model = TwoLayer().eval()
+    graph = build_graph(model, (DATA[:2],))
+    family = graph.families[0]
+    calibration = classifier_calibration(DATA, LABELS, batch_size=16)
+    scores, context = score_families(graph, [family], _PerSampleCriterion(), calibration, None)
+    expected = torch.zeros(6, dtype=torch.float64)
+    for i in range(40):  # one sample at a time, whatever the calibration's batches
+        model.zero_grad()
+        F.cross_entropy(model(DATA[i:i + 1]), LABELS[i:i + 1]).backward()
+        expected += model.fc1.weight.grad.abs().sum(1).double()
+    assert torch.allclose(scores[family.name], expected / 40, rtol=1e-5)
+    assert context.per_sample == {family.name: scores[family.name]}
+    assert not context.gradients and not context.moments  # nothing it did not declare
+
+
+def test_a_criterion_declaring_per_sample_gradients_must_gather_them():
+    class Broken(Importance):
+        name: ClassVar[str] = "broken"
+        needs: ClassVar[frozenset[str]] = frozenset({"sample_gradients"})
+
+    broken = Broken()
+    model = TwoLayer().eval()
+    graph = build_graph(model, (DATA[:2],))
+    with pytest.raises(PrunekitError, match="importance 'broken' needs per-sample gradients but gathers nothing"):
+        score_families(graph, graph.families, broken, classifier_calibration(DATA, LABELS), None)

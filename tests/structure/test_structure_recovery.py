@@ -12,7 +12,7 @@ from torch import nn
 from prunekit.errors import PrunekitError
 from prunekit.structure import lm_calibration, lm_example_inputs, prune_structure
 from prunekit.structure.measure import SpeedProtocol, count_macs, count_parameters, measure, measure_side_by_side
-from prunekit.structure.recovery import distillation_loss, recover_classifier, recover_lm
+from prunekit.training.recovery import FineTunePlan, distillation_loss, recover, recover_classifier
 from structure_helpers import tiny_llama
 
 WINDOWS = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(0))
@@ -29,8 +29,11 @@ def test_distillation_moves_the_student_towards_the_teacher():
     prune_structure(student, 0.3, example_inputs=lm_example_inputs(), importance="l2",
                     calibration=lm_calibration(WINDOWS), allocation={"round_to": 1})
     before = _kl(student, teacher)
-    result = recover_lm(student, WINDOWS, teacher, "distill", max_seconds=None, max_steps=30, lr=3e-3, batch_size=2)
-    assert result.steps == 30 and result.tokens == 30 * 2 * 24
+    result = recover(student, WINDOWS, teacher=teacher, objective="distill", steps=30, lr=3e-3, batch_size=2)
+    assert result.steps == 30 and result.tokens == 30 * 2 * 24 and len(result.losses) == 30
+    assert result.objective == "distill" and result.update == "full" and result.layers == 0
+    embedding = student.model.embed_tokens.weight.numel()
+    assert result.trainable_parameters == sum(p.numel() for p in student.parameters()) - embedding  # tied: frozen
     assert _kl(student, teacher) < 0.7 * before
     assert not student.training and all(p.grad is None for p in student.parameters())
     assert student.model.embed_tokens.weight.requires_grad  # requires_grad restored after freezing it
@@ -40,7 +43,7 @@ def test_plain_recovery_lowers_the_language_model_loss():
     student = tiny_llama()
     with torch.no_grad():
         before = float(student(input_ids=WINDOWS, labels=WINDOWS).loss)
-    recover_lm(student, WINDOWS, None, "plain", max_seconds=None, max_steps=20, lr=3e-3, batch_size=4, train_embeddings=True)
+    recover(student, WINDOWS, steps=20, lr=3e-3, batch_size=4, train_embeddings=True)
     with torch.no_grad():
         assert float(student(input_ids=WINDOWS, labels=WINDOWS).loss) < before - 0.5
 
@@ -48,23 +51,23 @@ def test_plain_recovery_lowers_the_language_model_loss():
 def test_train_only_leaves_every_other_parameter_untouched():
     student = tiny_llama()
     before = {name: p.detach().clone() for name, p in student.named_parameters()}
-    recover_lm(student, WINDOWS, None, "plain", max_seconds=None, max_steps=5, lr=3e-3, train_only=("mlp.",))
+    recover(student, WINDOWS, steps=5, lr=3e-3, train_only=("mlp.",))
     changed = {name for name, p in student.named_parameters() if not torch.equal(p, before[name])}
     assert changed and all("mlp." in name for name in changed)
     assert {name for name in before if "mlp." in name} == changed
     assert all(p.requires_grad for p in student.parameters())
     with pytest.raises(PrunekitError, match="no parameter left to train"):
-        recover_lm(student, WINDOWS, None, "plain", max_steps=1, train_only=("no-such-module",))
+        recover(student, WINDOWS, steps=1, train_only=("no-such-module",))
 
 
 def test_the_time_budget_is_never_overrun(monkeypatch):
     import types
 
-    from prunekit.structure import recovery
+    from prunekit.training import recovery
 
     clock = iter(0.25 * i for i in range(1000))  # every reading of the clock is a quarter second later
     monkeypatch.setattr(recovery, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
-    result = recover_lm(tiny_llama(), WINDOWS, None, "plain", max_seconds=1.2, lr=1e-3)
+    result = recover(tiny_llama(), WINDOWS, FineTunePlan(seconds=1.2, lr=1e-3))
     # After 3 steps the clock reads 1.0 s at 1/3 s a step: a fourth would end past 1.2 s, so none starts
     # (checking only the elapsed time, a fourth would start at 1.0 s and end at 1.25 s).
     assert result.steps == 3
@@ -73,11 +76,13 @@ def test_the_time_budget_is_never_overrun(monkeypatch):
 def test_recovery_rejects_bad_budgets_and_modes():
     model = tiny_llama()
     with pytest.raises(PrunekitError, match="needs the unpruned teacher"):
-        recover_lm(model, WINDOWS, None, "distill", max_steps=1)
+        recover(model, WINDOWS, objective="distill", steps=1)
     with pytest.raises(PrunekitError, match="budget"):
-        recover_lm(model, WINDOWS, None, "plain", max_seconds=None, max_steps=None)
-    with pytest.raises(PrunekitError, match="unknown recovery mode"):
-        recover_lm(model, WINDOWS, None, "sgd", max_steps=1)
+        recover(model, WINDOWS, lr=1e-3)
+    with pytest.raises(PrunekitError, match="unknown recovery objective 'sgd'"):
+        recover(model, WINDOWS, objective="sgd", steps=1)
+    with pytest.raises(PrunekitError, match="unknown recovery setting 'max_steps'"):
+        recover(model, WINDOWS, max_steps=1)
 
 
 def test_classifier_recovery_plain_and_distilled():
@@ -86,9 +91,9 @@ def test_classifier_recovery_plain_and_distilled():
     labels = (inputs[:, 0] > 0).long()
     teacher = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 2))
     student = copy.deepcopy(teacher)
-    plain = recover_classifier(student, inputs, labels, mode="plain", epochs=3, lr=0.1, batch_size=32)
+    plain = recover_classifier(student, inputs, labels, objective="plain", epochs=3, lr=0.1, batch_size=32)
     assert plain.losses[-1] < plain.losses[0]
-    distilled = recover_classifier(copy.deepcopy(teacher), inputs, labels, teacher=teacher, mode="distill", epochs=3,
+    distilled = recover_classifier(copy.deepcopy(teacher), inputs, labels, teacher=teacher, objective="distill", epochs=3,
                                    lr=0.1, batch_size=32)
     assert distilled.steps == 24 and distilled.losses[-1] < distilled.losses[0]
 

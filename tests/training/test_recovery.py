@@ -36,7 +36,7 @@ def test_recovery_on_a_tiny_model_never_revives_and_learns(mode):
     prune_weights(model, "magnitude", 0.5)
     before = zero_masks(pruned_layers(model))
     windows = torch.randint(0, 64, (8, 32), generator=torch.Generator().manual_seed(0))  # a learnable, small vocabulary
-    result = recover(model, windows, mode, steps=12, batch_size=4, lr=3e-3)
+    result = recover(model, windows, update=mode, keep_zeros=True, steps=12, batch_size=4, lr=3e-3, warmup_steps=1)
     after = zero_masks(pruned_layers(model))
     assert all(torch.equal(before[name], after[name]) for name in before)
     assert not any("parametrizations" in k for k in model.state_dict())
@@ -46,11 +46,11 @@ def test_recovery_on_a_tiny_model_never_revives_and_learns(mode):
 
 def test_recovery_refuses_a_dense_model_and_bad_settings():
     with pytest.raises(PrunekitError, match="no pruned weights"):
-        recover(tiny_llama(vocab=512), torch.zeros(2, 8, dtype=torch.long))
+        recover(tiny_llama(vocab=512), torch.zeros(2, 8, dtype=torch.long), keep_zeros=True, steps=1)
     model = tiny_llama(vocab=512)
     prune_weights(model, "magnitude", 0.5)
-    with pytest.raises(PrunekitError, match="mode must be full or lora"):
-        recover(model, torch.zeros(2, 8, dtype=torch.long), "qlora")
+    with pytest.raises(PrunekitError, match="unknown recovery update 'qlora'; choose full or lora"):
+        recover(model, torch.zeros(2, 8, dtype=torch.long), update="qlora", steps=1)
     with pytest.raises(PrunekitError, match="steps must be a positive"):
         recover(model, torch.zeros(2, 8, dtype=torch.long), steps=0)
 
@@ -73,9 +73,9 @@ def test_smollm2_recovery_keeps_every_zero_and_lowers_the_loss(smollm2):
             return float(model(input_ids=evaluate, labels=evaluate).loss)
 
     start = loss()
-    recover(model, windows, "lora", steps=3, batch_size=2, lr=1e-3)
+    recover(model, windows, update="lora", steps=3, batch_size=2, lr=1e-3)
     after_lora = loss()
-    recover(model, windows, "full", steps=3, batch_size=2, lr=5e-5)
+    recover(model, windows, keep_zeros=True, train_embeddings=True, steps=3, batch_size=2, lr=5e-5)
     after_full = loss()
     after = zero_masks(pruned_layers(model))
     assert all(torch.equal(before[name], after[name]) for name in before)

@@ -4,63 +4,23 @@ to see what can be removed."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
 from prunekit.cli import contract
 from prunekit.cli.app import app
+from prunekit.cli.options import build_recipe, key_values, numbers, print_outcome, run_job
 from prunekit.errors import PrunekitError
 
 
-def _pairs(items: list[str] | None, what: str) -> dict[str, Any]:
-    import yaml
-
-    result: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.rpartition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise PrunekitError(f"{what} '{item}' must look like PATTERN=VALUE")
-        try:
-            result[key.strip()] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            raise PrunekitError(f"{what} '{item}': cannot read '{value}'") from None
-    return result
-
-
-def _overrides(items: list[str] | None) -> dict[str, float]:
+def _overrides(items: list[str] | None) -> dict[str, float] | None:
     result = {}
-    for key, value in _pairs(items, "--override").items():
+    for key, value in key_values(items, "--override", split_at_last=True).items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise PrunekitError(f"--override {key}={value}: the removed fraction must be a number")
         result[key] = float(value)
-    return result
-
-
-def build_recipe(recipe_file: Optional[Path], settings: dict[str, Any], sections: dict[str, dict[str, Any]]):
-    from prunekit.structure.recipe import ShrinkRecipe
-
-    base: dict[str, Any] = {}
-    if recipe_file is not None:
-        base = ShrinkRecipe.from_yaml(recipe_file).model_dump(mode="json", by_alias=True)
-    for key, value in settings.items():
-        if value is not None:
-            base[key] = value
-    for section, values in sections.items():
-        values = {k: v for k, v in values.items() if v is not None}
-        if section == "recovery":
-            enabled = values.pop("enabled", None)
-            if enabled is False:
-                base["recovery"] = None
-                continue
-            if not values and not enabled:
-                continue
-            current = base.get("recovery") or {}
-        else:
-            current = base.get(section) or {}
-        if values or section not in base:
-            base[section] = {**current, **values}
-    return ShrinkRecipe.build(base, where="settings")
+    return result or None
 
 
 MODEL_ARG = typer.Argument(None, help="Hugging Face model directory (causal LM or BERT encoder); "
@@ -129,104 +89,67 @@ def shrink(
     overwrite: bool = typer.Option(False, help="replace an existing output directory"),
 ) -> None:
     """Remove whole neurons, attention heads and blocks so the model gets smaller and faster; write it and a report."""
-    from prunekit.structure.job import run_shrink_job
+    from prunekit.structure.job import ShrinkJob
+    from prunekit.structure.recipe import RecoveryConfig, ShrinkRecipe
 
-    contract.check_threads(threads)
-    sizes = None
-    if batch_sizes is not None:
-        try:
-            sizes = [int(v) for v in batch_sizes.split(",") if v.strip()]
-        except ValueError:
-            raise PrunekitError(f"--batch-sizes must be comma-separated integers, got '{batch_sizes}'") from None
-    settings = {"model": model, "ratio": ratio, "target": target, "granularity": granularity, "heads": heads,
-                "importance": importance, "overrides": _overrides(override) or None, "ignore": ignore or None,
-                "evaluate": evaluate, "onnx": onnx, "lenient": lenient,
-                "reconstruct": reconstruct, "reconstruct_damping": reconstruct_damping,
-                "trust_remote_code": trust_remote_code or None}
-    sections = {
-        "allocation": {"name": allocation, "floor": floor, "round_to": round_to, "normalize": normalize},
-        "depth": {"blocks": depth, "criterion": depth_criterion},
-        "recovery": {"enabled": recover, "seconds": recover_seconds, "steps": recover_steps, "mode": recover_mode,
-                     "lr": recover_lr, "train_only": recover_train_only or None},
-        "data": {"calibration": calib, "test": test, "calibration_samples": calib_samples, "test_windows": test_windows,
-                 "seq_len": seq_len, "seed": seed},
-        "measure": {"batch_sizes": sizes, "seq_len": speed_seq_len, "runs": runs, "threads": threads,
-                    "memory": peak_memory},
-    }
-    built = build_recipe(recipe, settings, sections)
-    outcome = run_shrink_job(built, out, overwrite)
-    _print_summary(outcome.report, outcome.out_dir)
-
-
-def _print_summary(report: dict, out_dir: Path | None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    speed = report["speed"]
-    table = Table(title=f"prunekit shrink: {report['model']['name']}", show_header=False)
-    parameters = report["parameters"]
-    table.add_row("parameters", f"{parameters['before']:,} → {parameters['after']:,} "
-                                f"({parameters['removed_fraction']:.1%} removed)")
-    table.add_row("MACs (batch 1)", f"{speed['before']['macs']:,} → {speed['after']['macs']:,}")
-    for batch, ratio in speed["ratios"]["speedup"].items():
-        table.add_row(f"throughput, batch {batch}", f"{speed['before']['throughput'][batch]:.1f} → "
-                                                    f"{speed['after']['throughput'][batch]:.1f} {speed['before']['unit']}/s "
-                                                    f"({ratio:.2f}×)")
-    quality = report["quality"]
-    if quality["before"] is not None:
-        text = f"{quality['before']:.4g} → {quality['after_pruning']:.4g}"
-        if quality["after_recovery"] is not None:
-            text += f" → {quality['after_recovery']:.4g} after recovery"
-        table.add_row(quality["metric"], text)
-    memory = report["memory"]["inference"]
-    if memory["before"] and memory["after"] and "error" not in memory["before"] and "error" not in memory["after"]:
-        table.add_row(f"peak inference memory, batch {memory['before']['batch']}",
-                      f"{memory['before']['peak_rss_bytes'] / 2**20:,.0f} → {memory['after']['peak_rss_bytes'] / 2**20:,.0f} "
-                      "MiB (fresh process each)")
-    table.add_row("prune time", f"{report['timing']['prune_seconds']:.1f} s")
-    table.add_row("from_pretrained", "yes" if report["saving"]["from_pretrained"] else
-                  "no: prunekit.load rebuilds it (" + "; ".join(report["saving"]["reasons"]) + ")")
-    if out_dir is not None:
-        table.add_row("written", f"{out_dir} (report.md, report.json, recipe.yaml)")
-    Console().print(table)
+    contract.check_threads(threads)  # the threads of the speed measurement, a recipe setting
+    options = {"model": model, "ratio": ratio, "target": target, "granularity": granularity, "heads": heads,
+               "importance": importance, "overrides": _overrides(override), "ignore": ignore or None,
+               "evaluate": evaluate, "onnx": onnx, "lenient": lenient, "reconstruct": reconstruct,
+               "reconstruct_damping": reconstruct_damping, "trust_remote_code": trust_remote_code or None,
+               "allocation.name": allocation, "allocation.floor": floor, "allocation.round_to": round_to,
+               "allocation.normalize": normalize, "depth.blocks": depth, "depth.criterion": depth_criterion,
+               "recovery.seconds": recover_seconds, "recovery.steps": recover_steps, "recovery.mode": recover_mode,
+               "recovery.lr": recover_lr, "recovery.train_only": recover_train_only or None,
+               "data.calibration": calib, "data.test": test, "data.calibration_samples": calib_samples,
+               "data.test_windows": test_windows, "data.seq_len": seq_len, "data.seed": seed,
+               "measure.batch_sizes": numbers(batch_sizes, "--batch-sizes", int), "measure.seq_len": speed_seq_len,
+               "measure.runs": runs, "measure.threads": threads, "measure.memory": peak_memory}
+    built = build_recipe(ShrinkRecipe, recipe, options)
+    # A recovery setting turns recovery on; --recover alone turns it on with its defaults, --no-recover off.
+    if recover is False:
+        built = built.model_copy(update={"recovery": None})
+    elif recover and built.recovery is None:
+        built = built.model_copy(update={"recovery": RecoveryConfig()})
+    run_job(ShrinkJob(built), out, overwrite)
 
 
 @app.command("shrink-graph")
 def shrink_graph(
     model: Optional[str] = MODEL_ARG,
-    heads: str = typer.Option("kv", help="how grouped-query heads form units: kv or query"),
-    lenient: bool = typer.Option(False, "--lenient", help="leave the channels around an operation the tracer does "
-                                                          "not know unpruned instead of failing"),
+    heads: Optional[str] = typer.Option(None, help="how grouped-query heads form units: kv or query [default: kv]"),
+    lenient: Optional[bool] = typer.Option(None, "--lenient/--strict", help="leave the channels around an operation "
+                                           "the tracer does not know unpruned instead of failing [default: strict]"),
+    trust_remote_code: bool = typer.Option(False, help="allow model code from the model directory"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="also write report.json, report.md and recipe.yaml "
+                                                                 "here"),
+    recipe: Optional[Path] = typer.Option(None, help="YAML recipe; options given here override it"),
+    overwrite: bool = typer.Option(False, help="replace an existing output directory"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """List what structural pruning can remove from a model: every family of coupled units."""
     import json
 
-    import torch
     from rich.console import Console
     from rich.table import Table
 
-    from prunekit.models.base import adapter_for
-    from prunekit.structure.graph import build_graph
-    from prunekit.models.loading import CAUSAL_LM, ENCODER, load_model
-    from prunekit.structure.pipeline import lm_example_inputs
+    from prunekit.structure.job import ShrinkGraphJob, graph_rows
+    from prunekit.structure.recipe import ShrinkGraphRecipe
 
-    loaded = load_model(model, kind=(CAUSAL_LM, ENCODER), tokenizer=False)
-    example = lm_example_inputs() if loaded.kind == "causal-lm" else {"input_ids": torch.arange(1, 5)[None]}
-    graph = build_graph(loaded.model, example, adapter=adapter_for(loaded.model), head_mode=heads, strict=not lenient)
+    options = {"model": model, "heads": heads, "lenient": lenient, "trust_remote_code": trust_remote_code or None}
+    built = build_recipe(ShrinkGraphRecipe, recipe, options)
+    outcome = run_job(ShrinkGraphJob(built), out, overwrite, show=False)
+    report = outcome.report
     if as_json:
-        typer.echo(json.dumps({"families": graph.summary(), "notes": graph.frozen,
-                               "parameters": graph.parameter_count()}, indent=2))
+        typer.echo(json.dumps({"families": report["families"], "notes": report["notes"],
+                               "parameters": report["parameters"]}, indent=2))
         return
-    table = Table(title=f"{loaded.name}: {len(graph.families)} prunable families, "
-                        f"{graph.parameter_count():,} parameters")
+    table = Table(title=outcome.title)
     for column in ("family", "kind", "units", "exact", "one unit removes"):
         table.add_column(column)
-    base = graph.parameter_count()
-    for family in graph.families:
-        cost = base - graph.parameter_count({family.name: 1})
-        table.add_row(family.name, family.kind, f"{family.size} {family.unit}s", "yes" if family.exact else "no",
-                      f"{cost:,} parameters")
+    for row in graph_rows(report):
+        table.add_row(*row)
     Console().print(table)
-    for note in graph.frozen:
+    for note in report["notes"]:
         typer.echo(f"note: {note}")
+    print_outcome(outcome)

@@ -7,7 +7,6 @@ from typing import Optional
 
 import typer
 
-from prunekit.cli import contract
 from prunekit.cli.app import app
 from prunekit.cli.options import build_recipe, deprecated, key_values, run_job
 
@@ -64,7 +63,7 @@ def recover(
                                                      "or with --prune any model; default: SmolLM2-135M"),
     out: Path = typer.Option(..., "--out", "-o", help="output directory (must not exist, unless --overwrite)"),
     prune: Optional[str] = typer.Option(None, help="prune first with this one-shot method (wanda, sparsegpt, magnitude)"),
-    sparsity: Optional[float] = typer.Option(None, help="with --prune: target sparsity [default: 0.5]"),
+    ratio: Optional[float] = typer.Option(None, help="with --prune: fraction of the weights removed [default: 0.5]"),
     mode: Optional[str] = typer.Option(None, help="full (every parameter, mask kept) or lora (masked LoRA, merged) [default: full]"),
     steps: Optional[int] = typer.Option(None, help="optimizer steps [default: 100]"),
     batch_size: Optional[int] = typer.Option(None, help="windows per step [default: 4]"),
@@ -78,17 +77,17 @@ def recover(
     recipe: Optional[Path] = typer.Option(None, help="YAML recipe; options given here override it"),
     overwrite: bool = typer.Option(False, help="replace an existing output directory"),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch"),
+    sparsity: Optional[float] = typer.Option(None, hidden=True, help="deprecated: --ratio"),
 ) -> None:
     """Fine-tune a one-shot-pruned language model on the calibration text, keeping every pruned weight at zero."""
-    from prunekit.training.recovery import RecoveryRecipe, run_recovery_job
+    from prunekit.training.recovery import RecoveryJob, RecoveryRecipe
 
-    contract.apply_threads(threads)
-    options = {"model": model, "prune": prune, "sparsity": sparsity, "mode": mode, "steps": steps,
+    ratio = deprecated("--sparsity", "--ratio", sparsity, ratio)
+    options = {"model": model, "prune": prune, "ratio": ratio, "mode": mode, "steps": steps,
                "batch_size": batch_size, "lr": lr, "rank": rank, "alpha": alpha, "train_windows": train_windows,
                "train_seq_len": train_seq_len, "seed": seed, "data.test_windows": test_windows}
     built = build_recipe(RecoveryRecipe, recipe, options)
-    _report, markdown = run_recovery_job(built, out, overwrite)
-    typer.echo(markdown)
+    run_job(RecoveryJob(built), out, overwrite, threads)
 
 
 @train_app.command("methods")

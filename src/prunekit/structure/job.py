@@ -1,5 +1,6 @@
 """The ``prunekit shrink`` job: load a Hugging Face model, measure it, remove blocks and/or widths,
-optionally recover, measure again, and write the smaller model with its report.
+optionally recover, measure again, and write the smaller model with its report; and the
+``prunekit shrink-graph`` job beside it, which lists what could be removed. Both are ``Job``s.
 
 Causal language models are judged by perplexity on the pinned text protocol; encoders (BERT,
 all-MiniLM-L6-v2) by embedding fidelity, the mean cosine similarity between the shrunk and the
@@ -11,42 +12,64 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunekit.core.job import Job, Outcome
 from prunekit.core.progress import status
 from prunekit.core.text import TextProtocol, calibration_windows, random_windows, source_text, test_windows, tokenize
 from prunekit.errors import PrunekitError
 from prunekit.evaluate.perplexity import perplexity, window_losses
-from prunekit.evaluate.report import environment, human_bytes, markdown_table, write_json
+from prunekit.evaluate.report import environment, human_bytes, markdown_table
 from prunekit.evaluate.resources import Measured
-from prunekit.io.atomic import atomic_directory, check_output_dir
 from prunekit.io.shards import model_tensor_bytes
 from prunekit.models.base import ModelAdapter, adapter_for
 from prunekit.models.loading import CAUSAL_LM, ENCODER, LoadedModel, load_model, resolve_model_dir
-from prunekit.structure.depth import prune_depth
+from prunekit.structure.depth import DepthResult, prune_depth
+from prunekit.structure.graph import DependencyGraph, build_graph
 from prunekit.structure.measure import Measurement, SpeedProtocol, compare, lm_inputs, measure_side_by_side
 from prunekit.structure.peak_memory import describe as describe_memory
-from prunekit.structure.graph import build_graph
-from prunekit.structure.importance import get_importance
-from prunekit.structure.pipeline import check_plan, encoder_calibration, lm_calibration, lm_example_inputs, prune_structure
-from prunekit.structure.recipe import ShrinkRecipe
-from prunekit.structure.recovery import recover_lm
+from prunekit.structure.pipeline import (StructuredResult, check_plan, encoder_calibration, lm_calibration,
+                                         lm_example_inputs, prune_structure)
+from prunekit.structure.recipe import ShrinkGraphRecipe, ShrinkRecipe
 from prunekit.structure.saving import check_onnx, export_onnx, save_structured
+from prunekit.training.recovery import RecoveryResult, recover
 
 ONNX_FILE = "model.onnx"
 
 
 @dataclass
-class ShrinkOutcome:
-    report: dict
-    out_dir: Path | None
-    markdown: str = ""
-    extra: dict = field(default_factory=dict)
+class Quality:
+    """The quality metric before pruning, after it and after recovery (None where not measured)."""
+
+    metric: str
+    before: float | None = None
+    after_pruning: float | None = None
+    after_recovery: float | None = None
+
+
+@dataclass
+class ShrinkRun:
+    """What one shrink run found, handed whole to the report; writing adds what it saved."""
+
+    loaded: LoadedModel
+    protocol: TextProtocol
+    parameters_before: int
+    quality: Quality
+    speed_before: Measurement
+    speed_after: Measurement
+    depth: DepthResult | None
+    width: StructuredResult | None
+    recovery: RecoveryResult | None
+    pruning: Measured
+    total_seconds: float
+    size_before: int | None = None
+    saved: dict | None = None
+    onnx: dict | None = None
 
 
 def _mean_pooled(model: nn.Module, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -69,10 +92,14 @@ def _disk_bytes(path: Path | None) -> int | None:
     return sum(p.stat().st_size for p in path.glob("*.safetensors")) or None
 
 
+def _speed_protocol(recipe: ShrinkRecipe) -> SpeedProtocol:
+    measure = recipe.measure
+    return SpeedProtocol(tuple(measure.batch_sizes), measure.runs, measure.warmup, measure.threads, measure.seq_len)
+
+
 def _speeds(loaded: LoadedModel, original: nn.Module, recipe: ShrinkRecipe) -> tuple[Measurement, Measurement]:
     """Speed of the original and of the shrunk model, timed side by side."""
-    protocol = SpeedProtocol(tuple(recipe.measure.batch_sizes), recipe.measure.runs, recipe.measure.warmup,
-                             recipe.measure.threads, recipe.measure.seq_len)
+    protocol = _speed_protocol(recipe)
     vocab = loaded.model.get_input_embeddings().num_embeddings
     make = lm_inputs(recipe.measure.seq_len, vocab, recipe.data.seed)
     if loaded.kind == "encoder":
@@ -81,15 +108,6 @@ def _speeds(loaded: LoadedModel, original: nn.Module, recipe: ShrinkRecipe) -> t
     speeds = measure_side_by_side({"before": original, "after": loaded.model}, make, recipe.measure.seq_len, protocol,
                                   unit="tokens", memory=recipe.measure.memory)
     return speeds["before"], speeds["after"]
-
-
-def _quality(loaded: LoadedModel, test: torch.Tensor | None, reference: torch.Tensor | None, recipe: ShrinkRecipe,
-             label: str) -> float | None:
-    if test is None:
-        return None
-    if loaded.kind == "causal-lm":
-        return perplexity(loaded.model, test, recipe.batch_size, f"Perplexity {label}").perplexity
-    return embedding_fidelity(reference, loaded.model, test, recipe.batch_size)
 
 
 def _encoder_windows(tokenizer, protocol: TextProtocol, part: str) -> torch.Tensor:
@@ -102,105 +120,141 @@ def _encoder_windows(tokenizer, protocol: TextProtocol, part: str) -> torch.Tens
     return consecutive_windows(tokens, protocol.test_windows, protocol.seq_len)
 
 
-def run_shrink_job(recipe: ShrinkRecipe, out: str | Path, overwrite: bool = False) -> ShrinkOutcome:
-    # The shrunk model is at most the original's size (once more as model.onnx with --onnx).
-    out_path = check_output_dir(out, overwrite, inputs=(recipe.model,), expected_bytes=lambda: (1 + recipe.onnx) *
-                                model_tensor_bytes(resolve_model_dir(recipe.model)[1], recipe.dtype))
-    torch.manual_seed(recipe.data.seed)
-    protocol = recipe.data.protocol()
-    loaded = load_model(recipe.model, kind=(CAUSAL_LM, ENCODER), dtype=recipe.dtype,
-                        trust_remote_code=recipe.trust_remote_code)
-    loaded.require_tokenizer()
-    adapter = adapter_for(loaded.model)
-    if recipe.importance is None:  # resolved here so that the report and recipe.yaml name it
-        default = "fisher" if loaded.kind == "causal-lm" else "flap"
-        recipe = recipe.model_copy(update={"importance": get_importance(default).settings()})
-    if loaded.kind == "encoder" and recipe.recovery is not None:
+def _example_inputs(kind: str) -> dict:
+    return lm_example_inputs() if kind == CAUSAL_LM else {"input_ids": torch.arange(1, 5).unsqueeze(0)}
+
+
+class ShrinkJob(Job[ShrinkRecipe]):
+    """Shrink a causal language model or an encoder by depth and/or width; write it, its report and plot."""
+
+    command = "shrink"
+    recipe_type = ShrinkRecipe
+
+    def inputs(self) -> tuple[str | None, ...]:
+        return (self.recipe.model,)
+
+    def expected_bytes(self):
+        recipe = self.recipe  # the shrunk model is at most the original's size (once more as model.onnx)
+        return lambda: (1 + recipe.onnx) * model_tensor_bytes(resolve_model_dir(recipe.model)[1], recipe.dtype)
+
+    def run(self) -> Outcome:
+        torch.manual_seed(self.recipe.data.seed)
+        loaded = self.loaded = load_model(self.recipe.model, kind=(CAUSAL_LM, ENCODER), dtype=self.recipe.dtype,
+                                          trust_remote_code=self.recipe.trust_remote_code)
+        loaded.require_tokenizer()
+        # The criterion is named here, so that the report and recipe.yaml name it.
+        recipe = self.recipe = self.recipe.with_default_importance(loaded.kind)
+        protocol = recipe.data.protocol()
+        _check(loaded, recipe, protocol)
+        started = time.perf_counter()
+        graph = _checked_graph(loaded, recipe)
+        if loaded.kind == CAUSAL_LM:
+            calibration = calibration_windows(loaded.tokenizer, protocol)
+            test = test_windows(loaded.tokenizer, protocol) if recipe.evaluate else None
+        else:
+            calibration = _encoder_windows(loaded.tokenizer, protocol, "calibration")
+            test = _encoder_windows(loaded.tokenizer, protocol, "test") if recipe.evaluate else None
+        judge = _Judge(loaded, test, recipe.batch_size)
+        parameters_before = sum(p.numel() for p in {id(p): p for p in loaded.model.parameters()}.values())
+        quality = Quality(judge.metric, judge("before"))
+        # The unpruned copy is the distillation teacher and the speed reference timed next to the shrunk model.
+        original = copy.deepcopy(loaded.model)
+        depth_result = width_result = recovery_result = None
+        with Measured() as pruning:
+            if recipe.depth.blocks:
+                depth_result = _depth(loaded, adapter_for(loaded.model), recipe, calibration)
+            if recipe.ratio > 0:
+                make_calibration = lm_calibration if loaded.kind == CAUSAL_LM else encoder_calibration
+                width_result = prune_structure(loaded.model, example_inputs=_example_inputs(loaded.kind),
+                                               settings=recipe.width_settings(),
+                                               calibration=make_calibration(calibration, recipe.batch_size),
+                                               adapter=adapter_for(loaded.model), graph=graph)
+        quality.after_pruning = judge("after pruning")
+        if recipe.recovery is not None:
+            recovery_result = _recover(loaded, recipe, protocol, original)
+            quality.after_recovery = judge("after recovery")
+        speed_before, speed_after = _speeds(loaded, original, recipe)
+        del original
+        self.state = ShrinkRun(loaded, protocol, parameters_before, quality, speed_before, speed_after, depth_result,
+                               width_result, recovery_result, pruning, time.perf_counter() - started,
+                               _disk_bytes(loaded.path))
+        return self._outcome(Outcome({}))
+
+    def _outcome(self, outcome: Outcome) -> Outcome:
+        outcome.report = build_report(self.state, self.recipe)
+        outcome.markdown = report_markdown(outcome.report)
+        outcome.summary = summary_rows(outcome.report)
+        outcome.title = f"prunekit shrink: {self.loaded.name}"
+        return outcome
+
+    def write(self, directory: Path, outcome: Outcome) -> None:
+        state, loaded = self.state, self.loaded
+        depth = state.depth
+        blocks = {depth.path: [i for i in range(depth.blocks_before) if i not in depth.removed]} if depth else None
+        with status("Saving the shrunk model"):
+            state.saved = save_structured(loaded.model, directory, loaded.tokenizer, adapter_for(loaded.model),
+                                          blocks).to_dict()
+        if self.recipe.onnx:
+            state.onnx = _export(loaded, directory)
+        if state.width is not None:
+            _plot_widths(state.width.plan.widths, directory / "widths.png", loaded.name)
+        self._outcome(outcome)
+
+
+def _check(loaded: LoadedModel, recipe: ShrinkRecipe, protocol: TextProtocol) -> None:
+    """Requests the model cannot take, refused before any slow step."""
+    if loaded.kind == ENCODER and recipe.recovery is not None:
         raise PrunekitError("recovery fine-tuning is implemented for causal language models and classifiers, "
                             "not for encoders without a training objective")
-    if loaded.kind == "encoder" and recipe.depth.blocks and recipe.depth.criterion == "perplexity":
+    if loaded.kind == ENCODER and recipe.depth.blocks and recipe.depth.criterion == "perplexity":
         raise PrunekitError("the perplexity depth criterion needs a causal language model; use influence")
-    if loaded.kind == "encoder":
+    if loaded.kind == ENCODER:
         max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
         if max_positions and protocol.seq_len > max_positions:
             raise PrunekitError(f"--seq-len {protocol.seq_len} exceeds the encoder's {max_positions} positions")
-    started_all = time.perf_counter()
-    example = lm_example_inputs() if loaded.kind == "causal-lm" else {"input_ids": torch.arange(1, 5).unsqueeze(0)}
-    graph = None
     if recipe.depth.blocks:
-        prune_depth_check(loaded, adapter, recipe)
-    if recipe.ratio > 0 and not recipe.depth.blocks:
-        # Checked before the slow steps; reused for pruning since the model is unchanged until then.
-        graph = build_graph(loaded.model, example, adapter=adapter, head_mode=recipe.heads, strict=not recipe.lenient)
-        check_plan(graph, recipe.ratio, recipe.granularity, recipe.target, recipe.allocation, recipe.ignore,
-                   recipe.overrides)
-    if loaded.kind == "causal-lm":
-        calibration = calibration_windows(loaded.tokenizer, protocol)
-        test = test_windows(loaded.tokenizer, protocol) if recipe.evaluate else None
-    else:
-        calibration = _encoder_windows(loaded.tokenizer, protocol, "calibration")
-        test = _encoder_windows(loaded.tokenizer, protocol, "test") if recipe.evaluate else None
-    reference = _mean_pooled(loaded.model, test, recipe.batch_size) if (loaded.kind == "encoder" and test is not None) else None
-    parameters_before = sum(p.numel() for p in {id(p): p for p in loaded.model.parameters()}.values())
-    quality_before = _quality(loaded, test, reference, recipe, "before")
-    # The unpruned copy is the distillation teacher and the speed reference timed next to the shrunk model.
-    original = copy.deepcopy(loaded.model)
-
-    depth_result = None
-    width_result = None
-    with Measured() as pruning:
-        if recipe.depth.blocks:
-            depth_result = _depth(loaded, adapter, recipe, calibration)
-        if recipe.ratio > 0:
-            adapter = adapter_for(loaded.model)
-            make_calibration = lm_calibration if loaded.kind == "causal-lm" else encoder_calibration
-            width_result = prune_structure(
-                loaded.model, recipe.ratio, example_inputs=example, importance=recipe.importance,
-                granularity=recipe.granularity, target=recipe.target, allocation=recipe.allocation,
-                head_mode=recipe.heads, ignore=recipe.ignore, overrides=recipe.overrides,
-                calibration=make_calibration(calibration, recipe.batch_size), adapter=adapter, seed=recipe.data.seed,
-                strict=not recipe.lenient, graph=graph, reconstruct=recipe.reconstruct,
-                damping=recipe.reconstruct_damping)
-    quality_pruned = _quality(loaded, test, reference, recipe, "after pruning")
-    recovery_result = None
-    quality_recovered = None
-    if recipe.recovery is not None:
-        settings = recipe.recovery
-        train_text = tokenize(loaded.tokenizer, source_text(protocol.calibration, "calibration", protocol))
-        train = random_windows(train_text, settings.samples, protocol.seq_len, protocol.seed + 1)
-        teacher = original if settings.mode == "distill" else None
-        recovery_result = recover_lm(loaded.model, train, teacher, settings.mode, settings.seconds, settings.steps,
-                                     settings.lr, settings.batch_size, settings.temperature, seed=recipe.data.seed,
-                                     train_embeddings=settings.train_embeddings,
-                                     train_only=tuple(settings.train_only))
-        quality_recovered = _quality(loaded, test, reference, recipe, "after recovery")
-    speed_before, speed_after = _speeds(loaded, original, recipe)
-    del original
-
-    with atomic_directory(out_path, overwrite) as tmp:
-        blocks = {depth_result.path: [i for i in range(depth_result.blocks_before) if i not in depth_result.removed]} \
-            if depth_result else None
-        with status("Saving the shrunk model"):
-            saved = save_structured(loaded.model, tmp, loaded.tokenizer, adapter_for(loaded.model), blocks)
-        onnx = None
-        if recipe.onnx:
-            onnx = _export(loaded, tmp)
-        report = _report(loaded, recipe, protocol, parameters_before, quality_before, quality_pruned,
-                         quality_recovered, speed_before, speed_after, depth_result, width_result, recovery_result,
-                         saved.to_dict(), _disk_bytes(loaded.path), pruning, onnx, time.perf_counter() - started_all)
-        markdown = report_markdown(report)
-        write_json(tmp / "report.json", report)
-        (tmp / "report.md").write_text(markdown)
-        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-        if width_result is not None:
-            _plot_widths(width_result.plan.widths, tmp / "widths.png", loaded.name)
-    return ShrinkOutcome(report, out_path, markdown)
+        blocks = len(adapter_for(loaded.model).blocks())
+        if recipe.depth.blocks >= blocks:
+            raise PrunekitError(f"cannot remove {recipe.depth.blocks} of {blocks} blocks; keep at least one")
 
 
-def prune_depth_check(loaded: LoadedModel, adapter: ModelAdapter, recipe: ShrinkRecipe) -> None:
-    blocks = len(adapter.blocks())
-    if recipe.depth.blocks >= blocks:
-        raise PrunekitError(f"cannot remove {recipe.depth.blocks} of {blocks} blocks; keep at least one")
+def _checked_graph(loaded: LoadedModel, recipe: ShrinkRecipe) -> DependencyGraph | None:
+    """The width plan checked before the slow steps; its graph is reused for pruning since the model is unchanged
+    until then (a depth cut changes it: the graph is then traced after it)."""
+    if recipe.ratio == 0 or recipe.depth.blocks:
+        return None
+    settings = recipe.width_settings()
+    graph = build_graph(loaded.model, _example_inputs(loaded.kind), adapter=adapter_for(loaded.model),
+                        head_mode=settings.head_mode, strict=settings.strict)
+    check_plan(graph, settings)
+    return graph
+
+
+class _Judge:
+    """The quality metric of the model as it is now: perplexity, or an encoder's cosine to its unpruned self."""
+
+    def __init__(self, loaded: LoadedModel, test: torch.Tensor | None, batch_size: int):
+        self.loaded, self.test, self.batch_size = loaded, test, batch_size
+        causal = loaded.kind == CAUSAL_LM
+        self.metric = "perplexity" if causal else "embedding cosine to the unpruned model"
+        self.reference = None
+        if not causal and test is not None:
+            self.reference = _mean_pooled(loaded.model, test, batch_size)
+
+    def __call__(self, label: str) -> float | None:
+        if self.test is None:
+            return None
+        if self.loaded.kind == CAUSAL_LM:
+            return perplexity(self.loaded.model, self.test, self.batch_size, f"Perplexity {label}").perplexity
+        return embedding_fidelity(self.reference, self.loaded.model, self.test, self.batch_size)
+
+
+def _recover(loaded: LoadedModel, recipe: ShrinkRecipe, protocol: TextProtocol, original: nn.Module) -> RecoveryResult:
+    settings = recipe.recovery
+    train_text = tokenize(loaded.tokenizer, source_text(protocol.calibration, "calibration", protocol))
+    train = random_windows(train_text, settings.samples, protocol.seq_len, protocol.seed + 1)
+    teacher = original if settings.mode == "distill" else None
+    return recover(loaded.model, train, settings.plan(recipe.data.seed), teacher=teacher)
 
 
 def _depth(loaded: LoadedModel, adapter: ModelAdapter, recipe: ShrinkRecipe, calibration: torch.Tensor):
@@ -209,14 +263,14 @@ def _depth(loaded: LoadedModel, adapter: ModelAdapter, recipe: ShrinkRecipe, cal
         batches = lm_calibration(calibration, recipe.batch_size).batches
     else:
         batches = encoder_calibration(calibration, recipe.batch_size).batches
-    evaluate = None
-    if settings.criterion == "perplexity":
-        windows = calibration[:settings.windows]
+    windows = calibration[:settings.windows]
 
-        def evaluate(model: nn.Module) -> float:
-            losses = window_losses(model, windows, recipe.batch_size, "Perplexity")
-            return sum(losses) / len(losses)
-    return prune_depth(loaded.model, adapter.blocks_path, settings.blocks, settings.criterion, batches, evaluate)
+    def mean_loss(model: nn.Module) -> float:
+        losses = window_losses(model, windows, recipe.batch_size, "Perplexity")
+        return sum(losses) / len(losses)
+
+    judge = mean_loss if settings.criterion == "perplexity" else None
+    return prune_depth(loaded.model, adapter.blocks_path, settings.blocks, settings.criterion, batches, judge)
 
 
 def _export(loaded: LoadedModel, directory: Path) -> dict:
@@ -264,40 +318,65 @@ def _plot_widths(widths: dict[str, tuple[int, int]], path: Path, title: str) -> 
     plt.close(fig)
 
 
-def _report(loaded, recipe, protocol, parameters_before, quality_before, quality_pruned, quality_recovered,
-            speed_before, speed_after, depth_result, width_result, recovery_result, saved, size_before, pruning,
-            onnx, total_seconds) -> dict:
-    quality_name = "perplexity" if loaded.kind == "causal-lm" else "embedding cosine to the unpruned model"
-    if loaded.kind == "encoder" and quality_before is not None:
-        quality_before = 1.0
+def build_report(run: ShrinkRun, recipe: ShrinkRecipe) -> dict:
+    """The report of a shrink run as data (``report.json``); what writing saved is filled in once written."""
+    loaded, quality = run.loaded, run.quality
+    before = 1.0 if (loaded.kind == ENCODER and quality.before is not None) else quality.before
+    width = run.width
     return {
         "model": {"name": loaded.name, "path": str(loaded.path) if loaded.path else None, "kind": loaded.kind,
                   "family": adapter_for(loaded.model).describe(), "dtype": recipe.dtype},
         "settings": recipe.model_dump(mode="json", by_alias=True),
-        "parameters": {"before": parameters_before, "after": speed_after.parameters,
-                       "removed_fraction": 1 - speed_after.parameters / parameters_before},
-        "quality": {"metric": quality_name, "before": quality_before, "after_pruning": quality_pruned,
-                    "after_recovery": quality_recovered},
-        "speed": {"protocol": SpeedProtocol(tuple(recipe.measure.batch_sizes), recipe.measure.runs,
-                                            recipe.measure.warmup, recipe.measure.threads,
-                                            recipe.measure.seq_len).describe()
+        "parameters": {"before": run.parameters_before, "after": run.speed_after.parameters,
+                       "removed_fraction": 1 - run.speed_after.parameters / run.parameters_before},
+        "quality": {"metric": quality.metric, "before": before, "after_pruning": quality.after_pruning,
+                    "after_recovery": quality.after_recovery},
+        "speed": {"protocol": _speed_protocol(recipe).describe()
                   + "; the original and the shrunk model timed side by side, their passes alternating",
-                  "before": speed_before.to_dict(), "after": speed_after.to_dict(),
-                  "ratios": compare(speed_before, speed_after)},
-        "size": {"before_bytes": size_before, "after_bytes": saved["weights_bytes"]},
-        "depth": depth_result.to_dict() if depth_result else None,
-        "width": width_result.to_dict() if width_result else None,
-        "recovery": recovery_result.to_dict() if recovery_result else None,
-        "saving": saved,
-        "onnx": onnx,
-        "timing": {"prune_seconds": pruning.seconds, "total_seconds": total_seconds,
-                   **(width_result.seconds if width_result else {})},
-        "memory": {"peak_rss_during_prune_bytes": pruning.peak_rss,
-                   "inference": {"before": speed_before.memory, "after": speed_after.memory,
-                                 "protocol": _memory_protocol(speed_before.memory)}},
-        "protocol": protocol.describe(),
+                  "before": run.speed_before.to_dict(), "after": run.speed_after.to_dict(),
+                  "ratios": compare(run.speed_before, run.speed_after)},
+        "size": {"before_bytes": run.size_before, "after_bytes": run.saved["weights_bytes"] if run.saved else None},
+        "depth": run.depth.to_dict() if run.depth else None,
+        "width": width.to_dict() if width else None,
+        "recovery": run.recovery.to_dict() if run.recovery else None,
+        "saving": run.saved,
+        "onnx": run.onnx,
+        "timing": {"prune_seconds": run.pruning.seconds, "total_seconds": run.total_seconds,
+                   **(width.seconds if width else {})},
+        "memory": {"peak_rss_during_prune_bytes": run.pruning.peak_rss,
+                   "inference": {"before": run.speed_before.memory, "after": run.speed_after.memory,
+                                 "protocol": _memory_protocol(run.speed_before.memory)}},
+        "protocol": run.protocol.describe(),
         "environment": environment(),
     }
+
+
+def summary_rows(report: dict) -> list[tuple[str, str]]:
+    """The few lines the terminal shows."""
+    speed, parameters, quality = report["speed"], report["parameters"], report["quality"]
+    rows = [("parameters", f"{parameters['before']:,} → {parameters['after']:,} "
+                           f"({parameters['removed_fraction']:.1%} removed)"),
+            ("MACs (batch 1)", f"{speed['before']['macs']:,} → {speed['after']['macs']:,}")]
+    for batch, ratio in speed["ratios"]["speedup"].items():
+        rows.append((f"throughput, batch {batch}", f"{speed['before']['throughput'][batch]:.1f} → "
+                                                   f"{speed['after']['throughput'][batch]:.1f} "
+                                                   f"{speed['before']['unit']}/s ({ratio:.2f}×)"))
+    if quality["before"] is not None:
+        text = f"{quality['before']:.4g} → {quality['after_pruning']:.4g}"
+        if quality["after_recovery"] is not None:
+            text += f" → {quality['after_recovery']:.4g} after recovery"
+        rows.append((quality["metric"], text))
+    memory = report["memory"]["inference"]
+    if memory["before"] and memory["after"] and "error" not in memory["before"] and "error" not in memory["after"]:
+        rows.append((f"peak inference memory, batch {memory['before']['batch']}",
+                     f"{memory['before']['peak_rss_bytes'] / 2**20:,.0f} → "
+                     f"{memory['after']['peak_rss_bytes'] / 2**20:,.0f} MiB (fresh process each)"))
+    rows.append(("prune time", f"{report['timing']['prune_seconds']:.1f} s"))
+    saving = report["saving"]
+    if saving is not None:
+        rows.append(("from_pretrained", "yes" if saving["from_pretrained"] else
+                     "no: prunekit.load rebuilds it (" + "; ".join(saving["reasons"]) + ")"))
+    return rows
 
 
 def _memory_protocol(memory: dict | None) -> str | None:
@@ -335,9 +414,10 @@ def report_markdown(report: dict) -> str:
             rows.append((label, human_bytes(memory["before"][key]), human_bytes(memory["after"][key]),
                          f"{memory['after'][key] / memory['before'][key]:.3f}" if memory["before"][key] else "–"))
     size = report["size"]
-    rows.append(("weights on disk", human_bytes(size["before_bytes"]) if size["before_bytes"] else "–",
-                 human_bytes(size["after_bytes"]),
-                 f"{size['after_bytes'] / size['before_bytes']:.3f}" if size["before_bytes"] else "–"))
+    if size["after_bytes"] is not None:  # known once the model is written
+        rows.append(("weights on disk", human_bytes(size["before_bytes"]) if size["before_bytes"] else "–",
+                     human_bytes(size["after_bytes"]),
+                     f"{size['after_bytes'] / size['before_bytes']:.3f}" if size["before_bytes"] else "–"))
     final = quality["after_recovery"] if quality["after_recovery"] is not None else quality["after_pruning"]
     rows.append((quality["metric"], _fmt(quality["before"]), _fmt(final),
                  f"{final / quality['before']:.3f}" if (final is not None and quality["before"]) else "–"))
@@ -359,7 +439,9 @@ def report_markdown(report: dict) -> str:
         errors = {m["error"] for m in (memory["before"], memory["after"]) if m and "error" in m}
         lines += [f"Memory: peak inference memory was not measured ({'; '.join(sorted(errors))}).", ""]
     saving = report["saving"]
-    if saving["from_pretrained"]:
+    if saving is None:
+        lines.append("Loading: the model was not written.")
+    elif saving["from_pretrained"]:
         lines.append("Loading: `AutoModel*.from_pretrained(DIR)` loads this directory (the config describes every "
                      "width); `prunekit.load(DIR)` works too.")
     else:
@@ -372,7 +454,7 @@ def report_markdown(report: dict) -> str:
                   f"{report['onnx']['max_abs_difference']:.3g}.", ""]
     if report["recovery"]:
         r = report["recovery"]
-        lines += [f"Recovery: {r['mode']}, {r['steps']} steps, {r['tokens']:,} tokens, {r['seconds']:.0f} s, "
+        lines += [f"Recovery: {r['objective']} loss, {r['steps']} steps, {r['tokens']:,} tokens, {r['seconds']:.0f} s, "
                   f"lr {r['lr']}.", ""]
     if report["depth"]:
         d = report["depth"]
@@ -392,4 +474,47 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["ShrinkOutcome", "embedding_fidelity", "report_markdown", "run_shrink_job"]
+class ShrinkGraphJob(Job[ShrinkGraphRecipe]):
+    """What structural pruning could remove from a model: every family of coupled units, and what one unit costs."""
+
+    command = "shrink-graph"
+    recipe_type = ShrinkGraphRecipe
+
+    def inputs(self) -> tuple[str | None, ...]:
+        return (self.recipe.model,)
+
+    def run(self) -> Outcome:
+        recipe = self.recipe
+        loaded = load_model(recipe.model, kind=(CAUSAL_LM, ENCODER), tokenizer=False,
+                            trust_remote_code=recipe.trust_remote_code)
+        graph = build_graph(loaded.model, _example_inputs(loaded.kind), adapter=adapter_for(loaded.model),
+                            head_mode=recipe.heads, strict=not recipe.lenient)
+        base = graph.parameter_count()
+        families = graph.summary()
+        for family, summary in zip(graph.families, families):
+            summary["one_unit_removes"] = base - graph.parameter_count({family.name: 1})
+        report = {"model": {"name": loaded.name, "path": str(loaded.path) if loaded.path else None,
+                            "kind": loaded.kind},
+                  "settings": recipe.model_dump(mode="json"), "families": families, "notes": graph.frozen,
+                  "parameters": base}
+        return Outcome(report, graph_markdown(report), [], f"{loaded.name}: {len(families)} prunable families, "
+                                                            f"{base:,} parameters")
+
+
+def graph_rows(report: dict) -> list[tuple[str, str, str, str, str]]:
+    """family, kind, units, exact, what one unit removes: one row per family."""
+    return [(f["name"], f["kind"], f"{f['units']} {f['unit']}s", "yes" if f["exact"] else "no",
+             f"{f['one_unit_removes']:,} parameters") for f in report["families"]]
+
+
+def graph_markdown(report: dict) -> str:
+    lines = [f"# prunekit shrink-graph: {report['model']['name']}", "",
+             f"{len(report['families'])} prunable families, {report['parameters']:,} parameters "
+             f"(heads mode {report['settings']['heads']}).", "",
+             markdown_table(["family", "kind", "units", "exact", "one unit removes"], graph_rows(report)), ""]
+    lines += [f"Note: {note}" for note in report["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["ShrinkGraphJob", "ShrinkJob", "ShrinkRun", "build_report", "embedding_fidelity", "graph_markdown",
+           "report_markdown", "summary_rows"]

@@ -3,10 +3,14 @@
 >>> from prunekit.structure import prune_structure, classifier_calibration
 >>> result = prune_structure(model, 0.5, example_inputs=(images[:2],), importance="taylor", target="macs",
 ...                          calibration=classifier_calibration(images[:512], labels[:512]))
+
+Every setting of how width is removed lives in one ``WidthSettings`` (``ShrinkRecipe.width_settings()``
+builds it from a recipe); settings given by keyword replace its values.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -21,7 +25,6 @@ from prunekit.structure.allocation import Target, WidthAllocation, WidthPlan, al
 from prunekit.structure.graph import KINDS, DependencyGraph, build_graph
 from prunekit.structure.heads import HeadMode
 from prunekit.structure.importance.base import Importance, ScoringContext, get_importance, is_consumer
-from prunekit.structure.importance.fisher import FisherAccumulator
 from prunekit.structure.reconstruct import DEFAULT_DAMPING, reconstruct as reconstruct_layers
 from prunekit.structure.shrink import ShrinkResult, compensation_targets, shrink
 from prunekit.structure.statistics import accumulate_gradients, input_moments
@@ -116,6 +119,64 @@ def resolve_granularity(granularity: Iterable[str] | str) -> list[str]:
     return result
 
 
+@dataclass(frozen=True)
+class WidthSettings:
+    """How ``prune_structure`` removes width, checked and normalised once when made.
+
+    ``ratio`` of the parameters (``target="params"``) or MACs is removed as whole units of the
+    ``granularity`` kinds, ranked by ``importance`` and spread by ``allocation``; ``ignore`` names
+    modules or families (globs, ``re:`` regexes) to leave whole and ``overrides`` fixes the removed
+    fraction of matching families. ``head_mode`` forms grouped-query head units (whole KV groups, or
+    query heads equally from every group); ``strict`` refuses operations the tracer does not know
+    (else their channels stay whole); ``check`` verifies the shrunk shapes. ``reconstruct`` refits the
+    Linear layers reading removed channels by least squares on the calibration data (ridge ``damping``),
+    replacing FLAP's bias compensation.
+    """
+
+    ratio: float = 0.2
+    importance: Importance = field(default_factory=lambda: get_importance("l2"))
+    granularity: tuple[str, ...] = ("channels", "heads")
+    target: Target = "params"
+    allocation: WidthAllocation = field(default_factory=WidthAllocation)
+    head_mode: HeadMode = "kv"
+    ignore: tuple[str, ...] = ()
+    overrides: Mapping[str, float] = field(default_factory=dict)
+    seed: int = 0
+    strict: bool = True
+    check: bool = True
+    reconstruct: bool = False
+    damping: float = DEFAULT_DAMPING
+
+    def __post_init__(self) -> None:
+        allocation = self.allocation
+        if isinstance(allocation, str):
+            allocation = {"name": allocation}
+        if not isinstance(allocation, WidthAllocation):
+            allocation = WidthAllocation(**(allocation or {}))
+        if self.target not in ("params", "macs"):
+            raise PrunekitError(f"the target must be params or macs, got '{self.target}'")
+        if self.head_mode not in ("kv", "query"):
+            raise PrunekitError(f"the heads mode must be kv or query, got '{self.head_mode}'")
+        if not 0 < self.damping <= 100:
+            raise PrunekitError(f"the reconstruction damping must lie in (0, 100], got {self.damping}")
+        normalised = {"ratio": check_ratio(self.ratio), "importance": get_importance(self.importance),
+                      "granularity": tuple(resolve_granularity(self.granularity)), "allocation": allocation,
+                      "ignore": tuple(self.ignore), "overrides": dict(self.overrides or {})}
+        for name, value in normalised.items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def of(cls, settings: "WidthSettings | None" = None, **changes: Any) -> "WidthSettings":
+        """``settings`` (default: the defaults) with ``changes`` replacing its values."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise PrunekitError(f"unknown structural pruning setting '{unknown[0]}'; the settings are: "
+                                + ", ".join(f.name for f in dataclasses.fields(cls)))
+        if settings is None:
+            return cls(**changes)
+        return dataclasses.replace(settings, **changes) if changes else settings
+
+
 def _adapter(model: nn.Module, adapter: ModelAdapter | str | None) -> ModelAdapter | None:
     if adapter != "auto":
         return adapter  # type: ignore[return-value]
@@ -148,21 +209,20 @@ def score_families(graph: DependencyGraph, families, importance: Importance, cal
         context.gradients = accumulate_gradients(model, calibration.batches, calibration.loss_fn, tensors,
                                                  calibration.targets, calibration.one_sample_gradients)
     if "sample_gradients" in importance.needs:
-        fisher = FisherAccumulator(list(families), context)
-        accumulate_gradients(model, calibration.batches, calibration.loss_fn, fisher.tensors, calibration.targets,
-                             each_sample=fisher)  # splits every batch into single samples
-        context.fisher = fisher.result()
+        accumulator = importance.per_sample(list(families), context)
+        accumulate_gradients(model, calibration.batches, calibration.loss_fn, accumulator.tensors, calibration.targets,
+                             each_sample=accumulator)  # splits every batch into single samples
+        context.per_sample = accumulator.result()
     return {f.name: importance.score(f, context) for f in families}, context
 
 
-def check_plan(graph: DependencyGraph, ratio: float, granularity: Iterable[str] | str, target: Target = "params",
-               allocation: WidthAllocation | None = None, ignore: Sequence[str] = (),
-               overrides: Mapping[str, float] | None = None) -> None:
+def check_plan(graph: DependencyGraph, settings: WidthSettings | None = None, **changes: Any) -> None:
     """Fail fast, before any slow calibration, on requests no scores could satisfy (unreachable ratios,
     overrides that match nothing, everything ignored)."""
-    families = graph.select(resolve_granularity(granularity), ignore)
+    settings = WidthSettings.of(settings, **changes)
+    families = graph.select(list(settings.granularity), settings.ignore)
     zeros = {f.name: torch.zeros(f.size, dtype=torch.float64) for f in families}
-    allocate(graph, families, zeros, ratio, target, allocation, overrides)
+    allocate(graph, families, zeros, settings.ratio, settings.target, settings.allocation, settings.overrides)
 
 
 def _consumers(graph: DependencyGraph, families) -> list[str]:
@@ -192,42 +252,31 @@ def _uncompensated(graph: DependencyGraph, families, adapter: ModelAdapter | Non
     return sorted({modules.get(w, w) or "<root>" for w in consumers if w not in targets})
 
 
-def prune_structure(model: nn.Module, ratio: float = 0.2, *, example_inputs: tuple | dict,
-                    importance: str | Mapping[str, Any] | Importance = "l2",
-                    granularity: Iterable[str] | str = ("channels", "heads"), target: Target = "params",
-                    allocation: WidthAllocation | Mapping[str, Any] | str | None = None, head_mode: HeadMode = "kv",
-                    ignore: Sequence[str] = (), overrides: Mapping[str, float] | None = None,
-                    calibration: Calibration | None = None, adapter: ModelAdapter | str | None = "auto",
-                    seed: int = 0, strict: bool = True, check: bool = True,
-                    graph: DependencyGraph | None = None, reconstruct: bool = False,
-                    damping: float = DEFAULT_DAMPING) -> StructuredResult:
+def prune_structure(model: nn.Module, ratio: float | None = None, *, example_inputs: tuple | dict,
+                    settings: WidthSettings | None = None, calibration: Calibration | None = None,
+                    adapter: ModelAdapter | str | None = "auto", graph: DependencyGraph | None = None,
+                    **changes: Any) -> StructuredResult:
     """Remove ``ratio`` of the model's parameters (or MACs) as whole channels, heads or hidden width, in place.
 
-    ``example_inputs`` is one small batch (a tuple of positional or a dict of keyword arguments)
-    used to trace the model; ``calibration`` feeds activation-aware (wanda, flap) and gradient
-    (taylor) criteria. ``ignore`` names modules or families (globs, ``re:`` regexes) to leave
-    whole; ``overrides`` fixes the removed fraction of matching families. ``graph`` reuses a graph
-    already built for this model in its current state. ``reconstruct`` refits, by least squares on
-    the calibration data, the Linear layers that read removed channels (``prunekit.structure.reconstruct``);
-    it replaces FLAP's bias compensation, which moves only the removed channels' mean.
+    ``settings`` (a ``WidthSettings``) says how; ``ratio`` and the settings given by keyword
+    (``importance="taylor"``, ``target="macs"``, ...) replace its values. ``example_inputs`` is one
+    small batch (a tuple of positional or a dict of keyword arguments) used to trace the model;
+    ``calibration`` feeds what the importance criterion needs (activation statistics, gradients) and
+    the reconstruction. ``graph`` reuses a graph already built for this model in its current state.
     """
-    ratio = check_ratio(ratio)
-    importance = get_importance(importance)
-    if reconstruct and calibration is None:
+    if ratio is not None:
+        changes["ratio"] = ratio
+    settings = WidthSettings.of(settings, **changes)
+    importance, kinds, strategy = settings.importance, list(settings.granularity), settings.allocation
+    if settings.reconstruct and calibration is None:
         raise PrunekitError("reconstruction refits layers on calibration data: give calibration")
-    if not 0 < damping <= 100:
-        raise PrunekitError(f"the reconstruction damping must lie in (0, 100], got {damping}")
-    if isinstance(allocation, str):
-        allocation = {"name": allocation}
-    strategy = allocation if isinstance(allocation, WidthAllocation) else WidthAllocation(**(allocation or {}))
-    kinds = resolve_granularity(granularity)
     adapter = _adapter(model, adapter)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     if graph is None:
-        graph = build_graph(model, example_inputs, adapter=adapter, head_mode=head_mode, strict=strict)
+        graph = build_graph(model, example_inputs, adapter=adapter, head_mode=settings.head_mode, strict=settings.strict)
     timings["graph_seconds"] = time.perf_counter() - started
-    families = graph.select(kinds, ignore)
+    families = graph.select(kinds, settings.ignore)
     if not families:  # before any calibration: criteria have nothing to score
         raise nothing_to_prune(graph)
     notes = list(graph.frozen)
@@ -238,18 +287,19 @@ def prune_structure(model: nn.Module, ratio: float = 0.2, *, example_inputs: tup
         notes.append(f"{len(inexact)} families are read by a statistic over channels (LayerNorm/RMSNorm): removing "
                      "them changes the remaining channels' normalisation, so it is not exact")
     started = time.perf_counter()
-    scores, context = score_families(graph, families, importance, calibration, adapter, seed)
+    scores, context = score_families(graph, families, importance, calibration, adapter, settings.seed)
     timings["scoring_seconds"] = time.perf_counter() - started
     started = time.perf_counter()
     default_normalize = importance.default_normalize
-    compensating = importance.compensation() and not reconstruct
-    reserve = _compensation_biases(graph, families, adapter) if (compensating and target == "params") else 0
-    plan = allocate(graph, families, scores, ratio, target, strategy, overrides, default_normalize, reserve)
+    compensating = importance.compensation() and not settings.reconstruct
+    reserve = _compensation_biases(graph, families, adapter) if (compensating and settings.target == "params") else 0
+    plan = allocate(graph, families, scores, settings.ratio, settings.target, strategy, settings.overrides,
+                    default_normalize, reserve)
     compensation = None
-    if reconstruct:
+    if settings.reconstruct:
         started_refit = time.perf_counter()
         refitted, left = reconstruct_layers(model, graph, plan.removal, calibration.batches, adapter,
-                                            calibration.windows, calibration.batch_size, damping)
+                                            calibration.windows, calibration.batch_size, settings.damping)
         timings["reconstruct_seconds"] = time.perf_counter() - started_refit
         notes.append(f"reconstruction refitted {len(refitted)} layers by least squares on the calibration data")
         if left:
@@ -265,12 +315,13 @@ def prune_structure(model: nn.Module, ratio: float = 0.2, *, example_inputs: tup
             notes.append(f"{importance.name} adds no compensation bias to {', '.join(skipped)} (output heads, tied "
                          "embedding tables and weights applied by several modules take none): the removed "
                          "channels' mean is lost there")
-    result = shrink(graph, plan.removal, compensation, adapter, check)
+    result = shrink(graph, plan.removal, compensation, adapter, settings.check)
     timings["apply_seconds"] = time.perf_counter() - started
     return StructuredResult(plan, result, graph.summary(), importance.settings(),
                             {**strategy.model_dump(), "normalize": strategy.normalize or default_normalize},
-                            kinds, head_mode, notes + plan.notes, timings)
+                            kinds, settings.head_mode, notes + plan.notes, timings)
 
 
-__all__ = ["Calibration", "KINDS", "check_plan", "StructuredResult", "classifier_calibration", "encoder_calibration",
-           "lm_calibration", "lm_example_inputs", "prune_structure", "resolve_granularity", "score_families"]
+__all__ = ["Calibration", "KINDS", "StructuredResult", "WidthSettings", "check_plan", "classifier_calibration",
+           "encoder_calibration", "lm_calibration", "lm_example_inputs", "prune_structure", "resolve_granularity",
+           "score_families"]

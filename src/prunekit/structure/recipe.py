@@ -10,8 +10,12 @@ from prunekit.core.config import RecipeModel, TextDataConfig
 from prunekit.errors import PrunekitError
 from prunekit.structure.allocation import WidthAllocation, check_ratio
 from prunekit.structure.importance.base import get_importance
-from prunekit.structure.pipeline import resolve_granularity
+from prunekit.structure.pipeline import WidthSettings, resolve_granularity
 from prunekit.structure.reconstruct import DEFAULT_DAMPING
+from prunekit.training.recovery import FineTunePlan
+
+# Linear warm-up steps of the recovery fine-tune before its cosine decay over the budget.
+RECOVERY_WARMUP_STEPS = 10
 
 
 class DepthConfig(RecipeModel):
@@ -42,6 +46,13 @@ class RecoveryConfig(RecipeModel):
         if self.seconds is None and self.steps is None:
             raise PrunekitError("recovery needs a budget: seconds or steps")
         return self
+
+    def plan(self, seed: int) -> FineTunePlan:
+        """The fine-tune of a shrunk model: every parameter but the embedding (or those of ``train_only``)."""
+        return FineTunePlan(objective=self.mode, update="full", steps=self.steps, seconds=self.seconds, lr=self.lr,
+                            batch_size=self.batch_size, warmup_steps=RECOVERY_WARMUP_STEPS,
+                            temperature=self.temperature, train_embeddings=self.train_embeddings,
+                            train_only=tuple(self.train_only), seed=seed)
 
 
 class MeasureConfig(RecipeModel):
@@ -123,8 +134,36 @@ class ShrinkRecipe(RecipeModel):
     def _overrides(cls, value: dict[str, float]) -> dict[str, float]:
         return {k: check_ratio(v, f"override for '{k}'") for k, v in value.items()}
 
+    def with_default_importance(self, kind: str) -> "ShrinkRecipe":
+        """The recipe with its criterion named (so reports and recipe.yaml name it): unset, fisher for causal
+        language models (they have a loss), flap for encoders."""
+        if self.importance is not None:
+            return self
+        default = "fisher" if kind == "causal-lm" else "flap"
+        return self.model_copy(update={"importance": get_importance(default).settings()})
+
+    def width_settings(self) -> WidthSettings:
+        """The plan ``prune_structure`` follows, built once from this recipe (its criterion named)."""
+        if self.importance is None:
+            raise PrunekitError("the recipe names no importance criterion yet (with_default_importance names one)")
+        return WidthSettings(ratio=self.ratio, importance=self.importance, granularity=tuple(self.granularity),
+                             target=self.target, allocation=self.allocation, head_mode=self.heads,
+                             ignore=tuple(self.ignore), overrides=self.overrides, seed=self.data.seed,
+                             strict=not self.lenient, reconstruct=self.reconstruct, damping=self.reconstruct_damping)
+
     @model_validator(mode="after")
     def _something_to_do(self) -> "ShrinkRecipe":
         if self.ratio == 0 and self.depth.blocks == 0:
             raise PrunekitError("nothing to prune: give a ratio above 0 or a number of blocks to remove")
         return self
+
+
+class ShrinkGraphRecipe(RecipeModel):
+    """What ``prunekit shrink-graph`` traces: the model, how grouped-query heads form units, strictness."""
+
+    model: str | None = Field(None, description="model directory or hub id; None = the embedded SmolLM2-135M")
+    heads: Literal["kv", "query"] = Field("kv", description="grouped-query heads: whole KV groups, or query heads "
+                                                           "equally from every group")
+    lenient: bool = Field(False, description="leave the channels around an operation the tracer does not know "
+                                              "unpruned instead of failing")
+    trust_remote_code: bool = False

@@ -4,7 +4,7 @@ normalise across families so that one global ranking compares them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Mapping
+from typing import Any, ClassVar, Literal, Mapping, Protocol, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -26,8 +26,23 @@ class ScoringContext:
     graph: DependencyGraph
     moments: Mapping[str, Any] = field(default_factory=dict)  # consumer weight -> ChannelMoments
     gradients: Mapping[str, torch.Tensor] = field(default_factory=dict)  # parameter -> summed gradient
-    fisher: Mapping[str, torch.Tensor] = field(default_factory=dict)  # family -> mean squared mask gradient
+    # family -> what the criterion gathered from one sample's gradients at a time (``Importance.per_sample``)
+    per_sample: Mapping[str, torch.Tensor] = field(default_factory=dict)
     seed: int = 0
+
+
+class SampleAccumulator(Protocol):
+    """Gathers a criterion's statistic from one calibration sample's gradients at a time."""
+
+    @property
+    def tensors(self) -> list[str]:
+        """The parameters whose gradients it reads."""
+
+    def __call__(self, gradients: Mapping[str, torch.Tensor]) -> None:
+        """Take one sample's gradients (parameter name -> gradient)."""
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """Family name -> the statistic over every sample taken."""
 
 
 def unit_slices(tensor: torch.Tensor, member: Member) -> torch.Tensor:
@@ -57,7 +72,10 @@ class Importance(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: ClassVar[str]
-    needs: ClassVar[frozenset[str]] = frozenset()  # "moments", "gradients" and/or "sample_gradients"
+    # What the pipeline provides before scoring: "moments" (activation statistics of the layers reading the
+    # units), "gradients" (summed over the calibration data) and/or "sample_gradients" (one sample at a time,
+    # fed to ``per_sample``).
+    needs: ClassVar[frozenset[str]] = frozenset()
     default_normalize: ClassVar[Normalization] = "mean"  # for global ranking, unless the allocation names one
 
     reduction: Reduction = "sum"
@@ -81,6 +99,10 @@ class Importance(BaseModel):
         if self.reduction == "mean":
             return stacked.mean(0)
         return stacked.max(0).values
+
+    def per_sample(self, families: Sequence[Family], context: ScoringContext) -> SampleAccumulator:
+        """For criteria that need ``sample_gradients``: what gathers their statistic (into ``context.per_sample``)."""
+        raise PrunekitError(f"importance '{self.name}' needs per-sample gradients but gathers nothing from them")
 
     def compensation(self) -> bool:
         """Whether removed input channels move their mean into the consumer's bias (FLAP)."""

@@ -22,7 +22,7 @@ model) this is the raw ranking.
 
 from __future__ import annotations
 
-from typing import ClassVar, Mapping
+from typing import ClassVar, Mapping, Sequence
 
 import torch
 
@@ -43,8 +43,11 @@ class Fisher(Importance):
         consumers = [m for m in family.members if is_consumer(context, m)]
         return consumers or [m for m in family.members if is_weight(context, m)]
 
+    def per_sample(self, families: Sequence[Family], context: ScoringContext) -> "FisherAccumulator":
+        return FisherAccumulator(list(families), context)
+
     def score(self, family: Family, context: ScoringContext) -> torch.Tensor:
-        fisher = context.fisher.get(family.name)
+        fisher = context.per_sample.get(family.name)
         if fisher is None:
             raise PrunekitError(f"fisher: no per-sample gradients were gathered for {family.name}")
         return fisher.double() / 2
