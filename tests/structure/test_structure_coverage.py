@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from prunekit.tools.support import SupportResult
-from prunekit.tools.support.structure import check
-from prunekit.tools.support.tiny import DECODERS, ENCODERS, VOCAB, tiny_causal_lm, tiny_encoder
+from prunekit.tools.support.structure import check, check_classifier
+from prunekit.tools.support.tiny import (CLASSIFIERS, DECODERS, ENCODERS, VOCAB, classifier_batch, tiny_causal_lm,
+                                          tiny_classifier, tiny_encoder)
 
 WINDOWS = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
 _RESULTS: dict[str, SupportResult] = {}
@@ -39,3 +40,10 @@ def test_at_least_twenty_decoders_shrink_and_every_encoder():
     assert len(decoders) >= 20, f"only {len(decoders)} decoders shrink: {decoders}"
     refused = {model_type: _result(model_type).detail for model_type in ENCODERS if _result(model_type).status != "yes"}
     assert not refused, refused
+
+
+@pytest.mark.parametrize("shape", CLASSIFIERS)
+def test_every_cnn_shape_shrinks_exactly(shape):
+    images, labels = classifier_batch()
+    result = check_classifier(lambda: tiny_classifier(shape), images, labels)
+    assert result.status == "yes", f"{shape}: {result.cell()}"

@@ -60,7 +60,8 @@ def zeroed_reference(original: nn.Module, shrunk: nn.Module, result, example, he
     from prunekit.structure.graph import build_graph
     from prunekit.structure.shrink import zero_units
 
-    graph = build_graph(original, example, adapter=adapter_for(original), head_mode=head_mode)
+    adapter = adapter_for(original) if getattr(original, "config", None) is not None else None
+    graph = build_graph(original, example, adapter=adapter, head_mode=head_mode)
     for name, units in result.plan.removal.items():
         family = graph.family(name)
         if not family.exact:
@@ -144,3 +145,56 @@ def check(factory: ModelFactory, windows: torch.Tensor) -> SupportResult:
     removed = 1 - actual / result.shrink.parameters_before
     kinds = sorted({family["kind"] for family in result.families if family["name"] in result.plan.removal})
     return SupportResult("yes", f"{removed:.1%} removed as {' and '.join(kinds)}, {exactness}, reloads via {how}")
+
+
+def check_classifier(factory: ModelFactory, images: torch.Tensor, labels: torch.Tensor) -> SupportResult:
+    """Shrink a fresh plain ``nn.Module`` classifier by 20 % of its parameters as whole channels, as
+    ``prune_structure`` does by default, and verify it as ``check`` does a transformer: finite outputs,
+    the planned parameter count, the original's outputs with the removed channels zeroed, and identical
+    outputs after ``save_structured`` → ``prunekit.load(path, model=<unpruned skeleton>)``."""
+    import prunekit
+    from prunekit.structure.pipeline import WidthSettings, classifier_calibration, prune_structure
+    from prunekit.structure.saving import save_structured
+
+    model = factory().eval()
+    original = copy.deepcopy(model)
+    settings = WidthSettings(ratio=RATIO, granularity=("channels",))
+    example = (images[:1],)
+
+    def outputs_of(network: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return network(images)
+
+    try:
+        biases_before = _missing_biases(model)
+        result = prune_structure(model, example_inputs=example, settings=settings,
+                                 calibration=classifier_calibration(images, labels))
+        model.eval()
+        outputs = outputs_of(model)
+        if not torch.isfinite(outputs).all():
+            return SupportResult("broken", "the shrunk model's outputs are not finite")
+        added = sum(model.get_submodule(name).bias.numel() for name in biases_before - _missing_biases(model))
+        planned, actual = result.plan.total_after + added, _unique_parameters(model)
+        if actual != planned:
+            return SupportResult("broken", f"{actual:,} parameters after shrinking, the plan counted {planned:,}")
+        reference = zeroed_reference(original, model, result, example, settings.head_mode)
+        if isinstance(reference, str):
+            exactness = f"exactness not checked: {reference}"
+        else:
+            expected = outputs_of(reference.eval())
+            difference = float((expected - outputs).abs().max())
+            if difference > TOLERANCE * max(1.0, float(expected.abs().max())):
+                return SupportResult("broken", f"the shrunk model differs from the original with the removed channels "
+                                               f"zeroed by {difference:.3g}")
+            exactness = "equals the zeroed original"
+        with tempfile.TemporaryDirectory() as tmp:
+            save_structured(model, tmp)
+            reloaded = prunekit.load(tmp, model=factory()).eval()
+            if _unique_parameters(reloaded) != actual or not torch.equal(outputs_of(reloaded), outputs):
+                return SupportResult("broken", "reloaded from the shape spec, the model differs")
+    except PrunekitError as exc:
+        return SupportResult("refused", one_line(exc))
+    except Exception as exc:  # noqa: BLE001 - anything else is a defect this check exists to report
+        return SupportResult("broken", f"{type(exc).__name__}: {one_line(exc)}")
+    removed = 1 - actual / result.shrink.parameters_before
+    return SupportResult("yes", f"{removed:.1%} removed as channels, {exactness}, reloads via the shape spec")

@@ -89,3 +89,36 @@ DECODERS = (
     "deepseek_v3", "glm4",
 )
 ENCODERS = ("bert", "roberta", "distilbert", "deberta-v2", "electra", "albert")
+
+
+def _classifiers() -> dict:
+    from prunekit.models.vision import InceptionNet, MobileNetSE, VGGNet
+    from prunekit.structure.zoo import DenseNetLike, ResNetLike
+
+    return {
+        "residual (ResNet basic blocks)": lambda: ResNetLike(widths=(16, 32, 32), blocks=(1, 1, 1)),
+        "plain (VGG)": lambda: VGGNet(widths=(16, 32), convs_per_stage=(1, 2), hidden=64, image_size=16),
+        "depthwise-separable + squeeze-excitation (MobileNet)":
+            lambda: MobileNetSE(stem=16, blocks=((32, 2, 2), (32, 1, 2), (48, 2, 2)), head=64),
+        "grouped convolutions + concatenation (Inception)":
+            lambda: InceptionNet(stem=16, blocks=((16, 32, 4, 8), (32, 64, 4, 8))),
+        "dense concatenation (DenseNet)": lambda: DenseNetLike(growth=16, layers=2),
+    }
+
+
+def tiny_classifier(shape: str, seed: int = 0) -> torch.nn.Module:
+    """A small random CNN of one of the shapes in ``CLASSIFIERS`` (1-channel 16×16 images, 10 classes)."""
+    torch.manual_seed(seed)
+    return _classifiers()[shape]().eval()
+
+
+def classifier_batch(count: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(count, 1, 16, 16, generator=generator), torch.randint(0, 10, (count,), generator=generator)
+
+
+# Plain nn.Module CNNs (no config, no family file): every shape the structural tracer must follow.
+CLASSIFIERS = (
+    "residual (ResNet basic blocks)", "plain (VGG)", "depthwise-separable + squeeze-excitation (MobileNet)",
+    "grouped convolutions + concatenation (Inception)", "dense concatenation (DenseNet)",
+)
