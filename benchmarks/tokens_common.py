@@ -32,12 +32,12 @@ def save(name: str, data: dict[str, Any]) -> None:
     write_json(RESULTS / f"{name}.json", data)
 
 
-def measure_group(name: str, label: str, model: torch.nn.Module, task: Any, method: str, rates: Sequence[float],
+def measure_group(name: str, label: str, model: torch.nn.Module, task: Any, method: str, ratios: Sequence[float],
                   layers: Sequence[int] | None = None, options: dict[str, Any] | None = None,
                   batch_sizes: Sequence[int] = (1, 32), repeats: int = 10, warmup: int = 3) -> dict[str, Any]:
     from prunekit.tokens.evaluation import SweepSettings, run_sweep
 
-    settings = SweepSettings(methods=[method], rates=list(rates), batch_sizes=list(batch_sizes), warmup=warmup,
+    settings = SweepSettings(methods=[method], ratios=list(ratios), batch_sizes=list(batch_sizes), warmup=warmup,
                              repeats=repeats, layers=list(layers) if layers is not None else None,
                              options={method: dict(options or {})}, threads=2)
     result = run_sweep(model, task, settings)
@@ -47,18 +47,23 @@ def measure_group(name: str, label: str, model: torch.nn.Module, task: Any, meth
     return result
 
 
+def ratio_of(point: dict[str, Any]) -> float:
+    """A point's ratio; results stored before the rename call it ``rate``."""
+    return point["ratio"] if "ratio" in point else point["rate"]
+
+
 def points(data: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for label, group in data["groups"].items():
         for point in group["points"]:
-            rows.append({**point, "label": label})
+            rows.append({**point, "ratio": ratio_of(point), "label": label})
     return rows
 
 
 def table(data: dict[str, Any], metric: str, sizes: Sequence[str], scale: float = 1.0, digits: int = 4) -> str:
     from prunekit.evaluate.report import markdown_table
 
-    headers = ["method", "rate", "reducing blocks", "tokens at the end", metric, f"Δ {metric}"]
+    headers = ["method", "ratio", "reducing blocks", "tokens at the end", metric, f"Δ {metric}"]
     for size in sizes:
         headers += [f"items/s b{size}", f"speed-up b{size}"]
     headers += ["GFLOPs/item", "FLOPs ratio"]
@@ -69,7 +74,7 @@ def table(data: dict[str, Any], metric: str, sizes: Sequence[str], scale: float 
                      "–", *[v for size in sizes for v in (round(base["throughput"][size]["items_per_second"], 1), "1.00")],
                      round(base["flops_per_item"] / 1e9, 4), "1.000"])
         for point in group["points"]:
-            rows.append([label, point["rate"], ",".join(map(str, point["patch"]["layers"])),
+            rows.append([label, ratio_of(point), ",".join(map(str, point["patch"]["layers"])),
                          round(point["tokens"]["tokens_out"], 1), round(point["quality"][metric] * scale, digits),
                          f"{point['quality_change'] * scale:+.{digits}f}",
                          *[v for size in sizes for v in (round(point["throughput"][size]["items_per_second"], 1),
@@ -109,7 +114,7 @@ def plot(data: dict[str, Any], metric: str, size: str, path: Path, title: str, s
     for label, group in data["groups"].items():
         xs = [1.0] + [p["speedup"][size] for p in group["points"]]
         ys = [group["baseline"]["quality"][metric] * scale] + [p["quality"][metric] * scale for p in group["points"]]
-        curves[label] = (xs, ys)  # in order of rate, from the unpatched model: a slower point stays visible as such
+        curves[label] = (xs, ys)  # in order of ratio, from the unpatched model: a slower point stays visible as such
         reference = reference or ("unpatched", group["baseline"]["quality"][metric] * scale)
     plot_curves(curves, path, xlabel=f"measured throughput relative to the unpatched model (batch {size})",
                 ylabel=metric, title=title, log_y=log_y, reference=reference)

@@ -17,7 +17,7 @@ from tokens_common import LOCK_NOTE, RESULTS, cli, load, measure_group, ordering
 NAME = "tokens_minilm"
 PASSAGES = 128  # the CLI's default is 256; halved here so the whole benchmark fits a shared 2-core machine
 STAGED = [0.1, 0.2, 0.3]
-GROUPS = {  # label: (method, rates, layers)
+GROUPS = {  # label: (method, ratios, layers)
     "tome": ("tome", [0.03, 0.06, 0.1], None),
     "tome@3-5": ("tome", [0.1, 0.2, 0.3], [3, 4, 5]),
     "evit": ("evit", STAGED, None),
@@ -39,8 +39,8 @@ def run(groups: list[str]) -> None:
     model = loaded.model
     task = TextEmbedding.wiki(loaded.require_tokenizer(), PassageProtocol(count=PASSAGES))
     for label in groups:
-        method, rates, layers = GROUPS[label]
-        measure_group(NAME, label, model, task, method, rates, layers, repeats=5, warmup=2)
+        method, ratios, layers = GROUPS[label]
+        measure_group(NAME, label, model, task, method, ratios, layers, repeats=5, warmup=2)
         print(f"measured {label}", flush=True)
 
 
@@ -61,13 +61,13 @@ def render() -> None:
         passing = [p for p in points(data) if p["speedup"][size] >= 1.3 and p["quality"]["cosine"] >= 0.98]
         if passing:
             best = max(passing, key=lambda p: p["quality"]["cosine"])
-            lines.append(f"- batch {size}: met by {len(passing)} point(s); best: {best['label']} at rate "
-                         f"{best['rate']}, cosine {best['quality']['cosine']:.4f} at {best['speedup'][size]:.2f}×")
+            lines.append(f"- batch {size}: met by {len(passing)} point(s); best: {best['label']} at ratio "
+                         f"{best['ratio']}, cosine {best['quality']['cosine']:.4f} at {best['speedup'][size]:.2f}×")
         else:
             near = [p for p in points(data) if p["speedup"][size] >= 1.3]
             best = max(near, key=lambda p: p["quality"]["cosine"]) if near else None
             lines.append(f"- batch {size}: not met; best cosine at ≥ 1.3×: "
-                         + (f"{best['quality']['cosine']:.4f} ({best['label']} at rate {best['rate']}, "
+                         + (f"{best['quality']['cosine']:.4f} ({best['label']} at ratio {best['ratio']}, "
                             f"{best['speedup'][size]:.2f}×)" if best else "no point reaches 1.3×"))
     lines += ["", "![cosine against measured throughput](tokens_minilm.png)", ""]
     (RESULTS / f"{NAME}.md").write_text("\n".join(lines))

@@ -18,7 +18,7 @@ from tokens_common import LOCK_NOTE, RESULTS, cli, load, measure_group, ordering
 
 NAME = "tokens_vit"
 STAGED = [0.1, 0.2, 0.3, 0.4]
-GROUPS = {  # label: (method, rates, layers)
+GROUPS = {  # label: (method, ratios, layers)
     "tome": ("tome", [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4], None),
     "evit": ("evit", STAGED, None),
     "zero-tprune": ("zero-tprune", STAGED, None),
@@ -36,8 +36,8 @@ def run(groups: list[str]) -> None:
     model = load("fashion-vit")
     task = ImageClassification.fashion_mnist()
     for label in groups:
-        method, rates, layers = GROUPS[label]
-        measure_group(NAME, label, model, task, method, rates, layers, repeats=7, warmup=2)
+        method, ratios, layers = GROUPS[label]
+        measure_group(NAME, label, model, task, method, ratios, layers, repeats=7, warmup=2)
         print(f"measured {label}", flush=True)
 
 
@@ -61,14 +61,14 @@ def render() -> None:
         passing = [p for p in points(data) if p["speedup"][size] >= 1.5 and p["quality_change"] >= -0.005]
         if passing:
             best = max(passing, key=lambda p: p["speedup"][size])
-            lines.append(f"- batch {size}: met by {len(passing)} point(s); fastest: {best['label']} at rate "
-                         f"{best['rate']}, {best['speedup'][size]:.2f}×, accuracy change "
+            lines.append(f"- batch {size}: met by {len(passing)} point(s); fastest: {best['label']} at ratio "
+                         f"{best['ratio']}, {best['speedup'][size]:.2f}×, accuracy change "
                          f"{best['quality_change'] * 100:+.2f} points")
         else:
             within = [p for p in points(data) if p["quality_change"] >= -0.005]
             best = max(within, key=lambda p: p["speedup"][size]) if within else None
             lines.append(f"- batch {size}: not met; the fastest point within 0.5 point is "
-                         + (f"{best['label']} at rate {best['rate']}, {best['speedup'][size]:.2f}×" if best else "none"))
+                         + (f"{best['label']} at ratio {best['ratio']}, {best['speedup'][size]:.2f}×" if best else "none"))
     lines += ["", "![accuracy against measured throughput](tokens_vit.png)", ""]
     (RESULTS / f"{NAME}.md").write_text("\n".join(lines))
     plot(data, "accuracy", "32", RESULTS / f"{NAME}.png", "prunekit ViT on Fashion-MNIST", scale=100)

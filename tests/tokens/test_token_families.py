@@ -13,7 +13,7 @@ from tests.tokens.conftest import prunekit_vit, tiny_decoder
 def test_vit_fastv_matches_a_hand_written_forward(images):
     """Block 1's [CLS] attention picks the tokens; they skip block 1's MLP onwards, nothing else changes."""
     model = prunekit_vit()
-    rate, layer = 0.5, 1
+    ratio, layer = 0.5, 1
     with torch.no_grad():
         x = model.embed(images)
         x = model.blocks[0](x)
@@ -21,7 +21,7 @@ def test_vit_fastv_matches_a_hand_written_forward(images):
         q, k, v = block.attn.split_heads(block.norm1(x))
         x = x + block.attn.merge_heads(F.scaled_dot_product_attention(q, k, v))
         cls_attention = torch.softmax(q[:, :, :1] @ k.transpose(-1, -2) / block.attn.head_dim ** 0.5, -1).mean(1)[:, 0]
-        keep_count = 49 - int(49 * rate)
+        keep_count = 49 - int(49 * ratio)
         chosen = cls_attention[:, 1:].topk(keep_count, dim=1).indices + 1
         index = torch.cat([torch.zeros(len(images), 1, dtype=torch.long), chosen.sort(dim=1).values], dim=1)
         x = x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
@@ -29,7 +29,7 @@ def test_vit_fastv_matches_a_hand_written_forward(images):
         for later in model.blocks[layer + 1:]:
             x = later(x)
         expected = model.head(model.norm(x)[:, 0])
-        with apply(model, "fastv", rate=rate, layers=[layer]) as patch:
+        with apply(model, "fastv", ratio=ratio, layers=[layer]) as patch:
             actual = model(images)
             assert patch.kept_positions().tolist() == index.tolist()
     assert torch.allclose(actual, expected, atol=1e-5)
@@ -40,7 +40,7 @@ def test_llama_prefill_pruning_matches_a_hand_written_forward():
     model = tiny_decoder(layers=4)
     ids = torch.randint(5, 500, (2, 24), generator=torch.Generator().manual_seed(1))
     layer = 1
-    with torch.no_grad(), apply(model, "fastv", rate=0.5, layers=[layer]) as patch:
+    with torch.no_grad(), apply(model, "fastv", ratio=0.5, layers=[layer]) as patch:
         actual = model(input_ids=ids).logits
         kept = patch.kept_positions()
     assert kept[:, 0].tolist() == [0, 0] and kept[:, -1].tolist() == [23, 23]
@@ -68,7 +68,7 @@ def test_decoding_on_a_pruned_cache_is_consistent(attn):
     model = tiny_decoder(attn)
     prompt = torch.randint(5, 500, (2, 30), generator=torch.Generator().manual_seed(2))
     continuation = torch.randint(5, 500, (2, 6), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad(), apply(model, "fastv", rate=0.6) as patch:
+    with torch.no_grad(), apply(model, "fastv", ratio=0.6) as patch:
         first = model(input_ids=prompt, use_cache=True)
         cache = first.past_key_values
         assert [cache.get_seq_length(i) for i in range(4)] == [30, 30, 30, 2 + 28 - 16]
@@ -100,7 +100,7 @@ def test_left_padded_prompts_prune_as_they_would_alone():
         ids[row, 26 - len(prompt):] = prompt
         mask[row, 26 - len(prompt):] = 1
     continuation = torch.randint(5, 500, (2, 3), generator=generator)
-    with torch.no_grad(), apply(model, "fastv", rate=0.5) as patch:
+    with torch.no_grad(), apply(model, "fastv", ratio=0.5) as patch:
         first = model(input_ids=ids, attention_mask=mask, use_cache=True)
         batch_kept = patch.kept_positions().clone()
         full_mask = torch.cat([mask, torch.ones(2, 3, dtype=torch.long)], dim=1)
@@ -121,7 +121,7 @@ def test_decoder_misuse_is_refused():
     model = tiny_decoder()
     ids = torch.randint(5, 500, (1, 16), generator=torch.Generator().manual_seed(5))
     foreign_cache = model(input_ids=ids, use_cache=True).past_key_values  # filled without the patch
-    with torch.no_grad(), apply(model, "fastv", rate=0.5):
+    with torch.no_grad(), apply(model, "fastv", ratio=0.5):
         with pytest.raises(PrunekitError, match="labels"):
             model(input_ids=ids, labels=ids)
         with pytest.raises(PrunekitError, match="not filled by a prefill of the patched model"):
@@ -141,7 +141,7 @@ def test_generate_on_left_padded_prompts_matches_each_prompt_alone():
     for row, prompt in enumerate(prompts):
         ids[row, 26 - len(prompt):] = prompt
         mask[row, 26 - len(prompt):] = 1
-    with torch.no_grad(), apply(model, "fastv", rate=0.5):
+    with torch.no_grad(), apply(model, "fastv", ratio=0.5):
         batch = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
         for row, prompt in enumerate(prompts):
             alone = model.generate(input_ids=prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
@@ -154,7 +154,7 @@ def test_a_cache_of_fixed_length_is_refused():
 
     model = tiny_decoder()
     ids = torch.randint(5, 500, (1, 16), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad(), apply(model, "fastv", rate=0.5):
+    with torch.no_grad(), apply(model, "fastv", ratio=0.5):
         with pytest.raises(PrunekitError, match="DynamicCache"):
             model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
                            pad_token_id=0, cache_implementation="static")
@@ -172,7 +172,7 @@ def test_sliding_window_decoding_masks_kept_tokens_by_their_original_positions()
     model = tiny_causal_lm("mistral", sliding_window=6)
     prompt = torch.randint(3, 200, (1, 20), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
-        with apply(model, "random", rate=0.6, layers=[0]) as patch:
+        with apply(model, "random", ratio=0.6, layers=[0]) as patch:
             output = model(input_ids=prompt, use_cache=True)
             kept = patch.kept_positions()[0]
             logits, tokens = [output.logits[0, -1]], []

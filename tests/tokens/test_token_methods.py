@@ -46,7 +46,7 @@ def test_evit_keeps_the_most_attended_tokens_and_fuses_the_rest_by_attention():
     probabilities[0, 1, 0] = torch.tensor([0.1, 0.2, 0.15, 0.3, 0.2, 0.05])  # mean: .1 .3 .1 .3 .15 .05
     view = AttentionView.from_probabilities(probabilities, torch.zeros(1, 2, 6, 4), state)
     hidden = torch.arange(6.0).repeat_interleave(3).view(1, 6, 3)
-    method = get_method("evit", rate=0.4)  # removes floor(0.4 * 5) = 2 of the 5 reducible tokens
+    method = get_method("evit", ratio=0.4)  # removes floor(0.4 * 5) = 2 of the 5 reducible tokens
     step = step_for(state, view, method.removal_counts(state.reducible.sum(1), 0), hidden=hidden)
     result = method.reduce(step)
     assert result.dest.tolist() == [[0, 1, FUSED, 3, FUSED, FUSED]]
@@ -61,7 +61,7 @@ def test_evit_keeps_the_most_attended_tokens_and_fuses_the_rest_by_attention():
 def test_evit_needs_no_fusion_when_nothing_is_removed():
     state = make_state(1, 4)
     view = AttentionView.from_probabilities(torch.full((1, 1, 4, 4), 0.25), torch.zeros(1, 1, 4, 2), state)
-    result = get_method("evit", rate=0.2).reduce(step_for(state, view, [0]))
+    result = get_method("evit", ratio=0.2).reduce(step_for(state, view, [0]))
     assert result.dest.tolist() == [[0, 1, 2, 3]]
 
 
@@ -73,7 +73,7 @@ def test_fastv_ranks_by_the_last_query_under_a_causal_mask():
         probabilities[0, 0, query, : query + 1] = 1 / (query + 1)
     probabilities[0, 0, 4] = torch.tensor([0.4, 0.05, 0.3, 0.05, 0.2])
     view = AttentionView.from_probabilities(probabilities, torch.zeros(1, 1, 5, 2), state, causal=True)
-    keep = get_method("fastv", rate=0.5).reduce(step_for(state, view, [1], anchor="last")).keep
+    keep = get_method("fastv", ratio=0.5).reduce(step_for(state, view, [1], anchor="last")).keep
     # reducible: 1, 2, 3 -> drop one: token 1 and 3 tie at 0.05, the earlier token wins the tie.
     assert keep.tolist() == [[True, True, True, False, True]]
 
@@ -89,7 +89,7 @@ def test_attention_magnitude_averages_over_real_queries_and_heads():
     by_hand = probabilities[0, :, :4, :4].mean(dim=0).mean(dim=0)  # heads, then the four real queries
     assert torch.allclose(view.received()[0, :4], by_hand)
     order = sorted(range(1, 4), key=lambda token: -float(by_hand[token]))
-    keep = get_method("attention-magnitude", rate=0.5).reduce(step_for(state, view, [1])).keep
+    keep = get_method("attention-magnitude", ratio=0.5).reduce(step_for(state, view, [1])).keep
     assert keep[0, 0] and not keep[0, 4]
     assert keep[0, order[:2]].all() and not keep[0, order[2]]
 
@@ -135,10 +135,10 @@ def test_zero_tprune_similarity_stage_prunes_the_token_redundant_with_an_importa
     probabilities = torch.tensor([[0.05, 0.5, 0.12, 0.1, 0.23]]).repeat(5, 1)[None, None]
     keys = torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, 1.0], [1.0, -1.0], [1.0, 0.0]])[None, None]
     view = AttentionView.from_probabilities(probabilities, keys, state)
-    keep = get_method("zero-tprune", rate=0.25, importance_share=0.0).reduce(step_for(state, view, [1])).keep
+    keep = get_method("zero-tprune", ratio=0.25, importance_share=0.0).reduce(step_for(state, view, [1])).keep
     assert keep.tolist() == [[True, True, False, True, True]]
     # by importance alone, the least important token (3) goes instead
-    keep = get_method("zero-tprune", rate=0.25, importance_share=1.0).reduce(step_for(state, view, [1])).keep
+    keep = get_method("zero-tprune", ratio=0.25, importance_share=1.0).reduce(step_for(state, view, [1])).keep
     assert keep.tolist() == [[True, True, True, False, True]]
 
 
@@ -169,7 +169,7 @@ def test_divprune_is_the_greedy_max_min_choice_per_sample_ignoring_padding():
 def test_divprune_drops_a_duplicate_rather_than_a_distinct_token():
     state = make_state(1, 5)
     hidden = torch.tensor([[[9.0, 9, 9], [1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]])
-    keep = get_method("divprune", rate=0.25).reduce(step_for(state, None, [1], hidden=hidden)).keep
+    keep = get_method("divprune", ratio=0.25).reduce(step_for(state, None, [1], hidden=hidden)).keep
     assert keep[0, 0] and keep[0, 3] and keep[0, 4] and int(keep[0, 1]) + int(keep[0, 2]) == 1
 
 
@@ -179,7 +179,7 @@ def test_tome_merges_each_a_token_into_its_most_similar_b_token():
     view = AttentionView.from_probabilities(torch.zeros(1, 1, 7, 7), keys[None, None], state)
     hidden = torch.randn(1, 7, 3)
     state.sizes = torch.tensor([[1.0, 2.0, 1.0, 3.0, 1.0, 1.0, 4.0]])
-    result = get_method("tome", rate=0.4).reduce(step_for(state, view, [2], hidden=hidden))
+    result = get_method("tome", ratio=0.4).reduce(step_for(state, view, [2], hidden=hidden))
     # token 1 matches 4 (cos ~1), token 3 matches 2 (cos ~0.995), token 5 matches 6 (cos 0.58): the best two merge.
     assert result.dest.tolist() == [[0, 4, 2, 2, 4, 5, 6]]
     new_hidden, new_state = apply_reduction(hidden, state, result)
@@ -191,14 +191,14 @@ def test_tome_merges_each_a_token_into_its_most_similar_b_token():
 
 
 def test_tome_merges_at_most_half_and_honours_r():
-    method = get_method("tome", rate=0.5)
+    method = get_method("tome", ratio=0.5)
     assert method.removal_counts(torch.tensor([7, 2, 1]), 0).tolist() == [3, 1, 0]
-    assert get_method("tome", rate=0.0, r=5).removal_counts(torch.tensor([20, 6]), 0).tolist() == [5, 3]
+    assert get_method("tome", ratio=0.0, r=5).removal_counts(torch.tensor([20, 6]), 0).tolist() == [5, 3]
 
 
 def test_random_is_reproducible_for_a_seed_and_differs_across_seeds():
     state = make_state(2, 30)
-    method = get_method("random", rate=0.5)
+    method = get_method("random", ratio=0.5)
     first = method.reduce(step_for(state, None, [14, 14], seed=1)).keep
     again = method.reduce(step_for(state, None, [14, 14], seed=1)).keep
     other = method.reduce(step_for(state, None, [14, 14], seed=2)).keep
@@ -206,25 +206,25 @@ def test_random_is_reproducible_for_a_seed_and_differs_across_seeds():
     assert first[:, 0].all() and first.sum(dim=1).tolist() == [16, 16]
 
 
-@pytest.mark.parametrize("name,rate,message", [
+@pytest.mark.parametrize("name,ratio,message", [
     ("tome", 0.6, "at most 50%"),
     ("evit", 1.0, "would remove every token"),
     ("random", 1.5, "would remove every token"),
     ("random", -0.1, "greater than or equal to 0"),
     ("zero-tprune", 0.3, None),
 ])
-def test_rates_are_validated(name, rate, message):
+def test_ratios_are_validated(name, ratio, message):
     if message is None:
-        assert get_method(name, rate).rate == rate
+        assert get_method(name, ratio).ratio == ratio
         return
     with pytest.raises(PrunekitError, match=message):
-        get_method(name, rate)
+        get_method(name, ratio)
 
 
 def test_unknown_methods_and_settings_are_named():
     with pytest.raises(PrunekitError, match="unknown token method 'tomme'; choose one of: attention-magnitude"):
         get_method("tomme", 0.1)
-    with pytest.raises(PrunekitError, match="tome has no setting 'iterations'; its settings are: proportional, r"):
+    with pytest.raises(PrunekitError, match="tome has no setting 'iterations'; its settings are: proportional, r, ratio$"):
         get_method("tome", 0.1, iterations=3)
     with pytest.raises(PrunekitError, match="zero-tprune: iterations"):
         get_method("zero-tprune", 0.1, iterations=0)
@@ -238,7 +238,7 @@ def test_tomes_rectangular_shortcut_merges_exactly_like_the_general_path():
     keys = torch.randn(3, 2, 17, 5, generator=generator)
     hidden = torch.randn(3, 17, 6, generator=generator)
     view = AttentionView.from_probabilities(torch.zeros(3, 2, 17, 17), keys, state)
-    method = get_method("tome", rate=0.4)
+    method = get_method("tome", ratio=0.4)
     step = step_for(state, view, method.removal_counts(state.reducible.sum(1), 0), hidden=hidden)
     fast_hidden, fast = method.reduce_fast(step)
     slow_hidden, slow = apply_reduction(hidden, state, method.reduce(step))
@@ -251,3 +251,20 @@ def test_tomes_rectangular_shortcut_merges_exactly_like_the_general_path():
     padded = make_state(1, 5, torch.tensor([[True, True, True, True, False]]))
     padded.find_protected_prefix()
     assert method.reduce_fast(step_for(padded, view, [1])) is None
+
+
+def test_methods_are_built_through_the_one_registry():
+    from prunekit.tokens import METHODS
+
+    built = METHODS.build({"name": "tome", "ratio": 0.3, "r": 2})
+    assert built == get_method("tome", 0.3, r=2) == get_method({"tome": {"ratio": 0.3, "r": 2}})
+    assert built.settings() == {"name": "tome", "ratio": 0.3, "r": 2, "proportional": True}
+    with pytest.raises(PrunekitError, match="^tome removes at most 50% of the tokens per layer; give a ratio <= 0.5"):
+        METHODS.build({"name": "tome", "ratio": 0.7})
+
+
+def test_the_old_name_rate_is_read_with_a_warning(capsys):
+    assert get_method("evit", rate=0.3).ratio == 0.3
+    assert "'rate' is deprecated and goes in the next release; use 'ratio'" in capsys.readouterr().err
+    with pytest.raises(PrunekitError, match="give 'ratio' or its old name 'rate', not both"):
+        get_method("evit", 0.3, rate=0.3)

@@ -29,7 +29,7 @@ def test_minilm_padded_batches_reduce_each_paragraph_as_it_would_alone(minilm, p
     assert len(set(encoded["attention_mask"].sum(dim=1).tolist())) == 3
     with torch.no_grad():
         for method in ("tome", "evit", "zero-tprune"):
-            with apply(model, method, rate=0.3) as patch:
+            with apply(model, method, ratio=0.3) as patch:
                 pooled = patch.pool(model(**encoded).last_hidden_state)
                 kept = patch.kept_positions().clone()
                 for row, text in enumerate(texts):
@@ -38,16 +38,16 @@ def test_minilm_padded_batches_reduce_each_paragraph_as_it_would_alone(minilm, p
                     assert kept[row][kept[row] >= 0].tolist()[:5] == patch.kept_positions()[0].tolist()[:5]
 
 
-def test_minilm_fidelity_falls_with_the_rate_and_attention_beats_random(minilm, passages):
+def test_minilm_fidelity_falls_with_the_ratio_and_attention_beats_random(minilm, passages):
     model, tokenizer = minilm
     task = TextEmbedding(tokenizer, passages, PassageProtocol(count=12), batch_size=12)
     assert task.quality(model, None)["cosine"] == pytest.approx(1.0, abs=1e-6)
     cosine = {}
     with torch.no_grad():
-        for method, rate in [("evit", 0.0), ("evit", 0.1), ("evit", 0.3), ("zero-tprune", 0.3), ("random", 0.1),
+        for method, ratio in [("evit", 0.0), ("evit", 0.1), ("evit", 0.3), ("zero-tprune", 0.3), ("random", 0.1),
                              ("random", 0.3)]:
-            with apply(model, method, rate=rate) as patch:
-                cosine[method, rate] = task.quality(model, patch)["cosine"]
+            with apply(model, method, ratio=ratio) as patch:
+                cosine[method, ratio] = task.quality(model, patch)["cosine"]
     assert cosine["evit", 0.0] == pytest.approx(1.0, abs=1e-6)
     for method in ("evit", "random"):
         assert 1.0 > cosine[method, 0.1] > cosine[method, 0.3] > 0.5
@@ -70,9 +70,9 @@ def test_smollm2_prefill_pruning_keeps_the_continuation_predictable(smollm2_load
     ids = lm.tokenizer(text, return_tensors="pt")["input_ids"][:, :2 * 120].reshape(2, 120)
     task = Prefill(ids, PrefillProtocol(prompt_tokens=96, continuation_tokens=24, windows=2), batch_size=2)
     baseline = task.quality(lm.model, None)["perplexity"]
-    with apply(lm.model, "fastv", rate=0.0) as patch:
+    with apply(lm.model, "fastv", ratio=0.0) as patch:
         assert task.quality(lm.model, patch)["perplexity"] == baseline
-    with apply(lm.model, "fastv", rate=0.5) as patch:
+    with apply(lm.model, "fastv", ratio=0.5) as patch:
         pruned = task.quality(lm.model, patch)
         assert pruned["prompt_tokens_kept"] == 96 - 47
         assert baseline < pruned["perplexity"] < 2 * baseline
@@ -89,7 +89,7 @@ def test_minilm_sentence_pairs_keep_every_special_token_given_the_tokenizer(mini
     encoded = tokenizer(passages[3][:300], passages[4][:300], return_tensors="pt")
     specials = [i for i, t in enumerate(encoded["input_ids"][0].tolist()) if t in tokenizer.all_special_ids]
     assert len(specials) == 3  # [CLS], the middle [SEP], the final [SEP]
-    with torch.no_grad(), apply(model, "random", rate=0.9, tokenizer=tokenizer) as patch:
+    with torch.no_grad(), apply(model, "random", ratio=0.9, tokenizer=tokenizer) as patch:
         model(**encoded)
         assert set(specials) <= set(patch.kept_positions()[0].tolist())
         assert patch.describe()["protected"].startswith("the first real token ([CLS]), the last real token, token ids")

@@ -18,12 +18,16 @@ SPEED_NOTE = ("Unstructured and N:M masks do not speed up dense CPU kernels: the
 
 
 def environment() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
     import transformers
 
-    from prunekit import __version__
-
-    return {"prunekit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+    try:  # the installed distribution's version: importing the package root would import every dimension
+        prunekit_version = version("prunekit")
+    except PackageNotFoundError:
+        prunekit_version = "unknown (not installed)"
+    return {"prunekit": prunekit_version, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "threads": torch.get_num_threads(),
             "machine": platform.machine(), "processor": platform.processor() or platform.machine()}
 

@@ -1,8 +1,11 @@
 """What shrinking bought, measured the same way before and after.
 
+Parameters, MACs and timings are counted by ``prunekit.evaluate.measure``, the one place every
+dimension counts them; this module runs them on a shrunk model and its original:
+
 - parameters (unique tensors: a tied embedding counts once);
-- MACs of one forward pass, from ``torch.utils.flop_counter`` (FLOPs / 2);
-- CPU latency and throughput at each batch size: warm-up runs, then the median of ``runs`` timed
+- MACs of one forward pass, from ``torch.utils.flop_counter`` (FLOPs / 2, attention included on CPU too);
+- CPU latency and throughput at each batch size: warm-up rounds, then the median of ``runs`` timed
   forward passes under ``torch.inference_mode`` with a fixed thread count; models compared with each
   other are timed side by side, their passes alternating (``measure_side_by_side``);
 - peak memory of inference at the largest batch, in a fresh process that holds only this model
@@ -14,15 +17,14 @@
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Mapping
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from prunekit.errors import PrunekitError
+from prunekit.evaluate.measure import count_macs, count_parameters, forward, model_bytes, time_alternating
 from prunekit.structure.peak_memory import inference_peak
 
 
@@ -57,42 +59,6 @@ class Measurement:
         return data
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def model_bytes(model: nn.Module) -> int:
-    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def count_macs(model: nn.Module, inputs: tuple | dict) -> int:
-    args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), inputs)
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        model(*args, **kwargs)
-    return int(counter.get_total_flops() // 2)
-
-
-def time_side_by_side(models: Mapping[str, nn.Module], inputs: tuple | dict, runs: int,
-                      warmup: int) -> dict[str, list[float]]:
-    """Timed forward passes of several models on the same inputs, alternating between them (ABBA order),
-    so that a drift of the machine (clock frequency, caches, a neighbour) falls on every model alike."""
-    args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), inputs)
-    names = list(models)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    with torch.inference_mode():
-        for name in names:
-            for _ in range(warmup):
-                models[name](*args, **kwargs)
-        for run in range(runs):
-            for name in (names if run % 2 == 0 else reversed(names)):
-                started = time.perf_counter()
-                models[name](*args, **kwargs)
-                times[name].append(time.perf_counter() - started)
-    return times
-
-
 def measure(model: nn.Module, make_inputs: Callable[[int], tuple | dict], items_per_sample: int = 1,
             protocol: SpeedProtocol | None = None, unit: str = "items", memory: bool = False) -> Measurement:
     """``make_inputs(batch)`` returns one batch; ``items_per_sample`` (tokens per sequence) scales throughput.
@@ -103,7 +69,7 @@ def measure(model: nn.Module, make_inputs: Callable[[int], tuple | dict], items_
 def measure_side_by_side(models: Mapping[str, nn.Module], make_inputs: Callable[[int], tuple | dict],
                          items_per_sample: int = 1, protocol: SpeedProtocol | None = None, unit: str = "items",
                          memory: bool = False) -> dict[str, Measurement]:
-    """``measure`` for several models at once, their timed passes interleaved (``time_side_by_side``):
+    """``measure`` for several models at once, their timed passes interleaved (``time_alternating``):
     the speed ratio of a pruned model to its original is only trustworthy when both were timed together."""
     protocol = protocol or SpeedProtocol()
     previous_threads = torch.get_num_threads()
@@ -116,7 +82,9 @@ def measure_side_by_side(models: Mapping[str, nn.Module], make_inputs: Callable[
         results = {name: Measurement(count_parameters(model), count_macs(model, make_inputs(1)), unit=unit,
                                      model_bytes=model_bytes(model)) for name, model in models.items()}
         for batch in protocol.batch_sizes:
-            times = time_side_by_side(models, make_inputs(batch), protocol.runs, protocol.warmup)
+            inputs = make_inputs(batch)
+            times = time_alternating({name: forward(model, inputs) for name, model in models.items()},
+                                     protocol.runs, protocol.warmup)
             for name, result in results.items():
                 median = statistics.median(times[name])
                 result.latency_ms[batch] = median * 1000

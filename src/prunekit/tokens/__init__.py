@@ -3,7 +3,7 @@ random / attention-magnitude baselines, on prunekit's ViT, Hugging Face encoders
 Hugging Face causal language models at prefill, recognised by structure.
 
 >>> import prunekit.tokens
->>> with prunekit.tokens.apply(model, "tome", rate=0.2) as patch:
+>>> with prunekit.tokens.apply(model, "tome", ratio=0.2) as patch:
 ...     outputs = model(inputs)
 """
 

@@ -8,11 +8,13 @@ dropped. Everything else (where it runs, padding, positions, exact removal) is t
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Mapping
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, model_validator
 
+from prunekit.core.config import warn_renamed
+from prunekit.core.method import Method
 from prunekit.core.registry import Registry
 from prunekit.errors import PrunekitError
 
@@ -65,18 +67,17 @@ class Assignment:
     fuse_weights: torch.Tensor | None = None
 
 
-class TokenMethod(BaseModel):
+class TokenMethod(Method):
     """A way of choosing which tokens to drop or merge inside a transformer layer.
 
-    Subclasses are pydantic models: ``rate`` and their own fields are the settings, validated when
-    the method is built by name (from Python, the CLI or a report).
+    Subclasses are pydantic models (``prunekit.core.method.Method``): ``ratio`` and their own fields
+    are the settings, validated when the method is built by name through ``METHODS.build`` (from
+    Python, the CLI, a recipe or a report). ``rate``, the name before ``ratio``, is read for one
+    more release with a warning.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    ratio: float = Field(0.25, ge=0.0, description="fraction of the reducible tokens each reducing layer removes")
 
-    rate: float = Field(0.25, ge=0.0, description="fraction of the reducible tokens each reducing layer removes")
-
-    name: ClassVar[str]
     summary: ClassVar[str]
     needs: ClassVar[frozenset[str]] = frozenset()
     """What the method reads: "keys" (attention keys), "anchor_attention" (the row of the [CLS] or last
@@ -84,28 +85,43 @@ class TokenMethod(BaseModel):
     merges: ClassVar[bool] = False
     """Whether tokens are combined (so a token's position is no longer a single place)."""
     needs_cls: ClassVar[bool] = False
-    max_rate: ClassVar[float] = 1.0  # exclusive unless ``max_rate_inclusive``
-    max_rate_inclusive: ClassVar[bool] = False
+    max_ratio: ClassVar[float] = 1.0  # exclusive unless ``max_ratio_inclusive``
+    max_ratio_inclusive: ClassVar[bool] = False
     stages: ClassVar[Stages] = "quarters"
     proportional_attention: ClassVar[bool] = False
 
-    def check_rate(self) -> None:
-        rate = self.rate
-        if rate >= 1.0:
-            raise PrunekitError(f"rate {rate:g} would remove every token at each reducing layer; "
-                                f"give a rate in [0, 1) (the fraction of the reducible tokens removed)")
-        too_high = rate > self.max_rate if self.max_rate_inclusive else rate >= self.max_rate
+    @model_validator(mode="before")
+    @classmethod
+    def _read_rate(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "rate" in data:
+            if "ratio" in data:
+                raise ValueError("give 'ratio' or its old name 'rate', not both")
+            warn_renamed("rate", "ratio")
+            data = {("ratio" if key == "rate" else key): value for key, value in data.items()}
+        return data
+
+    @model_validator(mode="after")
+    def _check_ratio(self) -> "TokenMethod":
+        self.check_ratio()
+        return self
+
+    def check_ratio(self) -> None:
+        ratio = self.ratio
+        if ratio >= 1.0:
+            raise PrunekitError(f"ratio {ratio:g} would remove every token at each reducing layer; "
+                                f"give a ratio in [0, 1) (the fraction of the reducible tokens removed)")
+        too_high = ratio > self.max_ratio if self.max_ratio_inclusive else ratio >= self.max_ratio
         if too_high:
-            bound = f"<= {self.max_rate:g}" if self.max_rate_inclusive else f"< {self.max_rate:g}"
-            raise PrunekitError(f"{self.name} removes at most {self.max_rate:.0%} of the tokens per layer; "
-                                f"give a rate {bound}, got {rate:g}")
+            bound = f"<= {self.max_ratio:g}" if self.max_ratio_inclusive else f"< {self.max_ratio:g}"
+            raise PrunekitError(f"{self.name} removes at most {self.max_ratio:.0%} of the tokens per layer; "
+                                f"give a ratio {bound}, got {ratio:g}")
 
     def uses_proportional_attention(self) -> bool:
         return self.proportional_attention
 
     def removal_counts(self, reducible: torch.Tensor, layer: int) -> torch.Tensor:
         """How many tokens each sample loses at this layer, from its count of reducible tokens."""
-        return torch.floor(reducible.to(torch.float64) * self.rate + 1e-9).to(torch.long)
+        return torch.floor(reducible.to(torch.float64) * self.ratio + 1e-9).to(torch.long)
 
     def reduce(self, step: ReductionStep) -> Selection | Assignment:
         raise NotImplementedError
@@ -115,24 +131,14 @@ class TokenMethod(BaseModel):
         returning the new hidden states and state directly; None falls back to ``reduce``."""
         return None
 
-    def settings(self) -> dict[str, Any]:
-        return {"name": self.name, **self.model_dump(mode="json")}
 
-
-def get_method(name: str, rate: float, **options: Any) -> TokenMethod:
-    cls = METHODS.get(name)
-    try:
-        method = cls(rate=rate, **options)
-    except ValidationError as exc:
-        problem = exc.errors()[0]
-        where = ".".join(str(p) for p in problem["loc"]) or "settings"
-        if problem["type"] == "extra_forbidden":
-            allowed = sorted(set(cls.model_fields) - {"rate"})
-            raise PrunekitError(f"{cls.name} has no setting '{where}'; its settings are: "
-                                f"{', '.join(allowed) if allowed else 'none besides rate'}") from None
-        raise PrunekitError(f"{cls.name}: {where}: {problem['msg']}") from None
-    method.check_rate()
-    return method
+def get_method(spec: "str | Mapping[str, Any] | TokenMethod", ratio: float | None = None,
+               **settings: Any) -> TokenMethod:
+    """A token method from its name (or ``{"name": ..., **settings}``), through ``METHODS.build``:
+    every setting, the ratio included, is checked here."""
+    if ratio is not None:
+        settings["ratio"] = ratio
+    return METHODS.build(spec, **settings)
 
 
 def with_removal(step: ReductionStep, remove: torch.Tensor) -> ReductionStep:

@@ -3,7 +3,7 @@
 Three tasks, one per kind of model: image classification (Fashion-MNIST accuracy), text embedding
 (cosine of the pooled embedding to the unreduced model's, on Wikipedia paragraphs) and prefill
 (perplexity of a continuation after a pruned prompt, and the prefill's speed). ``run_sweep``
-applies methods at several rates and measures each against the unpatched model.
+applies methods at several ratios and measures each against the unpatched model.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 
 from prunekit.core.progress import progress_bar
 from prunekit.errors import PrunekitError
-from prunekit.tokens.measure import count_flops, machine_load, measure_paired, measure_throughput
+from prunekit.evaluate.measure import count_flops, machine_load, measure_paired, measure_throughput
 from prunekit.tokens.patch import TokenPatch, apply
 
 
@@ -254,13 +254,13 @@ class Prefill(Task):
 @dataclass
 class SweepSettings:
     methods: list[str]
-    rates: list[float]
+    ratios: list[float]
     batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
     warmup: int = 3
     repeats: int = 10
     layers: list[int] | None = None
     seed: int = 0
-    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-method settings
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-method settings (the ratio aside)
     threads: int | None = None
 
     def describe(self) -> dict[str, Any]:
@@ -298,23 +298,23 @@ def measure_point(model: nn.Module, task: Task, settings: SweepSettings, patch: 
 def run_sweep(model: nn.Module, task: Task, settings: SweepSettings,
               on_point: Callable[[dict[str, Any]], None] | None = None,
               baseline: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Measure the unpatched model, then every method at every rate; returns the report's data."""
+    """Measure the unpatched model, then every method at every ratio; returns the report's data."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     model.eval()
     points: list[dict[str, Any]] = []
-    total = len(settings.methods) * len(settings.rates) + (baseline is None)
+    total = len(settings.methods) * len(settings.ratios) + (baseline is None)
     with progress_bar("Token reduction sweep", total) as bar:
         if baseline is None:
             bar.describe("unpatched model")
-            baseline = {"method": "none", "rate": 0.0, **measure_point(model, task, settings, None)}
+            baseline = {"method": "none", "ratio": 0.0, **measure_point(model, task, settings, None)}
             bar.advance()
         for method in settings.methods:
-            for rate in settings.rates:
-                bar.describe(f"{method} at rate {rate:g}")
-                with apply(model, method, rate, layers=settings.layers, seed=settings.seed,
+            for ratio in settings.ratios:
+                bar.describe(f"{method} at ratio {ratio:g}")
+                with apply(model, method, ratio, layers=settings.layers, seed=settings.seed,
                            tokenizer=getattr(task, "tokenizer", None), **settings.options.get(method, {})) as patch:
-                    point = {"method": method, "rate": rate, "patch": patch.describe(),
+                    point = {"method": method, "ratio": ratio, "patch": patch.describe(),
                              **measure_point(model, task, settings, patch)}
                 _add_relative(point, baseline, task)
                 points.append(point)
@@ -338,7 +338,7 @@ def _add_relative(point: dict[str, Any], baseline: dict[str, Any], task: Task) -
 
 def quality_at_speedup(points: Sequence[dict[str, Any]], method: str, metric: str, speedup: float,
                        batch_size: str) -> float | None:
-    """A method's quality at a given measured speed-up, linearly interpolated between its rates
+    """A method's quality at a given measured speed-up, linearly interpolated between its ratios
     (None if its measured speed-ups do not reach that far)."""
     curve = sorted((p["speedup"][batch_size], p["quality"][metric]) for p in points
                    if p["method"] == method and batch_size in p["speedup"])
@@ -354,7 +354,7 @@ def sweep_table(result: dict[str, Any]) -> str:
 
     metric = result["metric"]
     sizes = list(result["baseline"]["throughput"])
-    headers = ["method", "rate", "layers", "tokens at the end", metric, f"Δ {metric}"]
+    headers = ["method", "ratio", "layers", "tokens at the end", metric, f"Δ {metric}"]
     for size in sizes:
         headers += [f"items/s (batch {size})", f"speed-up (batch {size})"]
     headers += ["GFLOPs/item", "FLOPs ratio"]
@@ -363,7 +363,7 @@ def sweep_table(result: dict[str, Any]) -> str:
              *[value for size in sizes for value in (base["throughput"][size]["items_per_second"], 1.0)],
              base["flops_per_item"] / 1e9, 1.0]]
     for point in result["points"]:
-        rows.append([point["method"], point["rate"], ",".join(str(layer) for layer in point["patch"]["layers"]),
+        rows.append([point["method"], point["ratio"], ",".join(str(layer) for layer in point["patch"]["layers"]),
                      point["tokens"]["tokens_out"] if point["tokens"] else None, point["quality"][metric],
                      point["quality_change"],
                      *[value for size in sizes for value in (point["throughput"][size]["items_per_second"],
@@ -387,7 +387,7 @@ def sweep_markdown(result: dict[str, Any], title: str) -> str:
              f"Protocol: {result['protocol']['text']}.", "",
              f"Timing: {settings['timing']}; batch sizes {settings['batch_sizes']}; torch {env['torch']}, "
              f"{env['threads']} threads, {env['processor']}.", "",
-             "Rate: the fraction of the reducible tokens (real, unprotected) each reducing layer removes; the "
+             "Ratio: the fraction of the reducible tokens (real, unprotected) each reducing layer removes; the "
              "layers column lists the blocks that reduce (after their attention, before their MLP).", "",
              sweep_table(result), ""]
     return "\n".join(lines)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import types
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -199,7 +199,7 @@ class TokenPatch:
 
     def __repr__(self) -> str:
         status = "active" if self.active else "removed"
-        return (f"TokenPatch({self.method.name}, rate={self.method.rate:g}, layers={list(self.layers)}, "
+        return (f"TokenPatch({self.method.name}, ratio={self.method.ratio:g}, layers={list(self.layers)}, "
                 f"family={self.family.name}, {status})")
 
 
@@ -234,18 +234,20 @@ def special_token_ids(tokenizer: Any) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def apply(model: nn.Module, method: str = "tome", rate: float = 0.25, *, layers: Sequence[int] | None = None,
-          seed: int = 0, protect_ids: Sequence[int] = (), tokenizer: Any = None, **options: Any) -> TokenPatch:
+def apply(model: nn.Module, method: "str | Mapping[str, Any] | TokenMethod" = "tome", ratio: float | None = None, *,
+          layers: Sequence[int] | None = None, seed: int = 0, protect_ids: Sequence[int] = (), tokenizer: Any = None,
+          **options: Any) -> TokenPatch:
     """Make ``model`` drop or merge tokens inside its forward pass; returns the handle that undoes it.
 
-    ``rate`` is the fraction of the reducible tokens (real, unprotected) that each reducing layer
-    removes; ``layers`` lists the blocks that reduce (after their attention, before their MLP),
+    ``ratio`` is the fraction of the reducible tokens (real, unprotected) that each reducing layer
+    removes [default: the method's, 0.25]; ``rate``, its old name, is read for one more release with a
+    warning. ``method`` is a name, ``{"name": ..., **settings}`` or a built method. ``layers`` lists the blocks that reduce (after their attention, before their MLP),
     by default the method's own schedule. ``protect_ids`` adds token ids that are never removed
     (for text models; [CLS]/first, [SEP]/last and padding are handled by rule); give ``tokenizer``
     to protect every special token it defines (a pair's middle [SEP], chat markers). Method settings
     (``r`` for ToMe, ``iterations`` for Zero-TPrune, ...) are keyword arguments.
 
-    >>> with prunekit.tokens.apply(vit, "tome", rate=0.2) as patch:
+    >>> with prunekit.tokens.apply(vit, "tome", ratio=0.2) as patch:
     ...     logits = vit(images)
     """
     from prunekit.tokens.families import find_family
@@ -256,9 +258,9 @@ def apply(model: nn.Module, method: str = "tome", rate: float = 0.25, *, layers:
     if existing is not None:
         raise PrunekitError(f"the model already carries a token patch ({existing.method.name}); remove it first")
     family = find_family(model)
-    built = method if isinstance(method, TokenMethod) else get_method(str(method), rate, **options)
-    if isinstance(method, TokenMethod) and options:
+    if isinstance(method, TokenMethod) and (options or ratio is not None):
         raise PrunekitError("give settings either in the method object or as keyword arguments, not both")
+    built = get_method(method, ratio, **options)
     family.check(built)
     chosen = resolve_layers(built, layers, family.depth)
     protected = sorted(set(int(i) for i in protect_ids) | set(special_token_ids(tokenizer) if tokenizer else ()))

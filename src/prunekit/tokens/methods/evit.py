@@ -3,7 +3,7 @@
 At a reducing layer, the attention of the [CLS] query (averaged over heads) ranks the reducible
 tokens. The most attended survive; the inattentive ones are fused into a single new token, their
 attention-weighted mean, appended after the survivors. The count is matched to the other methods:
-at a rate removing r tokens, r + 1 tokens are fused into one. EViT as published sums the weighted
+at a ratio removing r tokens, r + 1 tokens are fused into one. EViT as published sums the weighted
 tokens without normalising, which a fine-tuned model learns to absorb; training-free, the fused
 token is the normalised mean so its scale is that of a real token.
 """
@@ -34,7 +34,7 @@ class EViT(TokenMethod):
         if not self.fuse:
             return keep_top(attention, step)
         fusing = step.remove > 0
-        # Fusing r + 1 tokens into one removes r tokens, like the other methods at the same rate.
+        # Fusing r + 1 tokens into one removes r tokens, like the other methods at the same ratio.
         attentive = keep_top(attention, with_removal(step, step.remove + fusing.long())).keep
         positions = torch.arange(attention.shape[1], device=attention.device).expand_as(attention)
         inattentive = step.reducible & ~attentive & fusing[:, None]

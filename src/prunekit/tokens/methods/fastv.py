@@ -2,7 +2,7 @@
 
 In a decoder the anchor is the last prompt token, the query that starts generation; in an encoder
 it is [CLS]. Its attention (averaged over heads) at the reducing layer ranks the tokens. FastV
-prunes once, after block K (K = 2 by default), keeping a fraction (1 - rate) of the prompt.
+prunes once, after block K (K = 2 by default), keeping a fraction (1 - ratio) of the prompt.
 """
 
 from __future__ import annotations

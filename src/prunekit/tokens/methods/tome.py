@@ -24,11 +24,11 @@ class ToMe(TokenMethod):
     summary: ClassVar[str] = "merge the most similar tokens (bipartite matching on keys), proportional attention"
     needs: ClassVar[frozenset[str]] = frozenset({"keys"})
     merges: ClassVar[bool] = True
-    max_rate: ClassVar[float] = 0.5
-    max_rate_inclusive: ClassVar[bool] = True
+    max_ratio: ClassVar[float] = 0.5
+    max_ratio_inclusive: ClassVar[bool] = True
     stages: ClassVar[str] = "every"
 
-    r: int | None = Field(None, ge=0, description="tokens merged per layer (ToMe's r); replaces rate when given")
+    r: int | None = Field(None, ge=0, description="tokens merged per layer (ToMe's r); replaces ratio when given")
     proportional: bool = Field(True, description="add log(token size) to the attention logits of later layers")
 
     def uses_proportional_attention(self) -> bool:

@@ -64,7 +64,6 @@ class ZeroTPrune(TokenMethod):
         candidates = first & step.reducible
         rank = _rank_within(importance, candidates)
         important = candidates & (rank < (candidates.sum(dim=1, keepdim=True) + 1) // 2)
-        rest = candidates & ~important
         similarity = cosine_similarity_matrix(step.attention.keys().float())
         redundancy = similarity.masked_fill(~important[:, None, :], float("-inf")).amax(dim=-1).clamp(-1.0, 1.0)
         # Keep score: important tokens rank by importance (0..1) above the rest, whose most redundant
