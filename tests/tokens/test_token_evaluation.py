@@ -175,3 +175,22 @@ def test_cli_names_what_it_cannot_load(tmp_path, capsys):
     assert main(["tokens", "eval", str(tmp_path / "missing"), "--out", str(tmp_path / "out")]) == 2
     assert "no such model directory" in capsys.readouterr().err
     assert main(["tokens", "methods"]) == 0
+
+
+def test_an_encoder_with_fewer_positions_than_the_passages_is_refused_in_one_line(tmp_path, capsys):
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from prunekit.models.assets import minilm_path
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    model_dir, out = tmp_path / "bert", tmp_path / "out"
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    assert main(["tokens", "eval", str(model_dir), "--samples", "2", *QUICK, "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    assert [line for line in error.splitlines() if line.strip()][-1] == (
+        f"error: the passages of the embedding protocol reach 256 tokens, beyond the 128 positions of {model_dir}")
+    assert not out.exists()
