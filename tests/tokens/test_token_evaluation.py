@@ -128,6 +128,8 @@ def test_recipes_round_trip_and_are_checked_before_any_model_is_loaded(tmp_path,
     (["--ratios", "a,b"], "comma-separated numbers"),
     (["--ratios", "0.1", "--rates", "0.2"], "give --ratios or its old name --rates, not both"),
     (["--layers", "9"], "layer 9 does not exist"),
+    # the default method (ToMe, at most 0.5) is not checked against ratios given for the methods chosen instead
+    (["--methods", "random", "--ratios", "0.7", "--layers", "9"], "layer 9 does not exist"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, arguments, message):
     model_dir, out = tmp_path / "vit", tmp_path / "out"

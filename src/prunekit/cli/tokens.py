@@ -84,17 +84,19 @@ def evaluate_command(
                "seed": seed, "attn_implementation": attn_implementation}
     if recipe is None and model is None:
         raise PrunekitError("Missing argument 'MODEL' (or a --recipe that names it)")
-    built = build_recipe(TokensEvalRecipe, recipe, options)
+    # The recipe is read once; the methods after the command line are validated with the ratios after it.
+    base = TokensEvalRecipe.from_yaml(recipe).model_dump(mode="json") if recipe is not None else {}
     if names is not None or method_arg:
-        built = _with_methods(built, names, method_arg)
+        options["methods"] = _methods(base.get("methods") or TokensEvalRecipe.model_fields["methods"].get_default(
+            call_default_factory=True), names, method_arg)
+    built = build_recipe(TokensEvalRecipe, None, {**base, **options})
     run_job(TokensEvalJob(built, threads), out, overwrite, threads)
 
 
-def _with_methods(recipe, names: list[str] | None, method_arg: list[str] | None):
-    """The recipe's methods after ``--methods`` (which replaces them) and ``--method-arg`` (which sets them);
-    a method the recipe already has keeps its settings."""
-    current = {spec["name"]: spec for spec in recipe.methods}
-    chosen = names if names is not None else list(current)
+def _methods(current: list[dict], names: list[str] | None, method_arg: list[str] | None) -> list[dict]:
+    """The methods after ``--methods`` (which replaces them) and ``--method-arg`` (which sets them); a method
+    already there keeps its settings."""
+    by_name = {spec["name"]: spec for spec in current}
+    chosen = names if names is not None else list(by_name)
     settings = grouped_key_values(method_arg, "--method-arg", chosen, example="tome.r=4")
-    specs = [{**current.get(name, {"name": name}), **settings[name]} for name in chosen]
-    return type(recipe).build({**recipe.model_dump(mode="json"), "methods": specs}, where="settings")
+    return [{**by_name.get(name, {"name": name}), **settings[name]} for name in chosen]
