@@ -89,7 +89,7 @@ def evaluate_command(
     if names is not None or method_arg:
         options["methods"] = _methods(base.get("methods") or TokensEvalRecipe.model_fields["methods"].get_default(
             call_default_factory=True), names, method_arg)
-    built = build_recipe(TokensEvalRecipe, None, {**base, **options})
+    built = build_recipe(TokensEvalRecipe, None, {**base, **{k: v for k, v in options.items() if v is not None}})
     run_job(TokensEvalJob(built, threads), out, overwrite, threads)
 
 
