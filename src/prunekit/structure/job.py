@@ -146,7 +146,7 @@ class ShrinkJob(Job[ShrinkRecipe]):
         recipe = self.recipe = self.recipe.with_default_importance(loaded.kind)
         protocol = recipe.data.protocol()
         _check(loaded, recipe, protocol)
-        started = time.perf_counter()
+        started = self.started = time.perf_counter()
         graph = _checked_graph(loaded, recipe)
         if loaded.kind == CAUSAL_LM:
             calibration = calibration_windows(loaded.tokenizer, protocol)
@@ -198,6 +198,7 @@ class ShrinkJob(Job[ShrinkRecipe]):
             state.onnx = _export(loaded, directory)
         if state.width is not None:
             _plot_widths(state.width.plan.widths, directory / "widths.png", loaded.name)
+        state.total_seconds = time.perf_counter() - self.started  # writing included
         self._outcome(outcome)
 
 
