@@ -597,6 +597,18 @@ def _signed(value: float, digits: int = 1) -> str:
     return f"{value:+.{digits}f}".replace("-", "−")
 
 
+def _wrap(text: str, width: int = 100) -> str:
+    """Prose paragraphs wrapped as the rest of the docs are; tables, headings and markers left as they are."""
+    import textwrap
+
+    def paragraph(block: str) -> str:
+        if block.startswith(("|", "#", "<!--")):
+            return block
+        return textwrap.fill(block, width, break_long_words=False, break_on_hyphens=False)
+
+    return "\n\n".join(paragraph(block) for block in text.split("\n\n"))
+
+
 def _percent(value: float) -> str:
     return f"{value * 100:.2f} %"
 
@@ -661,6 +673,11 @@ def docs_section(dense: dict, runs: dict, diagnoses: dict, trained: list[str]) -
                          f"{_percent(run['accuracy_recovered'])} ({_signed((run['accuracy_recovered'] - reference) * 100)})",
                          _count(run["parameters"]), f"{run['macs'] / dense[name]['macs']:.3f}",
                          f"{run['prune_seconds']:.1f}"))
+    fisher_seconds = [run["prune_seconds"] for (model, criterion, _), run in runs.items()
+                      if model == trained[0] and criterion == "fisher" and run]
+    text.append("Prune s is wall time on 2 CPU cores shared with other work, so it moves with the load"
+                + (f" (the same Fisher scoring of {trained[0]} took {min(fisher_seconds):.0f} and "
+                   f"{max(fisher_seconds):.0f} s in two runs)" if len(fisher_seconds) > 1 else "") + ".")
     text.append(markdown_table(["CNN", "criterion", "accuracy pruned (Δ)", "BN re-estimated",
                                 f"after {RECOVERY_EPOCHS} epoch (Δ)", "parameters left", "MACs of dense", "prune s"],
                                rows))
@@ -681,7 +698,7 @@ def docs_section(dense: dict, runs: dict, diagnoses: dict, trained: list[str]) -
     if diagnosed:
         text.append(_docs_diagnosis(dense, runs, diagnoses, diagnosed))
     text.append(_docs_decision(dense, runs, diagnoses, trained, summaries))
-    return "\n\n".join(text)
+    return _wrap("\n\n".join(text))
 
 
 def _docs_diagnosis(dense: dict, runs: dict, diagnoses: dict, diagnosed: list[str]) -> str:
