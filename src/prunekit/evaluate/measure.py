@@ -22,9 +22,14 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 
+def unique_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``model``, each tensor once (a head tied to the embedding is one tensor)."""
+    return list({id(p): p for p in model.parameters()}.values())
+
+
 def count_parameters(model: nn.Module) -> int:
     """Parameters of ``model``, each tensor once (a head tied to the embedding is not counted twice)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return sum(p.numel() for p in unique_parameters(model))
 
 
 def model_bytes(model: nn.Module) -> int:

@@ -26,6 +26,7 @@ from prunekit.core.config import RecipeModel
 from prunekit.core.job import Job, Outcome
 from prunekit.core.patterns import check_sparsity
 from prunekit.errors import PrunekitError
+from prunekit.evaluate.measure import count_parameters
 from prunekit.evaluate.outcome import execute
 from prunekit.evaluate.report import SPEED_NOTE, environment, markdown_table
 from prunekit.models.fashion_mnist import MEAN, STD, ImageSet, load_fashion_mnist
@@ -196,7 +197,7 @@ def vision_report(outcome: VisionOutcome, train_size: int, test_size: int) -> di
                            "sparse_flops": info["sparse"]})
     return {
         "method": sparsifier.describe() if sparsifier else {"name": DENSE},
-        "model": {"kind": recipe.model, "parameters": sum(p.numel() for p in outcome.model.parameters())},
+        "model": {"kind": recipe.model, "parameters": count_parameters(outcome.model)},
         "sparsity": {"target": recipe.ratio if sparsifier else 0.0,
                      "achieved": sparsifier.sparsity if sparsifier else 0.0},
         "test_accuracy": outcome.accuracy,

@@ -17,6 +17,7 @@ from prunekit.evaluate.perplexity import PerplexityResult, perplexity, streamed_
 from prunekit.evaluate.plots import plot_curves, plot_layer_sparsity
 from prunekit.core.config import RecipeModel
 from prunekit.core.job import Job, Outcome
+from prunekit.evaluate.measure import count_parameters, unique_parameters
 from prunekit.evaluate.outcome import write_outcome
 from prunekit.evaluate.report import SPEED_NOTE, environment, human_bytes, markdown_table
 from prunekit.evaluate.resources import Measured, process_peak_rss
@@ -34,18 +35,10 @@ from prunekit.weights.streaming import StreamOutput, StreamResult, prune_streami
 
 def model_sparsity(model: torch.nn.Module) -> float:
     total = zeros = 0
-    seen = set()
-    for parameter in model.parameters():
-        if id(parameter) in seen:
-            continue
-        seen.add(id(parameter))
+    for parameter in unique_parameters(model):
         total += parameter.numel()
         zeros += parameter.numel() - int(torch.count_nonzero(parameter))
     return zeros / max(total, 1)
-
-
-def parameter_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def _load(recipe: WeightPruningRecipe) -> LoadedModel:
@@ -130,8 +123,8 @@ class PruneJob(Job[WeightPruningRecipe]):
             result = self.result = _prune(loaded, recipe, calibration, group)
         after = perplexity(loaded.model, test, recipe.batch_size, "Perplexity after", group) if test is not None else None
         info = _model_info(loaded.name, loaded.path, adapter_for(loaded.model, blocks=recipe.blocks).describe(),
-                           parameter_count(loaded.model), recipe.dtype)
-        dense_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in loaded.model.parameters()}.values())
+                           count_parameters(loaded.model), recipe.dtype)
+        dense_bytes = sum(p.numel() * p.element_size() for p in unique_parameters(loaded.model))
         report = build_report(info, recipe, protocol, result, before, after, measured, {"dense_bytes": dense_bytes},
                               model_sparsity(loaded.model), {"processes": group.world_size if group else 1})
         return Outcome(report, report_markdown(report), summary_rows(report), f"prunekit: {loaded.name}")
@@ -237,7 +230,7 @@ def _run_streamed(recipe: WeightPruningRecipe, out: str | Path, overwrite: bool,
     dtype = parse_dtype(recipe.dtype)
     skeleton = StreamedModel(model_dir, device=recipe.device, dtype=dtype, trust_remote_code=recipe.trust_remote_code,
                              blocks=recipe.blocks)
-    info = _model_info(name, model_dir, skeleton.adapter.describe(), parameter_count(skeleton.model),
+    info = _model_info(name, model_dir, skeleton.adapter.describe(), count_parameters(skeleton.model),
                        recipe.dtype)
     calibration, test = _windows(tokenizer, protocol, _needs_calibration(recipe), recipe.evaluate,
                                  _vocab_size(skeleton.model))

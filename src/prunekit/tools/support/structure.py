@@ -23,15 +23,12 @@ import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
+from prunekit.evaluate.measure import count_parameters
 from prunekit.tools.support import ModelFactory, SupportResult, one_line
 
 RATIO = 0.2
 # The shrunk model against the zeroed original: the same sums in another order (float32 of tiny random models).
 TOLERANCE = 1e-4
-
-
-def _unique_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def _missing_biases(model: nn.Module) -> set[str]:
@@ -111,7 +108,7 @@ def check(factory: ModelFactory, windows: torch.Tensor) -> SupportResult:
             return SupportResult("broken", "the shrunk model's outputs are not finite")
         added = sum(model.get_submodule(name).bias.numel() for name in biases_before - _missing_biases(model))
         planned = result.plan.total_after + added
-        actual = _unique_parameters(model)
+        actual = count_parameters(model)
         if actual != planned:
             return SupportResult("broken", f"{actual:,} parameters after shrinking, the plan counted {planned:,}")
         reference = zeroed_reference(original, model, result, example, recipe.heads)
@@ -133,8 +130,8 @@ def check(factory: ModelFactory, windows: torch.Tensor) -> SupportResult:
                 reloaded, how = loader.from_pretrained(tmp).eval(), "from_pretrained"
             else:
                 reloaded, how = prunekit.load(tmp).eval(), "the shape spec"
-            if _unique_parameters(reloaded) != actual:
-                return SupportResult("broken", f"reloaded through {how}, the model has {_unique_parameters(reloaded):,} "
+            if count_parameters(reloaded) != actual:
+                return SupportResult("broken", f"reloaded through {how}, the model has {count_parameters(reloaded):,} "
                                                f"parameters, not {actual:,}")
             if not torch.equal(model_outputs(reloaded, inputs, causal), outputs):
                 return SupportResult("broken", f"reloaded through {how}, the model gives other outputs")
@@ -174,7 +171,7 @@ def check_classifier(factory: ModelFactory, images: torch.Tensor, labels: torch.
         if not torch.isfinite(outputs).all():
             return SupportResult("broken", "the shrunk model's outputs are not finite")
         added = sum(model.get_submodule(name).bias.numel() for name in biases_before - _missing_biases(model))
-        planned, actual = result.plan.total_after + added, _unique_parameters(model)
+        planned, actual = result.plan.total_after + added, count_parameters(model)
         if actual != planned:
             return SupportResult("broken", f"{actual:,} parameters after shrinking, the plan counted {planned:,}")
         reference = zeroed_reference(original, model, result, example, settings.head_mode)
@@ -190,7 +187,7 @@ def check_classifier(factory: ModelFactory, images: torch.Tensor, labels: torch.
         with tempfile.TemporaryDirectory() as tmp:
             save_structured(model, tmp)
             reloaded = prunekit.load(tmp, model=factory()).eval()
-            if _unique_parameters(reloaded) != actual or not torch.equal(outputs_of(reloaded), outputs):
+            if count_parameters(reloaded) != actual or not torch.equal(outputs_of(reloaded), outputs):
                 return SupportResult("broken", "reloaded from the shape spec, the model differs")
     except PrunekitError as exc:
         return SupportResult("refused", one_line(exc))

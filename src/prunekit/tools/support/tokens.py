@@ -11,7 +11,7 @@ patch promises:
 - decoders: greedy decoding after the pruned prefill (token by token on the cache, and ``generate``) gives
   what that same reference gives for the prompt and the generated tokens;
 - encoders: ToMe merges and the merged tokens' sizes add up to the real tokens;
-- a rate of 0 gives the unpatched outputs bit for bit (so reading the attention changes nothing), and
+- a ratio of 0 gives the unpatched outputs bit for bit (so reading the attention changes nothing), and
   removing the patch restores them bit for bit.
 
 A refusal (a ``PrunekitError`` from the library) is reported with its one line.
@@ -28,7 +28,7 @@ from torch import nn
 from prunekit.errors import PrunekitError
 from prunekit.tools.support import ModelFactory, SupportResult, one_line
 
-RATE = 0.5
+RATIO = 0.5
 PADDING = 4  # the second sequence is shorter by this many tokens (left-padded in decoders, right in encoders)
 PROMPT = 24  # tokens per prompt: longer than the tiny models' sliding windows, so windows are exercised
 NEW_TOKENS = 3
@@ -149,7 +149,7 @@ def _check_decoder(model: nn.Module, windows: torch.Tensor, depth: int) -> Suppo
     protected_at = 5
     with torch.no_grad():
         dense = model(input_ids=ids, attention_mask=mask).logits
-        patch = apply(model, "fastv", rate=RATE, layers=[layer], protect_ids=[int(ids[0, protected_at])])
+        patch = apply(model, "fastv", ratio=RATIO, layers=[layer], protect_ids=[int(ids[0, protected_at])])
         try:
             reduced = model(input_ids=ids, attention_mask=mask).logits
             problem = _kept_problem(patch, mask, protected_at, layer)
@@ -205,7 +205,7 @@ def _check_encoder(model: nn.Module, windows: torch.Tensor, depth: int) -> Suppo
 
     with torch.no_grad():
         dense = run()
-        patch = apply(model, "fastv", rate=RATE, layers=[layer], protect_ids=[int(ids[0, protected_at])])
+        patch = apply(model, "fastv", ratio=RATIO, layers=[layer], protect_ids=[int(ids[0, protected_at])])
         try:
             reduced = run()
             problem = _kept_problem(patch, mask, protected_at, layer)
@@ -227,7 +227,7 @@ def _check_encoder(model: nn.Module, windows: torch.Tensor, depth: int) -> Suppo
             problem = _compare(f"sequence {row}", reduced[row, :len(positions)], expected[row, positions])
             if problem:
                 return SupportResult("broken", problem)
-        with apply(model, "tome", rate=0.3) as merging:
+        with apply(model, "tome", ratio=0.3) as merging:
             merged = run()
             sizes = merging.state.sizes.sum(dim=1)
         if not torch.isfinite(merged).all() or sizes.tolist() != mask.sum(dim=1).float().tolist():
