@@ -751,11 +751,6 @@ def _docs_diagnosis(dense: dict, runs: dict, diagnoses: dict, diagnosed: list[st
     return "\n\n".join(evidence)
 
 
-def _docs_decision(dense: dict, runs: dict, diagnoses: dict, trained: list[str], summaries: dict) -> str:
-    return DECISION.format(**decision_figures(dense, runs, diagnoses, trained, summaries))
-
-
-
 def _rank(runs: dict, name: str, key: str, criterion: str, normalize: str | None) -> tuple[int, int]:
     """(place, of how many) of one run among the main runs of one CNN by ``key`` (1 = highest)."""
     measured = [run for (model, c, z), run in runs.items() if model == name and run is not None and run.get(key) is not None]
@@ -770,10 +765,13 @@ def _docs_decision(dense: dict, runs: dict, diagnoses: dict, trained: list[str],
     for name in with_fisher:
         recovered, of = _rank(runs, name, "accuracy_recovered", "fisher", None)
         recalibrated, _ = _rank(runs, name, "accuracy_recalibrated", "fisher", None)
-        run = runs[(name, "fisher", None)]
+        pruned, _ = _rank(runs, name, "accuracy_pruned", "fisher", None)
+        run, l2 = runs[(name, "fisher", None)], runs[(name, "l2", None)]
         places.append(f"{name} {_signed((run['accuracy_recovered'] - dense[name]['accuracy']) * 100, 2)} after "
-                      f"{RECOVERY_EPOCHS} epoch (place {recovered} of {of}), BN re-estimated {_percent(run['accuracy_recalibrated'])} "
-                      f"(place {recalibrated} of {of})")
+                      f"{RECOVERY_EPOCHS} epoch (place {recovered} of {of}), BN re-estimated "
+                      f"{_percent(run['accuracy_recalibrated'])} (place {recalibrated}), right after pruning "
+                      f"{_percent(run['accuracy_pruned'])} (place {pruned}), {_count(run['parameters'])} parameters left"
+                      + (f" (L2 {_count(l2['parameters'])})" if l2 else ""))
     changes = []
     for name in with_fisher:
         raw, cost = runs[(name, "fisher", "none")], runs[(name, "fisher", None)]
@@ -810,8 +808,9 @@ def _docs_decision(dense: dict, runs: dict, diagnoses: dict, trained: list[str],
             f"{max(pooled):.2f}, the best of every criterion on {len(best_pooled)} of the {len(diagnosed)} CNNs diagnosed "
             f"(within one family it is the best on {len(best_within)} of them); gradients per batch instead of per "
             f"image change the pooled ρ by {_signed(min(batch_gap), 2)} to {_signed(max(batch_gap), 2)}; and although "
-            f"{min(mass):.0%}–{max(mass):.0%} of its mass comes from the {min(wrong):.1%}–{max(wrong):.1%} of images the "
-            f"model gets wrong ({min(sure):.0%}–{max(sure):.0%} are right with p > 0.99: saturated), the ranking "
+            f"{min(mass) * 100:.0f}–{max(mass) * 100:.0f} % of its mass comes from the {min(wrong) * 100:.1f}–"
+            f"{max(wrong) * 100:.1f} % of images the model gets wrong ({min(sure) * 100:.0f}–{max(sure) * 100:.0f} % "
+            "are right with p > 0.99: saturated), the ranking "
             "stays the best. What failed is comparing raw "
             "losses across families while buying MACs: a unit of a late, low-resolution layer costs few MACs and "
             "little loss alone, so the raw ranking takes most of such a family and has to remove more units, and more "
@@ -821,7 +820,8 @@ def _docs_decision(dense: dict, runs: dict, diagnoses: dict, trained: list[str],
             "(`normalize: cost`, Fisher's default in `structure/importance/fisher.py`) is the greedy answer to buying "
             "the target at the least estimated loss: " + "; ".join(changes) + "."]
     if places:
-        text.append("Fisher with that ranking, against every criterion measured on the same CNN: "
+        text.append("Fisher with that ranking, against every criterion measured on the same CNN (places by "
+                    "accuracy, 1 the best): "
                     + "; ".join(places) + "." + (
                         f" Mean Δ after {RECOVERY_EPOCHS} epoch over {', '.join(common)}: Fisher "
                         f"{mean_points('fisher', 'accuracy_recovered')}, Taylor {mean_points('taylor', 'accuracy_recovered')}, "
@@ -829,6 +829,13 @@ def _docs_decision(dense: dict, runs: dict, diagnoses: dict, trained: list[str],
                         f"{mean_points('fisher', 'accuracy_recalibrated')}, Taylor "
                         f"{mean_points('taylor', 'accuracy_recalibrated')}, L2 {mean_points('l2', 'accuracy_recalibrated')}."
                         if len(common) > 1 else ""))
+    fewer = [name for name in with_fisher if runs[(name, "l2", None)]
+             and runs[(name, "fisher", None)]["parameters"] < runs[(name, "l2", None)]["parameters"]]
+    if fewer:
+        text.append(f"Fisher still leaves fewer parameters than L2 on {len(fewer)} of "
+                    f"{sum(1 for name in with_fisher if runs[(name, 'l2', None)])} CNNs: it buys the MAC target at the "
+                    "least estimated loss, not parameters (with `target: params` the same ranking is the loss per "
+                    "parameter).")
     text.append("Without labelled calibration data, L2 (`prune_structure`'s default, no data needed) is the fallback. "
                 f"Caveats: one seed; after {RECOVERY_EPOCHS} epoch the criteria are within a point or two of one another, "
                 "about the noise of one run; these CNNs are small and narrow, so half the MACs takes every criterion "
