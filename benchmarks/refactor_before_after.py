@@ -25,11 +25,12 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# (label, method, ratio, pattern)
+# (label, method, ratio, pattern); method "shrink" is structural pruning (its default criterion) at that ratio
 ROWS = [
     ("Wanda 50 %", "wanda", 0.5, None),
     ("SparseGPT 50 %", "sparsegpt", 0.5, None),
     ("SparseGPT 2:4", "sparsegpt", 0.5, "2:4"),
+    ("Shrink 20 %", "shrink", 0.2, None),
 ]
 
 
@@ -40,15 +41,24 @@ def _ratio_option(source: Path) -> str:
 
 
 def run_once(source: Path, method: str, ratio: float, pattern: str | None, threads: int, out: Path) -> dict:
-    command = [sys.executable, "-m", "prunekit", "prune", "--method", method, "--out", str(out), "--overwrite",
-               "--threads", str(threads), "--no-compressed"]
-    command += ["--pattern", pattern] if pattern else [_ratio_option(source), str(ratio)]
+    if method == "shrink":  # speed timed briefly: the row compares pruning, not inference
+        command = [sys.executable, "-m", "prunekit", "shrink", "--ratio", str(ratio), "--out", str(out),
+                   "--overwrite", "--threads", str(threads), "--batch-sizes", "1", "--runs", "3",
+                   "--no-peak-memory"]
+    else:
+        command = [sys.executable, "-m", "prunekit", "prune", "--method", method, "--out", str(out), "--overwrite",
+                   "--threads", str(threads), "--no-compressed"]
+        command += ["--pattern", pattern] if pattern else [_ratio_option(source), str(ratio)]
     env = dict(os.environ, PYTHONPATH=str(source.resolve()), PRUNEKIT_QUIET="1", HF_HUB_OFFLINE="1",
                OMP_NUM_THREADS=str(threads))
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{source}: {' '.join(command)} failed: {done.stderr.strip()[-500:]}")
     report = json.loads((out / "report.json").read_text())
+    if method == "shrink":
+        return {"perplexity": report["quality"]["after_pruning"], "dense_perplexity": report["quality"]["before"],
+                "prune_seconds": report["timing"]["prune_seconds"], "parameters": report["parameters"]["after"],
+                "peak_rss_mib": report["memory"]["peak_rss_during_prune_bytes"] / 2**20}
     return {"perplexity": report["perplexity"]["after"], "dense_perplexity": report["perplexity"]["before"],
             "prune_seconds": report["timing"]["prune_seconds"],
             "peak_rss_mib": report["memory"]["peak_rss_during_prune_bytes"] / 2**20}
@@ -86,8 +96,8 @@ def main() -> int:
             row[f"{version}_peak_rss_mib"] = statistics.median(r["peak_rss_mib"] for r in results)
         row["time_ratio"] = row["after_prune_seconds"] / row["before_prune_seconds"]
         table.append(row)
-    protocol = (f"embedded SmolLM2-135M, prunekit prune defaults (32 calibration windows × 512 tokens of wiki, "
-                f"seed 0; perplexity on the first 40 test windows of 512 tokens), fp32, {args.threads} threads, "
+    protocol = (f"embedded SmolLM2-135M, prunekit prune / shrink defaults (32 calibration windows × 512 tokens of "
+                f"wiki, seed 0; perplexity on the first 40 test windows of 512 tokens), fp32, {args.threads} threads, "
                 f"each run a fresh process, {args.repeats} repeats alternating the order, medians")
     suffix = f"_{args.tag}" if args.tag else ""
     result = {"protocol": protocol, "before": str(args.before), "after": str(args.after), "rows": table,

@@ -93,3 +93,22 @@ def test_train_recover_reads_the_old_sparsity_option_for_one_more_release(tiny_m
     assert RecoveryRecipe.from_yaml(old).ratio == 0.3
     assert "'sparsity' is deprecated and goes in the next release; use 'ratio'" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", [["shrink-graph"], ["shrink", "--out", "OUT"], ["tokens", "eval", "--out", "OUT"],
+                                     ["train", "recover", "--prune", "magnitude", "--out", "OUT"],
+                                     ["prune", "--out", "OUT"]])
+def test_every_model_command_takes_blocks_and_a_wrong_name_is_one_line(command, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = [str(out) if a == "OUT" else a for a in command]
+    assert main([*args, str(tiny_model_dir), "--blocks", "model.norm"]) == 2
+    line = _one_line(capsys)
+    assert "'model.norm' in LlamaForCausalLM is not a non-empty list of blocks" in line, line
+    assert not out.exists()
+
+
+def test_shrink_graph_groups_the_blocks_it_is_told(tiny_model_dir, capsys):
+    assert main(["shrink-graph", str(tiny_model_dir), "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert main(["shrink-graph", str(tiny_model_dir), "--blocks", "model.layers", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == found

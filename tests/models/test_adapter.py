@@ -1,5 +1,7 @@
 """The model adapter reads a model's layout from its structure, for families no one wrote a file for."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -87,6 +89,16 @@ def test_named_blocks_override_detection_and_a_wrong_name_is_one_line():
         adapter_for(model, blocks="model.blocks")
     with pytest.raises(PrunekitError, match="not a non-empty list of blocks"):
         adapter_for(model, blocks="model.norm")
+
+
+def test_named_blocks_hold_for_every_later_look_at_the_same_model():
+    model = tiny_causal_lm("llama")
+    # a second list of repeated layers that detection would not pick (it prefers the config's layer count)
+    model.model.shadow = nn.ModuleList([copy.deepcopy(model.model.layers[0])])
+    assert adapter_for(model).blocks_path == "model.layers"
+    assert adapter_for(model, blocks="model.shadow").blocks_path == "model.shadow"
+    assert adapter_for(model).blocks_path == "model.shadow"  # the job's later steps name nothing
+    assert adapter_for(tiny_causal_lm("llama")).blocks_path == "model.layers"  # another model is not affected
 
 
 def test_a_model_without_repeated_layers_names_the_option():

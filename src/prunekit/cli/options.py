@@ -13,10 +13,13 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import typer
+
 from prunekit.core.config import RecipeModel
 from prunekit.errors import PrunekitError
 
 NOT_GIVEN = None
+BLOCKS = typer.Option(None, help="the model's list of blocks (e.g. model.layers), where its structure does not tell")
 
 
 def yaml_value(text: str, what: str) -> Any:

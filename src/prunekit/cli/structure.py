@@ -10,7 +10,7 @@ import typer
 
 from prunekit.cli import contract
 from prunekit.cli.app import app
-from prunekit.cli.options import build_recipe, key_values, numbers, print_outcome, run_job
+from prunekit.cli.options import BLOCKS, build_recipe, key_values, numbers, print_outcome, run_job
 from prunekit.errors import PrunekitError
 
 
@@ -84,6 +84,7 @@ def shrink(
                                            "[default: strict]"),
     onnx: Optional[bool] = typer.Option(None, "--onnx/--no-onnx", help="also export model.onnx and check it with "
                                                                      "onnxruntime [default: off]"),
+    blocks: Optional[str] = BLOCKS,
     trust_remote_code: bool = typer.Option(False, help="allow model code from the model directory"),
     recipe: Optional[Path] = typer.Option(None, help="YAML recipe; options given here override it"),
     overwrite: bool = typer.Option(False, help="replace an existing output directory"),
@@ -93,7 +94,7 @@ def shrink(
     from prunekit.structure.recipe import RecoveryConfig, ShrinkRecipe
 
     contract.check_threads(threads)  # the threads of the speed measurement, a recipe setting
-    options = {"model": model, "ratio": ratio, "target": target, "granularity": granularity, "heads": heads,
+    options = {"model": model, "blocks": blocks, "ratio": ratio, "target": target, "granularity": granularity, "heads": heads,
                "importance": importance, "overrides": _overrides(override), "ignore": ignore or None,
                "evaluate": evaluate, "onnx": onnx, "lenient": lenient, "reconstruct": reconstruct,
                "reconstruct_damping": reconstruct_damping, "trust_remote_code": trust_remote_code or None,
@@ -120,6 +121,7 @@ def shrink_graph(
     heads: Optional[str] = typer.Option(None, help="how grouped-query heads form units: kv or query [default: kv]"),
     lenient: Optional[bool] = typer.Option(None, "--lenient/--strict", help="leave the channels around an operation "
                                            "the tracer does not know unpruned instead of failing [default: strict]"),
+    blocks: Optional[str] = BLOCKS,
     trust_remote_code: bool = typer.Option(False, help="allow model code from the model directory"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="also write report.json, report.md and recipe.yaml "
                                                                  "here"),
@@ -136,7 +138,7 @@ def shrink_graph(
     from prunekit.structure.job import ShrinkGraphJob, graph_rows
     from prunekit.structure.recipe import ShrinkGraphRecipe
 
-    options = {"model": model, "heads": heads, "lenient": lenient, "trust_remote_code": trust_remote_code or None}
+    options = {"model": model, "blocks": blocks, "heads": heads, "lenient": lenient, "trust_remote_code": trust_remote_code or None}
     built = build_recipe(ShrinkGraphRecipe, recipe, options)
     outcome = run_job(ShrinkGraphJob(built), out, overwrite, show=False)
     report = outcome.report

@@ -9,7 +9,7 @@ import typer
 
 from prunekit.cli import contract
 from prunekit.cli.app import app
-from prunekit.cli.options import build_recipe, deprecated, grouped_key_values, numbers, run_job
+from prunekit.cli.options import BLOCKS, build_recipe, deprecated, grouped_key_values, numbers, run_job
 from prunekit.errors import PrunekitError
 
 tokens_app = typer.Typer(help="Drop or merge tokens inside transformers (no retraining) and measure what it buys.",
@@ -63,6 +63,7 @@ def evaluate_command(
     attn_implementation: Optional[str] = typer.Option(None, help="Hugging Face models: sdpa or eager [default: the "
                                                                  "library's choice]"),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch [default: torch's choice]"),
+    blocks: Optional[str] = BLOCKS,
     recipe: Optional[Path] = typer.Option(None, help="YAML recipe; options given here override it"),
     overwrite: bool = typer.Option(False, help="replace an existing output directory"),
     rates: Optional[str] = typer.Option(None, hidden=True, help="deprecated: --ratios"),
@@ -78,7 +79,7 @@ def evaluate_command(
         names = [name.strip().lower() for name in methods.split(",") if name.strip()]
         if not names:
             raise PrunekitError("--methods is empty")
-    options = {"model": model, "ratios": ratio_values, "layers": numbers(layers, "--layers", int),
+    options = {"model": model, "blocks": blocks, "ratios": ratio_values, "layers": numbers(layers, "--layers", int),
                "batch_sizes": numbers(batch_sizes, "--batch-sizes", int), "warmup": warmup, "repeats": repeats,
                "samples": samples, "prompt_tokens": prompt_tokens, "continuation_tokens": continuation_tokens,
                "seed": seed, "attn_implementation": attn_implementation}

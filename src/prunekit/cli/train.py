@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from prunekit.cli.app import app
-from prunekit.cli.options import build_recipe, deprecated, key_values, run_job
+from prunekit.cli.options import BLOCKS, build_recipe, deprecated, key_values, run_job
 
 train_app = typer.Typer(help="Sparse training (GMP, lottery tickets, SNIP/GraSP/SynFlow, SET/RigL, ...) and "
                              "recovery fine-tuning that keeps a pruned model's mask.", no_args_is_help=True)
@@ -74,6 +74,7 @@ def recover(
     train_seq_len: Optional[int] = typer.Option(None, help="tokens per training window [default: 256]"),
     test_windows: Optional[int] = typer.Option(None, help="perplexity test windows [default: 40]"),
     seed: Optional[int] = typer.Option(None, help="[default: 0]"),
+    blocks: Optional[str] = BLOCKS,
     recipe: Optional[Path] = typer.Option(None, help="YAML recipe; options given here override it"),
     overwrite: bool = typer.Option(False, help="replace an existing output directory"),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch"),
@@ -83,7 +84,7 @@ def recover(
     from prunekit.training.recovery import RecoveryJob, RecoveryRecipe
 
     ratio = deprecated("--sparsity", "--ratio", sparsity, ratio)
-    options = {"model": model, "prune": prune, "ratio": ratio, "mode": mode, "steps": steps,
+    options = {"model": model, "blocks": blocks, "prune": prune, "ratio": ratio, "mode": mode, "steps": steps,
                "batch_size": batch_size, "lr": lr, "rank": rank, "alpha": alpha, "train_windows": train_windows,
                "train_seq_len": train_seq_len, "seed": seed, "data.test_windows": test_windows}
     built = build_recipe(RecoveryRecipe, recipe, options)

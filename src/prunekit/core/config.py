@@ -27,6 +27,11 @@ def warn_renamed(old: str, new: str) -> None:
     print(f"warning: '{old}' is deprecated and goes in the next release; use '{new}'", file=sys.stderr)
 
 
+def blocks_field() -> Any:
+    """The recipe key behind ``--blocks``: the model's list of blocks, named where its structure does not tell."""
+    return Field(None, description="the model's list of blocks, where structure cannot tell (e.g. model.layers)")
+
+
 class RecipeModel(BaseModel):
     """A pydantic model that reads and writes YAML; unknown keys are errors, not silently ignored.
 

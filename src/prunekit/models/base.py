@@ -8,6 +8,7 @@ the row order of a fused query/key/value projection, a config that cannot descri
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from functools import cached_property
 from typing import ClassVar, Literal
@@ -482,13 +483,29 @@ def _accessor(model: nn.Module, name: str) -> nn.Module | None:
     return found if isinstance(found, nn.Module) else None
 
 
+# The block list a user named (``--blocks``) stays the model's: every later look at it (the job's steps,
+# the pipeline, the saver) finds the same blocks without the name being passed along.
+_NAMED_BLOCKS: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
 def adapter_for(model: nn.Module, blocks: str | None = None) -> ModelAdapter:
-    """The adapter of ``model``: a family file's where one covers its ``model_type``, else read from structure."""
+    """The adapter of ``model``: a family file's where one covers its ``model_type``, else read from structure.
+
+    ``blocks`` (the ``--blocks`` option) names the block list; once named it holds for this model object.
+    """
+    if blocks:
+        blocks = blocks.strip()
+    blocks = blocks or _NAMED_BLOCKS.get(model)
     for name in ADAPTERS.names():
         adapter_cls = ADAPTERS.get(name)
         if adapter_cls.matches(model):
-            return adapter_cls(model, blocks)
-    return ModelAdapter(model, blocks)
+            adapter = adapter_cls(model, blocks)
+            break
+    else:
+        adapter = ModelAdapter(model, blocks)
+    if blocks:
+        _NAMED_BLOCKS[model] = blocks
+    return adapter
 
 
 __all__ = ["ADAPTERS", "AttentionLayout", "BlockParts", "ModelAdapter", "adapter_for"]

@@ -142,6 +142,7 @@ class ShrinkJob(Job[ShrinkRecipe]):
         loaded = self.loaded = load_model(self.recipe.model, kind=(CAUSAL_LM, ENCODER), dtype=self.recipe.dtype,
                                           trust_remote_code=self.recipe.trust_remote_code)
         loaded.require_tokenizer()
+        adapter_for(loaded.model, blocks=self.recipe.blocks)  # --blocks holds for every later step
         # The criterion is named here, so that the report and recipe.yaml name it.
         recipe = self.recipe = self.recipe.with_default_importance(loaded.kind)
         protocol = recipe.data.protocol()
@@ -488,7 +489,8 @@ class ShrinkGraphJob(Job[ShrinkGraphRecipe]):
         recipe = self.recipe
         loaded = load_model(recipe.model, kind=(CAUSAL_LM, ENCODER), tokenizer=False,
                             trust_remote_code=recipe.trust_remote_code)
-        graph = build_graph(loaded.model, _example_inputs(loaded.kind), adapter=adapter_for(loaded.model),
+        graph = build_graph(loaded.model, _example_inputs(loaded.kind),
+                            adapter=adapter_for(loaded.model, blocks=recipe.blocks),
                             head_mode=recipe.heads, strict=not recipe.lenient)
         base = graph.parameter_count()
         families = graph.summary()

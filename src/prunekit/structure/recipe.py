@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from prunekit.core.config import RecipeModel, TextDataConfig
+from prunekit.core.config import RecipeModel, TextDataConfig, blocks_field
 from prunekit.errors import PrunekitError
 from prunekit.structure.allocation import WidthAllocation, check_ratio
 from prunekit.structure.importance.base import get_importance
@@ -78,6 +78,7 @@ class ShrinkRecipe(RecipeModel):
     """Everything ``prunekit shrink`` does, as data."""
 
     model: str | None = Field(None, description="model directory or hub id; None = the embedded SmolLM2-135M")
+    blocks: str | None = blocks_field()
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     ratio: float = Field(0.2, description="fraction of the model's parameters (or MACs) removed by width pruning")
     target: Literal["params", "macs"] = "params"
@@ -162,6 +163,7 @@ class ShrinkGraphRecipe(RecipeModel):
     """What ``prunekit shrink-graph`` traces: the model, how grouped-query heads form units, strictness."""
 
     model: str | None = Field(None, description="model directory or hub id; None = the embedded SmolLM2-135M")
+    blocks: str | None = blocks_field()
     heads: Literal["kv", "query"] = Field("kv", description="grouped-query heads: whole KV groups, or query heads "
                                                            "equally from every group")
     lenient: bool = Field(False, description="leave the channels around an operation the tracer does not know "

@@ -103,6 +103,10 @@ class TokensEvalJob(Job[TokensEvalRecipe]):
 
         recipe = self.recipe
         loaded = load_model(recipe.model, attn_implementation=recipe.attn_implementation)
+        if recipe.blocks:
+            from prunekit.models import adapter_for
+
+            adapter_for(loaded.model, blocks=recipe.blocks)  # --blocks holds for the token family's adapter
         task_kind = TASKS.get(loaded.kind)
         if task_kind is None:
             raise PrunekitError(f"{loaded.name} is a {loaded.kind}; token reduction evaluates image classifiers, "

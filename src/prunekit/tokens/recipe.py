@@ -6,7 +6,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from prunekit.core.config import RecipeModel
+from prunekit.core.config import RecipeModel, blocks_field
 from prunekit.errors import PrunekitError
 from prunekit.tokens.base import METHODS
 
@@ -29,6 +29,7 @@ class TokensEvalRecipe(RecipeModel):
 
     model: str = Field(description="fashion-vit, minilm, smollm2, a prunekit ViT directory, or a Hugging Face ViT / "
                                    "BERT-style / Llama-style model directory")
+    blocks: str | None = blocks_field()
     methods: list[dict[str, Any]] = Field(default_factory=lambda: [method_settings("tome")], min_length=1,
                                           description="methods with their settings (the ratio aside)")
     ratios: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3], min_length=1,

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from prunekit.core.config import RecipeModel, TextDataConfig
+from prunekit.core.config import RecipeModel, TextDataConfig, blocks_field
 from prunekit.core.job import Job, Outcome
 from prunekit.core.progress import progress_bar, status
 from prunekit.errors import PrunekitError
@@ -313,6 +313,7 @@ class RecoveryRecipe(RecipeModel):
     renamed: ClassVar[dict[str, str]] = {"sparsity": "ratio"}
 
     model: str | None = None
+    blocks: str | None = blocks_field()
     prune: str | None = Field(None, description="one-shot method to prune with first (wanda, sparsegpt, magnitude)")
     ratio: float = Field(0.5, ge=0, lt=1, description="with prune: the fraction of the weights removed")
     mode: Update = Field("full", description="full: every parameter, the pruned zeros held; lora: a masked LoRA, "
@@ -356,8 +357,11 @@ def run_recovery(recipe: RecoveryRecipe, loaded=None) -> dict:
     from prunekit.models.loading import CAUSAL_LM, load_model
     from prunekit.weights.pipeline import prune_weights
 
+    from prunekit.models.base import adapter_for
+
     loaded = loaded or load_model(recipe.model, kind=CAUSAL_LM)
     loaded.require_tokenizer()
+    adapter_for(loaded.model, blocks=recipe.blocks)  # --blocks holds for pruning and the layers recovered
     if recipe.prune is None:
         pruned_layers(loaded.model)  # a dense model is refused before any slow step
     protocol = recipe.data.protocol()

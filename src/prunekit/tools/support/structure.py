@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
+from typing import Callable
 
 import torch
 from torch import nn
@@ -73,6 +74,31 @@ def zeroed_reference(original: nn.Module, shrunk: nn.Module, result, example, he
     return original
 
 
+def _verify(model: nn.Module, original: nn.Module, result, example, head_mode: str,
+            outputs_of: Callable[[nn.Module], torch.Tensor],
+            biases_before: set[str]) -> SupportResult | tuple[torch.Tensor, int, str]:
+    """What every shrink must hold, before saving: finite outputs, the planned parameter count (biases the
+    shrink had to add counted), and the original's outputs with the removed units zeroed. A failure is the
+    ``SupportResult`` saying so; else (outputs, parameters, what was checked of exactness)."""
+    model.eval()
+    outputs = outputs_of(model)
+    if not torch.isfinite(outputs).all():
+        return SupportResult("broken", "the shrunk model's outputs are not finite")
+    added = sum(model.get_submodule(name).bias.numel() for name in biases_before - _missing_biases(model))
+    planned, actual = result.plan.total_after + added, count_parameters(model)
+    if actual != planned:
+        return SupportResult("broken", f"{actual:,} parameters after shrinking, the plan counted {planned:,}")
+    reference = zeroed_reference(original, model, result, example, head_mode)
+    if isinstance(reference, str):
+        return outputs, actual, f"exactness not checked: {reference}"
+    expected = outputs_of(reference.eval())
+    difference = float((expected - outputs).abs().max())
+    if difference > TOLERANCE * max(1.0, float(expected.abs().max())):
+        return SupportResult("broken", f"the shrunk model differs from the original with the removed units zeroed "
+                                       f"by {difference:.3g}")
+    return outputs, actual, "equals the zeroed original"
+
+
 def check(factory: ModelFactory, windows: torch.Tensor) -> SupportResult:
     """Shrink a fresh model from ``factory`` by 20 % of its parameters and verify the result.
 
@@ -81,7 +107,7 @@ def check(factory: ModelFactory, windows: torch.Tensor) -> SupportResult:
     """
     import prunekit
     from prunekit.models import adapter_for
-    from prunekit.structure.importance import get_importance
+    from prunekit.models.loading import CAUSAL_LM, ENCODER
     from prunekit.structure.pipeline import encoder_calibration, lm_calibration, lm_example_inputs, prune_structure
     from prunekit.structure.recipe import ShrinkRecipe
     from prunekit.structure.saving import save_structured
@@ -89,38 +115,23 @@ def check(factory: ModelFactory, windows: torch.Tensor) -> SupportResult:
     model = factory().eval()
     original = copy.deepcopy(model)
     causal = is_causal_lm(model)
-    recipe = ShrinkRecipe(ratio=RATIO)
-    importance = recipe.importance or get_importance("fisher" if causal else "flap").settings()
+    recipe = ShrinkRecipe(ratio=RATIO).with_default_importance(CAUSAL_LM if causal else ENCODER)
+    settings = recipe.width_settings()
     example = lm_example_inputs() if causal else {"input_ids": torch.arange(1, 5).unsqueeze(0)}
     calibration = (lm_calibration if causal else encoder_calibration)(windows, recipe.batch_size)
     inputs = windows[:2]
+
+    def outputs_of(network: nn.Module) -> torch.Tensor:
+        return model_outputs(network, inputs, causal)
+
     try:
         biases_before = _missing_biases(model)
-        result = prune_structure(model, recipe.ratio, example_inputs=example, importance=importance,
-                                 granularity=recipe.granularity, target=recipe.target, allocation=recipe.allocation,
-                                 head_mode=recipe.heads, ignore=recipe.ignore, overrides=recipe.overrides,
-                                 calibration=calibration, adapter=adapter_for(model), seed=recipe.data.seed,
-                                 strict=not recipe.lenient, reconstruct=recipe.reconstruct,
-                                 damping=recipe.reconstruct_damping)
-        model.eval()
-        outputs = model_outputs(model, inputs, causal)
-        if not torch.isfinite(outputs).all():
-            return SupportResult("broken", "the shrunk model's outputs are not finite")
-        added = sum(model.get_submodule(name).bias.numel() for name in biases_before - _missing_biases(model))
-        planned = result.plan.total_after + added
-        actual = count_parameters(model)
-        if actual != planned:
-            return SupportResult("broken", f"{actual:,} parameters after shrinking, the plan counted {planned:,}")
-        reference = zeroed_reference(original, model, result, example, recipe.heads)
-        if isinstance(reference, str):
-            exactness = f"exactness not checked: {reference}"
-        else:
-            expected = model_outputs(reference, inputs, causal)
-            difference = float((expected - outputs).abs().max())
-            if difference > TOLERANCE * max(1.0, float(expected.abs().max())):
-                return SupportResult("broken", f"the shrunk model differs from the original with the removed units "
-                                               f"zeroed by {difference:.3g}")
-            exactness = "equals the zeroed original"
+        result = prune_structure(model, example_inputs=example, settings=settings, calibration=calibration,
+                                 adapter=adapter_for(model))
+        verified = _verify(model, original, result, example, settings.head_mode, outputs_of, biases_before)
+        if isinstance(verified, SupportResult):
+            return verified
+        outputs, actual, exactness = verified
         with tempfile.TemporaryDirectory() as tmp:
             saved = save_structured(model, tmp, None, adapter_for(model))
             if saved.from_pretrained:
@@ -133,7 +144,7 @@ def check(factory: ModelFactory, windows: torch.Tensor) -> SupportResult:
             if count_parameters(reloaded) != actual:
                 return SupportResult("broken", f"reloaded through {how}, the model has {count_parameters(reloaded):,} "
                                                f"parameters, not {actual:,}")
-            if not torch.equal(model_outputs(reloaded, inputs, causal), outputs):
+            if not torch.equal(outputs_of(reloaded), outputs):
                 return SupportResult("broken", f"reloaded through {how}, the model gives other outputs")
     except PrunekitError as exc:
         return SupportResult("refused", one_line(exc))
@@ -166,24 +177,10 @@ def check_classifier(factory: ModelFactory, images: torch.Tensor, labels: torch.
         biases_before = _missing_biases(model)
         result = prune_structure(model, example_inputs=example, settings=settings,
                                  calibration=classifier_calibration(images, labels))
-        model.eval()
-        outputs = outputs_of(model)
-        if not torch.isfinite(outputs).all():
-            return SupportResult("broken", "the shrunk model's outputs are not finite")
-        added = sum(model.get_submodule(name).bias.numel() for name in biases_before - _missing_biases(model))
-        planned, actual = result.plan.total_after + added, count_parameters(model)
-        if actual != planned:
-            return SupportResult("broken", f"{actual:,} parameters after shrinking, the plan counted {planned:,}")
-        reference = zeroed_reference(original, model, result, example, settings.head_mode)
-        if isinstance(reference, str):
-            exactness = f"exactness not checked: {reference}"
-        else:
-            expected = outputs_of(reference.eval())
-            difference = float((expected - outputs).abs().max())
-            if difference > TOLERANCE * max(1.0, float(expected.abs().max())):
-                return SupportResult("broken", f"the shrunk model differs from the original with the removed channels "
-                                               f"zeroed by {difference:.3g}")
-            exactness = "equals the zeroed original"
+        verified = _verify(model, original, result, example, settings.head_mode, outputs_of, biases_before)
+        if isinstance(verified, SupportResult):
+            return verified
+        outputs, actual, exactness = verified
         with tempfile.TemporaryDirectory() as tmp:
             save_structured(model, tmp)
             reloaded = prunekit.load(tmp, model=factory()).eval()
