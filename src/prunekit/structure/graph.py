@@ -385,10 +385,6 @@ def _name_families(families: list[Family], infos: dict[str, TensorInfo], call_or
         family.name = name
 
 
-def total_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 def unit_costs(graph: DependencyGraph, families: list[Family], target: str = "params") -> dict[str, float]:
     """Parameters (or MACs) one unit of each family removes when nothing else is removed."""
     measure = graph.parameter_count if target == "params" else graph.mac_count

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
+from prunekit.evaluate.measure import count_parameters
 from prunekit.models.base import ModelAdapter
 from prunekit.models.layout import is_linear_like
 from prunekit.structure.graph import DependencyGraph, Family
@@ -42,10 +43,6 @@ class ShrinkResult:
         return {"widths": {k: list(v) for k, v in self.widths.items()}, "parameters_before": self.parameters_before,
                 "parameters_after": self.parameters_after, "removed_fraction": self.removed_fraction,
                 "compensated": self.compensated}
-
-
-def _unique_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def check_removal(graph: DependencyGraph, removal: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
@@ -238,7 +235,7 @@ def shrink(graph: DependencyGraph, removal: Mapping[str, Sequence[int]],
     """
     model = graph.model
     checked = check_removal(graph, removal)
-    parameters_before = _unique_parameters(model)
+    parameters_before = count_parameters(model)
     merged = removed_by_dimension(graph, checked)
     before = _snapshot(model)
     # A tied tensor (embedding and lm_head) has one canonical owner; every module holding it keeps sizes to update.
@@ -273,7 +270,7 @@ def shrink(graph: DependencyGraph, removal: Mapping[str, Sequence[int]],
     if check:
         run_check(model, graph.example_inputs)
     return ShrinkResult({k: v.tolist() for k, v in checked.items()}, widths, parameters_before,
-                        _unique_parameters(model), spec, compensated)
+                        count_parameters(model), spec, compensated)
 
 
 def run_check(model: nn.Module, example_inputs: tuple | dict) -> None:

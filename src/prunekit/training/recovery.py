@@ -38,6 +38,7 @@ from prunekit.core.config import RecipeModel, TextDataConfig, blocks_field
 from prunekit.core.job import Job, Outcome
 from prunekit.core.progress import progress_bar, status
 from prunekit.errors import PrunekitError
+from prunekit.evaluate.measure import unique_parameters
 from prunekit.training.lora import attach_masked_lora, merge_lora
 from prunekit.training.methods.fixed import FixedMask
 
@@ -302,7 +303,7 @@ def recover_classifier(student: nn.Module, inputs: torch.Tensor, labels: torch.T
         history = train_classifier(student, inputs, torch.arange(inputs.shape[0]), epochs=epochs,
                                    batch_size=batch_size, lr=lr, seed=seed, loss_fn=loss_fn,
                                    description="Recovery fine-tune (distillation)")
-    trainable = sum(p.numel() for p in {id(p): p for p in student.parameters() if p.requires_grad}.values())
+    trainable = sum(p.numel() for p in unique_parameters(student) if p.requires_grad)
     return RecoveryResult(objective, "full", history.steps, time.perf_counter() - started, epochs * inputs.shape[0],
                           0, lr, trainable, 0, list(history.losses))
 
