@@ -27,6 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from prunekit.core.cache import cache_dir
+from prunekit.core.lowrank import CONFIG_KEY as LOWRANK_KEY
+from prunekit.core.lowrank import restore_lowrank
 from prunekit.core.progress import status
 from prunekit.core.registry import Registry
 from prunekit.errors import PrunekitError
@@ -272,7 +274,8 @@ class CompressedFormat(ModelFormat):
     def load(self, path: Path, options: LoadOptions) -> nn.Module:
         marker = self._marker(path)
         state, aliases = read_compressed_state(path)
-        model = options.skeleton if options.skeleton is not None else build_skeleton(path, marker.get("architecture"))
+        model = (options.skeleton if options.skeleton is not None
+                 else restore_lowrank(build_skeleton(path, marker.get("architecture"))))
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         refuse_mismatch(path, unexpected=unexpected)
         if hasattr(model, "tie_weights"):
@@ -398,7 +401,7 @@ class ShapeSpecFormat(ModelFormat):
             if not spec.get("huggingface"):
                 raise PrunekitError(f"{path} holds a {spec.get('architecture')} that is not a Hugging Face model; "
                                     "pass its unpruned skeleton: prunekit.load(path, model=...)")
-            model = build_skeleton(path, spec["architecture"])
+            model = restore_lowrank(build_skeleton(path, spec["architecture"]))
         apply_spec(model, spec)
         missing, unexpected = model.load_state_dict(read_safetensors_dir(path), strict=False, assign=True)
         refuse_mismatch(path, unexpected=unexpected)
@@ -517,6 +520,40 @@ _AUTO_CLASSES = {CAUSAL_LM: "AutoModelForCausalLM", IMAGE_CLASSIFIER: "AutoModel
                  ENCODER: "AutoModel"}
 
 
+@FORMATS.register("lowrank")
+class LowRankFormat(ModelFormat):
+    summary = (f"a Hugging Face directory whose config lists low-rank layers ({LOWRANK_KEY}: a pruned linear plus "
+               "its correction, or a linear factored in two), rebuilt before its tensors load")
+    priority = 5  # a config.json like any Hugging Face directory: before the generic format
+
+    def detect(self, path: Path) -> bool:
+        if not (path.is_dir() and (path / "config.json").exists()):
+            return False
+        try:
+            return LOWRANK_KEY in read_config(path)
+        except PrunekitError:
+            return False  # a corrupt config: the Hugging Face format says so in its own words
+
+    def identify(self, path: Path) -> Identity:
+        return identify_config(read_config(path))
+
+    def load(self, path: Path, options: LoadOptions) -> nn.Module:
+        architectures = read_config(path).get("architectures") or [None]
+        model = options.skeleton if options.skeleton is not None else build_skeleton(path, architectures[0])
+        restore_lowrank(model)
+        state = read_safetensors_dir(path)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        refuse_mismatch(path, unexpected=unexpected)
+        if hasattr(model, "tie_weights"):
+            model.tie_weights()
+        refuse_mismatch(path, missing=[n for n, p in list(model.named_parameters()) + list(model.named_buffers())
+                                       if p.is_meta])
+        return _to_dtype(model, options.dtype)
+
+    def save(self, model: nn.Module, directory: Path, tokenizer=None, **settings: Any) -> None:
+        write_dense(model, directory, tokenizer)
+
+
 @FORMATS.register("huggingface")
 class HuggingFaceFormat(ModelFormat):
     summary = "a Hugging Face directory (config.json + safetensors or .bin) or a hub id"
@@ -613,3 +650,5 @@ __all__ = ["CAUSAL_LM", "ENCODER", "FORMATS", "IMAGE_CLASSIFIER", "KINDS", "MODU
            "Identity", "LoadOptions", "ModelFormat", "apply_spec", "build_skeleton", "detect_format",
            "dequantized_gguf_dir", "identify_config", "kind_of_architecture", "load_path", "needs_shape_spec",
            "refuse_mismatch", "save_model", "shape_spec", "write_shape_spec"]
+
+from prunekit.io import compressed_tensors_format  # noqa: E402,F401 - registers the compressed-tensors format
