@@ -32,7 +32,8 @@ def _shrunk_llama(allocation: str):
 def test_uniform_widths_reload_with_plain_from_pretrained(tmp_path):
     model = _shrunk_llama("uniform")
     report = save_structured(model, tmp_path, adapter=adapter_for(model))
-    assert report.from_pretrained and report.reasons == []
+    assert report.from_pretrained and report.reasons == [] and not report.remote_code
+    assert not (tmp_path / "modeling_shrunk.py").exists() and "auto_map" not in json.loads((tmp_path / "config.json").read_text())
     config = json.loads((tmp_path / "config.json").read_text())
     attention = model.model.layers[0].self_attn
     assert config["intermediate_size"] == model.model.layers[0].mlp.down_proj.in_features
@@ -51,7 +52,8 @@ def test_per_layer_widths_need_the_shape_spec(tmp_path):
     assert len(widths) > 1
     report = save_structured(model, tmp_path, adapter=adapter_for(model))
     assert not report.from_pretrained and "MLP widths differ across layers" in report.reasons[0]
-    with pytest.raises(OSError, match="model.safetensors"):  # refused loudly, never silently re-initialised
+    assert report.remote_code  # trust_remote_code=True loads it (tests/structure/test_structure_remote_code.py)
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # refused loudly, never re-initialised
         AutoModelForCausalLM.from_pretrained(tmp_path)
     reloaded = prunekit.load(tmp_path)
     assert [l.mlp.down_proj.in_features for l in reloaded.model.layers] == [l.mlp.down_proj.in_features

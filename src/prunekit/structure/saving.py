@@ -7,8 +7,10 @@ match, plain ``from_pretrained`` loads the directory. Where they do not (widths 
 layer, BERT heads) the directory still holds the weights and config, plus a *shape spec*
 (``prunekit_structure.json``: every module's tensor shapes and size attributes) from which
 ``prunekit.load`` rebuilds the model (the shape-spec format lives in ``prunekit.io.formats``, so
-loading needs nothing of this package). Models outside transformers are saved the same way and
-rebuilt onto a skeleton the caller passes (the unpruned architecture).
+loading needs nothing of this package), and model code that lets plain transformers rebuild it
+without prunekit: ``from_pretrained(DIR, trust_remote_code=True)`` (``prunekit.io.remote_code``).
+Models outside transformers are saved the same way and rebuilt onto a skeleton the caller passes
+(the unpruned architecture).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
-from prunekit.io.formats import FORMATS, SPEC_WEIGHTS, STRUCTURE_FILE, build_skeleton, write_shape_spec
+from prunekit.io.formats import FORMATS, SPEC_WEIGHTS, STRUCTURE_FILE, build_skeleton, shape_spec, write_shape_spec
+from prunekit.io.remote_code import forget_remote_code, shape_changes, write_remote_code
 from prunekit.models.base import ModelAdapter
 
 __all__ = ["SPEC_WEIGHTS", "STRUCTURE_FILE", "SaveReport", "check_onnx", "export_onnx", "save_structured"]
@@ -34,9 +37,11 @@ class SaveReport:
     from_pretrained: bool
     reasons: list[str] = field(default_factory=list)
     weights_bytes: int = 0
+    remote_code: bool = False  # from_pretrained(DIR, trust_remote_code=True) loads it with the code saved beside it
 
     def to_dict(self) -> dict:
-        return {"from_pretrained": self.from_pretrained, "reasons": self.reasons, "weights_bytes": self.weights_bytes}
+        return {"from_pretrained": self.from_pretrained, "reasons": self.reasons, "weights_bytes": self.weights_bytes,
+                "remote_code": self.remote_code}
 
 
 def _state_shapes(model: nn.Module) -> dict[str, tuple]:
@@ -62,6 +67,8 @@ def save_structured(model: nn.Module, directory: str | os.PathLike, tokenizer=No
     directory = Path(directory)
     reasons: list[str] = []
     huggingface = hasattr(model, "save_pretrained") and getattr(model, "config", None) is not None
+    if huggingface:
+        forget_remote_code(model.config)  # a model read back and shrunk again: those shapes no longer hold
     loadable = False
     if huggingface:
         if adapter is not None:
@@ -75,6 +82,7 @@ def save_structured(model: nn.Module, directory: str | os.PathLike, tokenizer=No
         loadable = not wrong
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
+    remote = False
     if loadable:
         model.save_pretrained(directory)
         write_shape_spec(model, directory, blocks, True, reasons, {})
@@ -82,8 +90,27 @@ def save_structured(model: nn.Module, directory: str | os.PathLike, tokenizer=No
         if not huggingface:
             reasons.append("not a Hugging Face model: rebuild it with prunekit.load(path, model=<unpruned skeleton>)")
         FORMATS.get("shape-spec")().save(model, directory, blocks=blocks, reasons=reasons)
+        remote = huggingface and _add_remote_code(model, directory, reasons)
     weights = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
-    return SaveReport(loadable, reasons if not loadable else [], weights)
+    return SaveReport(loadable, reasons if not loadable else [], weights, remote)
+
+
+def _add_remote_code(model: nn.Module, directory: Path, reasons: list[str]) -> bool:
+    """Make a directory the shape spec describes loadable by plain transformers (``prunekit.io.remote_code``):
+    the model code, the shapes it applies, and the weights under the name ``from_pretrained`` reads (the shape
+    spec's own name keeps them from a ``from_pretrained`` that would re-initialise them quietly; with the code,
+    the family's class refuses them loudly instead). False, and a reason, where the code cannot describe it."""
+    architecture = type(model).__name__
+    try:
+        skeleton = build_skeleton(directory, architecture)
+        changes, why = shape_changes(shape_spec(model), skeleton, shape_spec(skeleton))
+    except Exception as exc:  # noqa: BLE001 - the code is an extra: the shape spec has saved the model already
+        changes, why = None, f"its config does not build ({type(exc).__name__}: {str(exc).strip()[:120]})"
+    if changes is None or not write_remote_code(directory, architecture, changes):
+        reasons.append(f"plain transformers cannot rebuild it: {why or f'{architecture} is in no Auto class'}")
+        return False
+    os.replace(directory / SPEC_WEIGHTS, directory / "model.safetensors")
+    return True
 
 
 def export_onnx(model: nn.Module, example_inputs: tuple, path: str | os.PathLike,
