@@ -121,6 +121,7 @@ def _commands(model: str, data: str, option: list[str]) -> dict[str, list[str]]:
         "train recover": ["train", "recover", model, *option],
         "data score": ["data", "score", data, "--score", "random", *option],
         "tokens eval": ["tokens", "eval", "fashion-vit", *option],
+        "export": ["export", model, *option],
     }
 
 
@@ -151,7 +152,7 @@ def test_unusable_devices_are_refused_in_one_line(command, device, message, tiny
     _no_leftovers(tmp_path, out)
 
 
-@pytest.mark.parametrize("command", ["prune", "shrink", "train fashion-mnist", "data score", "tokens eval"])
+@pytest.mark.parametrize("command", ["prune", "shrink", "train fashion-mnist", "data score", "tokens eval", "export"])
 def test_an_output_nothing_can_be_written_to_is_refused_in_one_line(command, tiny_model_dir, csv_data, capsys):
     args = _commands(str(tiny_model_dir), str(csv_data), ["--out", "/proc/x"])[command]
     assert main(args) == 2
@@ -171,6 +172,7 @@ def _interrupt(*args, **kwargs):
     ("train recover", "prunekit.models.loading.load_model"),
     ("data score", "prunekit.data.job.score_data"),
     ("tokens eval", "prunekit.models.loading.load_model"),
+    ("export", "prunekit.models.export.load_model"),
 ])
 def test_ctrl_c_says_that_nothing_was_written(command, target, monkeypatch, tiny_model_dir, csv_data, tmp_path,
                                               capsys):
