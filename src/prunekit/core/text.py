@@ -91,11 +91,16 @@ def wiki_articles() -> tuple[str, ...]:
     return tuple(articles)
 
 
-def wiki_split(split: float = 0.8) -> tuple[str, str]:
-    """(calibration text, test text): articles split by article, never by window."""
+def wiki_articles_of(part: str, split: float = 0.8) -> tuple[str, ...]:
+    """The calibration (first ``split``) or test (the rest) articles of the wiki protocol."""
     articles = wiki_articles()
     cut = int(len(articles) * split)
-    return "\n\n".join(articles[:cut]), "\n\n".join(articles[cut:])
+    return articles[:cut] if part == "calibration" else articles[cut:]
+
+
+def wiki_split(split: float = 0.8) -> tuple[str, str]:
+    """(calibration text, test text): articles split by article, never by window."""
+    return "\n\n".join(wiki_articles_of("calibration", split)), "\n\n".join(wiki_articles_of("test", split))
 
 
 def read_text_file(path: str | Path, text_field: str = "text") -> str:

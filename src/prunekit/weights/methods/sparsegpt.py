@@ -164,7 +164,7 @@ class SparseGPT(OneShotMethod):
                 if sub_end < count:
                     block[sub_end:].addmm_(inv_block[sub_start:sub_end, sub_end:].t(), errors[sub_start:sub_end],
                                            alpha=-1)
-            block.mul_(keep)
+            block.masked_fill_(~keep, 0)  # +0.0: a product with the mask would leave -0.0 bit patterns
             if end < columns:
                 wt[end:].addmm_(upper[start:end, end:].t(), errors, alpha=-1)
         weight.copy_(wt.t())
