@@ -37,6 +37,25 @@ def test_batched_padded_perplexity_equals_one_text_at_a_time(tiny_lm):
         assert value == pytest.approx(float(loss.exp()), rel=1e-5)
 
 
+def test_length_sorted_batches_project_only_real_positions_and_equal_one_text_at_a_time(tiny_lm):
+    model, tokenizer = tiny_lm.model, tiny_lm.tokenizer
+    texts = TEXTS * 2 + ["Rain again.", "The committee postponed its decision on the bridge until the spring."]
+    single = np.concatenate([text_perplexities(model, tokenizer, [t]) for t in texts])
+    rows_projected = []
+    handle = model.lm_head.register_forward_hook(lambda _m, args, _out: rows_projected.append(args[0].shape[:-1].numel()))
+    try:
+        sorted_batches = text_perplexities(model, tokenizer, texts, batch_size=3)
+    finally:
+        handle.remove()
+    np.testing.assert_allclose(sorted_batches, single, rtol=1e-5)
+    tokens = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts]
+    assert sum(rows_projected) == sum(n - 1 for n in tokens), "padding or last tokens went through the head"
+    assert len(rows_projected) == 4  # ceil(10 / 3) batches
+    # A head the forward never calls: every position is projected, then selected; same scores.
+    unused = text_perplexities(model, tokenizer, texts, batch_size=3, head=torch.nn.Identity())
+    np.testing.assert_allclose(unused, single, rtol=1e-5)
+
+
 def test_perplexity_score_streams_a_file_and_truncates(tiny_model_dir, tmp_path):
     path = tmp_path / "texts.txt"
     path.write_text("\n".join(TEXTS) + "\n")

@@ -34,6 +34,10 @@ def shrink(
     ratio: Optional[float] = typer.Option(None, help="fraction of the parameters (or MACs) to remove by width, in "
                                                      "[0, 1) [default: 0.2]"),
     target: Optional[str] = typer.Option(None, help="what the ratio counts: params or macs [default: params]"),
+    method: Optional[str] = typer.Option(None, help="svd-llm (each linear factored in two, in the calibration-whitened "
+                                                    "basis) instead of deleting units [default: delete units "
+                                                    "ranked by --importance]"),
+    method_arg: Optional[list[str]] = typer.Option(None, help="method setting KEY=VALUE, e.g. sequential=dense"),
     importance: Optional[str] = typer.Option(None, help="fisher, flap, wanda, taylor, l2, l1 or random [default: fisher for causal LMs, "
                                                              "flap for encoders]"),
     granularity: Optional[str] = typer.Option(None, help="comma-separated: channels (MLP neurons), heads, hidden "
@@ -106,7 +110,7 @@ def shrink(
                "data.test_windows": test_windows, "data.seq_len": seq_len, "data.seed": seed,
                "measure.batch_sizes": numbers(batch_sizes, "--batch-sizes", int), "measure.seq_len": speed_seq_len,
                "measure.runs": runs, "measure.threads": threads, "measure.memory": peak_memory}
-    built = build_recipe(ShrinkRecipe, recipe, options)
+    built = build_recipe(ShrinkRecipe, recipe, options, {"method": (method, key_values(method_arg, "--method-arg"))})
     # A recovery setting turns recovery on; --recover alone turns it on with its defaults, --no-recover off.
     if recover is False:
         built = built.model_copy(update={"recovery": None})

@@ -10,12 +10,11 @@ import typer
 
 from prunekit.cli import contract
 from prunekit.cli.app import app
-from prunekit.cli.options import build_recipe, deprecated, key_values, numbers, run_job
+from prunekit.cli.options import BLOCKS, build_recipe, deprecated, key_values, numbers, run_job
 from prunekit.errors import PrunekitError
 
 MODEL_ARG = typer.Argument(None, help="model directory or hub id; default: the embedded SmolLM2-135M")
 RECIPE = typer.Option(None, help="YAML recipe; options given here override it")
-BLOCKS = typer.Option(None, help="the model's list of blocks (e.g. model.layers), where its structure does not tell")
 
 
 def _overrides(items: list[str] | None, option: str) -> dict[str, float] | None:
@@ -25,6 +24,17 @@ def _overrides(items: list[str] | None, option: str) -> dict[str, float] | None:
             raise PrunekitError(f"{option} {key}={value}: the ratio must be a number")
         result[key] = float(value)
     return result or None
+
+
+TASKS = typer.Option(None, "--tasks", help="zero-shot tasks scored with lm-eval, comma-separated: wiki_lastword, "
+                                          "wiki_continuation [default: none]")
+TASK_EXAMPLES = typer.Option(None, help="examples per task [default: 200]")
+TASK_SEED = typer.Option(None, help="seed that builds the tasks' examples [default: 0]")
+
+
+def _tasks(tasks: str | None, examples: int | None, seed: int | None) -> dict[str, Any]:
+    names = [name.strip() for name in tasks.split(",") if name.strip()] if tasks is not None else None
+    return {"tasks.names": names, "tasks.examples": examples, "tasks.seed": seed}
 
 
 def _data(calib, test, calib_samples, test_windows, seq_len, seed, text_field) -> dict[str, Any]:
@@ -60,11 +70,20 @@ def prune(
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16: computed and stored in this dtype, streamed or not [default: float32]"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda; under torchrun one GPU per process, NCCL [default: cpu]"),
     codec: Optional[str] = typer.Option(None, help="entropy coding of the compressed copy: zstd or none [default: zstd]"),
+    compressed_format: Optional[str] = typer.Option(None, "--format", help="format of the compressed copy: prunekit "
+                                                    "(bitmask + zstd, the smallest) or compressed-tensors "
+                                                    "(llm-compressor's sparse layout) [default: prunekit]"),
     dense: Optional[bool] = typer.Option(None, "--dense/--no-dense", help="write the from_pretrained-loadable model; with --stream, off writes compressed/ only [default: on]"),
     compressed: Optional[bool] = typer.Option(None, "--compressed/--no-compressed", help="write the compressed copy [default: on]"),
     stream: Optional[bool] = typer.Option(None, "--stream/--no-stream", help="out-of-core: one block in memory at a time, shards written as they finish [default: off]"),
     resume: bool = typer.Option(False, help="continue an interrupted --stream run: the same command and --out (implies --stream); a finished one is left as it is"),
     untie_embeddings: bool = typer.Option(False, help="give lm_head its own copy of a tied embedding so it can be pruned alone"),
+    tasks: Optional[str] = TASKS,
+    task_examples: Optional[int] = TASK_EXAMPLES,
+    task_seed: Optional[int] = TASK_SEED,
+    lowrank_budget: Optional[float] = typer.Option(None, help="add a rank-r correction per pruned layer, fitted to its "
+                                                              "pruning error, with at most this fraction of extra "
+                                                              "parameters, e.g. 0.1 [default: 0, none]"),
     blocks: Optional[str] = BLOCKS,
     trust_remote_code: bool = typer.Option(False, help="allow model code from the model directory"),
     recipe: Optional[Path] = RECIPE,
@@ -84,10 +103,12 @@ def prune(
                                overrides)
     options = {"model": model, "ratio": ratio, "pattern": pattern, "evaluate": evaluate, "include": include or None,
                "exclude": exclude or None, "overrides": overrides, "sequential": sequential,
-               "batch_size": batch_size, "dtype": dtype, "device": device, "codec": codec, "save_dense": dense,
+               "batch_size": batch_size, "dtype": dtype, "device": device, "codec": codec,
+               "format": compressed_format, "save_dense": dense,
                "save_compressed": compressed, "untie_embeddings": untie_embeddings or None, "blocks": blocks,
-               "trust_remote_code": trust_remote_code or None, "stream": stream,
-               **_data(calib, test, calib_samples, test_windows, seq_len, seed, text_field)}
+               "trust_remote_code": trust_remote_code or None, "stream": stream, "lowrank.budget": lowrank_budget,
+               **_data(calib, test, calib_samples, test_windows, seq_len, seed, text_field),
+               **_tasks(tasks, task_examples, task_seed)}
     built = build_recipe(WeightPruningRecipe, recipe, options,
                          {"method": (method, key_values(method_arg, "--method-arg")),
                           "allocation": (allocation, key_values(allocation_arg, "--allocation-arg"))})
@@ -141,17 +162,22 @@ def evaluate_command(
     batch_size: Optional[int] = typer.Option(None, help="windows per forward pass [default: 4]"),
     text_field: Optional[str] = typer.Option(None, help="field holding the text in .jsonl files [default: text]"),
     blocks: Optional[str] = BLOCKS,
+    tasks: Optional[str] = TASKS,
+    task_examples: Optional[int] = TASK_EXAMPLES,
+    task_seed: Optional[int] = TASK_SEED,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="also write report.json, report.md and recipe.yaml here"),
     recipe: Optional[Path] = RECIPE,
     overwrite: bool = typer.Option(False, help="replace an existing output directory"),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch [default: torch's choice]"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
-    """Measure a model's perplexity (a pruned output directory, its compressed/ copy, or any causal LM)."""
+    """Measure a model's perplexity (a pruned output directory, its compressed/ copy, or any causal LM), and with
+    --tasks its zero-shot task accuracy."""
     from prunekit.weights.job import EvalJob, EvalRecipe
 
     options = {"model": model, "test": test, "test_windows": test_windows, "seq_len": seq_len,
-               "batch_size": batch_size, "text_field": text_field, "blocks": blocks}
+               "batch_size": batch_size, "text_field": text_field, "blocks": blocks,
+               **_tasks(tasks, task_examples, task_seed)}
     built = build_recipe(EvalRecipe, recipe, options)
     outcome = run_job(EvalJob(built), out, overwrite, threads, show=not as_json)
     if as_json:

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunekit.core.cache import cache_dir
 from prunekit.core.progress import progress_bar
+from prunekit.io.atomic import write_text
+from prunekit.io.digest import directory_digest, file_digest
 from prunekit.errors import PrunekitError
 
 
@@ -20,10 +28,11 @@ class PerplexityResult:
     window_losses: list[float] = field(repr=False)
     windows: int = 0
     seq_len: int = 0
+    cached: bool = False  # read from the user cache (``cached_perplexity``), not measured in this run
 
     def to_dict(self) -> dict:
         return {"perplexity": self.perplexity, "mean_loss": self.mean_loss, "windows": self.windows,
-                "seq_len": self.seq_len}
+                "seq_len": self.seq_len, "cached": self.cached}
 
 
 @torch.no_grad()
@@ -94,3 +103,50 @@ def streamed_perplexity(directory, windows: torch.Tensor, batch_size: int = 4, d
                 losses.extend(_next_token_losses(logits, batch.to(logits.device)))
         bar.advance()
     return from_losses(losses, windows.shape[1])
+
+
+PERPLEXITY_CACHE = "perplexity"
+
+
+def cached_perplexity(measure: Callable[[], PerplexityResult], model_path: str | os.PathLike | None,
+                      windows: torch.Tensor, settings: dict) -> PerplexityResult:
+    """``measure()``, or the figure an earlier run measured for the same model, windows and settings.
+
+    The key is the model files' content digest (``io.digest``: hashed once per file version), the test
+    token ids themselves (so the tokenizer, text and protocol are all in it), ``settings`` (what changes the
+    number: dtype, device type, batch size, how it is computed) and the prunekit, torch and transformers
+    versions. Thread counts are left out: they change the time, not the figure. A model without local files (a hub
+    id) is measured every time.
+    """
+    if model_path is None:
+        return measure()
+    from importlib.metadata import PackageNotFoundError, version
+
+    import transformers
+
+    try:
+        prunekit_version = version("prunekit")
+    except PackageNotFoundError:
+        prunekit_version = "unknown"
+    path = Path(model_path)
+    tokens = windows.detach().cpu().contiguous()
+    key = {"model": directory_digest(path) if path.is_dir() else file_digest(path),
+           "windows": hashlib.sha256(tokens.numpy().tobytes()).hexdigest(), "shape": list(tokens.shape),
+           "settings": settings, "prunekit": prunekit_version, "torch": torch.__version__,
+           "transformers": transformers.__version__}
+    entry = cache_dir(PERPLEXITY_CACHE) / f"{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()}.json"
+    try:
+        stored = json.loads(entry.read_text())
+        if stored.get("key") == key:
+            result = from_losses([float(loss) for loss in stored["window_losses"]], int(stored["seq_len"]))
+            result.cached = True
+            return result
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    result = measure()
+    try:
+        write_text(entry, json.dumps({"key": key, "model_path": str(path), "perplexity": result.perplexity,
+                                      "window_losses": result.window_losses, "seq_len": result.seq_len}))
+    except OSError:
+        pass  # a read-only cache costs the measurement again next time
+    return result

@@ -38,6 +38,7 @@ from prunekit.structure.pipeline import (StructuredResult, check_plan, encoder_c
                                          lm_example_inputs, prune_structure)
 from prunekit.structure.recipe import ShrinkGraphRecipe, ShrinkRecipe
 from prunekit.structure.saving import check_onnx, export_onnx, save_structured
+from prunekit.structure.shrink_method import get_shrink_method
 from prunekit.training.recovery import RecoveryResult, recover
 
 ONNX_FILE = "model.onnx"
@@ -67,6 +68,7 @@ class ShrinkRun:
     width: StructuredResult | None
     recovery: RecoveryResult | None
     pruning: Measured
+    method: dict | None  # what a shrink method (svd-llm, ...) did, instead of ``width``
     total_seconds: float
     size_before: int | None = None
     saved: dict | None = None
@@ -161,11 +163,14 @@ class ShrinkJob(Job[ShrinkRecipe]):
         quality = Quality(judge.metric, judge("before"))
         # The unpruned copy is the distillation teacher and the speed reference timed next to the shrunk model.
         original = copy.deepcopy(loaded.model)
-        depth_result = width_result = recovery_result = None
+        depth_result = width_result = recovery_result = method_result = None
         with Measured() as pruning:
             if recipe.depth.blocks:
                 depth_result = _depth(loaded, adapter_for(loaded.model), recipe, calibration)
-            if recipe.ratio > 0:
+            if recipe.ratio > 0 and recipe.method is not None:
+                method_result = get_shrink_method(recipe.method).apply(loaded.model, calibration, recipe.ratio,
+                                                                       recipe.batch_size)
+            elif recipe.ratio > 0:
                 make_calibration = lm_calibration if loaded.kind == CAUSAL_LM else encoder_calibration
                 width_result = prune_structure(loaded.model, example_inputs=_example_inputs(loaded.kind),
                                                settings=recipe.width_settings(),
@@ -178,7 +183,7 @@ class ShrinkJob(Job[ShrinkRecipe]):
         speed_before, speed_after = _speeds(loaded, original, recipe)
         del original
         self.state = ShrinkRun(loaded, protocol, parameters_before, quality, speed_before, speed_after, depth_result,
-                               width_result, recovery_result, pruning, time.perf_counter() - started,
+                               width_result, recovery_result, pruning, method_result, time.perf_counter() - started,
                                _disk_bytes(loaded.path))
         return self._outcome(Outcome({}))
 
@@ -215,6 +220,8 @@ def _check(loaded: LoadedModel, recipe: ShrinkRecipe, protocol: TextProtocol) ->
         max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
         if max_positions and protocol.seq_len > max_positions:
             raise PrunekitError(f"--seq-len {protocol.seq_len} exceeds the encoder's {max_positions} positions")
+    if recipe.method is not None and loaded.kind != CAUSAL_LM:
+        raise PrunekitError(f"{recipe.method['name']} is implemented for causal language models")
     if recipe.depth.blocks:
         blocks = len(adapter_for(loaded.model).blocks())
         if recipe.depth.blocks >= blocks:
@@ -224,7 +231,7 @@ def _check(loaded: LoadedModel, recipe: ShrinkRecipe, protocol: TextProtocol) ->
 def _checked_graph(loaded: LoadedModel, recipe: ShrinkRecipe) -> DependencyGraph | None:
     """The width plan checked before the slow steps; its graph is reused for pruning since the model is unchanged
     until then (a depth cut changes it: the graph is then traced after it)."""
-    if recipe.ratio == 0 or recipe.depth.blocks:
+    if recipe.ratio == 0 or recipe.depth.blocks or recipe.method is not None:
         return None
     settings = recipe.width_settings()
     graph = build_graph(loaded.model, _example_inputs(loaded.kind), adapter=adapter_for(loaded.model),
@@ -341,6 +348,7 @@ def build_report(run: ShrinkRun, recipe: ShrinkRecipe) -> dict:
         "size": {"before_bytes": run.size_before, "after_bytes": run.saved["weights_bytes"] if run.saved else None},
         "depth": run.depth.to_dict() if run.depth else None,
         "width": width.to_dict() if width else None,
+        "method": run.method,
         "recovery": run.recovery.to_dict() if run.recovery else None,
         "saving": run.saved,
         "onnx": run.onnx,
@@ -378,8 +386,17 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
     saving = report["saving"]
     if saving is not None:
         rows.append(("from_pretrained", "yes" if saving["from_pretrained"] else
-                     "no: prunekit.load rebuilds it (" + "; ".join(saving["reasons"]) + ")"))
+                     ("with trust_remote_code=True (model code saved beside it)" if saving.get("remote_code") else "no")
+                     + "; prunekit.load rebuilds it (" + "; ".join(saving["reasons"]) + ")"))
     return rows
+
+
+def _method_summary(method: dict | None) -> str:
+    if not method:
+        return "nothing factored"
+    return (f"{len(method['layers'])} linears factored, their parameters {method['linear_parameters_before']:,} → "
+            f"{method['linear_parameters_after']:,}; mean relative output error of a layer on its calibration inputs "
+            f"{method['mean_relative_error']:.4f}")
 
 
 def _memory_protocol(memory: dict | None) -> str | None:
@@ -425,12 +442,19 @@ def report_markdown(report: dict) -> str:
     rows.append((quality["metric"], _fmt(quality["before"]), _fmt(final),
                  f"{final / quality['before']:.3f}" if (final is not None and quality["before"]) else "–"))
     settings = report["settings"]
+    if settings.get("method"):
+        how = ", ".join(f"{k}={v}" for k, v in settings["method"].items() if k != "name")
+        how = f"by {settings['method']['name']}" + (f" ({how})" if how else "")
+        described = f"); {settings['method']['name']}: {_method_summary(report['method'])}."
+    else:
+        how = "by width"
+        described = (f"); importance {settings['importance']['name']}, allocation {settings['allocation']['name']}, "
+                     f"granularity {', '.join(settings['granularity'])}, heads mode {settings['heads']}.")
     lines = [f"# prunekit shrink: {report['model']['name']}", "",
              f"Removed {report['parameters']['removed_fraction']:.2%} of the parameters "
-             f"({settings['target']} target {settings['ratio']:.0%} by width"
+             f"({settings['target']} target {settings['ratio']:.0%} {how}"
              + (f", {settings['depth']['blocks']} blocks by {settings['depth']['criterion']}" if settings["depth"]["blocks"] else "")
-             + f"); importance {settings['importance']['name']}, allocation {settings['allocation']['name']}, "
-             f"granularity {', '.join(settings['granularity'])}, heads mode {settings['heads']}.", "",
+             + described, "",
              markdown_table(["", "before", "after", "after / before"], rows), "",
              f"Quality ({quality['metric']}): before {_fmt(quality['before'])}, after pruning "
              f"{_fmt(quality['after_pruning'])}, after recovery {_fmt(quality['after_recovery'])}.", "",
@@ -448,9 +472,12 @@ def report_markdown(report: dict) -> str:
         lines.append("Loading: `AutoModel*.from_pretrained(DIR)` loads this directory (the config describes every "
                      "width); `prunekit.load(DIR)` works too.")
     else:
-        lines.append("Loading: plain `from_pretrained` **cannot** load this directory ("
-                     + "; ".join(saving["reasons"]) + "). `prunekit.load(DIR)` rebuilds it from "
-                     "`prunekit_structure.json`.")
+        lines.append("Loading: the config alone cannot describe this model (" + "; ".join(saving["reasons"]) + "). "
+                     + ("`AutoModel*.from_pretrained(DIR, trust_remote_code=True)` loads it without prunekit, with "
+                        "the model code saved beside the weights (`modeling_shrunk.py`: the family's own class, "
+                        "resized layer by layer); " if saving.get("remote_code") else
+                        "Plain `from_pretrained` **cannot** load this directory; ")
+                     + "`prunekit.load(DIR)` rebuilds it from `prunekit_structure.json`.")
     lines.append("")
     if report["onnx"]:
         lines += [f"ONNX: `{report['onnx']['file']}`, onnxruntime output differs from PyTorch by at most "

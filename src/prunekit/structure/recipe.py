@@ -12,6 +12,7 @@ from prunekit.structure.allocation import WidthAllocation, check_ratio
 from prunekit.structure.importance.base import get_importance
 from prunekit.structure.pipeline import WidthSettings, resolve_granularity
 from prunekit.structure.reconstruct import DEFAULT_DAMPING
+from prunekit.structure.shrink_method import get_shrink_method
 from prunekit.training.recovery import FineTunePlan
 
 # Linear warm-up steps of the recovery fine-tune before its cosine decay over the budget.
@@ -82,6 +83,9 @@ class ShrinkRecipe(RecipeModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     ratio: float = Field(0.2, description="fraction of the model's parameters (or MACs) removed by width pruning")
     target: Literal["params", "macs"] = "params"
+    method: dict[str, Any] | None = Field(None, description="unset: delete coupled units ranked by the importance "
+                                                             "criterion; or a method that changes the basis "
+                                                             "(svd-llm) and its settings")
     granularity: list[str] = Field(default_factory=lambda: ["channels", "heads"])
     heads: Literal["kv", "query"] = Field("kv", description="grouped-query heads: remove whole KV groups, or "
                                                            "query heads equally from every group")
@@ -120,6 +124,11 @@ class ShrinkRecipe(RecipeModel):
         importance = get_importance({"name": value} if isinstance(value, str) else value)
         return importance.settings()
 
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method(cls, value: Any) -> dict[str, Any] | None:
+        return None if value is None else get_shrink_method(value).settings()
+
     @field_validator("allocation", mode="before")
     @classmethod
     def _allocation(cls, value: Any) -> Any:
@@ -138,7 +147,7 @@ class ShrinkRecipe(RecipeModel):
     def with_default_importance(self, kind: str) -> "ShrinkRecipe":
         """The recipe with its criterion named (so reports and recipe.yaml name it): unset, fisher for causal
         language models (they have a loss), flap for encoders."""
-        if self.importance is not None:
+        if self.importance is not None or self.method is not None:
             return self
         default = "fisher" if kind == "causal-lm" else "flap"
         return self.model_copy(update={"importance": get_importance(default).settings()})
@@ -156,6 +165,8 @@ class ShrinkRecipe(RecipeModel):
     def _something_to_do(self) -> "ShrinkRecipe":
         if self.ratio == 0 and self.depth.blocks == 0:
             raise PrunekitError("nothing to prune: give a ratio above 0 or a number of blocks to remove")
+        if self.method is not None and self.target != "params":
+            raise PrunekitError(f"{self.method['name']} removes a fraction of the parameters; leave out --target macs")
         return self
 
 

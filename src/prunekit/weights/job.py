@@ -13,8 +13,9 @@ from prunekit.core.distributed import ProcessGroup, from_environment
 from prunekit.core.masks import sparsity_of
 from prunekit.core.progress import set_enabled, status
 from prunekit.core.text import TextProtocol, calibration_windows, test_windows
-from prunekit.evaluate.perplexity import PerplexityResult, perplexity, streamed_perplexity
+from prunekit.evaluate.perplexity import PerplexityResult, cached_perplexity, perplexity, streamed_perplexity
 from prunekit.evaluate.plots import plot_curves, plot_layer_sparsity
+from prunekit.evaluate.tasks import TaskSettings, evaluate_tasks, task_rows
 from prunekit.core.config import RecipeModel
 from prunekit.core.job import Job, Outcome
 from prunekit.evaluate.measure import count_parameters, unique_parameters
@@ -23,6 +24,11 @@ from prunekit.evaluate.report import SPEED_NOTE, environment, human_bytes, markd
 from prunekit.evaluate.resources import Measured, process_peak_rss
 from prunekit.io.atomic import check_output_dir, directory_size
 from prunekit.io.checkpoint import COMPRESSED_SUBDIR, COMPRESSED_WEIGHTS, write_compressed, write_dense
+from prunekit.io import sparse_format
+from prunekit.io.checkpoint import unique_state_dict
+from prunekit.io.compressed_tensors_format import FORMAT_NAME as COMPRESSED_TENSORS
+from prunekit.io.compressed_tensors_format import WEIGHTS_FILE as CT_WEIGHTS
+from prunekit.io.compressed_tensors_format import sparsity_layout, stored_bytes, write_compressed_tensors
 from prunekit.io.sparse_format import manifest_size_without_codec
 from prunekit.models.base import adapter_for
 from prunekit.io.shards import ShardedCheckpoint, model_tensor_bytes, saved_model_bytes
@@ -68,7 +74,8 @@ def _needs_calibration(recipe: WeightPruningRecipe) -> bool:
     from prunekit.core.allocation import get_allocation
     from prunekit.weights.base import get_method
 
-    return get_method(recipe.method).needs_calibration or "activations" in get_allocation(recipe.allocation).needs
+    return (get_method(recipe.method).needs_calibration or "activations" in get_allocation(recipe.allocation).needs
+            or recipe.lowrank.enabled)
 
 
 def _prune(loaded: LoadedModel, recipe: WeightPruningRecipe, calibration: torch.Tensor | None,
@@ -79,6 +86,15 @@ def _prune(loaded: LoadedModel, recipe: WeightPruningRecipe, calibration: torch.
                          reduce=group.reduce_statistics if group is not None else None)
 
 
+def _dense_perplexity(measure, model_path, test: torch.Tensor, recipe: WeightPruningRecipe, how: str,
+                      group: ProcessGroup | None = None) -> PerplexityResult:
+    """The unpruned model's perplexity, from the user cache when an earlier run measured the same model files
+    on the same windows with the same settings; a run split across processes always measures it."""
+    settings = {"dtype": recipe.dtype, "device": torch.device(recipe.device).type, "batch_size": recipe.batch_size,
+                "trust_remote_code": recipe.trust_remote_code, "computed": how}
+    return cached_perplexity(measure, model_path if group is None else None, test, settings)
+
+
 def _model_info(name: str, path, adapter_description: dict, parameters: int, dtype: str) -> dict:
     return {"name": name, "path": str(path) if path else None, "family": adapter_description,
             "parameters": parameters, "dtype": dtype}
@@ -86,6 +102,12 @@ def _model_info(name: str, path, adapter_description: dict, parameters: int, dty
 
 def prune_job(recipe: WeightPruningRecipe, resume: bool = False) -> Job:
     """The job ``prunekit prune`` runs: in memory, or streamed block by block (``stream``, or resuming)."""
+    if (recipe.stream or resume) and recipe.tasks.names:
+        raise PrunekitError("--tasks scores the model in memory; leave out --stream, or score the output afterwards "
+                            "with prunekit eval OUT --tasks ...")
+    if (recipe.stream or resume) and recipe.save_compressed and recipe.format == COMPRESSED_TENSORS:
+        raise PrunekitError("--stream writes its compressed copy in prunekit's format only; for compressed-tensors "
+                            "prune in memory (no --stream), or add --no-compressed")
     return StreamedPruneJob(recipe, resume) if (recipe.stream or resume) else PruneJob(recipe)
 
 
@@ -118,15 +140,23 @@ class PruneJob(Job[WeightPruningRecipe]):
         # Recipes are checked before the (slow) data and pruning steps, against the loaded model.
         calibration, test = _windows(loaded.tokenizer, protocol, _needs_calibration(recipe), recipe.evaluate,
                                      _vocab_size(loaded.model))
-        before = perplexity(loaded.model, test, recipe.batch_size, "Perplexity before", group) if test is not None else None
+        before = None
+        if test is not None:
+            before = _dense_perplexity(lambda: perplexity(loaded.model, test, recipe.batch_size, "Perplexity before",
+                                                          group), loaded.path, test, recipe, "in memory", group)
+        tasks = recipe.tasks.protocol(recipe.data.split) if recipe.tasks.names and self.writer else None
+        tasks_before = evaluate_tasks(loaded.model, loaded.tokenizer, tasks, "Tasks before") if tasks else None
         with Measured() as measured:
             result = self.result = _prune(loaded, recipe, calibration, group)
         after = perplexity(loaded.model, test, recipe.batch_size, "Perplexity after", group) if test is not None else None
+        tasks_after = evaluate_tasks(loaded.model, loaded.tokenizer, tasks, "Tasks after") if tasks else None
         info = _model_info(loaded.name, loaded.path, adapter_for(loaded.model, blocks=recipe.blocks).describe(),
                            count_parameters(loaded.model), recipe.dtype)
         dense_bytes = sum(p.numel() * p.element_size() for p in unique_parameters(loaded.model))
         report = build_report(info, recipe, protocol, result, before, after, measured, {"dense_bytes": dense_bytes},
                               model_sparsity(loaded.model), {"processes": group.world_size if group else 1})
+        if tasks:
+            report["tasks"] = {"protocol": tasks.describe(), "before": tasks_before, "after": tasks_after}
         return Outcome(report, report_markdown(report), summary_rows(report), f"prunekit: {loaded.name}")
 
     def write(self, directory: Path, outcome: Outcome) -> None:
@@ -137,11 +167,7 @@ class PruneJob(Job[WeightPruningRecipe]):
                 write_dense(loaded.model, directory, loaded.tokenizer)
             sizes["dense_bytes"] = directory_size(directory, "*.safetensors")
         if recipe.save_compressed:
-            with status(f"Saving the compressed model ({recipe.codec})"):
-                (directory / COMPRESSED_SUBDIR).mkdir()
-                manifest = write_compressed(loaded.model, directory / COMPRESSED_SUBDIR, loaded.tokenizer, recipe.codec)
-            sizes["compressed_bytes"] = (directory / COMPRESSED_SUBDIR / COMPRESSED_WEIGHTS).stat().st_size
-            sizes["compressed_without_codec_bytes"] = manifest_size_without_codec(manifest)
+            sizes.update(_write_compressed_copy(loaded, directory / COMPRESSED_SUBDIR, recipe))
         sizes.setdefault("dense_bytes", outcome.report["size"]["dense_bytes"])
         outcome.report["size"] = _sizes(sizes, recipe.codec)
         outcome.markdown = report_markdown(outcome.report)
@@ -174,6 +200,30 @@ class StreamedPruneJob(Job[WeightPruningRecipe]):
             outcome.summary = summary_rows(outcome.report)
             outcome.title = f"prunekit: {outcome.report['model']['name']}"
         return outcome
+
+
+def _write_compressed_copy(loaded: LoadedModel, directory: Path, recipe: WeightPruningRecipe) -> dict:
+    """The compressed copy in the recipe's format, its size, and the size of the same weights in the other format
+    (encoded one tensor at a time and not written; tensor data only, the safetensors header adds a few KB)."""
+    directory.mkdir()
+    state, _ = unique_state_dict(loaded.model)
+    layout = sparsity_layout(loaded.model)
+    if recipe.format == COMPRESSED_TENSORS:
+        with status("Saving the compressed model (compressed-tensors, for vLLM and llm-compressor)"):
+            write_compressed_tensors(loaded.model, directory, loaded.tokenizer)
+        written = (directory / CT_WEIGHTS).stat().st_size
+        prunekit_bytes = sum(payload.numel() for tensor in state.values()
+                             for payload in sparse_format.encode_tensor(tensor, recipe.codec)[1].values())
+        return {"format": COMPRESSED_TENSORS, "compressed_bytes": written,
+                "formats": {"prunekit": prunekit_bytes, COMPRESSED_TENSORS: written},
+                "compressed_tensors_layout": layout.format}
+    with status(f"Saving the compressed model ({recipe.codec})"):
+        manifest = write_compressed(loaded.model, directory, loaded.tokenizer, recipe.codec)
+    written = (directory / COMPRESSED_WEIGHTS).stat().st_size
+    return {"format": "prunekit", "compressed_bytes": written,
+            "compressed_without_codec_bytes": manifest_size_without_codec(manifest),
+            "formats": {"prunekit": written, COMPRESSED_TENSORS: stored_bytes(state, layout)},
+            "compressed_tensors_layout": layout.format}
 
 
 def _sizes(sizes: dict, codec: str) -> dict:
@@ -237,7 +287,9 @@ def _run_streamed(recipe: WeightPruningRecipe, out: str | Path, overwrite: bool,
     del skeleton
     before = None
     if test is not None and not resume and (group is None or group.is_writer):
-        before = streamed_perplexity(model_dir, test, recipe.batch_size, recipe.device, "Perplexity before (streamed)")
+        before = _dense_perplexity(lambda: streamed_perplexity(model_dir, test, recipe.batch_size, recipe.device,
+                                                               "Perplexity before (streamed)"),
+                                   model_dir, test, recipe, "streamed", group)
     measured = Measured()
     holder: dict = {}
 
@@ -298,10 +350,12 @@ def build_report(model_info: dict, recipe: WeightPruningRecipe, protocol: TextPr
         "layers": [{"name": l.name, "shape": list(l.shape), "block": l.block, "target": l.target_sparsity,
                     "achieved": l.achieved_sparsity} for l in result.layers],
         "protocol": protocol.describe(),
-        "perplexity": {"before": before.perplexity if before else None, "after": after.perplexity if after else None},
+        "perplexity": {"before": before.perplexity if before else None, "after": after.perplexity if after else None,
+                       "before_from_cache": bool(before and before.cached)},
         "timing": {"prune_seconds": result.seconds, "allocation_seconds": result.allocation_seconds},
         "memory": {"peak_rss_during_prune_bytes": measured.peak_rss, "process_peak_rss_bytes": process_peak_rss(),
                    "note": "sampled every 20 ms while pruning"},
+        "lowrank": result.lowrank,
         "size": sizes,
         "speed_note": SPEED_NOTE,
         "run": extra or {},
@@ -324,18 +378,30 @@ def report_markdown(report: dict) -> str:
         ("target sparsity", f"{report['sparsity']['target']:.2%}"),
         ("achieved sparsity (targeted layers)", f"{report['sparsity']['achieved_in_targets']:.2%}"),
         ("achieved sparsity (all parameters)", f"{report['sparsity']['achieved_in_model']:.2%}"),
-        ("perplexity before", ppl["before"]),
+        ("perplexity before", f"{ppl['before']} (from the cache of an earlier run)" if ppl.get("before_from_cache")
+                              else ppl["before"]),
         ("perplexity after", ppl["after"]),
         ("prune wall time", f"{report['timing']['prune_seconds']:.1f} s"),
         ("peak RSS during pruning", human_bytes(report["memory"]["peak_rss_during_prune_bytes"])),
         ("dense weights on disk", human_bytes(size["dense_bytes"])),
     ]
-    if size.get("compressed_bytes"):
+    if report.get("lowrank"):
+        rows.insert(5, ("low-rank correction", _lowrank_summary(report["lowrank"])))
+    if size.get("compressed_bytes") and size.get("format") == COMPRESSED_TENSORS:
+        rows.append(("compressed weights on disk", f"{human_bytes(size['compressed_bytes'])} "
+                     f"({size['compressed_ratio']:.1%} of dense; compressed-tensors {size['compressed_tensors_layout']})"))
+    elif size.get("compressed_bytes"):
         rows.append(("compressed weights on disk",
                      f"{human_bytes(size['compressed_bytes'])} ({size['compressed_ratio']:.1%} of dense; "
                      f"{human_bytes(size['compressed_without_codec_bytes'])} as bitmask + values before {size['codec']})"))
+    if size.get("formats"):
+        rows.append(("the two compressed formats", "; ".join(
+            f"{name} {human_bytes(value)} ({value / size['dense_bytes']:.1%} of dense"
+            + (", written)" if name == size["format"] else ", not written: tensor data only)")
+            for name, value in size["formats"].items())))
     protocol = report["protocol"]
     lines = [f"# prunekit report: {report['model']['name']}", "", markdown_table(["", ""], rows), "",
+             *_tasks_markdown(report.get("tasks")),
              "## Data protocol", "",
              f"- calibration: {protocol['calibration']}, {protocol['calibration_split']}; {protocol['calibration_windows']}",
              f"- test: {protocol['test']}, {protocol['test_split']}; {protocol['test_protocol']}", "",
@@ -347,22 +413,49 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _lowrank_summary(lowrank: dict) -> str:
+    return (f"{lowrank['extra_parameters']:,} extra parameters ({lowrank['extra_fraction']:.1%} of the targeted "
+            f"layers; {lowrank['settings']['allocation']} allocation), {lowrank['layers_corrected']} layers; mean "
+            f"relative layer error {lowrank['mean_relative_error_before']:.4f} → {lowrank['mean_relative_error_after']:.4f}")
+
+
+def _tasks_markdown(tasks: dict | None, column: str = "accuracy ± standard error (before → after)") -> list[str]:
+    if not tasks:
+        return []
+    protocol = tasks["protocol"]
+    definitions = [f"- `{name}`: {text}" for name, text in protocol["definitions"].items()]
+    return ["## Zero-shot tasks", "",
+            markdown_table(["task", column],
+                           task_rows(tasks.get("before"), tasks.get("after"))), "",
+            f"{protocol['examples']} examples per task from the {protocol['source']}, seed {protocol['seed']}, "
+            f"0-shot, scored by {protocol['harness']} on the in-memory model:", "", *definitions, ""]
+
+
 def summary_rows(report: dict) -> list[tuple[str, str]]:
     """The terminal's summary of a prune report."""
     ppl, size = report["perplexity"], report["size"]
     rows = [("method", f"{report['method']['name']} · {report['pattern']} · {report['allocation']['name']}"),
             ("ratio", f"target {report['sparsity']['target']:.2%}, achieved {report['sparsity']['achieved_in_targets']:.2%} "
                       f"of targeted weights ({report['sparsity']['achieved_in_model']:.2%} of all)")]
+    if report.get("lowrank"):
+        rows.append(("low-rank", _lowrank_summary(report["lowrank"])))
     if ppl["before"] is not None:
-        rows.append(("perplexity", f"{ppl['before']:.3f} → {ppl['after']:.3f}"))
+        rows.append(("perplexity", f"{ppl['before']:.3f} → {ppl['after']:.3f}"
+                                   + (" (before: from the cache)" if ppl.get("before_from_cache") else "")))
     run = report.get("run", {})
     rows.append(("prune time", f"{report['timing']['prune_seconds']:.1f} s"
                  + (f" ({run['processes']} processes)" if run.get("processes", 1) > 1 else "")
                  + (" (streamed)" if run.get("streamed") else "")))
     rows.append(("peak RSS (pruning)", f"{report['memory']['peak_rss_during_prune_bytes'] / 2**20:.0f} MiB"))
+    if report.get("tasks"):
+        rows.extend(task_rows(report["tasks"].get("before"), report["tasks"].get("after")))
     if size.get("compressed_bytes"):
         rows.append(("size on disk", f"dense {size['dense_bytes'] / 2**20:.1f} MiB → compressed "
-                                     f"{size['compressed_bytes'] / 2**20:.1f} MiB ({size['compressed_ratio']:.1%})"))
+                                     f"{size['compressed_bytes'] / 2**20:.1f} MiB ({size['compressed_ratio']:.1%})"
+                                     + (f", {size['format']}" if size.get("format") else "")))
+        for name, value in (size.get("formats") or {}).items():
+            if name != size.get("format"):
+                rows.append((f"as {name}", f"{value / 2**20:.1f} MiB ({value / size['dense_bytes']:.1%}; not written)"))
     if report.get("unreached_experts"):
         rows.append(("experts", f"{len(report['unreached_experts'])} no calibration token reached, pruned by magnitude"))
     rows.append(("protocol", f"calibration {report['protocol']['calibration_windows']}; "
@@ -388,12 +481,15 @@ class SweepJob(Job[SweepRecipe]):
 
     def run(self) -> Outcome:
         recipe = self.recipe
+        if recipe.tasks.names:
+            raise PrunekitError("sweep measures perplexity only; score tasks with prunekit prune or eval --tasks")
         protocol = recipe.data.protocol()
         loaded = _load(recipe)
         calibration, test = _windows(loaded.tokenizer, protocol, _needs_calibration(recipe), True,
                                      _vocab_size(loaded.model))
         pristine = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
-        dense = perplexity(loaded.model, test, recipe.batch_size, "Perplexity dense")
+        dense = _dense_perplexity(lambda: perplexity(loaded.model, test, recipe.batch_size, "Perplexity dense"),
+                                  loaded.path, test, recipe, "in memory")
         points = []
         for value in recipe.ratios:
             loaded.model.load_state_dict(pristine)
@@ -405,13 +501,16 @@ class SweepJob(Job[SweepRecipe]):
                            "prune_seconds": measured.seconds})
         self.name, self.dense = loaded.name, dense.perplexity
         report = {"model": loaded.name, "method": recipe.method, "pattern": recipe.pattern,
-                  "allocation": recipe.allocation, "dense_perplexity": dense.perplexity, "points": points,
+                  "allocation": recipe.allocation, "dense_perplexity": dense.perplexity,
+                  "dense_perplexity_from_cache": dense.cached, "points": points,
                   "protocol": protocol.describe(), "environment": environment()}
         table = markdown_table(["ratio", "achieved", "perplexity", "prune s"],
                                [(f"{p['ratio']:.0%}", f"{p['achieved']:.4f}", p["perplexity"],
                                  f"{p['prune_seconds']:.1f}") for p in points])
         markdown = (f"# Ratio sweep: {loaded.name}, {recipe.method['name']} ({recipe.allocation['name']})\n\n"
-                    f"Dense perplexity: {dense.perplexity:.4g}\n\n{table}\n\nProtocol: {protocol.summary()}\n"
+                    f"Dense perplexity: {dense.perplexity:.4g}"
+                    f"{' (from the cache of an earlier run)' if dense.cached else ''}\n\n"
+                    f"{table}\n\nProtocol: {protocol.summary()}\n"
                     "\n![perplexity against the ratio](sweep.png)\n")
         summary = [(f"{p['ratio']:.0%}", f"perplexity {p['perplexity']:.4g} (dense {dense.perplexity:.4g})")
                    for p in points]
@@ -435,6 +534,7 @@ class EvalRecipe(RecipeModel):
     text_field: str = "text"
     batch_size: int = Field(4, ge=1)
     blocks: str | None = None
+    tasks: TaskSettings = Field(default_factory=TaskSettings)
 
     def protocol(self) -> TextProtocol:
         return TextProtocol(test=self.test, test_windows=self.test_windows, seq_len=self.seq_len,
@@ -462,9 +562,17 @@ class EvalJob(Job[EvalRecipe]):
                   "environment": environment()}
         rows = [(key, f"{value:.4f}" if isinstance(value, float) else str(value))
                 for key, value in report.items() if key != "environment"]
-        markdown = (f"# Perplexity of {loaded.name}\n\n" + markdown_table(["", ""], rows)
-                    + f"\n\nEnvironment: {json.dumps(report['environment'])}\n")
-        return Outcome(report, markdown, rows, f"perplexity of {loaded.name}")
+        tasks = None
+        if recipe.tasks.names:
+            tasks_protocol = recipe.tasks.protocol()
+            tasks = {"protocol": tasks_protocol.describe(),
+                     "after": evaluate_tasks(loaded.model, loaded.tokenizer, tasks_protocol)}
+            report["tasks"] = tasks
+        markdown = (f"# Perplexity of {loaded.name}\n\n" + markdown_table(["", ""], rows) + "\n\n"
+                    + "\n".join(_tasks_markdown(tasks, "accuracy ± standard error"))
+                    + f"\nEnvironment: {json.dumps(report['environment'])}\n")
+        summary = rows + (task_rows(None, tasks["after"]) if tasks else [])
+        return Outcome(report, markdown, summary, f"perplexity of {loaded.name}")
 
 
 def sparsity_by_layer(model: torch.nn.Module) -> dict[str, float]:

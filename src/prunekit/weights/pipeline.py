@@ -21,6 +21,7 @@ from prunekit.errors import PrunekitError
 from prunekit.models.base import ModelAdapter, adapter_for
 from prunekit.models.layout import is_linear_like
 from prunekit.weights.base import OneShotMethod, get_method
+from prunekit.weights.lowrank import LowRankCorrection
 from prunekit.weights.recipe import PruneSettings
 
 
@@ -45,6 +46,7 @@ class PruneResult:
     allocation_seconds: float = 0.0
     calibration_windows: int = 0
     unreached_experts: list[str] = field(default_factory=list)  # no calibration token reached them: magnitude
+    lowrank: dict | None = None  # the low-rank correction (weights.lowrank.CorrectionResult), if one was fitted
 
     @property
     def achieved_sparsity(self) -> float:
@@ -144,17 +146,26 @@ class NormCollector:
 
 
 class Pruner:
-    """Prunes each target at its allocated ratio when its statistics are complete."""
+    """Prunes each target at its allocated ratio when its statistics are complete; a ``correction``
+    (``weights.lowrank``) then fits the layer's pruning error from the same statistics."""
 
-    def __init__(self, method: OneShotMethod, ratios: Mapping[str, float], pattern: SparsityPattern):
-        self.method, self.ratios, self.pattern = method, ratios, pattern
+    def __init__(self, method: OneShotMethod, ratios: Mapping[str, float], pattern: SparsityPattern,
+                 correction: LowRankCorrection | None = None):
+        self.method, self.ratios, self.pattern, self.correction = method, ratios, pattern, correction
         self.unreached_targets: list[str] = []
 
     def statistics(self, target: Target) -> type[LayerStatistics] | None:
+        if self.correction is not None:
+            return self.correction.statistics  # X Xᵀ also carries the input norms Wanda reads
         return self.method.statistics
 
     def process(self, target: Target, stats: LayerStatistics | None) -> None:
+        dense = target.weight.clone() if self.correction is not None else None
         self.method.prune(target.weight, stats, self.ratios[target.name], self.pattern)
+        if self.correction is not None:
+            ratio = self.ratios[target.name]
+            self.correction.fit(target, dense, stats,
+                                lambda weight: self.method.prune(weight, stats, ratio, self.pattern))
 
     def unreached(self, target: Target) -> None:
         """An expert no calibration token reached: pruned by magnitude (nothing else is known of it), and named."""
@@ -180,10 +191,16 @@ class PrunePlan:
     targets: list[Target]
     adapter: ModelAdapter
     untie: bool = False
+    correction: LowRankCorrection | None = None
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the targets are pruned from their calibration statistics (the method's, or the correction's)."""
+        return self.method.needs_calibration or self.correction is not None
 
     @property
     def needs_data(self) -> bool:
-        return self.method.needs_calibration or "activations" in self.allocation.needs
+        return self.calibrated or "activations" in self.allocation.needs
 
     @property
     def sparsity(self) -> float:  # the name before the vocabulary settled on "ratio"
@@ -218,14 +235,18 @@ def plan_pruning(model: nn.Module, settings: PruneSettings, has_calibration: boo
     if pattern.is_nm:
         for target in targets:
             pattern.check_width(target.name, target.in_features)
-    plan = PrunePlan(settings, method, pattern, allocation, settings.effective_ratio, targets, adapter, untie)
+    correction = LowRankCorrection(settings.lowrank) if settings.lowrank.enabled else None
+    plan = PrunePlan(settings, method, pattern, allocation, settings.effective_ratio, targets, adapter, untie,
+                     correction)
     if plan.needs_data and not has_calibration:
-        needer = method.name if method.needs_calibration else f"allocation {allocation.name}"
+        needer = (method.name if method.needs_calibration else "the low-rank correction" if correction
+                  else f"allocation {allocation.name}")
         raise PrunekitError(f"{needer} needs calibration data")
-    if method.needs_calibration:
+    if plan.calibrated:
         outside = [t.name for t in targets if t.block is None]
         if outside:
-            raise PrunekitError(f"{method.name} needs the inputs of {outside[0]}, which calibration does not see; "
+            needer = method.name if method.needs_calibration else "the low-rank correction"
+            raise PrunekitError(f"{needer} needs the inputs of {outside[0]}, which calibration does not see; "
                                 "prune embeddings with magnitude")
     if "scores" in allocation.needs and (not method.comparable_across_layers or method.needs_calibration):
         raise PrunekitError(f"allocation '{allocation.name}' ranks scores across layers, but {method.name}'s "
@@ -302,9 +323,9 @@ def prune_blocks(plan: PrunePlan, source: BlockSource, ratios: Mapping[str, floa
                  inputs=None, outside: bool = True) -> Pruner:
     """The one loop of one-shot pruning: block by block (from ``first``, with ``inputs`` the activations saved
     before it), then the targets outside the blocks. Every weight is checked finite as its block is loaded."""
-    pruner = Pruner(plan.method, ratios, plan.pattern)
+    pruner = Pruner(plan.method, ratios, plan.pattern, plan.correction)
     settings = plan.settings
-    calibrated = plan.method.needs_calibration
+    calibrated = plan.calibrated
     active = plan.active(ratios)
     by_block = group_by_block([t for t in active if t.block is not None and t.block != HEAD])
     blocks = plan.adapter.blocks()
@@ -382,7 +403,7 @@ def prune_result(plan: PrunePlan, layers: list[LayerResult], pruner: Pruner | No
                  calibration: torch.Tensor | None, allocation_seconds: float = 0.0) -> PruneResult:
     return PruneResult(method=plan.method.settings(), pattern=str(plan.pattern), allocation=plan.allocation.settings(),
                        sparsity=plan.ratio,
-                       sequential=plan.settings.sequential if plan.method.needs_calibration else "none",
+                       sequential=plan.settings.sequential if plan.calibrated else "none",
                        layers=layers, seconds=time.perf_counter() - started, allocation_seconds=allocation_seconds,
                        calibration_windows=int(calibration.shape[0]) if calibration is not None and plan.needs_data
                        else 0, unreached_experts=list(pruner.unreached_targets) if pruner else [])
@@ -409,8 +430,12 @@ def prune_weights(model: nn.Module, method: Any = None, ratio: float | None = No
     ratios = allocate_ratios(plan, lambda name: by_name[name].weight, norms)
     allocation_seconds = time.perf_counter() - alloc_started if plan.allocation.needs else 0.0
     pruner = prune_blocks(plan, source, ratios, calibration, reduce=reduce)
-    return prune_result(plan, [layer_result(t, ratios[t.name]) for t in plan.targets], pruner, started,
-                        calibration, allocation_seconds)
+    result = prune_result(plan, [layer_result(t, ratios[t.name]) for t in plan.targets], pruner, started,
+                          calibration, allocation_seconds)
+    if plan.correction is not None:
+        result.lowrank = plan.correction.attach(model).to_dict()
+        result.seconds = time.perf_counter() - started
+    return result
 
 
 def describe(item: OneShotMethod | Allocation) -> dict:

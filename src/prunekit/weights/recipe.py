@@ -7,10 +7,12 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from prunekit.core.allocation import get_allocation
-from prunekit.core.config import RecipeModel, TextDataConfig
+from prunekit.core.config import RecipeModel, TextDataConfig, blocks_field
 from prunekit.core.patterns import SparsityPattern, check_sparsity
 from prunekit.errors import PrunekitError
+from prunekit.evaluate.tasks import TaskSettings
 from prunekit.weights.base import get_method
+from prunekit.weights.lowrank import LowRankSettings
 
 DEFAULT_RATIO = 0.5
 DEFAULT_SPARSITY = DEFAULT_RATIO  # the name before "ratio"
@@ -32,8 +34,9 @@ class PruneSettings(RecipeModel):
     untie_embeddings: bool = False
     sequential: Literal["layer", "block"] = "layer"
     batch_size: int = Field(4, ge=1)
-    blocks: str | None = Field(None, description="the model's list of blocks, where structure cannot tell "
-                                                 "(e.g. model.layers)")
+    blocks: str | None = blocks_field()
+    lowrank: LowRankSettings = Field(default_factory=LowRankSettings,
+                                     description="a rank-r correction per pruned layer (weights.lowrank)")
 
     @field_validator("method", mode="before")
     @classmethod
@@ -91,10 +94,30 @@ class WeightPruningRecipe(PruneSettings):
     save_dense: bool = True
     save_compressed: bool = True
     codec: Literal["zstd", "none"] = "zstd"
+    tasks: TaskSettings = Field(default_factory=TaskSettings, description="zero-shot tasks scored before and after")
+    format: Literal["prunekit", "compressed-tensors"] = Field(
+        "prunekit", description="format of the compressed copy: prunekit's bitmask + zstd (smaller, read by "
+                                "prunekit.load) or compressed-tensors (llm-compressor's sparse layout)")
     device: str = "cpu"
     stream: bool = Field(False, description="keep one block in memory at a time and write shards as they finish")
     trust_remote_code: bool = False
 
+    @classmethod
+    def from_yaml(cls, path):
+        """prunekit's recipe, or an llm-compressor recipe (``weights.llmcompressor_recipe``) read as one."""
+        from prunekit.weights.llmcompressor_recipe import read_llmcompressor_recipe
+
+        translated = read_llmcompressor_recipe(path)
+        if translated is None:
+            return super().from_yaml(path)
+        return cls.build(translated, where=f"llm-compressor recipe {path}")
+
     @property
     def effective_sparsity(self) -> float:  # the name before the vocabulary settled on "ratio"
         return self.effective_ratio
+
+    @model_validator(mode="after")
+    def _stream_lowrank(self) -> "WeightPruningRecipe":
+        if self.stream and self.lowrank.enabled:
+            raise PrunekitError("the low-rank correction is fitted in memory; leave out --stream or --lowrank-budget")
+        return self

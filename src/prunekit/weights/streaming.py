@@ -314,6 +314,8 @@ def prune_streaming(model_dir: str | Path, out: str | Path, settings: Any = None
     if settings is not None and method is not None:
         raise PrunekitError("give the pruning settings or a method, not both")
     pruning = pruning_settings(settings if settings is not None else method, options.pop("ratio", None), **options)
+    if pruning.lowrank.enabled:
+        raise PrunekitError("the low-rank correction is fitted in memory; prune without streaming")
     streamed = StreamedModel(model_dir, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                              blocks=pruning.blocks)
     plan = plan_pruning(streamed.model, pruning, calibration is not None)

@@ -1,0 +1,234 @@
+"""Beyond masks on SmolLM2-135M: 2:4 sparsity with a low-rank correction, and SVD-LLM against structural pruning.
+
+One process, every row measured the same way (run it under the CPU lock):
+
+    flock /tmp/prunekit-cpu.lock python benchmarks/lowrank_smollm2.py
+
+Rows:
+
+- 2:4 with SparseGPT and with Wanda, alone and with the low-rank correction at 5 % and 10 % extra parameters
+  (``prunekit prune --method M --pattern 2:4 --lowrank-budget B``, its defaults: every layer the same share of
+  extra parameters, the sparse part and the correction refined in 4 alternating rounds).
+- 20 % of the parameters removed: SVD-LLM (``prunekit shrink --method svd-llm --ratio 0.2``) and ``prunekit
+  shrink``'s default for causal LMs, Fisher with MLP neurons and key/value groups ranked globally
+  (``prunekit shrink --ratio 0.2``).
+
+Measured for each: perplexity on the pinned wiki protocol (calibration: 32 random windows of 512 tokens of the
+train split, seed 0; test: the first 40 non-overlapping 512-token windows of the test split), parameters, CPU
+tokens/s at batch 1 and 8 (128-token forward passes, median of 5 after 2 warm-ups, 2 threads), each model timed
+side by side with the dense model in the same process (passes alternating; only the ratio is comparable across
+rows), the bytes of its weights on disk (float32 safetensors as written; for the 2:4 rows also prunekit's
+compressed copy), and the wall time of the pruning call. Results: benchmarks/results/lowrank_smollm2.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import copy
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("PRUNEKIT_QUIET", "1")
+
+import torch  # noqa: E402
+
+from prunekit.core.lowrank import lowrank_parameters  # noqa: E402
+from prunekit.core.text import TextProtocol, calibration_windows, test_windows  # noqa: E402
+from prunekit.evaluate.measure import count_parameters  # noqa: E402
+from prunekit.evaluate.perplexity import perplexity  # noqa: E402
+from prunekit.evaluate.report import environment, markdown_table, write_json  # noqa: E402
+from prunekit.io.checkpoint import write_compressed, write_dense  # noqa: E402
+from prunekit.models.base import adapter_for  # noqa: E402
+from prunekit.models.loading import load_model  # noqa: E402
+from prunekit.structure import lm_calibration, lm_example_inputs, prune_structure  # noqa: E402
+from prunekit.structure.measure import SpeedProtocol, lm_inputs, measure_side_by_side  # noqa: E402
+from prunekit.structure.recipe import ShrinkRecipe  # noqa: E402
+from prunekit.structure.saving import save_structured  # noqa: E402
+from prunekit.structure.shrink_method import get_shrink_method  # noqa: E402
+from prunekit.weights.pipeline import prune_weights  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROTOCOL = TextProtocol()
+SPEED = SpeedProtocol(batch_sizes=(1, 8), runs=5, warmup=2, threads=2, seq_len=128)
+BUDGETS = (0.0, 0.05, 0.1)
+METHODS = ("sparsegpt", "wanda")
+RATIO = 0.2
+FINISHED: list[dict] = []
+PARTIAL: Path | None = None
+TARGET = 2.0  # SparseGPT 2:4 + at most 10 % extra parameters: at most twice the dense perplexity
+
+
+def _speed(model, dense) -> dict:
+    make = lm_inputs(SPEED.seq_len, dense.get_input_embeddings().num_embeddings)
+    speeds = measure_side_by_side({"dense": dense, "model": model}, make, SPEED.seq_len, SPEED, unit="tokens")
+    return {f"b{batch}": {"tokens_per_s": speeds["model"].throughput[batch],
+                          "dense_tokens_per_s": speeds["dense"].throughput[batch],
+                          "ratio": speeds["model"].throughput[batch] / speeds["dense"].throughput[batch]}
+            for batch in SPEED.batch_sizes}
+
+
+def _bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*.safetensors"))
+
+
+def _sizes_weights(model) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        dense_dir, compressed_dir = Path(tmp, "dense"), Path(tmp, "compressed")
+        dense_dir.mkdir()
+        compressed_dir.mkdir()
+        write_dense(model, dense_dir)
+        write_compressed(model, compressed_dir)
+        return {"dense_bytes": _bytes(dense_dir), "compressed_bytes": _bytes(compressed_dir)}
+
+
+def _sizes_structure(model) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = save_structured(model, Path(tmp))
+        return {"dense_bytes": _bytes(Path(tmp)), "from_pretrained": saved.from_pretrained}
+
+
+def _row(name: str, model, dense, test, seconds: float, sizes: dict, extra: dict) -> dict:
+    row = {"name": name, "parameters": count_parameters(model), "perplexity": perplexity(model, test).perplexity,
+           "prune_seconds": seconds, "size": sizes, "speed": _speed(model, dense), **extra}
+    print(f"{name}: perplexity {row['perplexity']:.2f}, {row['parameters']:,} parameters, "
+          f"b1 {row['speed']['b1']['ratio']:.2f}× b8 {row['speed']['b8']['ratio']:.2f}× dense", flush=True)
+    FINISHED.append(row)
+    if PARTIAL is not None:  # what a long run has measured so far survives an interruption
+        write_json(PARTIAL, {**json.loads(PARTIAL.read_text()), "rows": FINISHED} if PARTIAL.exists() else {"rows": FINISHED})
+    return row
+
+
+def sparse_row(dense, calibration, test, method: str, budget: float) -> dict:
+    model = copy.deepcopy(dense)
+    started = time.perf_counter()
+    result = prune_weights(model, method, pattern="2:4", calibration=calibration, lowrank={"budget": budget})
+    seconds = time.perf_counter() - started
+    summary = None
+    if result.lowrank is not None:
+        summary = {k: v for k, v in result.lowrank.items() if k != "layers"}
+        summary["ranks"] = {layer["name"]: layer["rank"] for layer in result.lowrank["layers"]}
+        assert summary["extra_parameters"] == lowrank_parameters(model)
+    name = f"{method} 2:4" + (f" + low-rank {budget:.0%}" if budget else "")
+    return _row(name, model, dense, test, seconds, _sizes_weights(model),
+                {"group": "2:4", "method": method, "budget": budget, "lowrank": summary})
+
+
+def svd_llm_row(dense, calibration, test) -> dict:
+    model = copy.deepcopy(dense)
+    started = time.perf_counter()
+    result = get_shrink_method("svd-llm").apply(model, calibration, RATIO, 4)
+    seconds = time.perf_counter() - started
+    return _row(f"SVD-LLM, {RATIO:.0%} removed", model, dense, test, seconds, _sizes_structure(model),
+                {"group": "20%", "method": "svd-llm", "details": {k: v for k, v in result.items() if k != "layers"}})
+
+
+def fisher_row(dense, calibration, test) -> dict:
+    model = copy.deepcopy(dense)
+    recipe = ShrinkRecipe.build({"ratio": RATIO}).with_default_importance("causal-lm")
+    started = time.perf_counter()
+    prune_structure(model, example_inputs=lm_example_inputs(), settings=recipe.width_settings(),
+                    calibration=lm_calibration(calibration, 4), adapter=adapter_for(model))
+    seconds = time.perf_counter() - started
+    return _row(f"shrink default (Fisher, global), {RATIO:.0%} removed", model, dense, test, seconds,
+                _sizes_structure(model), {"group": "20%", "method": "fisher-global"})
+
+
+def run_all(dense, calibration, test) -> list[dict]:
+    """The rows, the issue's target and the 20 % comparison first (a long run's partial file then holds them)."""
+    jobs = [lambda: sparse_row(dense, calibration, test, "sparsegpt", 0.0),
+            lambda: sparse_row(dense, calibration, test, "sparsegpt", 0.1),
+            lambda: svd_llm_row(dense, calibration, test),
+            lambda: fisher_row(dense, calibration, test),
+            lambda: sparse_row(dense, calibration, test, "wanda", 0.0),
+            lambda: sparse_row(dense, calibration, test, "wanda", 0.1),
+            lambda: sparse_row(dense, calibration, test, "sparsegpt", 0.05),
+            lambda: sparse_row(dense, calibration, test, "wanda", 0.05)]
+    rows = [job() for job in jobs]
+    order = {("sparsegpt", b): i for i, b in enumerate(BUDGETS)} | {("wanda", b): 3 + i for i, b in enumerate(BUDGETS)}
+    return sorted(rows, key=lambda r: (r["group"] != "2:4", order.get((r["method"], r.get("budget")), 0)))
+
+
+def report(rows: list[dict], dense_row: dict) -> str:
+    def table(group):
+        return markdown_table(
+            ["row", "extra / removed parameters", "perplexity", "× dense", "tokens/s b1 (× dense)",
+             "tokens/s b8 (× dense)", "weights on disk", "compressed copy", "prune s"],
+            [(r["name"], f"{(r['parameters'] - dense_row['parameters']) / dense_row['parameters']:+.1%}",
+              f"{r['perplexity']:.2f}", f"{r['perplexity'] / dense_row['perplexity']:.2f}",
+              f"{r['speed']['b1']['tokens_per_s']:.0f} ({r['speed']['b1']['ratio']:.2f}×)",
+              f"{r['speed']['b8']['tokens_per_s']:.0f} ({r['speed']['b8']['ratio']:.2f}×)",
+              f"{r['size']['dense_bytes'] / 2**20:.1f} MiB",
+              f"{r['size']['compressed_bytes'] / 2**20:.1f} MiB" if "compressed_bytes" in r["size"] else "–",
+              f"{r['prune_seconds']:.0f}") for r in rows if r["group"] == group])
+
+    best = min((r for r in rows if r.get("method") == "sparsegpt" and 0 < r.get("budget", 0) <= 0.1),
+               key=lambda r: r["perplexity"])
+    verdict = "PASS" if best["perplexity"] <= TARGET * dense_row["perplexity"] else "MISS"
+    return "\n".join([
+        "# Beyond masks on SmolLM2-135M", "",
+        f"Dense: perplexity {dense_row['perplexity']:.2f}, {dense_row['parameters']:,} parameters, "
+        f"{dense_row['size']['dense_bytes'] / 2**20:.1f} MiB of float32 weights.", "",
+        "## 2:4 sparsity, alone and with the low-rank correction", "",
+        "Parameters: the sparse model counts its zeros (as stored densely); + is the correction's extra parameters "
+        "as a share of the whole model.", "",
+        table("2:4"), "",
+        f"Target (SparseGPT 2:4 + ≤ 10 % extra parameters ≤ {TARGET:g}× dense = "
+        f"{TARGET * dense_row['perplexity']:.1f}): {verdict} ({best['name']}: {best['perplexity']:.2f}).", "",
+        f"## {RATIO:.0%} of the parameters removed", "",
+        table("20%"), "",
+        f"Protocol: {PROTOCOL.summary()}. Speed: {SPEED.describe()}; each model timed side by side with the dense "
+        "model, passes alternating, in this one process; the dense figures differ from row to row by the machine's "
+        "noise, the ratios are what compares.", ""])
+
+
+def main(argv=None) -> int:
+    global PROTOCOL, RATIO, PARTIAL
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=RESULTS / "lowrank_smollm2")
+    parser.add_argument("--model", default=None, help="another model (a quick check of the script); default SmolLM2")
+    parser.add_argument("--ratio", type=float, default=RATIO)
+    parser.add_argument("--small", action="store_true", help="4 calibration and 2 test windows of 64 tokens")
+    parser.add_argument("--report-partial", action="store_true", help="write the report from the rows a stopped run "
+                                                                      "left in OUT.partial.json")
+    args = parser.parse_args(argv)
+    RATIO = args.ratio
+    PARTIAL = args.out.with_suffix(".partial.json")
+    if args.small:
+        PROTOCOL = TextProtocol(calibration_samples=4, test_windows=2, seq_len=64)
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    if args.report_partial:
+        partial = json.loads(PARTIAL.read_text())
+        markdown = report(partial["rows"], partial["dense"]) + (
+            f"\nPartial: the run was stopped after {len(partial['rows'])} of 8 rows.\n")
+        write_json(args.out.with_suffix(".json"), {**partial, "protocol": PROTOCOL.describe(),
+                                                   "speed_protocol": SPEED.describe(), "environment": environment(),
+                                                   "partial": True})
+        args.out.with_suffix(".md").write_text(markdown)
+        print(markdown)
+        return 0
+    lm = load_model(args.model, kind="causal-lm")
+    dense = lm.model.eval()
+    calibration, test = calibration_windows(lm.tokenizer, PROTOCOL), test_windows(lm.tokenizer, PROTOCOL)
+    dense_row = {"name": "dense", "parameters": count_parameters(dense), "perplexity": perplexity(dense, test).perplexity,
+                 "size": _sizes_weights(dense)}
+    print(f"dense: perplexity {dense_row['perplexity']:.2f}", flush=True)
+    write_json(PARTIAL, {"dense": dense_row, "rows": FINISHED})
+    rows = run_all(dense, calibration, test)
+    markdown = report(rows, dense_row)
+    write_json(args.out.with_suffix(".json"), {"dense": dense_row, "rows": rows, "protocol": PROTOCOL.describe(),
+                                               "speed_protocol": SPEED.describe(), "environment": environment()})
+    args.out.with_suffix(".md").write_text(markdown)
+    PARTIAL.unlink(missing_ok=True)
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

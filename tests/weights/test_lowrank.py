@@ -1,0 +1,170 @@
+"""Sparse + low-rank through the pruning pipeline: the budget, N:M validity, exactness at zero budget, save → load, CLI."""
+
+import json
+
+import pytest
+import torch
+
+import prunekit
+from prunekit.cli import main
+from prunekit.core.lowrank import lowrank_layers, lowrank_parameters
+from prunekit.core.masks import is_valid_nm
+from prunekit.core.patterns import SparsityPattern
+from prunekit.errors import PrunekitError
+from prunekit.io.checkpoint import write_compressed, write_dense
+from prunekit.weights.lowrank import LowRankSettings
+from prunekit.weights.pipeline import (BlockSource, allocate_ratios, plan_pruning, prune_blocks, prune_weights,
+                                        pruning_settings)
+from prunekit.weights.recipe import WeightPruningRecipe
+from tests.conftest import tiny_llama
+
+VOCAB = 256
+
+
+@pytest.fixture(scope="module")
+def calibration():
+    return torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
+
+
+def _inputs():
+    return torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def _pruned(calibration, method="sparsegpt", budget=0.0, **lowrank):
+    model = tiny_llama(vocab=VOCAB)
+    result = prune_weights(model, method, pattern="2:4", calibration=calibration,
+                           lowrank={"budget": budget, **lowrank})
+    return model, result
+
+
+def test_zero_budget_is_exactly_the_sparse_model(calibration):
+    sparse, result = _pruned(calibration, budget=0.0)
+    plain = tiny_llama(vocab=VOCAB)
+    prune_weights(plain, "sparsegpt", pattern="2:4", calibration=calibration)
+    assert result.lowrank is None and not lowrank_layers(sparse)
+    assert all(torch.equal(a, b) for a, b in zip(sparse.state_dict().values(), plain.state_dict().values()))
+    # Fitted, then attached at a zero budget: nothing is added, the outputs are the sparse model's bit for bit.
+    fitted = tiny_llama(vocab=VOCAB)
+    plan = plan_pruning(fitted, pruning_settings("sparsegpt", pattern="2:4", lowrank={"budget": 0.1, "iterations": 0}))
+    ratios = allocate_ratios(plan, lambda name: None, None)
+    prune_blocks(plan, BlockSource(fitted), ratios, calibration)
+    attached = plan.correction.attach(fitted, budget=0.0)
+    assert attached.extra_parameters == 0 and not lowrank_layers(fitted) and len(attached.layers) == 14
+    with torch.no_grad():
+        assert torch.equal(fitted(_inputs()).logits, plain(_inputs()).logits)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
+def test_the_sparse_part_is_the_same_valid_2_4_and_the_correction_helps(calibration, method):
+    """Pruned once (no alternation), the correction leaves the sparse part bit for bit as the method made it."""
+    sparse, _ = _pruned(calibration, method, budget=0.0)
+    corrected, result = _pruned(calibration, method, budget=0.1, iterations=0)
+    sparse_weights = dict(sparse.named_parameters())
+    layers = lowrank_layers(corrected)
+    assert layers, "no layer was corrected"
+    for name, module in corrected.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith("model.layers.") and ".lowrank_" not in name:
+            assert is_valid_nm(module.weight != 0, SparsityPattern.parse("2:4")), name
+            assert torch.equal(module.weight, sparse_weights[f"{name}.weight"]), name
+    lowrank = result.lowrank
+    assert lowrank["extra_parameters"] == lowrank_parameters(corrected) > 0
+    assert lowrank["extra_fraction"] <= 0.1
+    assert all(layer["relative_error_after"] <= layer["relative_error_before"] for layer in lowrank["layers"])
+    assert lowrank["mean_relative_error_after"] < lowrank["mean_relative_error_before"]
+    x = _inputs()
+    dense = tiny_llama(vocab=VOCAB)
+    with torch.no_grad():
+        reference = dense(x).logits
+        assert (corrected(x).logits - reference).square().mean() < (sparse(x).logits - reference).square().mean()
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_alternating_keeps_2_4_and_removes_more_error_than_one_correction(calibration, method):
+    once, once_result = _pruned(calibration, method, budget=0.1, iterations=0, allocation="uniform")
+    refined, refined_result = _pruned(calibration, method, budget=0.1, iterations=3)
+    for name, module in refined.named_modules():
+        if type(module).__name__ == "LowRankCorrectedLinear":
+            assert is_valid_nm(module.weight != 0, SparsityPattern.parse("2:4")), name
+    once_layers = {layer["name"]: layer for layer in once_result.lowrank["layers"]}
+    # The first layer sees the same inputs either way: there the refinement can only lower the error.
+    first = "model.layers.0.self_attn.q_proj"
+    refined_first = next(layer for layer in refined_result.lowrank["layers"] if layer["name"] == first)
+    assert refined_first["relative_error_after"] <= once_layers[first]["relative_error_after"] * (1 + 1e-6)
+    assert refined_result.lowrank["mean_relative_error_after"] < once_result.lowrank["mean_relative_error_after"]
+    x = _inputs()
+    dense = tiny_llama(vocab=VOCAB)
+    with torch.no_grad():
+        reference = dense(x).logits
+        assert (refined(x).logits - reference).square().mean() < (once(x).logits - reference).square().mean()
+
+
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+def test_the_budget_is_kept_and_spent(calibration, allocation):
+    _, result = _pruned(calibration, budget=0.1, allocation=allocation, iterations=0)
+    lowrank = result.lowrank
+    largest_rank_cost = max(sum(layer["shape"]) for layer in lowrank["layers"])
+    assert lowrank["extra_parameters"] <= 0.1 * sum(layer["shape"][0] * layer["shape"][1]
+                                                    for layer in lowrank["layers"])
+    spent = 0.1 - lowrank["extra_fraction"]
+    assert spent * sum(layer["shape"][0] * layer["shape"][1] for layer in lowrank["layers"]) \
+        < largest_rank_cost * (len(lowrank["layers"]) if allocation == "uniform" else 1)
+    if allocation == "uniform":
+        for layer in lowrank["layers"]:
+            out_features, in_features = layer["shape"]
+            assert layer["rank"] <= int(0.1 * out_features * in_features // (out_features + in_features))
+
+
+def test_global_allocation_beats_uniform_on_the_summed_relative_error(calibration):
+    errors = {}
+    for allocation in ("global", "uniform"):
+        _, result = _pruned(calibration, budget=0.1, allocation=allocation, iterations=0)
+        errors[allocation] = result.lowrank["mean_relative_error_after"]
+    assert errors["global"] <= errors["uniform"]
+
+
+def test_save_and_load_give_identical_outputs(calibration, tmp_path):
+    model, _ = _pruned(calibration, "wanda", budget=0.1)
+    x = _inputs()
+    with torch.no_grad():
+        reference = model(x).logits
+    (tmp_path / "dense").mkdir()
+    write_dense(model, tmp_path / "dense")
+    (tmp_path / "compressed").mkdir()
+    write_compressed(model, tmp_path / "compressed")
+    for name in ("dense", "compressed"):
+        loaded = prunekit.load(tmp_path / name, kind="causal-lm")
+        assert set(lowrank_layers(loaded)) == set(lowrank_layers(model))
+        with torch.no_grad():
+            assert torch.equal(loaded(x).logits, reference), name
+
+
+def test_settings_are_checked_and_streaming_refuses_the_correction():
+    with pytest.raises(PrunekitError, match="per-layer cap"):
+        LowRankSettings(budget=0.5, layer_cap=0.3)
+    with pytest.raises(PrunekitError, match="iterations 0"):
+        LowRankSettings(budget=0.1, allocation="global", iterations=2)
+    with pytest.raises(PrunekitError, match="in memory"):
+        WeightPruningRecipe.build({"stream": True, "lowrank": {"budget": 0.1}})
+    with pytest.raises(PrunekitError, match="needs calibration data"):
+        prune_weights(tiny_llama(vocab=VOCAB), "magnitude", lowrank={"budget": 0.1})
+
+
+def test_cli_prunes_with_a_correction_and_writes_it_in_the_report(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    assert main(["prune", str(tiny_model_dir), "--method", "wanda", "--pattern", "2:4", "--lowrank-budget", "0.1",
+                 "--no-eval", "--calib-samples", "4", "--seq-len", "64", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert 0 < report["lowrank"]["extra_fraction"] <= 0.1
+    assert report["recipe"]["lowrank"]["budget"] == 0.1
+    assert "low-rank correction" in (out / "report.md").read_text()
+    loaded = prunekit.load(out, kind="causal-lm")
+    assert lowrank_parameters(loaded) == report["lowrank"]["extra_parameters"]
+    again = tmp_path / "again"
+    assert main(["prune", "--recipe", str(out / "recipe.yaml"), "--out", str(again)]) == 0
+    assert json.loads((again / "report.json").read_text())["lowrank"]["extra_parameters"] == \
+        report["lowrank"]["extra_parameters"]
+
+
+def test_cli_refuses_a_bad_budget_in_one_line(tiny_model_dir, tmp_path, capsys):
+    assert main(["prune", str(tiny_model_dir), "--lowrank-budget", "1.5", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
