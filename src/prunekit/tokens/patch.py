@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from prunekit.tokens.families.base import TokenFamily
 
 _MARKER = "_prunekit_token_patch"
+_KEPT_STATES = 16  # initial states kept for reuse, one per input shape
 
 
 @dataclass
@@ -71,6 +72,8 @@ class TokenPatch:
         self._pending: dict[str, Any] | None = None
         self._restore: list[Callable[[], None]] = []
         self._generator: torch.Generator | None = None
+        self._initial_states: dict[tuple, tuple[torch.Tensor | None, TokenState, float]] = {}
+        self._removals: dict[tuple, torch.Tensor | None] = {}
 
     # ----- installing and removing -------------------------------------------------------------
     def replace_forward(self, module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
@@ -146,35 +149,79 @@ class TokenPatch:
                 raise PrunekitError(f"the attention mask has shape {tuple(valid.shape)}, but the input has "
                                     f"{batch} sequences of {tokens} tokens")
             valid = valid.to(hidden.device).bool()
-            if not bool(valid.any(dim=1).all()):
+            if bool(valid.all()):
+                valid = None  # a mask without padding gives the very state no mask gives, which can be reused
+            elif not bool(valid.any(dim=1).all()):
                 raise PrunekitError("a sequence in the batch is all padding; every sequence needs a real token")
-        state = TokenState.initial(batch, tokens, hidden.device, valid=valid)
-        state.protected = self.family.protected(state.valid, pending["input_ids"], self.protect_ids)
-        state.proportional = self.method.uses_proportional_attention()
-        state.find_protected_prefix()
+        state, real = self._initial_state(batch, tokens, hidden.device, valid, pending["input_ids"])
         self.state = state
-        real = float(state.valid.sum()) / batch
         self.trace = ForwardTrace(batch=batch, tokens_in=real, tokens_out=real)
         return state
+
+    def _initial_state(self, batch: int, tokens: int, device: torch.device, valid: torch.Tensor | None,
+                       input_ids: torch.Tensor | None) -> tuple[TokenState, float]:
+        """The state a pass starts from, with its real tokens per row. Without padding it depends only on the shape
+        (and on the token ids where ``protect_ids`` protect some), so the states of unpadded passes are kept and
+        reused: a pass of the same shape then builds nothing before its first block. States are never changed
+        once built (every reduction makes a new one), which makes sharing them safe."""
+        by_ids = bool(self.protect_ids) and input_ids is not None
+        key = (batch, tokens, device, input_ids is None) if valid is None else None
+        if key is not None:
+            kept = self._initial_states.get(key)
+            if kept is not None and (not by_ids or torch.equal(kept[0], input_ids)):
+                return kept[1], kept[2]
+        state = TokenState.initial(batch, tokens, device, valid=valid)
+        state.protected = self.family.protected(state.valid, input_ids, self.protect_ids)
+        state.proportional = self.method.uses_proportional_attention()
+        state.find_protected_prefix()
+        real = state.real_per_row()
+        if key is not None:
+            if len(self._initial_states) >= _KEPT_STATES:
+                self._initial_states.clear()  # text of many lengths: keep memory bounded, not every shape
+            self._initial_states[key] = (input_ids.clone() if by_ids else None, state, real)
+        return state, real
 
     def reduces_at(self, layer: int) -> bool:
         return layer in self._reducing
 
-    def reduce(self, layer: int, hidden: torch.Tensor, attention: AttentionView) -> torch.Tensor:
-        """Run the method at a reducing layer; returns the new hidden states and updates ``state``."""
+    def removal(self, layer: int, state: TokenState) -> torch.Tensor | None:
+        """(batch,) how many reducible tokens each sequence loses at ``layer``; None where no sequence loses any
+        (every block but the reducing ones, and all of them at a ratio of 0), so that such a block runs exactly as
+        unpatched: its attention is not read and it is not split.
+
+        When every row has as many reducible tokens, the method's count is computed once per (layer, count) and
+        kept: methods are frozen once built, so it cannot change while the patch lives."""
+        if layer not in self._reducing:
+            return None
+        per_row = state.reducible_per_row()
+        if per_row is None:
+            remove = self.method.removal_counts(state.reducible.sum(dim=1), layer)
+            return remove if bool((remove > 0).any()) else None
+        batch, device = state.valid.shape[0], state.valid.device
+        key = (layer, per_row, batch, device)
+        if key not in self._removals:
+            count = int(self.method.removal_counts(torch.tensor([per_row], device=device), layer)[0])
+            self._removals[key] = torch.full((batch,), count, dtype=torch.long, device=device) if count > 0 else None
+        return self._removals[key]
+
+    def reduce(self, layer: int, hidden: torch.Tensor, attention: AttentionView,
+               remove: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the method at a reducing layer; returns the new hidden states and updates ``state``. ``remove`` is
+        what ``removal`` said before the block ran (asked here when not given)."""
         state = self.state_for(hidden)
-        remove = self.method.removal_counts(state.reducible.sum(dim=1), layer)
-        if not bool((remove > 0).any()):
-            return hidden
+        if remove is None:
+            remove = self.removal(layer, state)
+            if remove is None:
+                return hidden
         step = ReductionStep(hidden=hidden, state=state, attention=attention, remove=remove, layer=layer,
                              generator=self._generator, anchor=self.family.anchor)
-        before = float(state.valid.sum()) / hidden.shape[0]
+        before = state.real_per_row()
         fast = None if self.family.causal else self.method.reduce_fast(step)
         if fast is not None:
             hidden, self.state = fast
         else:
             hidden, self.state = apply_reduction(hidden, state, self.method.reduce(step), align_right=self.family.causal)
-        after = float(self.state.valid.sum()) / hidden.shape[0]
+        after = self.state.real_per_row()
         self.trace.steps.append(LayerRecord(layer, before, after))
         self.trace.tokens_out = after
         return hidden
@@ -191,7 +238,7 @@ class TokenPatch:
         padding and fused tokens."""
         if self.state is None:
             raise PrunekitError("kept_positions() needs a forward pass of the patched model first")
-        return self.state.source
+        return self.state.source.clone()  # a copy: the state may be reused by the next pass of the same shape
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.method.settings(), "family": self.family.name, "layers": list(self.layers),

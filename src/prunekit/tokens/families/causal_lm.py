@@ -155,16 +155,18 @@ class CausalLM(HFFamily):
                 if index == 0:
                     prompt.length = prompt.seen = hidden.shape[1]
                     prompt.batch = hidden.shape[0]
-                if not state.reduced and reduction is None:
+                # a reducing block that removes nothing (ratio 0, or too few tokens left) runs as any other
+                remove = patch.removal(index, state) if reduction is not None else None
+                if not state.reduced and remove is None:
                     return original(*args, **kwargs)
                 call = BlockCall.bind(signature, args, kwargs)
                 if state.reduced:
                     prompt.positions[index] = state.source
                     call = call.follow_tokens(hidden, state.source, prompt.length)
                     call = call.with_mask(_prefill_mask(call.mask, state, hidden.dtype))
-                if reduction is None:
+                if remove is None:
                     return call.run(original)
-                return reduction.run(patch, block, original, call, state)
+                return reduction.run(patch, block, original, call, state, remove)
 
             return forward
 

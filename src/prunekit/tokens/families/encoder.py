@@ -75,15 +75,17 @@ class Encoder(HFFamily):
                 state = patch.state_for(hidden)
                 if index == 0:
                     family._tokens = hidden.shape[1]
-                if not state.reduced and reduction is None:
+                # a reducing block that removes nothing (ratio 0, or too few tokens left) runs as any other
+                remove = patch.removal(index, state) if reduction is not None else None
+                if not state.reduced and remove is None:
                     return original(*args, **kwargs)
                 call = BlockCall.bind(signature, args, kwargs)
                 if state.reduced:
                     call = call.follow_tokens(hidden, state.source, family._tokens)
                     call = call.with_mask(state.key_bias(hidden.dtype))
-                if reduction is None:
+                if remove is None:
                     return call.run(original)
-                return reduction.run(patch, block, original, call, state)
+                return reduction.run(patch, block, original, call, state, remove)
 
             return forward
 

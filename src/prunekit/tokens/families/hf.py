@@ -182,7 +182,9 @@ class BlockReduction:
                                 f"heads of {head_dim}, not the {layout.num_heads} and {layout.num_kv_heads} of "
                                 f"{layout.head_dim} its projections make; prunekit cannot tell what it read")
 
-    def run(self, patch: "TokenPatch", block: nn.Module, forward, call: BlockCall, state: "TokenState") -> Any:
+    def run(self, patch: "TokenPatch", block: nn.Module, forward, call: BlockCall, state: "TokenState",
+            remove: torch.Tensor) -> Any:
+        """Run the block, reading its attention, and remove ``remove`` tokens per sequence (``patch.removal``)."""
         halves = None
         if not block.training:  # dropout would make the check fail, and the split would skip it
             halves = verified_halves(block, forward, lambda: self._probe(call, state), self.candidates)
@@ -194,11 +196,11 @@ class BlockReduction:
         view = AttentionView.from_kernel(self.reader.single_call(calls), state, self.family.causal)
         self._check_heads(view)
         if halves is not None:
-            return halves.mlp_half(patch.reduce(self.index, hidden, view))
+            return halves.mlp_half(patch.reduce(self.index, hidden, view, remove))
         if isinstance(output, torch.Tensor):
-            return patch.reduce(self.index, output, view)
+            return patch.reduce(self.index, output, view, remove)
         if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor) \
                 and all(not isinstance(part, torch.Tensor) for part in output[1:]):
-            return (patch.reduce(self.index, output[0], view), *output[1:])
+            return (patch.reduce(self.index, output[0], view, remove), *output[1:])
         raise PrunekitError(f"block {self.index} returns {type(output).__name__}, not the hidden states prunekit "
                             "can remove tokens from")

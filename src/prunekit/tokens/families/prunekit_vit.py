@@ -40,14 +40,14 @@ def _block_forward(patch: "TokenPatch", index: int) -> Callable[[Callable[..., A
         def forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
             state = patch.state_for(x)
             bias = state.key_bias(x.dtype)
-            reducing = patch.reduces_at(index)
-            if bias is None and not reducing:
+            remove = patch.removal(index, state)  # None also in a reducing block that removes nothing (ratio 0)
+            if bias is None and remove is None:
                 return original(x)
             attn = block.attn
             q, k, v = attn.split_heads(block.norm1(x))
             x = x + attn.merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
-            if reducing:
-                x = patch.reduce(index, x, AttentionView(q, k, attn.head_dim ** -0.5, state, causal=False))
+            if remove is not None:
+                x = patch.reduce(index, x, AttentionView(q, k, attn.head_dim ** -0.5, state, causal=False), remove)
             return x + block.mlp(block.norm2(x))
 
         return forward
