@@ -9,8 +9,9 @@ Rows:
 - 2:4 with SparseGPT and with Wanda, alone and with the low-rank correction at 5 % and 10 % extra parameters
   (``prunekit prune --method M --pattern 2:4 --lowrank-budget B``, its defaults: every layer the same share of
   extra parameters, the sparse part and the correction refined in 4 alternating rounds).
-- 20 % of the parameters removed: SVD-LLM (``prunekit shrink --method svd-llm --ratio 0.2``) and ``prunekit
-  shrink``'s default for causal LMs, Fisher with MLP neurons and key/value groups ranked globally
+- 20 % of the parameters removed: SVD-LLM (``prunekit shrink --method svd-llm --ratio 0.2``), SliceGPT
+  (``prunekit shrink --method slicegpt --ratio 0.2``, the tied head untied, and ``--method-arg head=tied``) and
+  ``prunekit shrink``'s default for causal LMs, Fisher with MLP neurons and key/value groups ranked globally
   (``prunekit shrink --ratio 0.2``).
 
 Measured for each: perplexity on the pinned wiki protocol (calibration: 32 random windows of 512 tokens of the
@@ -128,6 +129,16 @@ def svd_llm_row(dense, calibration, test) -> dict:
                 {"group": "20%", "method": "svd-llm", "details": {k: v for k, v in result.items() if k != "layers"}})
 
 
+def slicegpt_row(dense, calibration, test, head: str) -> dict:
+    model = copy.deepcopy(dense)
+    started = time.perf_counter()
+    result = get_shrink_method({"name": "slicegpt", "head": head}).apply(model, calibration, RATIO, 4)
+    seconds = time.perf_counter() - started
+    return _row(f"SliceGPT (head {head}), {RATIO:.0%} removed", model, dense, test, seconds,
+                _sizes_structure(model), {"group": "20%", "method": f"slicegpt-{head}",
+                                          "details": {k: v for k, v in result.items() if k != "kept_energy"}})
+
+
 def fisher_row(dense, calibration, test) -> dict:
     model = copy.deepcopy(dense)
     recipe = ShrinkRecipe.build({"ratio": RATIO}).with_default_importance("causal-lm")
@@ -145,6 +156,8 @@ def run_all(dense, calibration, test) -> list[dict]:
             lambda: sparse_row(dense, calibration, test, "sparsegpt", 0.1),
             lambda: svd_llm_row(dense, calibration, test),
             lambda: fisher_row(dense, calibration, test),
+            lambda: slicegpt_row(dense, calibration, test, "untie"),
+            lambda: slicegpt_row(dense, calibration, test, "tied"),
             lambda: sparse_row(dense, calibration, test, "wanda", 0.0),
             lambda: sparse_row(dense, calibration, test, "wanda", 0.1),
             lambda: sparse_row(dense, calibration, test, "sparsegpt", 0.05),
@@ -206,7 +219,7 @@ def main(argv=None) -> int:
     if args.report_partial:
         partial = json.loads(PARTIAL.read_text())
         markdown = report(partial["rows"], partial["dense"]) + (
-            f"\nPartial: the run was stopped after {len(partial['rows'])} of 8 rows.\n")
+            f"\nPartial: the run was stopped after {len(partial['rows'])} of 10 rows.\n")
         write_json(args.out.with_suffix(".json"), {**partial, "protocol": PROTOCOL.describe(),
                                                    "speed_protocol": SPEED.describe(), "environment": environment(),
                                                    "partial": True})

@@ -35,8 +35,9 @@ def shrink(
                                                      "[0, 1) [default: 0.2]"),
     target: Optional[str] = typer.Option(None, help="what the ratio counts: params or macs [default: params]"),
     method: Optional[str] = typer.Option(None, help="svd-llm (each linear factored in two, in the calibration-whitened "
-                                                    "basis) instead of deleting units [default: delete units "
-                                                    "ranked by --importance]"),
+                                                    "basis) or slicegpt (the residual stream rotated into its "
+                                                    "principal axes and its weakest axes deleted) instead of "
+                                                    "deleting units [default: delete units ranked by --importance]"),
     method_arg: Optional[list[str]] = typer.Option(None, help="method setting KEY=VALUE, e.g. sequential=dense"),
     importance: Optional[str] = typer.Option(None, help="fisher, flap, wanda, taylor, l2, l1 or random [default: fisher for causal LMs, "
                                                              "flap for encoders]"),

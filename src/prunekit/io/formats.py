@@ -31,6 +31,7 @@ from prunekit.core.lowrank import CONFIG_KEY as LOWRANK_KEY
 from prunekit.core.lowrank import restore_lowrank
 from prunekit.core.progress import status
 from prunekit.core.registry import Registry
+from prunekit.core.shortcuts import restore_shortcuts
 from prunekit.errors import PrunekitError
 from prunekit.io.atomic import atomic_directory
 from prunekit.io.checkpoint import (COMPRESSED_MARKER, is_compressed_dir, read_compressed_state, unique_state_dict,
@@ -275,7 +276,7 @@ class CompressedFormat(ModelFormat):
         marker = self._marker(path)
         state, aliases = read_compressed_state(path)
         model = (options.skeleton if options.skeleton is not None
-                 else restore_lowrank(build_skeleton(path, marker.get("architecture"))))
+                 else restore_shortcuts(restore_lowrank(build_skeleton(path, marker.get("architecture")))))
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         refuse_mismatch(path, unexpected=unexpected)
         if hasattr(model, "tie_weights"):
@@ -401,7 +402,7 @@ class ShapeSpecFormat(ModelFormat):
             if not spec.get("huggingface"):
                 raise PrunekitError(f"{path} holds a {spec.get('architecture')} that is not a Hugging Face model; "
                                     "pass its unpruned skeleton: prunekit.load(path, model=...)")
-            model = restore_lowrank(build_skeleton(path, spec["architecture"]))
+            model = restore_shortcuts(restore_lowrank(build_skeleton(path, spec["architecture"])))
         apply_spec(model, spec)
         missing, unexpected = model.load_state_dict(read_safetensors_dir(path), strict=False, assign=True)
         refuse_mismatch(path, unexpected=unexpected)
@@ -540,7 +541,7 @@ class LowRankFormat(ModelFormat):
     def load(self, path: Path, options: LoadOptions) -> nn.Module:
         architectures = read_config(path).get("architectures") or [None]
         model = options.skeleton if options.skeleton is not None else build_skeleton(path, architectures[0])
-        restore_lowrank(model)
+        restore_shortcuts(restore_lowrank(model))
         state = read_safetensors_dir(path)
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         refuse_mismatch(path, unexpected=unexpected)

@@ -222,6 +222,8 @@ def _check(loaded: LoadedModel, recipe: ShrinkRecipe, protocol: TextProtocol) ->
             raise PrunekitError(f"--seq-len {protocol.seq_len} exceeds the encoder's {max_positions} positions")
     if recipe.method is not None and loaded.kind != CAUSAL_LM:
         raise PrunekitError(f"{recipe.method['name']} is implemented for causal language models")
+    if recipe.method is not None and recipe.ratio > 0:
+        get_shrink_method(recipe.method).check(loaded.model)
     if recipe.depth.blocks:
         blocks = len(adapter_for(loaded.model).blocks())
         if recipe.depth.blocks >= blocks:
@@ -394,6 +396,8 @@ def summary_rows(report: dict) -> list[tuple[str, str]]:
 def _method_summary(method: dict | None) -> str:
     if not method:
         return "nothing factored"
+    if "summary" in method:  # a method that says what it did in its own words
+        return method["summary"]
     return (f"{len(method['layers'])} linears factored, their parameters {method['linear_parameters_before']:,} → "
             f"{method['linear_parameters_after']:,}; mean relative output error of a layer on its calibration inputs "
             f"{method['mean_relative_error']:.4f}")

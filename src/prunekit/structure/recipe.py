@@ -85,7 +85,7 @@ class ShrinkRecipe(RecipeModel):
     target: Literal["params", "macs"] = "params"
     method: dict[str, Any] | None = Field(None, description="unset: delete coupled units ranked by the importance "
                                                              "criterion; or a method that changes the basis "
-                                                             "(svd-llm) and its settings")
+                                                             "(svd-llm, slicegpt) and its settings")
     granularity: list[str] = Field(default_factory=lambda: ["channels", "heads"])
     heads: Literal["kv", "query"] = Field("kv", description="grouped-query heads: remove whole KV groups, or "
                                                            "query heads equally from every group")

@@ -61,6 +61,36 @@ def _config_mismatches(model: nn.Module) -> list[str]:
     return wrong
 
 
+def _config_refusal(config) -> str | None:
+    """Why the config refuses its own values (transformers validates a config when it is saved), or None."""
+    validate = getattr(config, "validate", None)
+    if not callable(validate):
+        return None
+    try:
+        validate()
+    except Exception as exc:  # noqa: BLE001 - strict dataclasses raise their own error types
+        cause = exc.__cause__ or exc
+        return str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return None
+
+
+def _keep_valid_config(config, updates: dict, previous: dict) -> list[str]:
+    """Undo, last first, the width updates a config refuses (a SliceGPT hidden width that is no multiple of the
+    heads, say): the shape spec then describes those widths, and the reasons say why."""
+    first = refusal = _config_refusal(config)
+    undone: list[str] = []
+    for key in reversed(list(updates)):
+        if refusal is None:
+            break
+        if key in previous:
+            setattr(config, key, previous[key])
+        else:  # the config had no such key before: leave it without one
+            delattr(config, key)
+        undone.append(key)
+        refusal = _config_refusal(config)
+    return [f"the config refuses the new {', '.join(undone)} ({first})"] if undone else []
+
+
 def save_structured(model: nn.Module, directory: str | os.PathLike, tokenizer=None, adapter: ModelAdapter | None = None,
                     blocks: dict[str, list[int]] | None = None) -> SaveReport:
     """Write the shrunk model into an existing (temporary) directory; see the module docstring."""
@@ -73,9 +103,10 @@ def save_structured(model: nn.Module, directory: str | os.PathLike, tokenizer=No
     if huggingface:
         if adapter is not None:
             updates, blockers = adapter.structure_config()
+            previous = {key: getattr(model.config, key) for key in updates if hasattr(model.config, key)}
             for key, value in updates.items():
                 setattr(model.config, key, value)
-            reasons += blockers
+            reasons += blockers + _keep_valid_config(model.config, updates, previous)
         wrong = _config_mismatches(model)
         if wrong and not reasons:
             reasons.append(f"the config cannot describe {len(wrong)} tensor shapes (first: {wrong[0]})")

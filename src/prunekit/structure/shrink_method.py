@@ -24,6 +24,9 @@ class ShrinkMethod(Method):
 
     needs: ClassVar[frozenset[str]] = frozenset({"activations"})
 
+    def check(self, model: nn.Module) -> None:
+        """Refuse, in one line, a model the method cannot shrink: called before any slow step."""
+
     def apply(self, model: nn.Module, calibration: torch.Tensor, ratio: float, batch_size: int) -> dict[str, Any]:
         """Shrink ``model`` (a causal language model) on the calibration windows; return the report's section."""
         raise NotImplementedError
