@@ -51,7 +51,8 @@ def prune(
     ratio: Optional[float] = typer.Option(None, help="fraction of the targeted weights removed, in [0, 1) "
                                                      "[default: 0.5, or the pattern's]"),
     pattern: Optional[str] = typer.Option(None, help="unstructured, or N:M such as 2:4 [default: unstructured]"),
-    allocation: Optional[str] = typer.Option(None, help="uniform, owl or global [default: uniform]"),
+    allocation: Optional[str] = typer.Option(None, help="uniform, owl, global, or by measurement: knapsack or "
+                                                        "evolutionary (see docs/weights.md) [default: uniform]"),
     calib: Optional[str] = typer.Option(None, "--calib", help="calibration text: wiki, or a .txt/.jsonl file [default: wiki]"),
     test: Optional[str] = typer.Option(None, "--test", help="test text for perplexity: wiki or a file [default: wiki]"),
     calib_samples: Optional[int] = typer.Option(None, help="calibration windows [default: 32]"),
@@ -64,7 +65,8 @@ def prune(
     exclude: Optional[list[str]] = typer.Option(None, help="layers to leave dense (glob, or re:regex); repeatable"),
     layer_ratio: Optional[list[str]] = typer.Option(None, help="per-layer override PATTERN=RATIO; repeatable"),
     method_arg: Optional[list[str]] = typer.Option(None, help="method setting KEY=VALUE, e.g. dampening=0.01"),
-    allocation_arg: Optional[list[str]] = typer.Option(None, help="allocation setting, e.g. threshold_m=5 or lambda=0.08"),
+    allocation_arg: Optional[list[str]] = typer.Option(None, help="allocation setting, e.g. threshold_m=5, lambda=0.08, "
+                                                                  "generations=20 or stage_tokens=[512,2048]"),
     sequential: Optional[str] = typer.Option(None, help="layer (one pass, later layers see pruned earlier ones) or block (reference two-pass order)"),
     batch_size: Optional[int] = typer.Option(None, help="windows per forward pass [default: 4]"),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16: computed and stored in this dtype, streamed or not [default: float32]"),

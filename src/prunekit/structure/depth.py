@@ -7,6 +7,12 @@ Two ways to rank blocks:
 - ``perplexity``: the measured loss increase when the block alone is skipped (one evaluation per
   block, so slower but it measures what matters).
 
+And one way to choose them together, ``search_blocks`` (issue 18): a measured allocation
+(``knapsack`` or ``evolutionary``, ``core.allocation``) over blocks, each unit a block with two levels
+(kept, removed), the budget the number removed, the cost and fitness the KL(dense ‖ skipped) of the
+final next-token distributions on calibration windows. The knapsack takes the blocks cheapest alone;
+the evolution swaps removed and kept blocks while the whole set's KL improves.
+
 Blocks are removed from their ``nn.ModuleList``; ``layer_idx`` attributes (cache slots) are
 renumbered and the config's layer count and per-layer lists are updated.
 """
@@ -14,18 +20,20 @@ renumbered and the config's layer count and per-layer lists are updated.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunekit.core.allocation import get_allocation
+from prunekit.core.allocation.search import MEASUREMENT, SearchOutcome
 from prunekit.core.progress import progress_bar
 from prunekit.errors import PrunekitError
 from prunekit.models.layout import CONFIG_LAYER_INDICES, CONFIG_LAYERS, CONFIG_PER_LAYER, text_config
 from prunekit.structure.statistics import run_batch
 
-Criterion = Literal["influence", "perplexity"]
+Criterion = Literal["influence", "perplexity", "search"]
 
 
 @dataclass
@@ -160,13 +168,29 @@ def _drop_from_config(config, blocks: int, drop: list[int]) -> None:
 
 def prune_depth(model: nn.Module, path: str, count: int, criterion: Criterion = "influence",
                 batches: Sequence | None = None, evaluate: Callable[[nn.Module], float] | None = None,
-                keep: Sequence[int] = ()) -> DepthResult:
-    """Remove the ``count`` least important blocks of ``model.<path>`` (in place)."""
+                keep: Sequence[int] = (), search: Any = "evolutionary") -> DepthResult:
+    """Remove the ``count`` least important blocks of ``model.<path>`` (in place); with ``criterion="search"``
+    the blocks ``search_blocks`` chooses together (``search``: the measured allocation, ``batches``: token-id
+    windows), their scores being each block's KL when skipped alone."""
     blocks = block_list(model, path)
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise PrunekitError(f"the number of blocks to remove must be a whole number ≥ 0, got {count!r}")
     if count >= len(blocks):
         raise PrunekitError(f"cannot remove {count} of {len(blocks)} blocks; keep at least one")
+    if criterion == "search":
+        if not batches:
+            raise PrunekitError("a depth search needs calibration windows")
+        removed, outcome, costs = search_blocks(model, path, count, batches, search, keep)
+        candidates = [i for i in range(len(blocks)) if i not in set(keep)]
+        alone = dict(zip(candidates, costs)) if costs is not None else {}
+        scores = [alone.get(i, float("inf")) for i in range(len(blocks))]
+        before = len(blocks)
+        remove_blocks(model, path, removed)
+        result = DepthResult("search", scores, removed, before, before - len(removed), path)
+        if outcome.fitness is not None:
+            result.notes.append(f"KL to the unpruned model: {outcome.start_fitness:.5f} at the start, "
+                                f"{outcome.fitness:.5f} found")
+        return result
     if criterion == "influence":
         if not batches:
             raise PrunekitError("block influence needs calibration batches")
@@ -184,3 +208,91 @@ def prune_depth(model: nn.Module, path: str, count: int, criterion: Criterion = 
     before = len(blocks)
     remove_blocks(model, path, removed)
     return DepthResult(criterion, scores.tolist(), removed, before, before - len(removed), path)
+
+
+class _SkippedBlocks:
+    """``core.allocation.search.LevelProblem`` over blocks: step 1 skips a block (its output is its input)."""
+
+    def __init__(self, model: nn.Module, path: str, candidates: list[int], count: int, windows: Sequence[torch.Tensor],
+                 stage_tokens: Sequence[int]):
+        self.model, self.blocks, self.candidates, self.windows = model, block_list(model, path), candidates, windows
+        self.unit_names = [f"{path}.{index}" for index in candidates]
+        self.unit_weights = [1] * len(candidates)
+        self.max_step, self.target = 1, count
+        # each stage measures on the first windows holding its tokens
+        self.stage_windows = [min(len(windows), max(1, -(-tokens // int(windows[0].numel())))) for tokens in stage_tokens]
+        self.dense = [self._log_probs(window) for window in windows]
+        self.state: dict | None = None
+        self.cost_table: list[list[float]] | None = None
+
+    @torch.no_grad()
+    def _log_probs(self, window: torch.Tensor) -> torch.Tensor:
+        output = run_batch(self.model, window)
+        return F.log_softmax((output.logits if hasattr(output, "logits") else output[0]).float(), dim=-1)
+
+    def kl(self, skipped: Sequence[int], windows: int) -> float:
+        handles = [self.blocks[index].register_forward_hook(_skip, with_kwargs=True) for index in skipped]
+        try:
+            total = tokens = 0.0
+            for window, dense in zip(self.windows[:windows], self.dense[:windows]):
+                total += float((dense.exp() * (dense - self._log_probs(window))).sum())
+                tokens += dense.shape[0] * dense.shape[1]
+        finally:
+            for handle in handles:
+                handle.remove()
+        return total / max(tokens, 1)
+
+    def costs(self) -> list[list[float]]:
+        if self.cost_table is None:
+            with progress_bar("Skipping blocks one at a time (KL)", len(self.candidates)) as bar:
+                self.cost_table = []
+                for index in self.candidates:
+                    self.cost_table.append([0.0, self.kl([index], self.stage_windows[0])])
+                    bar.advance()
+        return self.cost_table
+
+    def fitness(self, stage: int, steps: Sequence[int]) -> float:
+        return self.kl([index for index, step in zip(self.candidates, steps) if step], self.stage_windows[stage])
+
+    def stages(self) -> int:
+        return len(self.stage_windows)
+
+    def load_state(self) -> dict | None:
+        return self.state
+
+    def save_state(self, state: dict) -> None:
+        self.state = state
+
+
+def _skip(_module, args, kwargs, output):
+    hidden = _hidden_of(args, kwargs)
+    return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+
+def search_blocks(model: nn.Module, path: str, count: int, windows: Sequence[torch.Tensor],
+                  allocation: Any = "evolutionary",
+                  keep: Sequence[int] = ()) -> tuple[list[int], SearchOutcome, list[float] | None]:
+    """Which ``count`` blocks to remove, chosen by a measured allocation (see the module docstring).
+
+    ``windows``: batches of calibration token ids (batch, seq_len) measuring KL; a selection stage (and the costs,
+    the first stage) measures on the first windows holding its tokens (``fitness_tokens``: ``stage_tokens`` of
+    ``evolutionary``, ``sensitivity_tokens`` of ``knapsack``). Leaves the model whole; returns the blocks to
+    remove, the search's outcome and each candidate block's KL when skipped alone (None if not measured).
+    """
+    chosen = get_allocation(allocation)
+    if MEASUREMENT not in chosen.needs:
+        raise PrunekitError(f"allocation {chosen.name} does not measure the model; use knapsack or evolutionary")
+    blocks = block_list(model, path)
+    candidates = [index for index in range(len(blocks)) if index not in set(keep)]
+    if count > len(candidates) or count >= len(blocks):
+        raise PrunekitError(f"cannot remove {count} of {len(blocks)} blocks ({len(candidates)} may be removed)")
+    was_training = model.training
+    model.eval()
+    try:
+        problem = _SkippedBlocks(model, path, candidates, count, list(windows), chosen.fitness_tokens())
+        outcome = chosen.search(problem)
+    finally:
+        model.train(was_training)
+    removed = sorted(index for index, step in zip(candidates, outcome.steps) if step)
+    alone = [row[1] for row in problem.cost_table] if problem.cost_table is not None else None
+    return removed, outcome, alone

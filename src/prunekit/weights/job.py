@@ -23,6 +23,7 @@ from prunekit.evaluate.outcome import write_outcome
 from prunekit.evaluate.report import SPEED_NOTE, environment, human_bytes, markdown_table
 from prunekit.evaluate.resources import Measured, process_peak_rss
 from prunekit.io.atomic import check_output_dir, directory_size
+from prunekit.io.digest import directory_digest
 from prunekit.io.checkpoint import COMPRESSED_SUBDIR, COMPRESSED_WEIGHTS, write_compressed, write_dense
 from prunekit.io import sparse_format
 from prunekit.io.checkpoint import unique_state_dict
@@ -36,6 +37,8 @@ from prunekit.models.loading import CAUSAL_LM, LoadedModel, load_model, resolve_
 from prunekit.errors import PrunekitError
 from prunekit.weights.pipeline import PruneResult, check_finite_weights, prune_weights
 from prunekit.weights.recipe import WeightPruningRecipe
+from prunekit.weights.search import SearchResult, needs_search, search_levels, with_levels
+from prunekit.weights.search.plots import plot_unit_ratios
 from prunekit.weights.streaming import StreamOutput, StreamResult, prune_streaming
 
 
@@ -75,15 +78,35 @@ def _needs_calibration(recipe: WeightPruningRecipe) -> bool:
     from prunekit.weights.base import get_method
 
     return (get_method(recipe.method).needs_calibration or "activations" in get_allocation(recipe.allocation).needs
-            or recipe.lowrank.enabled)
+            or recipe.lowrank.enabled or needs_search(recipe))
+
+
+def _search(loaded: LoadedModel, recipe: WeightPruningRecipe, calibration: torch.Tensor | None,
+            group: ProcessGroup | None = None) -> SearchResult | None:
+    """A measured allocation's search (``weights.search``), when the recipe does not carry its levels yet."""
+    if not needs_search(recipe):
+        return None
+    if group is not None:
+        raise PrunekitError(f"allocation {recipe.allocation['name']} searches in one process; run it without "
+                            "torchrun, then prune with the recipe it writes")
+    digest = f"{directory_digest(loaded.path)}:{recipe.dtype}" if loaded.path else None
+    return search_levels(loaded.model, recipe.pruning(), calibration, model_digest=digest)
 
 
 def _prune(loaded: LoadedModel, recipe: WeightPruningRecipe, calibration: torch.Tensor | None,
-           group: ProcessGroup | None = None) -> PruneResult:
+           group: ProcessGroup | None = None) -> tuple[PruneResult, WeightPruningRecipe, SearchResult | None]:
+    """Prune as the recipe says; a measured allocation searches first, and the recipe returned carries the
+    levels it found (so the recipe written reproduces the model without searching)."""
     if group is not None and calibration is not None:
         calibration = group.share(calibration)
-    return prune_weights(loaded.model, recipe.pruning(), calibration=calibration,
-                         reduce=group.reduce_statistics if group is not None else None)
+    search = _search(loaded, recipe, calibration, group)
+    if search is not None:
+        recipe = recipe.model_copy(update={"allocation": with_levels(recipe, search.levels)})
+    result = prune_weights(loaded.model, recipe.pruning(), calibration=calibration,
+                           reduce=group.reduce_statistics if group is not None else None)
+    if search is not None:
+        result.allocation_seconds += search.seconds["total"]
+    return result, recipe, search
 
 
 def _dense_perplexity(measure, model_path, test: torch.Tensor, recipe: WeightPruningRecipe, how: str,
@@ -108,6 +131,10 @@ def prune_job(recipe: WeightPruningRecipe, resume: bool = False) -> Job:
     if (recipe.stream or resume) and recipe.save_compressed and recipe.format == COMPRESSED_TENSORS:
         raise PrunekitError("--stream writes its compressed copy in prunekit's format only; for compressed-tensors "
                             "prune in memory (no --stream), or add --no-compressed")
+    if (recipe.stream or resume) and needs_search(recipe):
+        raise PrunekitError(f"allocation {recipe.allocation['name']} searches with the model in memory; run it "
+                            "without --stream, then prune --stream --recipe OUT/recipe.yaml (which carries the "
+                            "levels found)")
     return StreamedPruneJob(recipe, resume) if (recipe.stream or resume) else PruneJob(recipe)
 
 
@@ -147,7 +174,8 @@ class PruneJob(Job[WeightPruningRecipe]):
         tasks = recipe.tasks.protocol(recipe.data.split) if recipe.tasks.names and self.writer else None
         tasks_before = evaluate_tasks(loaded.model, loaded.tokenizer, tasks, "Tasks before") if tasks else None
         with Measured() as measured:
-            result = self.result = _prune(loaded, recipe, calibration, group)
+            result, recipe, search = _prune(loaded, recipe, calibration, group)
+        self.result, self.search, self.recipe = result, search, recipe
         after = perplexity(loaded.model, test, recipe.batch_size, "Perplexity after", group) if test is not None else None
         tasks_after = evaluate_tasks(loaded.model, loaded.tokenizer, tasks, "Tasks after") if tasks else None
         info = _model_info(loaded.name, loaded.path, adapter_for(loaded.model, blocks=recipe.blocks).describe(),
@@ -157,6 +185,8 @@ class PruneJob(Job[WeightPruningRecipe]):
                               model_sparsity(loaded.model), {"processes": group.world_size if group else 1})
         if tasks:
             report["tasks"] = {"protocol": tasks.describe(), "before": tasks_before, "after": tasks_after}
+        if search is not None:
+            report["search"] = search_report(search)
         return Outcome(report, report_markdown(report), summary_rows(report), f"prunekit: {loaded.name}")
 
     def write(self, directory: Path, outcome: Outcome) -> None:
@@ -173,6 +203,8 @@ class PruneJob(Job[WeightPruningRecipe]):
         outcome.markdown = report_markdown(outcome.report)
         outcome.summary = summary_rows(outcome.report)
         _plot_layers(directory, self.result, loaded.name)
+        if self.search is not None:
+            _plot_search(directory, self.search, loaded.name)
 
     def finished(self) -> None:
         if self.group is not None:
@@ -368,7 +400,8 @@ def report_markdown(report: dict) -> str:
     ppl = report["perplexity"]
     size = report["size"]
     method = ", ".join(f"{k}={v}" for k, v in report["method"].items() if k != "name")
-    allocation = ", ".join(f"{k}={v}" for k, v in report["allocation"].items() if k != "name")
+    allocation = ", ".join(f"{k}={v}" for k, v in report["allocation"].items() if k not in ("name", "levels")
+                           and v is not None)
     rows = [
         ("model", f"{report['model']['name']} ({report['model']['parameters']:,} parameters, {report['model']['dtype']})"),
         ("method", report["method"]["name"] + (f" ({method})" if method else "")),
@@ -402,6 +435,7 @@ def report_markdown(report: dict) -> str:
     protocol = report["protocol"]
     lines = [f"# prunekit report: {report['model']['name']}", "", markdown_table(["", ""], rows), "",
              *_tasks_markdown(report.get("tasks")),
+             *_search_markdown(report.get("search")),
              "## Data protocol", "",
              f"- calibration: {protocol['calibration']}, {protocol['calibration_split']}; {protocol['calibration_windows']}",
              f"- test: {protocol['test']}, {protocol['test_split']}; {protocol['test_protocol']}", "",
@@ -411,6 +445,54 @@ def report_markdown(report: dict) -> str:
                              for l in report["layers"]]), "",
              f"Environment: {json.dumps(report['environment'])}", ""]
     return "\n".join(lines)
+
+
+def search_report(search: SearchResult) -> dict:
+    """The search's part of a report; the levels per layer are in the recipe and the layer table already."""
+    return {k: v for k, v in search.to_dict().items() if k != "levels"}
+
+
+def _search_markdown(search: dict | None) -> list[str]:
+    if not search:
+        return []
+    seconds = search["seconds"]
+    rows = [("allocation", f"{search['allocation']['name']} over {search['database']['units']} units "
+                           f"({search['allocation']['unit']}), levels {search['database']['levels'][0]:g}.."
+                           f"{search['database']['levels'][-1]:g}"),
+            ("ratio", f"target {search['ratio']:.4f}, allocated {search['achieved_ratio']:.4f}"
+                      + ("" if search["budget_exact"] else " (the grid cannot meet the target exactly)")),
+            ("fitness tokens", ", ".join(str(t) for t in search["fitness_tokens"]) or "–")]
+    if search["predicted_cost"] is not None:
+        rows.append(("knapsack: summed unit costs", f"{search['predicted_cost']:.5f}"))
+    if search["fitness"] is not None:
+        rows.append(("fitness (KL to dense, last stage)", f"{search['start_fitness']:.5f} at the start → "
+                                                          f"{search['fitness']:.5f} ({search['evaluations']} "
+                                                          "candidates measured)"))
+    rows += [("level database", f"{search['database']['path']} ("
+                                + ("reused" if search["database"]["reused"] else
+                                   f"{search['database']['blocks_built']} blocks built")
+                                + f", {human_bytes(search['database']['bytes'])})"),
+             ("wall time", f"database {seconds['database']:.1f} s, unit costs {seconds['unit_costs']:.1f} s, "
+                           f"search {seconds['search']:.1f} s (costs included)"),
+             ("peak RSS during the search", human_bytes(search["peak_rss_bytes"]))]
+    units = [(u["name"], f"{u['parameters']:,}", f"{u['ratio']:.2f}",
+              "–" if u["start_ratio"] is None else f"{u['start_ratio']:.2f}",
+              "–" if u["cost"] is None else f"{u['cost']:.5f}") for u in search["units"]]
+    return ["## Allocation by search", "", markdown_table(["", ""], rows), "",
+            "![ratio per unit](allocation.png)", "",
+            *(["![search curve](search.png)", ""] if search["curve"] else []),
+            markdown_table(["unit", "parameters", "ratio", "start", "cost alone at its ratio"], units), ""]
+
+
+def _plot_search(directory: Path, search: SearchResult, name: str) -> None:
+    plot_unit_ratios([u["name"] for u in search.units], [u["ratio"] for u in search.units],
+                     [u["start_ratio"] for u in search.units] if search.units and search.units[0]["start_ratio"]
+                     is not None else None, directory / "allocation.png",
+                     f"{name}: {search.allocation['name']} allocation at {search.ratio:.0%}")
+    if search.curve:
+        plot_curves({"best fitness": ([p["evaluations"] for p in search.curve], [p["fitness"] for p in search.curve])},
+                    directory / "search.png", "candidates measured", "KL(dense ‖ pruned) on calibration tokens",
+                    f"{name}: evolutionary search")
 
 
 def _lowrank_summary(lowrank: dict) -> str:
@@ -495,7 +577,7 @@ class SweepJob(Job[SweepRecipe]):
             loaded.model.load_state_dict(pristine)
             step = WeightPruningRecipe.model_validate({**recipe.model_dump(exclude={"ratios"}), "ratio": value})
             with Measured() as measured:
-                result = _prune(loaded, step, calibration)
+                result, _, _ = _prune(loaded, step, calibration)
             after = perplexity(loaded.model, test, recipe.batch_size, f"Perplexity at {value:.0%}")
             points.append({"ratio": value, "achieved": result.achieved_sparsity, "perplexity": after.perplexity,
                            "prune_seconds": measured.seconds})

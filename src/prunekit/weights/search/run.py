@@ -1,0 +1,237 @@
+"""A measured allocation's search over one-shot weight pruning levels, start to finish.
+
+``search_levels(model, settings, calibration)``: plan the pruning as ``prune_weights`` would, group the targets
+into units, build (or reuse) the level database, measure, and let the allocation (``knapsack``,
+``evolutionary``: ``core.allocation``) choose one level per unit. The model is left dense; the result's
+``levels`` (ratio per layer) go into the allocation's settings, and ``prune_weights`` then prunes at them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from prunekit.core.allocation.search import MEASUREMENT, MeasuredAllocation, SearchOutcome
+from prunekit.core.progress import progress_bar
+from prunekit.errors import PrunekitError
+from prunekit.evaluate.resources import Measured
+from prunekit.io.atomic import write_text
+from prunekit.weights.pipeline import PrunePlan, check_finite, plan_pruning
+from prunekit.weights.recipe import PruneSettings
+from prunekit.weights.search.database import LevelDatabase, Unit, group_units, tensor_digest
+from prunekit.weights.search.fitness import KLMeter, fitness_windows
+
+_MAX_QUANTA = 200_000  # budget cells of the knapsack's table: beyond, unit sizes are rounded to coarser quanta
+
+
+def needs_search(settings: PruneSettings) -> bool:
+    """Whether the settings' allocation measures the model and has not been given its levels yet."""
+    from prunekit.core.allocation import get_allocation
+
+    allocation = get_allocation(settings.allocation)
+    return MEASUREMENT in allocation.needs and getattr(allocation, "levels", None) is None
+
+
+def budget_quanta(sizes: Sequence[int]) -> tuple[list[int], int, bool]:
+    """Unit sizes in whole budget quanta: their greatest common divisor, so the budget is exact, unless the
+    knapsack's table would grow too large; returns (weights, quantum, exact)."""
+    quantum = math.gcd(*sizes) if sizes else 1
+    exact = True
+    if sum(sizes) // max(quantum, 1) > _MAX_QUANTA:
+        quantum, exact = math.ceil(sum(sizes) / _MAX_QUANTA), False
+    return [max(1, round(size / quantum)) for size in sizes], quantum, exact
+
+
+@dataclass
+class SearchResult:
+    """What a search found and what it cost; ``levels`` is the ratio of every targeted layer."""
+
+    allocation: dict
+    levels: dict[str, float]
+    units: list[dict]
+    ratio: float
+    achieved_ratio: float
+    budget_exact: bool
+    predicted_cost: float | None
+    fitness: float | None
+    start_fitness: float | None
+    curve: list[dict]
+    evaluations: int
+    fitness_tokens: list[int]  # the token counts measured on: unit costs and selection stages
+    database: dict
+    seconds: dict[str, float] = field(default_factory=dict)
+    peak_rss_bytes: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class WeightLevelProblem:
+    """``core.allocation.search.LevelProblem`` for weight pruning: the model set to candidate levels from the
+    database, measured with ``KLMeter`` (one per selection stage; the first also measures unit costs)."""
+
+    def __init__(self, plan: PrunePlan, allocation: MeasuredAllocation, units: list[Unit], database: LevelDatabase,
+                 calibration: torch.Tensor, state_path: Path | None):
+        self.plan, self.allocation, self.units, self.database = plan, allocation, units, database
+        self.unit_names = [u.name for u in units]
+        self.unit_weights, self.quantum, self.exact = budget_quanta([u.parameters for u in units])
+        self.max_step = allocation.max_step
+        wanted = plan.ratio / allocation.step * sum(self.unit_weights)
+        self.target = round(wanted)
+        if abs(wanted - self.target) > 1e-6:
+            self.exact = False
+        self.calibration, self.state_path = calibration, state_path
+        self.current = [0] * len(units)
+        self.tokens = allocation.fitness_tokens()
+        self.meters: dict[int, KLMeter] = {}
+        self.cost_table: list[list[float]] | None = None
+        self.cost_seconds = 0.0
+
+    def meter(self, tokens: int, keep_block_inputs: bool = False) -> KLMeter:
+        """The meter on the first calibration windows holding ``tokens`` tokens (one per token count)."""
+        found = self.meters.get(tokens)
+        if found is None or (keep_block_inputs and found.block_inputs is None):
+            self.meters.pop(tokens, None)  # one meter per token count: its dense log-probabilities are large
+            self.set_steps([0] * len(self.units))
+            windows = fitness_windows(self.calibration, tokens)
+            found = self.meters[tokens] = KLMeter(self.plan.adapter.model, self.plan.adapter, windows,
+                                                  keep_block_inputs)
+        return found
+
+    def stages(self) -> int:
+        return len(self.tokens)
+
+    def set_steps(self, steps: Sequence[int]) -> None:
+        for unit, step in enumerate(steps):
+            if self.current[unit] != step:
+                self.database.apply(unit, step)
+                self.current[unit] = step
+
+    def costs(self) -> list[list[float]]:
+        """Measured once per database, kind of cost and token count, and kept beside the database unit by unit
+        (the knapsack of every budget and the evolution's start read the same table; a stopped sweep resumes)."""
+        if self.cost_table is not None:
+            return self.cost_table
+        started = time.perf_counter()
+        path = (self.database.directory
+                / f"costs-{self.allocation.sensitivity}-{self.allocation.sensitivity_tokens}.json")
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        table = []
+        with progress_bar(f"Unit costs ({self.allocation.sensitivity})", len(self.units) * self.max_step) as bar:
+            for unit in range(len(self.units)):
+                row = saved.get(self.units[unit].name)
+                if row is None or len(row) != self.max_step + 1:
+                    row = [0.0] + [self._cost(unit, step) for step in range(1, self.max_step + 1)]
+                    saved[self.units[unit].name] = row
+                    write_text(path, json.dumps(saved))
+                table.append(row)
+                bar.advance(self.max_step)
+        self.set_steps([0] * len(self.units))
+        self.cost_table = table
+        self.cost_seconds = time.perf_counter() - started
+        return table
+
+    def _cost(self, unit: int, step: int) -> float:
+        """The measured cost of compressing ``unit`` alone to ``step``."""
+        # made first: making a meter sets the model dense
+        meter, block = self.meter(self.allocation.sensitivity_tokens, True), self.units[unit].block
+        steps = [0] * len(self.units)
+        steps[unit] = step
+        self.set_steps(steps)
+        return meter.kl(block) if self.allocation.sensitivity == "kl" else meter.block_error(block)
+
+    def fitness(self, stage: int, steps: Sequence[int]) -> float:
+        meter = self.meter(self.tokens[stage])
+        self.set_steps(steps)
+        compressed = [self.units[u].block for u, step in enumerate(steps) if step > 0]
+        first = min(compressed, default=len(self.plan.adapter.blocks()))
+        return meter.kl(first if meter.block_inputs is not None else 0)
+
+    def load_state(self) -> dict | None:
+        if self.state_path is None or not self.state_path.exists():
+            return None
+        try:
+            return json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def save_state(self, state: dict) -> None:
+        if self.state_path is not None:
+            self.state_path.parent.mkdir(parents=True, exist_ok=True)
+            write_text(self.state_path, json.dumps(state))
+
+
+def _model_digest(model: nn.Module) -> str:
+    """The digest of every parameter and buffer: the model as it is in memory, whatever file it came from."""
+    return tensor_digest([tensor for _, tensor in sorted(model.state_dict().items())])
+
+
+def search_levels(model: nn.Module, settings: PruneSettings, calibration: torch.Tensor, *,
+                  model_digest: str | None = None) -> SearchResult:
+    """Run the settings' measured allocation on ``model`` (left dense) and return the levels it chose."""
+    if calibration is None:
+        raise PrunekitError("a measured allocation needs calibration data")
+    plan = plan_pruning(model, settings, True)
+    allocation = plan.allocation
+    if MEASUREMENT not in allocation.needs or not isinstance(allocation, MeasuredAllocation):
+        raise PrunekitError(f"allocation {allocation.name} does not search")
+    if plan.pattern.is_nm:
+        raise PrunekitError("an N:M pattern fixes every layer's ratio; a measured allocation has nothing to choose")
+    if plan.untie or plan.correction is not None:
+        raise PrunekitError("a measured allocation searches the blocks' layers without a low-rank correction")
+    if settings.overrides:
+        raise PrunekitError("a measured allocation chooses every layer's ratio; leave out the per-layer overrides")
+    check_finite(plan.targets)
+    started = time.perf_counter()
+    with Measured() as measured:
+        units = group_units(plan.adapter, plan.targets, allocation.unit)
+        grid = allocation.grid()
+        digest = model_digest or _model_digest(model)
+        key = LevelDatabase.key(digest, plan, units, grid, calibration, settings.batch_size)
+        database = LevelDatabase.at(allocation.database, key, units, grid)
+        reused = database.complete()
+        database.build(plan, calibration, settings.batch_size)
+        built = time.perf_counter()
+        # more generations continue a saved search (core.allocation.evolutionary), so they share its state file
+        described = {k: v for k, v in allocation.search_settings().items() if k != "generations"}
+        search_key = hashlib.sha256(json.dumps({"allocation": described, "ratio": plan.ratio},
+                                               sort_keys=True).encode()).hexdigest()[:16]
+        problem = WeightLevelProblem(plan, allocation, units, database, calibration,
+                                     database.directory / "searches" / f"{search_key}.json")
+        try:
+            outcome: SearchOutcome = allocation.search(problem)
+        finally:
+            problem.set_steps([0] * len(units))  # the model leaves dense, as it came
+        searched = time.perf_counter()
+    levels = {t.name: grid[step] for unit, step in zip(units, outcome.steps) for t in unit.targets}
+    total = sum(u.parameters for u in units)
+    achieved = sum(u.parameters * grid[s] for u, s in zip(units, outcome.steps)) / max(total, 1)
+    costs = problem.cost_table
+    unit_rows = [{"name": u.name, "block": u.block, "parameters": u.parameters, "ratio": grid[s],
+                  "start_ratio": grid[outcome.start_steps[i]] if outcome.start_steps else None,
+                  "cost": costs[i][s] if costs else None}
+                 for i, (u, s) in enumerate(zip(units, outcome.steps))]
+    return SearchResult(
+        allocation=allocation.search_settings(), levels=levels, units=unit_rows, ratio=plan.ratio,
+        achieved_ratio=achieved, budget_exact=problem.exact, predicted_cost=outcome.predicted_cost,
+        fitness=outcome.fitness, start_fitness=outcome.start_fitness, curve=outcome.curve,
+        evaluations=outcome.evaluations,
+        fitness_tokens=sorted(meter.tokens for meter in problem.meters.values()),
+        database={"path": str(database.directory), "reused": reused, "blocks_built": database.built_blocks,
+                  "bytes": database.size_bytes(), "levels": grid, "units": len(units)},
+        seconds={"database": built - started, "unit_costs": problem.cost_seconds, "search": searched - built,
+                 "total": searched - started},
+        peak_rss_bytes=measured.peak_rss)
+
+
+def with_levels(settings: PruneSettings, levels: dict[str, float]) -> dict[str, Any]:
+    """The allocation's settings carrying the found levels (what a recipe stores to skip the search)."""
+    return {**settings.allocation, "levels": levels}
