@@ -75,6 +75,10 @@ def test_shrink_writes_a_smaller_model_its_report_and_a_recipe_that_reproduces_i
     (["--override", "model.layers.0.mlp=1.0"], "override for 'model.layers.0.mlp' must be in [0, 1)"),
     (["--override", "nowhere*=0.5"], "override pattern 'nowhere*' matches no prunable family"),
     (["--depth", "5", "--ratio", "0"], "cannot remove 5 of 2 blocks; keep at least one"),
+    (["--depth", "1", "--ratio", "0", "--depth-criterion", "search", "--depth-search", "uniform"],
+     "allocation uniform does not measure the model"),
+    (["--depth", "1", "--ratio", "0", "--depth-criterion", "search", "--depth-search", "annealing"],
+     "unknown allocation 'annealing'"),
     (["--floor", "2"], "floor: Input should be less than or equal to 1"),
     (["--reconstruct", "--reconstruct-damping", "0"], "reconstruct_damping: Input should be greater than 0"),
     (["--ignore", "model.*"], "nothing to prune: no family of the chosen granularities is left"),
@@ -88,6 +92,21 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_dir, tmp_path, cap
     assert "Traceback" not in error and not out.exists()
     assert not list(tmp_path.glob(".bad.tmp-*"))
     assert _fingerprint(tiny_dir) == before
+
+
+def test_depth_search_removes_the_blocks_its_recipe_names_again(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "deeper"
+    code = main(_args(tiny_dir, out, "--ratio", "0", "--depth", "1", "--depth-criterion", "search",
+                      "--depth-search", "knapsack", "--no-peak-memory"))
+    assert code == 0, capsys.readouterr()
+    report = json.loads((out / "report.json").read_text())
+    depth = report["depth"]
+    assert depth["criterion"] == "search" and len(depth["removed"]) == 1
+    # knapsack on blocks: the block whose skipping alone costs the least KL is the one removed
+    assert depth["removed"] == [min(range(len(depth["scores"])), key=lambda i: depth["scores"][i])]
+    again = tmp_path / "again"
+    assert main(_args(tiny_dir, again, "--recipe", str(out / "recipe.yaml"))) == 0
+    assert json.loads((again / "report.json").read_text())["depth"]["removed"] == depth["removed"]
 
 
 def test_outputs_are_not_overwritten_and_bad_files_are_named(tiny_dir, tmp_path, capsys):

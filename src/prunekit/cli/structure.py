@@ -61,7 +61,11 @@ def shrink(
                                                         "(relative to the Gram matrix's mean diagonal) [default: "
                                                         "the library's, docs/structure.md]"),
     depth: Optional[int] = typer.Option(None, help="whole blocks to remove before width pruning [default: 0]"),
-    depth_criterion: Optional[str] = typer.Option(None, help="influence (1 - cos of block input/output) or perplexity"),
+    depth_criterion: Optional[str] = typer.Option(None, help="influence (1 - cos of block input/output), perplexity "
+                                                  "(each block skipped alone) or search (the blocks chosen together "
+                                                  "by --depth-search, KL to the unpruned model)"),
+    depth_search: Optional[str] = typer.Option(None, help="allocation of the search criterion: knapsack or "
+                                               "evolutionary [default: evolutionary]"),
     recover: Optional[bool] = typer.Option(None, "--recover/--no-recover", help="fine-tune after shrinking [default: off]"),
     recover_seconds: Optional[float] = typer.Option(None, help="recovery time budget in seconds [default: 600]"),
     recover_steps: Optional[int] = typer.Option(None, help="recovery step budget"),
@@ -105,6 +109,7 @@ def shrink(
                "reconstruct_damping": reconstruct_damping, "trust_remote_code": trust_remote_code or None,
                "allocation.name": allocation, "allocation.floor": floor, "allocation.round_to": round_to,
                "allocation.normalize": normalize, "depth.blocks": depth, "depth.criterion": depth_criterion,
+               "depth.search": depth_search,
                "recovery.seconds": recover_seconds, "recovery.steps": recover_steps, "recovery.mode": recover_mode,
                "recovery.lr": recover_lr, "recovery.train_only": recover_train_only or None,
                "data.calibration": calib, "data.test": test, "data.calibration_samples": calib_samples,

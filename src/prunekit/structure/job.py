@@ -214,8 +214,9 @@ def _check(loaded: LoadedModel, recipe: ShrinkRecipe, protocol: TextProtocol) ->
     if loaded.kind == ENCODER and recipe.recovery is not None:
         raise PrunekitError("recovery fine-tuning is implemented for causal language models and classifiers, "
                             "not for encoders without a training objective")
-    if loaded.kind == ENCODER and recipe.depth.blocks and recipe.depth.criterion == "perplexity":
-        raise PrunekitError("the perplexity depth criterion needs a causal language model; use influence")
+    if loaded.kind == ENCODER and recipe.depth.blocks and recipe.depth.criterion in ("perplexity", "search"):
+        raise PrunekitError(f"the {recipe.depth.criterion} depth criterion needs a causal language model; "
+                            "use influence")
     if loaded.kind == ENCODER:
         max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
         if max_positions and protocol.seq_len > max_positions:
@@ -282,7 +283,10 @@ def _depth(loaded: LoadedModel, adapter: ModelAdapter, recipe: ShrinkRecipe, cal
         return sum(losses) / len(losses)
 
     judge = mean_loss if settings.criterion == "perplexity" else None
-    return prune_depth(loaded.model, adapter.blocks_path, settings.blocks, settings.criterion, batches, judge)
+    if settings.criterion == "search":  # measured on token ids: KL of the final next-token distributions
+        batches = list(calibration.split(recipe.batch_size))
+    return prune_depth(loaded.model, adapter.blocks_path, settings.blocks, settings.criterion, batches, judge,
+                       search=settings.search)
 
 
 def _export(loaded: LoadedModel, directory: Path) -> dict:

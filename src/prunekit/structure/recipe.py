@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from prunekit.core.allocation import get_allocation
+from prunekit.core.allocation.search import MEASUREMENT
 from prunekit.core.config import RecipeModel, TextDataConfig, blocks_field
 from prunekit.errors import PrunekitError
 from prunekit.structure.allocation import WidthAllocation, check_ratio
@@ -23,8 +25,19 @@ class DepthConfig(RecipeModel):
     """Whole blocks to remove before any width pruning."""
 
     blocks: int = Field(0, ge=0, description="number of blocks to remove")
-    criterion: Literal["influence", "perplexity"] = "influence"
+    criterion: Literal["influence", "perplexity", "search"] = "influence"
     windows: int = Field(8, ge=1, description="calibration windows per evaluation (perplexity criterion)")
+    search: str | dict[str, Any] = Field("evolutionary", description="search criterion: the measured allocation "
+                                         "choosing the blocks together (knapsack or evolutionary, with its settings)")
+
+    @field_validator("search")
+    @classmethod
+    def _search(cls, value: str | dict[str, Any]) -> str | dict[str, Any]:
+        allocation = get_allocation(value)  # an unknown name or setting is refused here, before any loading
+        if MEASUREMENT not in allocation.needs:
+            raise PrunekitError(f"depth search: allocation {allocation.name} does not measure the model; "
+                                "use knapsack or evolutionary")
+        return value
 
 
 class RecoveryConfig(RecipeModel):
