@@ -31,6 +31,7 @@ NEEDS = frozenset({
     "proxy_model",         # a small model trained on the data (data scores)
     "proxy_training",      # that proxy's training run, epoch by epoch (data scores)
     "reference_model",     # a pretrained model that scores each example (perplexity)
+    "measurement",         # candidates measured against the dense model's outputs (knapsack, evolutionary search)
 })
 
 
