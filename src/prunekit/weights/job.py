@@ -14,7 +14,7 @@ from prunekit.core.masks import sparsity_of
 from prunekit.core.progress import set_enabled, status
 from prunekit.core.text import TextProtocol, calibration_windows, test_windows
 from prunekit.evaluate.perplexity import PerplexityResult, cached_perplexity, perplexity, streamed_perplexity
-from prunekit.evaluate.plots import plot_curves, plot_layer_sparsity
+from prunekit.evaluate.plots import plot_curves, plot_layer_sparsity, plot_unit_ratios
 from prunekit.evaluate.tasks import TaskSettings, evaluate_tasks, task_rows
 from prunekit.core.config import RecipeModel
 from prunekit.core.job import Job, Outcome
@@ -38,7 +38,6 @@ from prunekit.errors import PrunekitError
 from prunekit.weights.pipeline import PruneResult, check_finite_weights, prune_weights
 from prunekit.weights.recipe import WeightPruningRecipe
 from prunekit.weights.search import SearchResult, needs_search, search_levels, with_levels
-from prunekit.weights.search.plots import plot_unit_ratios
 from prunekit.weights.streaming import StreamOutput, StreamResult, prune_streaming
 
 
