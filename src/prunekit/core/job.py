@@ -38,6 +38,8 @@ class Job(Generic[RecipeT]):
     recipe_type: ClassVar[type[RecipeModel]]
     # Jobs that write their output as they go (resumable streaming) manage their directory themselves.
     writes_as_it_goes: ClassVar[bool] = False
+    # Whether the recipe's ``model`` names something the command reads (not, say, an architecture to train).
+    reads_model: ClassVar[bool] = True
 
     def __init__(self, recipe: RecipeT):
         self.recipe = recipe
@@ -45,8 +47,9 @@ class Job(Generic[RecipeT]):
         self.writer = True
 
     def inputs(self) -> tuple[str | None, ...]:
-        """Paths the output must never be, lie inside or contain."""
-        return ()
+        """Paths the output must never be, lie inside or contain: by default the recipe's ``model`` (a directory
+        or file the command reads), for the recipes whose model is one (``reads_model``)."""
+        return (getattr(self.recipe, "model", None),) if self.reads_model else ()
 
     def expected_bytes(self) -> int | None:
         """About how much the output will take on disk, checked against the free space before any work."""

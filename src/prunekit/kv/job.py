@@ -22,8 +22,6 @@ class KVEvalJob(Job[KVEvalRecipe]):
         super().__init__(recipe)
         self.threads = threads
 
-    def inputs(self) -> tuple[str | None, ...]:
-        return (self.recipe.model,)
 
     def run(self) -> Outcome:
         from prunekit.core.progress import console

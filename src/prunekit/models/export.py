@@ -35,8 +35,6 @@ class ExportJob(Job[ExportRecipe]):
     command = "export"
     recipe_type = ExportRecipe
 
-    def inputs(self) -> tuple[str | None, ...]:
-        return (self.recipe.model,)
 
     def run(self) -> Outcome:
         self.loaded = loaded = load_model(self.recipe.model, kind=CAUSAL_LM)

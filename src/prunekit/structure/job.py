@@ -133,8 +133,6 @@ class ShrinkJob(Job[ShrinkRecipe]):
     command = "shrink"
     recipe_type = ShrinkRecipe
 
-    def inputs(self) -> tuple[str | None, ...]:
-        return (self.recipe.model,)
 
     def expected_bytes(self):
         recipe = self.recipe  # the shrunk model is at most the original's size (once more as model.onnx)
@@ -518,8 +516,6 @@ class ShrinkGraphJob(Job[ShrinkGraphRecipe]):
     command = "shrink-graph"
     recipe_type = ShrinkGraphRecipe
 
-    def inputs(self) -> tuple[str | None, ...]:
-        return (self.recipe.model,)
 
     def run(self) -> Outcome:
         recipe = self.recipe

@@ -78,8 +78,6 @@ class TokensEvalJob(Job[TokensEvalRecipe]):
         super().__init__(recipe)
         self.threads = threads
 
-    def inputs(self) -> tuple[str | None, ...]:
-        return (self.recipe.model,)
 
     def _task(self, loaded, task_kind: str):
         from prunekit.tokens.evaluation import (ImageClassification, ImageProtocol, PassageProtocol, Prefill,

@@ -260,6 +260,7 @@ class VisionTrainingJob(Job[VisionTrainingRecipe]):
 
     command = "train fashion-mnist"
     recipe_type = VisionTrainingRecipe
+    reads_model = False  # the recipe's model names the architecture it trains
 
     def run(self) -> Outcome:
         recipe = self.recipe

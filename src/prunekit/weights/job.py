@@ -150,8 +150,6 @@ class PruneJob(Job[WeightPruningRecipe]):
         if not self.writer:
             set_enabled(False)
 
-    def inputs(self) -> tuple[str | None, ...]:
-        return (self.recipe.model,)
 
     def expected_bytes(self):
         recipe = self.recipe
@@ -557,8 +555,6 @@ class SweepJob(Job[SweepRecipe]):
     command = "sweep"
     recipe_type = SweepRecipe
 
-    def inputs(self) -> tuple[str | None, ...]:
-        return (self.recipe.model,)
 
     def run(self) -> Outcome:
         recipe = self.recipe
@@ -626,8 +622,6 @@ class EvalJob(Job[EvalRecipe]):
     command = "eval"
     recipe_type = EvalRecipe
 
-    def inputs(self) -> tuple[str | None, ...]:
-        return (self.recipe.model,)
 
     def run(self) -> Outcome:
         recipe = self.recipe
