@@ -35,7 +35,6 @@ class ExportJob(Job[ExportRecipe]):
     command = "export"
     recipe_type = ExportRecipe
 
-
     def run(self) -> Outcome:
         self.loaded = loaded = load_model(self.recipe.model, kind=CAUSAL_LM)
         check_exportable(loaded.model)

@@ -133,7 +133,6 @@ class ShrinkJob(Job[ShrinkRecipe]):
     command = "shrink"
     recipe_type = ShrinkRecipe
 
-
     def expected_bytes(self):
         recipe = self.recipe  # the shrunk model is at most the original's size (once more as model.onnx)
         return lambda: (1 + recipe.onnx) * model_tensor_bytes(resolve_model_dir(recipe.model)[1], recipe.dtype)
@@ -515,7 +514,6 @@ class ShrinkGraphJob(Job[ShrinkGraphRecipe]):
 
     command = "shrink-graph"
     recipe_type = ShrinkGraphRecipe
-
 
     def run(self) -> Outcome:
         recipe = self.recipe

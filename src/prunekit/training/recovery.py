@@ -442,7 +442,6 @@ class RecoveryJob(Job[RecoveryRecipe]):
     command = "train recover"
     recipe_type = RecoveryRecipe
 
-
     def run(self) -> Outcome:
         from prunekit.models.loading import CAUSAL_LM, load_model
 

@@ -555,7 +555,6 @@ class SweepJob(Job[SweepRecipe]):
     command = "sweep"
     recipe_type = SweepRecipe
 
-
     def run(self) -> Outcome:
         recipe = self.recipe
         if recipe.tasks.names:
@@ -621,7 +620,6 @@ class EvalRecipe(RecipeModel):
 class EvalJob(Job[EvalRecipe]):
     command = "eval"
     recipe_type = EvalRecipe
-
 
     def run(self) -> Outcome:
         recipe = self.recipe
