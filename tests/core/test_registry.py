@@ -56,3 +56,16 @@ def test_build_takes_every_spelling_of_a_method_and_validates_its_settings():
         registry.build("dumped")
     with pytest.raises(PrunekitError, match="a method is a name"):
         registry.build({"damped": 1, "other": 2})
+
+
+def test_sweep_entries_leave_the_swept_setting_to_the_sweep():
+    from prunekit.tokens.base import METHODS
+
+    entries = METHODS.sweep_entries(["tome", {"name": "random"}])
+    assert [entry["name"] for entry in entries] == ["tome", "random"]
+    assert all("ratio" not in entry for entry in entries)
+    for spec in ({"name": "tome", "ratio": 0.2}, {"tome": {"ratio": 0.2}}, {"name": "tome", "rate": 0.2}):
+        with pytest.raises(PrunekitError, match="leave ratio out"):
+            METHODS.sweep_entries([spec], aliases=("rate",))
+    with pytest.raises(PrunekitError, match="tome more than once"):
+        METHODS.sweep_entries(["tome", {"name": "tome"}])

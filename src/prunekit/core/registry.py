@@ -65,6 +65,25 @@ class Registry(Generic[T]):
         except (TypeError, ValueError) as exc:
             raise PrunekitError(f"{self.kind} {cls.name}: {str(exc).splitlines()[0]}") from None
 
+    def sweep_entries(self, value: Any, swept: str = "ratio", aliases: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+        """The methods of a sweep as data: each one's name and every setting but ``swept``, which the sweep sets
+        (given anyway, under its name or an old alias, it is refused). A method named twice is refused."""
+        entries = []
+        for spec in value if isinstance(value, list) else [value]:
+            if isinstance(spec, (str, Mapping)):
+                name, settings = _parse_spec(spec, self.kind)
+                if any(key in settings for key in (swept, *aliases)):
+                    raise PrunekitError(f"{name}: the sweep sets the {swept} from `{swept}s`; leave {swept} out of "
+                                        "the method's settings")
+            settings = self.build(spec).settings()
+            settings.pop(swept, None)
+            entries.append(settings)
+        names = [entry["name"] for entry in entries]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise PrunekitError(f"methods name {', '.join(repeated)} more than once")
+        return entries
+
     def unregister(self, name: str) -> None:
         """Forget ``name`` (a method registered for a while, by a test or a plugin that is unloaded)."""
         self._discover()

@@ -14,22 +14,12 @@ from prunekit.kv.budget import ALLOCATIONS
 DEFAULT_METHODS = ("snapkv", "knorm", "streaming_llm", "tova", "expected_attention")
 
 
-def method_settings(spec: Any) -> dict[str, Any]:
-    """A method entry of a sweep as data: its name and every setting but the ratio, which the sweep sets."""
-    if isinstance(spec, dict) and "ratio" in spec:
-        raise PrunekitError(f"{spec.get('name', 'the method')}: the sweep sets the ratio from `ratios`; leave ratio "
-                            "out of the method's settings")
-    settings = METHODS.build(spec).settings()
-    settings.pop("ratio")
-    return settings
-
-
 class KVEvalRecipe(RecipeModel):
     """KV-cache compression methods at several ratios on one causal language model, each measured against the
     full cache: long-context perplexity, needle retrieval, cache bytes, peak memory, prefill and decoding speed."""
 
     model: str = Field(description="smollm2 or a Hugging Face causal language model directory")
-    methods: list[dict[str, Any]] = Field(default_factory=lambda: [method_settings(m) for m in DEFAULT_METHODS],
+    methods: list[dict[str, Any]] = Field(default_factory=lambda: METHODS.sweep_entries(list(DEFAULT_METHODS)),
                                           min_length=1, description="methods with their settings (the ratio aside)")
     ratios: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 0.9], min_length=1,
                                 description="fractions of the prompt's cached entries removed")
@@ -56,12 +46,7 @@ class KVEvalRecipe(RecipeModel):
     @field_validator("methods", mode="before")
     @classmethod
     def _methods(cls, value: Any) -> list[dict[str, Any]]:
-        specs = [method_settings(spec) for spec in (value if isinstance(value, list) else [value])]
-        names = [spec["name"] for spec in specs]
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        if repeated:
-            raise PrunekitError(f"methods name {', '.join(repeated)} more than once")
-        return specs
+        return METHODS.sweep_entries(value)
 
     @field_validator("depths")
     @classmethod

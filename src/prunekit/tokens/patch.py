@@ -7,13 +7,13 @@ object it was before. Nothing touches a parameter or a buffer.
 
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from prunekit.core.patching import ReversiblePatch
 from prunekit.errors import PrunekitError
 from prunekit.tokens.attention import AttentionView
 from prunekit.tokens.base import ReductionStep, TokenMethod, get_method
@@ -22,7 +22,6 @@ from prunekit.tokens.state import TokenState, apply_reduction, pool_mean
 if TYPE_CHECKING:
     from prunekit.tokens.families.base import TokenFamily
 
-_MARKER = "_prunekit_token_patch"
 _KEPT_STATES = 16  # initial states kept for reuse, one per input shape
 
 
@@ -49,7 +48,7 @@ class ForwardTrace:
                 "steps": [vars(step) for step in self.steps]}
 
 
-class TokenPatch:
+class TokenPatch(ReversiblePatch):
     """A token-reduction patch on a model; ``remove()`` (or leaving a ``with`` block) undoes it.
 
     After a forward pass, ``state`` describes the tokens the model ended with (their sizes, which
@@ -57,9 +56,11 @@ class TokenPatch:
     over them, weighted by size, as mean pooling of the unreduced sequence would.
     """
 
+    marker = "_prunekit_token_patch"
+
     def __init__(self, model: nn.Module, family: "TokenFamily", method: TokenMethod, layers: Sequence[int],
                  seed: int, protect_ids: Sequence[int]):
-        self.model = model
+        super().__init__(model)
         self.family = family
         self.method = method
         self.layers = tuple(sorted(layers))
@@ -67,64 +68,18 @@ class TokenPatch:
         self.protect_ids = tuple(int(i) for i in protect_ids)
         self.state: TokenState | None = None
         self.trace = ForwardTrace()
-        self.active = False
         self._reducing = frozenset(self.layers)
         self._pending: dict[str, Any] | None = None
-        self._restore: list[Callable[[], None]] = []
         self._generator: torch.Generator | None = None
         self._initial_states: dict[tuple, tuple[torch.Tensor | None, TokenState, float]] = {}
         self._removals: dict[tuple, torch.Tensor | None] = {}
 
-    # ----- installing and removing -------------------------------------------------------------
-    def replace_forward(self, module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
-        """Give ``module`` an instance-level forward built from its current one; undone on removal."""
-        had_own = "forward" in module.__dict__
-        own = module.__dict__.get("forward")
-        original = module.forward
-        module.forward = types.MethodType(make(original), module)
+    # ----- installing and removing (core.patching) ---------------------------------------------
+    def attach(self) -> None:
+        self.family.install(self)
 
-        def restore() -> None:
-            if had_own:
-                module.forward = own
-            else:
-                del module.forward
-
-        self._restore.append(restore)
-
-    def add_handle(self, handle: Any) -> None:
-        self._restore.append(handle.remove)
-
-    def install(self) -> "TokenPatch":
-        """Patch the model (again, after ``remove``); installing an installed patch changes nothing."""
-        if self.active:
-            return self
-        try:
-            self.family.install(self)
-        except BaseException:
-            self._undo()
-            raise
-        setattr(self.model, _MARKER, self)
-        self._restore.append(lambda: delattr(self.model, _MARKER))
-        self.active = True
-        return self
-
-    def _undo(self) -> None:
-        while self._restore:
-            self._restore.pop()()
-
-    def remove(self) -> None:
-        """Restore the model exactly as it was. Removing twice is harmless."""
-        if not self.active:
-            return
-        self._undo()
-        self.active = False
+    def detached(self) -> None:
         self._pending = None  # the last pass's state stays readable (pool, kept_positions)
-
-    def __enter__(self) -> "TokenPatch":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()
 
     # ----- one forward pass (called by the family's code) ------------------------------------
     def start(self, valid: torch.Tensor | None = None, input_ids: torch.Tensor | None = None) -> None:
@@ -301,7 +256,7 @@ def apply(model: nn.Module, method: "str | Mapping[str, Any] | TokenMethod" = "t
 
     if not isinstance(model, nn.Module):
         raise PrunekitError(f"expected a torch model (nn.Module), got {type(model).__name__}")
-    existing = getattr(model, _MARKER, None)
+    existing = TokenPatch.installed_on(model)
     if existing is not None:
         raise PrunekitError(f"the model already carries a token patch ({existing.method.name}); remove it first")
     family = find_family(model)

@@ -7,18 +7,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from prunekit.core.config import RecipeModel, blocks_field
-from prunekit.errors import PrunekitError
 from prunekit.tokens.base import METHODS
-
-
-def method_settings(spec: Any) -> dict[str, Any]:
-    """A method entry of a sweep as data: its name and every setting but the ratio, which the sweep sets."""
-    if isinstance(spec, dict) and ("ratio" in spec or "rate" in spec):
-        name = spec.get("name", "the method")
-        raise PrunekitError(f"{name}: the sweep sets the ratio from `ratios`; leave ratio out of the method's settings")
-    settings = METHODS.build(spec).settings()
-    settings.pop("ratio")
-    return settings
 
 
 class TokensEvalRecipe(RecipeModel):
@@ -30,7 +19,7 @@ class TokensEvalRecipe(RecipeModel):
     model: str = Field(description="fashion-vit, minilm, smollm2, a prunekit ViT directory, or a Hugging Face ViT / "
                                    "BERT-style / Llama-style model directory")
     blocks: str | None = blocks_field()
-    methods: list[dict[str, Any]] = Field(default_factory=lambda: [method_settings("tome")], min_length=1,
+    methods: list[dict[str, Any]] = Field(default_factory=lambda: METHODS.sweep_entries("tome"), min_length=1,
                                           description="methods with their settings (the ratio aside)")
     ratios: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3], min_length=1,
                                 description="fractions of the reducible tokens each reducing layer removes")
@@ -49,12 +38,7 @@ class TokensEvalRecipe(RecipeModel):
     @field_validator("methods", mode="before")
     @classmethod
     def _methods(cls, value: Any) -> list[dict[str, Any]]:
-        specs = [method_settings(spec) for spec in (value if isinstance(value, list) else [value])]
-        names = [spec["name"] for spec in specs]
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        if repeated:
-            raise PrunekitError(f"methods name {', '.join(repeated)} more than once")
-        return specs
+        return METHODS.sweep_entries(value, aliases=("rate",))
 
     @field_validator("batch_sizes")
     @classmethod
