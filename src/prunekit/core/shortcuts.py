@@ -112,15 +112,22 @@ def _module(model: nn.Module, path: str) -> nn.Module:
         raise PrunekitError(f"the config's {CONFIG_KEY} names {path}, which the model lacks") from None
 
 
-def attach_input_map(model: nn.Module, path: str, maps_input_of: str, matrix: torch.Tensor) -> InputMap:
-    """Put ``x ↦ x matrix`` at ``path``, applied to the input of ``maps_input_of``, and record it in the config."""
+def _square_map(kind, matrix: torch.Tensor, model: nn.Module, path: str, refusal: str):
+    """A ``kind`` module holding ``x ↦ x matrix`` (a width-keeping map), set at ``path``."""
     width = matrix.shape[0]
     if matrix.shape != (width, width):
-        raise PrunekitError(f"an input map keeps the width; {tuple(matrix.shape)} is not square")
-    mapping = InputMap(width, device=matrix.device, dtype=matrix.dtype)
+        raise PrunekitError(f"{refusal}; {tuple(matrix.shape)} is not square")
+    module = kind(width, device=matrix.device, dtype=matrix.dtype)
     with torch.no_grad():
-        mapping.weight.copy_(matrix.T)
-    _set_submodule(model, path, mapping)
+        module.weight.copy_(matrix.T)
+    _set_submodule(model, path, module)
+    return module
+
+
+def attach_input_map(model: nn.Module, path: str, maps_input_of: str, matrix: torch.Tensor) -> InputMap:
+    """Put ``x ↦ x matrix`` at ``path``, applied to the input of ``maps_input_of``, and record it in the config."""
+    mapping = _square_map(InputMap, matrix, model, path, "an input map keeps the width")
+    width = mapping.weight.shape[0]
     _module(model, maps_input_of).register_forward_pre_hook(mapping.map_input, with_kwargs=True)
     _record(model, path, {"maps_input_of": maps_input_of, "width": width})
     return mapping
@@ -129,13 +136,8 @@ def attach_input_map(model: nn.Module, path: str, maps_input_of: str, matrix: to
 def attach_shortcut(model: nn.Module, path: str, reads: str, adds_to: str, matrix: torch.Tensor) -> ResidualShortcut:
     """Put the shortcut ``x ↦ x matrix`` at ``path`` around the branch ``adds_to`` whose norm ``reads`` takes the
     residual, and record it in the model's config."""
-    width = matrix.shape[0]
-    if matrix.shape != (width, width):
-        raise PrunekitError(f"a residual shortcut maps the stream onto itself; {tuple(matrix.shape)} is not square")
-    shortcut = ResidualShortcut(width, device=matrix.device, dtype=matrix.dtype)
-    with torch.no_grad():
-        shortcut.weight.copy_(matrix.T)
-    _set_submodule(model, path, shortcut)
+    shortcut = _square_map(ResidualShortcut, matrix, model, path, "a residual shortcut maps the stream onto itself")
+    width = shortcut.weight.shape[0]
     _hook(model, shortcut, reads, adds_to)
     _record(model, path, {"reads": reads, "adds_to": adds_to, "width": width})
     return shortcut
