@@ -306,3 +306,19 @@ def test_cli_shrinks_with_slicegpt_and_refuses_an_architecture_in_one_line(tiny_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: slicegpt cannot rotate GemmaForCausalLM")
     assert not (tmp_path / "refused").exists()
+
+
+def test_width_keeping_maps_must_be_square():
+    from torch import nn
+
+    from prunekit.core.shortcuts import attach_input_map
+
+    model = nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 4))
+    with pytest.raises(PrunekitError, match="input map keeps the width; \\(4, 3\\) is not square"):
+        attach_input_map(model, "map", "1", torch.zeros(4, 3))
+    with pytest.raises(PrunekitError, match="shortcut maps the stream onto itself; \\(3, 4\\) is not square"):
+        attach_shortcut(model, "shortcut", "0", "1", torch.zeros(3, 4))
+    mapping = attach_input_map(model, "map", "1", 2 * torch.eye(4))
+    x = torch.randn(2, 4)
+    assert torch.allclose(model[1](x), nn.functional.linear(2 * x, model[1].weight, model[1].bias))
+    assert mapping.weight.shape == (4, 4)
