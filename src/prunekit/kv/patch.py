@@ -32,7 +32,7 @@ from prunekit.kv.budget import ALLOCATIONS, Selection, select
 from prunekit.kv.sparsity import magnitude_prune
 
 _MARKER = "_prunekit_kv_patch"
-CACHE_NAMES = ("cache", "past_key_values")
+CACHE_NAMES = ("cache", "past_key_values", "layer_past")  # layer_past: GPT-NeoX, Falcon, GPTBigCode
 READABLE = ("eager", "sdpa")
 
 
@@ -66,6 +66,12 @@ def _check_layer(layer: Any) -> None:
     from transformers.cache_utils import DynamicLayer
 
     if type(layer) is not DynamicLayer:
+        if "SlidingWindow" in type(layer).__name__:
+            # Its entries are cropped by count, not by position: after a compression the window would span more
+            # than the model's sliding_window positions, so the model would attend where it never did.
+            raise PrunekitError("kv compression shrinks full-attention cache layers; this model keeps a sliding-window "
+                                f"cache layer ({type(layer).__name__}, its config's sliding_window), which prunekit "
+                                "does not compress")
         raise PrunekitError(f"kv compression shrinks DynamicCache layers (the default cache); this cache layer is a "
                             f"{type(layer).__name__}: leave the cache out or pass a DynamicCache")
 
@@ -157,6 +163,7 @@ class KVPatch:
         self.prompt_tokens = 0
         self.active = False
         self._prompt = _Prompt()
+        self._prefilled: int | None = None  # attention layers that compressed the prompt in this prefill
         self._restore: list[Callable[[], None]] = []
 
     # ----- installing and removing -------------------------------------------------------------
@@ -180,6 +187,8 @@ class KVPatch:
             for attention in self.attentions:
                 self._replace_forward(attention.module, self._attention_forward(attention))
             handle = self.model.register_forward_pre_hook(self._before_model, with_kwargs=True)
+            self._restore.append(handle.remove)
+            handle = self.model.register_forward_hook(self._after_model)
             self._restore.append(handle.remove)
         except BaseException:
             self._undo()
@@ -219,7 +228,9 @@ class KVPatch:
                 raise PrunekitError("kv compression takes prompts without padding: compress a padded batch one "
                                     "prompt at a time, or give prompts of equal length")
             self._prompt = _Prompt()
+            self._prefilled = 0
             return None
+        self._prefilled = None
         if not self._prompt.holds(cache) or inputs is None:
             return None
         queries = inputs.shape[1]
@@ -228,6 +239,17 @@ class KVPatch:
             kwargs = {**kwargs, "position_ids": positions.expand(inputs.shape[0], queries)}
         self._prompt.seen += queries
         return args, kwargs
+
+    def _after_model(self, module: nn.Module, args: tuple, output: Any) -> None:
+        # A prompt cached by the model but never seen by a patched attention would go on uncompressed, silently:
+        # the attention takes the cache under a name prunekit does not know, or the model caches elsewhere.
+        prefilled, self._prefilled = self._prefilled, None
+        if prefilled != 0 or self.idle:
+            return
+        cache = _cache_of(output) if isinstance(output, Mapping) else None
+        if cache is not None and cache.get_seq_length() > 0:
+            raise PrunekitError(f"{type(self.model).__name__} cached the prompt, but none of its attention layers "
+                                "received the cache where prunekit looks for it, so nothing would be compressed")
 
     def _attention_forward(self, attention: _Attention) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         patch = self
@@ -271,15 +293,17 @@ class KVPatch:
                                future_rotation=lambda q, p, n: attention.rotation(q, p, tokens, n))
             selection = select(self.method.score(view), self.method.ratio, self.allocation, self.safeguard,
                                self.method.protected(tokens))
-            index = selection.positions.clamp_min(0)[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
-            layer.keys = layer.keys.gather(2, index).contiguous()
-            layer.values = layer.values.gather(2, index).contiguous()
+            kept = selection.positions.clamp_min(0)[..., None]
+            # keys and values may differ in head size (multi-head latent attention: DeepSeek-V3)
+            layer.keys = layer.keys.gather(2, kept.expand(-1, -1, -1, layer.keys.shape[-1])).contiguous()
+            layer.values = layer.values.gather(2, kept.expand(-1, -1, -1, layer.values.shape[-1])).contiguous()
         else:
             selection = Selection(torch.arange(tokens, device=layer.keys.device).expand(*layer.keys.shape[:3]))
         if self.zero_ratio > 0:
             layer.keys, layer.values = magnitude_prune(layer.keys, self.zero_ratio), magnitude_prune(layer.values,
                                                                                                    self.zero_ratio)
         self.selections[attention.index] = selection
+        self._prefilled = (self._prefilled or 0) + 1
         if attention.index == self.attentions[0].index or not self._prompt.holds(cache):
             self._prompt = _Prompt(cache=weakref.ref(cache), seen=tokens)
             self.prompt_tokens = tokens

@@ -16,7 +16,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PRUNEKIT_QUIET", "1")
 
-DIMENSIONS = ("weights", "structure", "tokens")
+DIMENSIONS = ("weights", "structure", "tokens", "kv")
+CAUSAL_ONLY = ("weights", "kv")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             cells = []
             for dimension, check in checks.items():
-                if kind == "encoder" and dimension == "weights":
+                if kind == "encoder" and dimension in CAUSAL_ONLY:
                     cells.append("– (causal language models only)")
                     continue
                 result = check(lambda: factory(model_type), windows)
@@ -76,7 +77,7 @@ def _markdown(rows, classifier_rows, seconds: float) -> str:
         "# Which models prunekit prunes",
         "",
         "Measured by `python -m prunekit.tools.support --out docs/models.md` (the coverage tests in",
-        "tests/models, tests/structure and tests/tokens run the same checks). Every architecture is a tiny",
+        "tests/models, tests/structure, tests/tokens and tests/kv run the same checks). Every architecture is a tiny",
         f"random model built from transformers {transformers.__version__}'s own config (2 blocks, width 64); no",
         "family file is needed for any of them: prunekit finds the blocks, attention, MLP and experts from the",
         "model's structure. A cell says **yes** only when the dimension ran end to end and what it promises",
@@ -90,7 +91,11 @@ def _markdown(rows, classifier_rows, seconds: float) -> str:
         "- **structure**: 20 % of the parameters removed as whole channels and heads; the forward works, the",
         "  parameter count is the planned one, and save → load gives identical outputs;",
         "- **tokens**: a pruning method at prefill; tokens are really removed, protected ones kept, generation",
-        "  continues after the pruned prompt, and removing the patch restores identical outputs.",
+        "  continues after the pruned prompt, and removing the patch restores identical outputs;",
+        "- **kv**: the prompt's key/value cache compressed at prefill (TOVA): at ratio 0 `generate` is the",
+        "  unpatched one bit for bit; at 0.5 every attention layer's cache holds half the prompt's entries and the",
+        "  continuation equals the unpatched model's from the full cache gathered at the kept positions; removing",
+        "  the patch restores identical outputs.",
         "",
         "Otherwise the cell gives the one-line reason prunekit refuses with. "
         + ", ".join(f"{dimension}: {count} of {len(decoders)} decoders" for dimension, count in working.items())

@@ -1,0 +1,55 @@
+"""KV-cache compression on every decoder of the coverage list (``prunekit.tools.support.kv.check``): ratio 0 is the
+unpatched generation bit for bit, ratio 0.5 halves every attention layer's cache and continues exactly as the
+unpatched model does from the full cache gathered at the kept positions; or prunekit refuses in one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import prunekit.kv as kv
+import prunekit.kv.patch as kv_patch
+from prunekit.errors import PrunekitError
+from prunekit.tools.support import SupportResult
+from prunekit.tools.support.kv import check
+from prunekit.tools.support.tiny import DECODERS, VOCAB, tiny_causal_lm
+
+WINDOWS = torch.randint(3, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+_RESULTS: dict[str, SupportResult] = {}
+
+
+def _result(model_type: str) -> SupportResult:
+    if model_type not in _RESULTS:
+        _RESULTS[model_type] = check(lambda: tiny_causal_lm(model_type), WINDOWS)
+    return _RESULTS[model_type]
+
+
+@pytest.mark.parametrize("model_type", DECODERS)
+def test_kv_compression_works_or_refuses_in_one_line(model_type):
+    result = _result(model_type)
+    assert result.ok, f"{model_type}: {result.cell()}"
+    assert result.detail and "\n" not in result.detail
+
+
+def test_every_family_of_cache_argument_is_compressed():
+    # GPT-NeoX, Falcon and GPTBigCode hand their attention the cache as layer_past; DeepSeek-V3's latent
+    # attention caches values narrower than its keys
+    for model_type in ("llama", "gpt2", "gpt_neox", "falcon", "gpt_bigcode", "deepseek_v3", "opt"):
+        assert _result(model_type).status == "yes", f"{model_type}: {_result(model_type).cell()}"
+    working = [model_type for model_type in DECODERS if _result(model_type).status == "yes"]
+    assert len(working) >= 25, f"only {len(working)} decoders compress their cache: {working}"
+
+
+def test_a_cache_the_attention_never_receives_is_refused_not_left_whole(monkeypatch):
+    monkeypatch.setattr(kv_patch, "CACHE_NAMES", ("cache", "past_key_values"))  # as if layer_past were unknown
+    model = tiny_causal_lm("gpt_neox").eval()
+    with kv.apply(model, "tova", ratio=0.5), torch.no_grad():
+        with pytest.raises(PrunekitError, match="none of its attention layers received the cache"):
+            model(input_ids=WINDOWS[:2, :24], use_cache=True)
+
+
+def test_sliding_window_caches_are_refused_by_name():
+    model = tiny_causal_lm("mistral").eval()  # the tiny config's sliding_window (16) is shorter than the prompt
+    with kv.apply(model, "tova", ratio=0.5), torch.no_grad():
+        with pytest.raises(PrunekitError, match="sliding-window cache layer"):
+            model(input_ids=WINDOWS[:2, :24], use_cache=True)
