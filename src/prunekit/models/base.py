@@ -426,6 +426,7 @@ class ModelAdapter:
         # Without a head_dim of its own (stored, not a property), a config derives the head size from
         # hidden_size / heads: fewer heads would mean larger ones.
         derived = not isinstance(vars(config).get("head_dim"), int) and isinstance(hidden, int)
+        uniform_head_dim = next(iter(heads))[2] if len(heads) == 1 else None
         if len(heads) == 1:
             num_heads, num_kv_heads, head_dim = heads.pop()
             if derived and num_heads != configured and hidden // num_heads != head_dim:
@@ -445,6 +446,10 @@ class ModelAdapter:
         _, hidden_key = config_value(config, CONFIG_EMBEDDING + CONFIG_HIDDEN)
         if embeddings is not None and hidden_key and hasattr(embeddings, "embedding_dim"):
             updates[hidden_key] = embeddings.embedding_dim
+            # A narrower stream (SliceGPT) leaves the heads as they were: a config that derives the head size
+            # from the hidden size must be told it, or it rebuilds smaller heads and other rotary tables.
+            if derived and embeddings.embedding_dim != hidden and "head_dim" not in updates and uniform_head_dim:
+                updates["head_dim"] = uniform_head_dim
         for flag, part in (("attention_bias", "attention"), ("mlp_bias", "mlp")):
             if not hasattr(config, flag):
                 continue

@@ -16,8 +16,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PRUNEKIT_QUIET", "1")
 
-DIMENSIONS = ("weights", "structure", "tokens", "kv")
-CAUSAL_ONLY = ("weights", "kv")
+DIMENSIONS = ("weights", "structure", "lowrank", "tokens", "kv")
+CAUSAL_ONLY = ("weights", "lowrank", "kv")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +90,10 @@ def _markdown(rows, classifier_rows, seconds: float) -> str:
         "  give bit-identical logits;",
         "- **structure**: 20 % of the parameters removed as whole channels and heads; the forward works, the",
         "  parameter count is the planned one, and save → load gives identical outputs;",
+        "- **lowrank**: `prunekit shrink --method svd-llm` and `--method slicegpt` at 20 % of the parameters: finite",
+        "  outputs, the parameters removed (within one rank or slicing unit of a 64-wide model), `prunekit.load`",
+        "  gives identical outputs; SliceGPT's rotation without slicing leaves the outputs unchanged (to 1e-3);",
+        "  the cell names a method that refuses;",
         "- **tokens**: a pruning method at prefill; tokens are really removed, protected ones kept, generation",
         "  continues after the pruned prompt, and removing the patch restores identical outputs;",
         "- **kv**: the prompt's key/value cache compressed at prefill (TOVA): at ratio 0 `generate` is the",
