@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import inspect
 import sys
-import types
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -26,12 +25,12 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from prunekit.core.patching import ReversiblePatch
 from prunekit.errors import PrunekitError
 from prunekit.kv.base import KVMethod, PrefillView, get_method
 from prunekit.kv.budget import ALLOCATIONS, Selection, select
 from prunekit.kv.sparsity import magnitude_prune
 
-_MARKER = "_prunekit_kv_patch"
 CACHE_NAMES = ("cache", "past_key_values", "layer_past")  # layer_past: GPT-NeoX, Falcon, GPTBigCode
 READABLE = ("eager", "sdpa")
 
@@ -142,15 +141,17 @@ class DecodeBudget:
     every: int = 16
 
 
-class KVPatch:
+class KVPatch(ReversiblePatch):
     """A kv-cache compression patch on a model; ``remove()`` (or leaving a ``with`` block) undoes it exactly.
 
     After a prefill, ``kept_positions()`` gives each block's kept prompt positions per key head and
     ``selections`` the selections themselves."""
 
+    marker = "_prunekit_kv_patch"
+
     def __init__(self, model: nn.Module, attentions: list[_Attention], method: KVMethod, allocation: str,
                  safeguard: float, seed: int, decode: DecodeBudget | None = None, zero_ratio: float = 0.0):
-        self.model = model
+        super().__init__(model)
         self.attentions = attentions
         self.method = method
         self.allocation = allocation
@@ -161,59 +162,15 @@ class KVPatch:
         self.compressions = 0  # decode-time compressions so far (every block counted)
         self.selections: dict[int, Selection] = {}
         self.prompt_tokens = 0
-        self.active = False
         self._prompt = _Prompt()
         self._prefilled: int | None = None  # attention layers that compressed the prompt in this prefill
-        self._restore: list[Callable[[], None]] = []
 
-    # ----- installing and removing -------------------------------------------------------------
-    def _replace_forward(self, module: nn.Module, make: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
-        had_own = "forward" in module.__dict__
-        own = module.__dict__.get("forward")
-        module.forward = types.MethodType(make(module.forward), module)
-
-        def restore() -> None:
-            if had_own:
-                module.forward = own
-            else:
-                del module.forward
-
-        self._restore.append(restore)
-
-    def install(self) -> "KVPatch":
-        if self.active:
-            return self
-        try:
-            for attention in self.attentions:
-                self._replace_forward(attention.module, self._attention_forward(attention))
-            handle = self.model.register_forward_pre_hook(self._before_model, with_kwargs=True)
-            self._restore.append(handle.remove)
-            handle = self.model.register_forward_hook(self._after_model)
-            self._restore.append(handle.remove)
-        except BaseException:
-            self._undo()
-            raise
-        setattr(self.model, _MARKER, self)
-        self._restore.append(lambda: delattr(self.model, _MARKER))
-        self.active = True
-        return self
-
-    def _undo(self) -> None:
-        while self._restore:
-            self._restore.pop()()
-
-    def remove(self) -> None:
-        """Restore the model exactly as it was (the cache it compressed stays compressed). Removing twice is harmless."""
-        if not self.active:
-            return
-        self._undo()
-        self.active = False
-
-    def __enter__(self) -> "KVPatch":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()
+    # ----- installing and removing (core.patching; the cache it compressed stays compressed) ----------
+    def attach(self) -> None:
+        for attention in self.attentions:
+            self.replace_forward(attention.module, self._attention_forward(attention))
+        self.add_handle(self.model.register_forward_pre_hook(self._before_model, with_kwargs=True))
+        self.add_handle(self.model.register_forward_hook(self._after_model))
 
     # ----- one forward pass of the model ----------------------------------------------------------
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -481,7 +438,7 @@ def apply(model: nn.Module, method: "str | Mapping[str, Any] | KVMethod" = "snap
     """
     if not isinstance(model, nn.Module):
         raise PrunekitError(f"expected a torch model (nn.Module), got {type(model).__name__}")
-    existing = getattr(model, _MARKER, None)
+    existing = KVPatch.installed_on(model)
     if existing is not None:
         raise PrunekitError(f"the model already carries a kv patch ({existing.method.name}); remove it first")
     if allocation not in ALLOCATIONS:
