@@ -10,18 +10,12 @@ import torch
 import prunekit.kv as kv
 import prunekit.kv.patch as kv_patch
 from prunekit.errors import PrunekitError
-from prunekit.tools.support import SupportResult
+from prunekit.tools.support import checked_once
 from prunekit.tools.support.kv import check
 from prunekit.tools.support.tiny import DECODERS, VOCAB, tiny_causal_lm
 
 WINDOWS = torch.randint(3, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
-_RESULTS: dict[str, SupportResult] = {}
-
-
-def _result(model_type: str) -> SupportResult:
-    if model_type not in _RESULTS:
-        _RESULTS[model_type] = check(lambda: tiny_causal_lm(model_type), WINDOWS)
-    return _RESULTS[model_type]
+_result = checked_once(check, WINDOWS)
 
 
 @pytest.mark.parametrize("model_type", DECODERS)

@@ -11,21 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prunekit.tools.support import SupportResult
+from prunekit.tools.support import checked_once
 from prunekit.tools.support.structure import check, check_classifier
-from prunekit.tools.support.tiny import (CLASSIFIERS, DECODERS, ENCODERS, VOCAB, classifier_batch, tiny_causal_lm,
-                                          tiny_classifier, tiny_encoder)
+from prunekit.tools.support.tiny import CLASSIFIERS, DECODERS, ENCODERS, VOCAB, classifier_batch, tiny_classifier
 
 WINDOWS = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
-_RESULTS: dict[str, SupportResult] = {}
-
-
-def _result(model_type: str) -> SupportResult:
-    """One check per architecture, shared by the tests below."""
-    if model_type not in _RESULTS:
-        build = tiny_encoder if model_type in ENCODERS else tiny_causal_lm
-        _RESULTS[model_type] = check(lambda: build(model_type), WINDOWS)
-    return _RESULTS[model_type]
+_result = checked_once(check, WINDOWS)
 
 
 @pytest.mark.parametrize("model_type", DECODERS + ENCODERS)

@@ -9,6 +9,7 @@ and ``python -m prunekit.tools.support`` (which writes docs/models.md) run the s
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -37,3 +38,15 @@ class SupportResult:
 def one_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def checked_once(check: Callable[[ModelFactory, "object"], SupportResult], windows) -> Callable[[str], SupportResult]:
+    """``check`` of each architecture's tiny model, run on first request and remembered (several tests read one
+    architecture's result)."""
+    from prunekit.tools.support.tiny import tiny_model
+
+    @functools.cache
+    def result(model_type: str) -> SupportResult:
+        return check(lambda: tiny_model(model_type), windows)
+
+    return result

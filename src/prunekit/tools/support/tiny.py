@@ -122,3 +122,8 @@ CLASSIFIERS = (
     "residual (ResNet basic blocks)", "plain (VGG)", "depthwise-separable + squeeze-excitation (MobileNet)",
     "grouped convolutions + concatenation (Inception)", "dense concatenation (DenseNet)",
 )
+
+
+def tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
+    """The tiny model of any architecture of the coverage lists, encoder or decoder."""
+    return (tiny_encoder if model_type in ENCODERS else tiny_causal_lm)(model_type, seed)
