@@ -65,7 +65,7 @@ def test_kv_eval_with_a_decoding_budget_and_sparsity_counts_bytes_honestly(tiny_
     (["--ratios", "1"], "error: ratio 1 is outside [0, 1)"),
     (["--methods", "snapkv", "--prompt-tokens", "64"], "error: snapkv reads the prompt's last 64 tokens"),
     (["--methods", "h2o"], "error: unknown kv method 'h2o'"),
-    (["--allocation", "greedy"], "error: settings: allocation: Input should be 'uniform' or 'adaptive'"),
+    (["--allocation", "greedy"], "error: settings: allocation: Input should be 'uniform', 'adaptive' or 'pyramid'"),
     (["--threads", "0"], "error: --threads must be a positive integer, got 0"),
     (["--depths", "1.5"], "error: settings: depths: needle depths are fractions of the haystack"),
 ])

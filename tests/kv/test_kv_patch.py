@@ -291,3 +291,29 @@ def test_tova_keeps_the_last_tokens_attention_ranking_for_every_head():
         best = row.topk(PROMPT // 2 - 1, dim=-1).indices
         expected = torch.cat([best, torch.full((2, 1), PROMPT - 1)], dim=-1).sort(dim=-1).values
         assert torch.equal(kept[layer], expected[:, None].expand(2, 2, -1))
+
+
+def test_pyramid_budgets_fall_with_depth_and_keep_the_uniform_total():
+    from prunekit.kv.budget import layer_budgets
+
+    for keep, tokens, layers, taper in ((20, 40, 4, 0.5), (7, 9, 6, 0.9), (1, 40, 3, 0.5), (39, 40, 5, 0.5)):
+        budgets = layer_budgets(keep, tokens, layers, taper)
+        assert sum(budgets) == keep * layers
+        assert all(1 <= b <= tokens for b in budgets)
+        assert budgets == sorted(budgets, reverse=True)
+    assert layer_budgets(20, 40, 3, 0.5) == [30, 20, 10]
+    assert layer_budgets(20, 40, 4, 0.0) == [20] * 4
+
+
+def test_pyramid_blocks_hold_their_own_counts_and_continue_as_the_masked_full_cache():
+    model = _model(layers=3)
+    ids, continuation = _ids(), _ids(tokens=CONTINUATION, seed=1)
+    with kv.apply(model, "snapkv", ratio=0.5, allocation="pyramid", window_size=8) as patch:
+        cache = _prefill(model, ids)
+        assert [cache.layers[i].keys.shape[2] for i in range(3)] == [30, 20, 10]
+        assert patch.cache_entries() == 2 * model.config.num_key_value_heads * 60
+        with torch.no_grad():
+            logits = model(continuation, cache=cache).logits
+        kept = _kept_by_layer(patch)
+    reference = _masked_reference(model, ids, continuation, kept)
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)

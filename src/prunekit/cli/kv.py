@@ -48,8 +48,8 @@ def evaluate_command(
                                                     "[default: 0.25,0.5,0.75,0.9]"),
     method_arg: Optional[list[str]] = typer.Option(None, help="method setting METHOD.KEY=VALUE, e.g. "
                                                               "snapkv.window_size=32; repeatable"),
-    allocation: Optional[str] = typer.Option(None, help="budget over a block's key heads: uniform or adaptive "
-                                                        "[default: uniform]"),
+    allocation: Optional[str] = typer.Option(None, help="budget over a block's key heads (uniform, adaptive: Ada-KV) "
+                                                        "or over the blocks (pyramid: PyramidKV) [default: uniform]"),
     decode_budget: Optional[int] = typer.Option(None, help="entries per key head kept while decoding [default: no "
                                                            "budget]"),
     decode_every: Optional[int] = typer.Option(None, help="decoding steps between compressions [default: 16]"),

@@ -5,6 +5,10 @@
 them, so a head whose attention is spread keeps more than a head that attends to a few entries; each head first
 keeps a ``safeguard`` fraction of its uniform budget. Heads then hold different counts: the cache stores each
 head's entries padded to the longest head, and the padding is masked out of every later attention.
+``pyramid`` (PyramidKV, Cai et al., 2024): the budget is spread over the *blocks* instead, early blocks (whose
+attention is broad) keeping more than late ones (whose attention has narrowed onto a few entries): per head,
+``(1 + taper)`` times the uniform count in the first block falling linearly to ``(1 - taper)`` times it in the last,
+the total over blocks that of ``uniform``. Each block holds its own count, without padding.
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ import torch
 
 from prunekit.kv.base import kept_count
 
-Allocation = Literal["uniform", "adaptive"]
-ALLOCATIONS = ("uniform", "adaptive")
+Allocation = Literal["uniform", "adaptive", "pyramid"]
+ALLOCATIONS = ("uniform", "adaptive", "pyramid")
 
 
 @dataclass
@@ -68,3 +72,26 @@ def select(scores: torch.Tensor, ratio: float, allocation: str = "uniform", safe
     if bool(valid.all()):
         return Selection(positions)
     return Selection(positions.masked_fill(~valid, -1), valid)
+
+
+def layer_budgets(keep: int, tokens: int, layers: int, taper: float) -> list[int]:
+    """Entries per head for each of ``layers`` blocks (in order) under the ``pyramid`` allocation: a line from
+    ``(1 + taper)·keep`` down to ``(1 - taper)·keep``, each in [1, tokens], summing to ``layers · keep`` exactly
+    (the uniform total), the rounding given to the blocks whose line value was cut most."""
+    if not 0.0 <= taper < 1.0:
+        raise ValueError(f"taper {taper:g} is outside [0, 1)")
+    total = layers * keep
+    if layers == 1:
+        return [keep]
+    line = [keep * (1.0 + taper * (1.0 - 2.0 * index / (layers - 1))) for index in range(layers)]
+    budgets = [min(tokens, max(1, int(value))) for value in line]
+    # Hand out (or take back) single entries, largest shortfall first, until the total is exact: the line's
+    # rounding and any clamping at the prompt's length move to the blocks with room.
+    while sum(budgets) != total:
+        short = sum(budgets) < total
+        movable = [index for index in range(layers) if (budgets[index] < tokens if short else budgets[index] > 1)]
+        if not movable:
+            break
+        index = max(movable, key=lambda i: (line[i] - budgets[i]) if short else (budgets[i] - line[i]))
+        budgets[index] += 1 if short else -1
+    return budgets

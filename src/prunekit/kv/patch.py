@@ -27,8 +27,8 @@ from torch import nn
 
 from prunekit.core.patching import ReversiblePatch
 from prunekit.errors import PrunekitError
-from prunekit.kv.base import KVMethod, PrefillView, get_method
-from prunekit.kv.budget import ALLOCATIONS, Selection, select
+from prunekit.kv.base import KVMethod, PrefillView, get_method, kept_count
+from prunekit.kv.budget import ALLOCATIONS, Selection, layer_budgets, select
 from prunekit.kv.sparsity import magnitude_prune
 
 CACHE_NAMES = ("cache", "past_key_values", "layer_past")  # layer_past: GPT-NeoX, Falcon, GPTBigCode
@@ -150,8 +150,10 @@ class KVPatch(ReversiblePatch):
     marker = "_prunekit_kv_patch"
 
     def __init__(self, model: nn.Module, attentions: list[_Attention], method: KVMethod, allocation: str,
-                 safeguard: float, seed: int, decode: DecodeBudget | None = None, zero_ratio: float = 0.0):
+                 safeguard: float, seed: int, decode: DecodeBudget | None = None, zero_ratio: float = 0.0,
+                 taper: float = 0.5):
         super().__init__(model)
+        self.taper = taper
         self.attentions = attentions
         self.method = method
         self.allocation = allocation
@@ -248,8 +250,15 @@ class KVPatch(ReversiblePatch):
             view = PrefillView(keys=layer.keys, values=layer.values, queries=inputs.query, scale=inputs.scaling,
                                layer=attention.layer, seed=self.seed,
                                future_rotation=lambda q, p, n: attention.rotation(q, p, tokens, n))
-            selection = select(self.method.score(view), self.method.ratio, self.allocation, self.safeguard,
-                               self.method.protected(tokens))
+            if self.allocation == "pyramid":
+                keep = self._pyramid_keep(attention, tokens)
+                selection = select(self.method.score(view), 0.0, "uniform", protected=self.method.protected(tokens),
+                                   keep=keep)
+                # a block holding another count than the model's first one needs its own mask in later passes
+                selection.valid = torch.ones_like(selection.positions, dtype=torch.bool)
+            else:
+                selection = select(self.method.score(view), self.method.ratio, self.allocation, self.safeguard,
+                                   self.method.protected(tokens))
             kept = selection.positions.clamp_min(0)[..., None]
             # keys and values may differ in head size (multi-head latent attention: DeepSeek-V3)
             layer.keys = layer.keys.gather(2, kept.expand(-1, -1, -1, layer.keys.shape[-1])).contiguous()
@@ -275,6 +284,10 @@ class KVPatch(ReversiblePatch):
             prompt.scale[attention.layer] = inputs.scaling
             prompt.since[attention.layer] = 0
         return output
+
+    def _pyramid_keep(self, attention: _Attention, tokens: int) -> int:
+        budgets = layer_budgets(kept_count(tokens, self.method.ratio), tokens, len(self.attentions), self.taper)
+        return budgets[self.attentions.index(attention)]
 
     @property
     def idle(self) -> bool:
@@ -357,8 +370,8 @@ class KVPatch(ReversiblePatch):
         else:
             mask = allowed
         if "attention_mask" not in bound.signature.parameters:
-            raise PrunekitError(f"{type(module).__name__} takes no attention_mask, so the adaptive allocation cannot "
-                                "mask its heads' padding; use allocation='uniform'")
+            raise PrunekitError(f"{type(module).__name__} takes no attention_mask, so the {self.allocation} allocation "
+                                "cannot give its cache its own mask; use allocation='uniform'")
         bound.arguments["attention_mask"] = mask
 
     # ----- after a prefill -------------------------------------------------------------------------
@@ -390,7 +403,8 @@ class KVPatch(ReversiblePatch):
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.method.settings(), "allocation": self.allocation,
-                "safeguard": self.safeguard if self.allocation == "adaptive" else None, "seed": self.seed,
+                "safeguard": self.safeguard if self.allocation == "adaptive" else None,
+                "taper": self.taper if self.allocation == "pyramid" else None, "seed": self.seed,
                 "decode_budget": None if self.decode is None else vars(self.decode), "zero_ratio": self.zero_ratio,
                 "blocks": [attention.index for attention in self.attentions]}
 
@@ -420,13 +434,15 @@ def find_attentions(model: nn.Module) -> list[_Attention]:
 
 def apply(model: nn.Module, method: "str | Mapping[str, Any] | KVMethod" = "snapkv", ratio: float | None = None, *,
           allocation: str = "uniform", safeguard: float = 0.2, seed: int = 0, decode_budget: int | None = None,
-          decode_every: int = 16, zero_ratio: float = 0.0, **settings: Any) -> KVPatch:
+          decode_every: int = 16, zero_ratio: float = 0.0, taper: float = 0.5, **settings: Any) -> KVPatch:
     """Make ``model`` compress its key/value cache after each prompt; returns the handle that undoes it.
 
     ``ratio`` is the fraction of the prompt's cached entries removed in every block [default: the method's, 0.5].
     ``method`` is a name (``prunekit kv methods``), ``{"name": ..., **settings}`` or a built method; its settings
     (``window_size`` for SnapKV, ...) are keyword arguments. ``allocation`` spreads the budget over a block's key
-    heads: ``uniform`` or ``adaptive`` (Ada-KV, each head keeping at least ``safeguard`` of its uniform share).
+    heads: ``uniform`` or ``adaptive`` (Ada-KV, each head keeping at least ``safeguard`` of its uniform share), or
+    over the blocks: ``pyramid`` (PyramidKV, the first block keeping ``1 + taper`` times the uniform count per head,
+    the last ``1 - taper`` times it, the total unchanged).
     ``decode_budget`` keeps the cache at that many entries per key head while generating: every ``decode_every``
     new tokens, a block holding more is compressed back by the same method (uniform allocation only).
     ``zero_ratio`` zeroes that fraction of every cached key and value vector, its smallest magnitudes (Mustafar's
@@ -445,6 +461,9 @@ def apply(model: nn.Module, method: "str | Mapping[str, Any] | KVMethod" = "snap
         raise PrunekitError(f"allocation {allocation!r} is not one of {', '.join(ALLOCATIONS)}")
     if not 0.0 <= safeguard <= 1.0:
         raise PrunekitError(f"safeguard {safeguard:g} is outside [0, 1]: the share of its uniform budget a head keeps")
+    if not 0.0 <= taper < 1.0:
+        raise PrunekitError(f"taper {taper:g} is outside [0, 1): how far the pyramid's first and last blocks depart "
+                            "from the uniform count")
     built = get_method(method, ratio, **settings)
     decode = None
     if decode_budget is not None:
@@ -459,4 +478,5 @@ def apply(model: nn.Module, method: "str | Mapping[str, Any] | KVMethod" = "snap
     if not 0.0 <= zero_ratio < 1.0:
         raise PrunekitError(f"zero_ratio {zero_ratio:g} is outside [0, 1): the fraction of each cached vector zeroed")
     check_implementation(model)
-    return KVPatch(model, find_attentions(model), built, allocation, safeguard, seed, decode, zero_ratio).install()
+    return KVPatch(model, find_attentions(model), built, allocation, safeguard, seed, decode, zero_ratio,
+                   taper).install()

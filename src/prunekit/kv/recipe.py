@@ -23,8 +23,8 @@ class KVEvalRecipe(RecipeModel):
                                           min_length=1, description="methods with their settings (the ratio aside)")
     ratios: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 0.9], min_length=1,
                                 description="fractions of the prompt's cached entries removed")
-    allocation: Literal["uniform", "adaptive"] = Field("uniform", description="budget over a block's key heads: "
-                                                                              + " or ".join(ALLOCATIONS))
+    allocation: Literal["uniform", "adaptive", "pyramid"] = Field(
+        "uniform", description="budget over a block's key heads or over the blocks: " + ", ".join(ALLOCATIONS))
     decode_budget: int | None = Field(None, ge=2, description="entries per key head kept while decoding "
                                                                   "[default: no budget]")
     decode_every: int = Field(16, ge=1, description="decoding steps between compressions under the budget")
