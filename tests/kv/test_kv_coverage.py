@@ -47,3 +47,26 @@ def test_sliding_window_caches_are_refused_by_name():
     with kv.apply(model, "tova", ratio=0.5), torch.no_grad():
         with pytest.raises(PrunekitError, match="sliding-window cache layer"):
             model(input_ids=WINDOWS[:2, :24], use_cache=True)
+
+
+@pytest.mark.parametrize("layer_types", [["sliding_attention", "full_attention"],
+                                         ["full_attention", "sliding_attention"]])
+def test_sliding_window_layers_stay_whole_between_compressed_full_attention_layers(layer_types):
+    result = check(lambda: tiny_causal_lm("gemma2", layer_types=layer_types), WINDOWS)
+    assert result.status == "yes", result.cell()
+    model = tiny_causal_lm("gemma2", layer_types=layer_types).eval()
+    ids = WINDOWS[:2, :24]
+    with kv.apply(model, "tova", ratio=0.5) as patch, torch.no_grad():
+        output = model(input_ids=ids, use_cache=True)
+        cache = output.cache if "cache" in output else output.past_key_values
+        sliding = layer_types.index("sliding_attention")
+        full = layer_types.index("full_attention")
+        assert set(patch.kept_positions()) == {full} and set(patch.windowed) == {sliding}
+        assert cache.layers[full].keys.shape[2] == 12
+        assert cache.layers[sliding].keys.shape[2] == 15  # the window's own cropping (sliding_window - 1)
+        assert patch.cache_entries() == 2 * model.config.num_key_value_heads * (12 + 15)
+        token = WINDOWS[:2, 24:25]
+        first = model(input_ids=token, use_cache=True, cache=cache).logits
+        patch.rewind(cache)
+        again = model(input_ids=token, use_cache=True, cache=cache).logits
+    assert torch.equal(first, again)

@@ -9,7 +9,12 @@ the cache is transformers' own ``DynamicCache``.
 After compression the cache holds fewer entries than the prompt had tokens, so the model can no longer infer
 the next position from the cache's length: the patch gives every later pass the position ids that follow the
 prompt when the caller gives none (``generate`` gives its own, which agree). Heads that keep different counts
-(the ``adaptive`` allocation) hold padding, masked out of every later attention of that block.
+(the ``adaptive`` allocation) hold padding, masked out of every later attention of that block; blocks that keep
+different counts (``pyramid``) get a mask of their own length.
+
+Sliding-window layers between full-attention ones (Gemma 2/3, gpt-oss) stay whole: their window bounds them
+already, and they crop by count, which a compressed layer would turn into a span of more positions than the
+window. A model whose layers are all sliding-window is refused.
 
 Padded batches are refused: a row's padding would claim a share of its kept entries.
 """
@@ -59,6 +64,10 @@ def check_implementation(model: nn.Module) -> None:
     if implementation not in (None, *READABLE):
         raise PrunekitError(f"kv compression reads the attention through the eager or sdpa kernels; the model uses "
                             f"{implementation}: load it with attn_implementation='sdpa'")
+
+
+def _is_sliding(layer: Any) -> bool:
+    return bool(getattr(layer, "is_sliding", False)) or "SlidingWindow" in type(layer).__name__
 
 
 def _check_layer(layer: Any) -> None:
@@ -163,6 +172,8 @@ class KVPatch(ReversiblePatch):
         self.zero_ratio = zero_ratio
         self.compressions = 0  # decode-time compressions so far (every block counted)
         self.selections: dict[int, Selection] = {}
+        # block -> (keys, values, length) of a sliding-window layer the last prefill left whole
+        self.windowed: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
         self.prompt_tokens = 0
         self._prompt = _Prompt()
         self._prefilled: int | None = None  # attention layers that compressed the prompt in this prefill
@@ -188,6 +199,7 @@ class KVPatch(ReversiblePatch):
                                     "prompt at a time, or give prompts of equal length")
             self._prompt = _Prompt()
             self._prefilled = 0
+            self.windowed = {}
             return None
         self._prefilled = None
         if not self._prompt.holds(cache) or inputs is None:
@@ -245,6 +257,13 @@ class KVPatch(ReversiblePatch):
             output = original(*args, **kwargs)
         inputs = attention.reader.single_call(calls)
         layer = cache.layers[attention.layer]
+        if _is_sliding(layer) and not all(_is_sliding(cache.layers[other.layer]) for other in self.attentions
+                                          if other.layer < len(cache.layers)):
+            # A sliding-window layer (Gemma 2/3, gpt-oss: between full-attention ones) is bounded by its window
+            # already and crops by count, so it stays whole; the full-attention layers carry the compression.
+            # kept as they were after the prompt (a window's worth at most), so rewind() can restore them
+            self.windowed[attention.index] = (layer.keys, layer.values, layer.cumulative_length)
+            return output
         _check_layer(layer)
         if self.method.ratio > 0:
             view = PrefillView(keys=layer.keys, values=layer.values, queries=inputs.query, scale=inputs.scaling,
@@ -297,6 +316,8 @@ class KVPatch(ReversiblePatch):
     def _later(self, module: nn.Module, attention: _Attention, cache: Any, bound: inspect.BoundArguments,
                named: dict, original: Callable[..., Any]) -> Any:
         """A pass after the prompt through a block whose cache the patch holds."""
+        if attention.index in self.windowed:
+            return original(*bound.args, **bound.kwargs)
         queries = next(iter(named.values())).shape[1]
         valid = self._prompt.valid.get(attention.layer)
         if valid is not None:
@@ -383,8 +404,11 @@ class KVPatch(ReversiblePatch):
         if self.decode is not None:
             raise PrunekitError("rewind() cannot restore entries that a decoding budget removed")
         for attention in self.attentions:
-            selection = self.selections[attention.index]
             layer = cache.layers[attention.layer]
+            if attention.index in self.windowed:
+                layer.keys, layer.values, layer.cumulative_length = self.windowed[attention.index]
+                continue
+            selection = self.selections[attention.index]
             kept = selection.positions.shape[-1]
             layer.keys, layer.values = layer.keys[..., :kept, :], layer.values[..., :kept, :]
             if selection.valid is not None:
@@ -393,7 +417,9 @@ class KVPatch(ReversiblePatch):
 
     def cache_entries(self) -> int:
         """Real (unpadded) entries the last prefill kept, over every block, key head and sequence."""
-        return sum(selection.entries() for selection in self.selections.values())
+        batch, heads = next(iter(self.selections.values())).positions.shape[:2] if self.selections else (0, 0)
+        return (sum(selection.entries() for selection in self.selections.values())
+                + batch * heads * sum(keys.shape[2] for keys, _, _ in self.windowed.values()))
 
     def kept_positions(self) -> dict[int, torch.Tensor]:
         """Block index -> (batch, key_heads, kept) prompt positions each key head kept (-1: padding slot)."""
