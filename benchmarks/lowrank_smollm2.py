@@ -13,6 +13,11 @@ Rows:
   (``prunekit shrink --method slicegpt --ratio 0.2``, the tied head untied, and ``--method-arg head=tied``) and
   ``prunekit shrink``'s default for causal LMs, Fisher with MLP neurons and key/value groups ranked globally
   (``prunekit shrink --ratio 0.2``).
+- 2:4 with ARMOR's factorisation instead of the correction, at 10 % extra parameters (``prunekit prune --method M
+  --pattern 2:4 --lowrank-budget 0.1 --lowrank-kind armor``; its defaults unless ``ARMOR`` says otherwise).
+
+``--rows KEY,...`` measures only the named rows (keys in ``ROWS``) and merges them into the existing results,
+replacing rows of the same name and keeping the others and their dense row as they were measured.
 
 Measured for each: perplexity on the pinned wiki protocol (calibration: 32 random windows of 512 tokens of the
 train split, seed 0; test: the first 40 non-overlapping 512-token windows of the test split), parameters, CPU
@@ -62,6 +67,7 @@ METHODS = ("sparsegpt", "wanda")
 RATIO = 0.2
 FINISHED: list[dict] = []
 PARTIAL: Path | None = None
+ARMOR: dict = {}  # ARMOR's settings beyond budget and kind: its defaults (each row's are in its lowrank.settings)
 TARGET = 2.0  # SparseGPT 2:4 + at most 10 % extra parameters: at most twice the dense perplexity
 
 
@@ -105,19 +111,24 @@ def _row(name: str, model, dense, test, seconds: float, sizes: dict, extra: dict
     return row
 
 
-def sparse_row(dense, calibration, test, method: str, budget: float) -> dict:
+def sparse_row(dense, calibration, test, method: str, budget: float, kind: str = "correction",
+               refit: bool = False) -> dict:
     model = copy.deepcopy(dense)
     started = time.perf_counter()
-    result = prune_weights(model, method, pattern="2:4", calibration=calibration, lowrank={"budget": budget})
+    lowrank = {"budget": budget, "kind": kind, **(ARMOR if kind == "armor" else {}), **({"refit": True} if refit else {})}
+    result = prune_weights(model, method, pattern="2:4", calibration=calibration, lowrank=lowrank)
     seconds = time.perf_counter() - started
     summary = None
     if result.lowrank is not None:
         summary = {k: v for k, v in result.lowrank.items() if k != "layers"}
-        summary["ranks"] = {layer["name"]: layer["rank"] for layer in result.lowrank["layers"]}
+        size = "block" if kind == "armor" else "rank"
+        summary[f"{size}s"] = {layer["name"]: layer[size] for layer in result.lowrank["layers"]}
         assert summary["extra_parameters"] == lowrank_parameters(model)
-    name = f"{method} 2:4" + (f" + low-rank {budget:.0%}" if budget else "")
+    label = "armor" if kind == "armor" else "low-rank"
+    name = f"{method} 2:4" + (f" + {label} {budget:.0%}" if budget else "") + (" (kept values refit)" if refit else "")
     return _row(name, model, dense, test, seconds, _sizes_weights(model),
-                {"group": "2:4", "method": method, "budget": budget, "lowrank": summary})
+                {"group": "2:4", "method": method, "budget": budget, "kind": kind, "refit": refit, "lowrank": summary,
+                 "measured": time.strftime("%Y-%m-%d")})
 
 
 def svd_llm_row(dense, calibration, test) -> dict:
@@ -150,21 +161,34 @@ def fisher_row(dense, calibration, test) -> dict:
                 _sizes_structure(model), {"group": "20%", "method": "fisher-global"})
 
 
-def run_all(dense, calibration, test) -> list[dict]:
-    """The rows, the issue's target and the 20 % comparison first (a long run's partial file then holds them)."""
-    jobs = [lambda: sparse_row(dense, calibration, test, "sparsegpt", 0.0),
-            lambda: sparse_row(dense, calibration, test, "sparsegpt", 0.1),
-            lambda: svd_llm_row(dense, calibration, test),
-            lambda: fisher_row(dense, calibration, test),
-            lambda: slicegpt_row(dense, calibration, test, "untie"),
-            lambda: slicegpt_row(dense, calibration, test, "tied"),
-            lambda: sparse_row(dense, calibration, test, "wanda", 0.0),
-            lambda: sparse_row(dense, calibration, test, "wanda", 0.1),
-            lambda: sparse_row(dense, calibration, test, "sparsegpt", 0.05),
-            lambda: sparse_row(dense, calibration, test, "wanda", 0.05)]
-    rows = [job() for job in jobs]
-    order = {("sparsegpt", b): i for i, b in enumerate(BUDGETS)} | {("wanda", b): 3 + i for i, b in enumerate(BUDGETS)}
-    return sorted(rows, key=lambda r: (r["group"] != "2:4", order.get((r["method"], r.get("budget")), 0)))
+ROWS = {  # key -> the row it measures, in the order a full run measures them (the target and 20 % first)
+    "sparsegpt": lambda d, c, t: sparse_row(d, c, t, "sparsegpt", 0.0),
+    "sparsegpt-lowrank10": lambda d, c, t: sparse_row(d, c, t, "sparsegpt", 0.1),
+    "sparsegpt-armor10": lambda d, c, t: sparse_row(d, c, t, "sparsegpt", 0.1, "armor"),
+    "sparsegpt-lowrank10-refit": lambda d, c, t: sparse_row(d, c, t, "sparsegpt", 0.1, refit=True),
+    "svd-llm": svd_llm_row,
+    "fisher": fisher_row,
+    "slicegpt-untie": lambda d, c, t: slicegpt_row(d, c, t, "untie"),
+    "slicegpt-tied": lambda d, c, t: slicegpt_row(d, c, t, "tied"),
+    "wanda": lambda d, c, t: sparse_row(d, c, t, "wanda", 0.0),
+    "wanda-lowrank10": lambda d, c, t: sparse_row(d, c, t, "wanda", 0.1),
+    "wanda-armor10": lambda d, c, t: sparse_row(d, c, t, "wanda", 0.1, "armor"),
+    "sparsegpt-lowrank5": lambda d, c, t: sparse_row(d, c, t, "sparsegpt", 0.05),
+    "wanda-lowrank5": lambda d, c, t: sparse_row(d, c, t, "wanda", 0.05),
+}
+
+
+def _order(row: dict):
+    kinds = ("correction", "armor")
+    position = {(m, b, k): i for i, (m, b, k) in enumerate(
+        (m, b, k) for m in METHODS for k in kinds for b in BUDGETS if b or k == "correction")}
+    key = (row.get("method"), row.get("budget"), row.get("kind", "correction"))
+    return (row["group"] != "2:4", position.get(key, 0))
+
+
+def run_all(dense, calibration, test, keys=None) -> list[dict]:
+    """The rows named by ``keys`` (all by default), in ``ROWS``' order."""
+    return sorted([ROWS[key](dense, calibration, test) for key in ROWS if keys is None or key in keys], key=_order)
 
 
 def report(rows: list[dict], dense_row: dict) -> str:
@@ -181,18 +205,25 @@ def report(rows: list[dict], dense_row: dict) -> str:
               f"{r['prune_seconds']:.0f}") for r in rows if r["group"] == group])
 
     best = min((r for r in rows if r.get("method") == "sparsegpt" and 0 < r.get("budget", 0) <= 0.1),
-               key=lambda r: r["perplexity"])
-    verdict = "PASS" if best["perplexity"] <= TARGET * dense_row["perplexity"] else "MISS"
+               key=lambda r: r["perplexity"], default=None)
+    verdict = ("not measured" if best is None else
+               f"{'PASS' if best['perplexity'] <= TARGET * dense_row['perplexity'] else 'MISS'} "
+               f"({best['name']}: {best['perplexity']:.2f})")
     return "\n".join([
         "# Beyond masks on SmolLM2-135M", "",
         f"Dense: perplexity {dense_row['perplexity']:.2f}, {dense_row['parameters']:,} parameters, "
         f"{dense_row['size']['dense_bytes'] / 2**20:.1f} MiB of float32 weights.", "",
-        "## 2:4 sparsity, alone and with the low-rank correction", "",
-        "Parameters: the sparse model counts its zeros (as stored densely); + is the correction's extra parameters "
-        "as a share of the whole model.", "",
+        "## 2:4 sparsity, alone, with the low-rank correction, and with ARMOR's factorisation", "",
+        "Parameters: the sparse model counts its zeros (as stored densely); + is the correction's (or ARMOR's "
+        "block-diagonal factors') extra parameters as a share of the whole model.", "",
         table("2:4"), "",
         f"Target (SparseGPT 2:4 + ≤ 10 % extra parameters ≤ {TARGET:g}× dense = "
-        f"{TARGET * dense_row['perplexity']:.1f}): {verdict} ({best['name']}: {best['perplexity']:.2f}).", "",
+        f"{TARGET * dense_row['perplexity']:.1f}): {verdict}.", "",
+        *[f"{r['name']}: {r['lowrank']['settings']['iterations']} alternating rounds, "
+          + (f"the mask re-selected every {r['lowrank']['settings']['reselect']} rounds."
+             if r['lowrank']['settings']['reselect'] else "the method's mask kept.")
+          for r in rows if r.get("kind") == "armor"],
+        "",
         f"## {RATIO:.0%} of the parameters removed", "",
         table("20%"), "",
         f"Protocol: {PROTOCOL.summary()}. Speed: {SPEED.describe()}; each model timed side by side with the dense "
@@ -209,7 +240,12 @@ def main(argv=None) -> int:
     parser.add_argument("--small", action="store_true", help="4 calibration and 2 test windows of 64 tokens")
     parser.add_argument("--report-partial", action="store_true", help="write the report from the rows a stopped run "
                                                                       "left in OUT.partial.json")
+    parser.add_argument("--rows", default=None, help="comma-separated row keys to measure and merge into OUT.json: "
+                                                         + ", ".join(ROWS))
     args = parser.parse_args(argv)
+    keys = None if args.rows is None else [key.strip() for key in args.rows.split(",") if key.strip()]
+    if keys is not None and (not keys or set(keys) - set(ROWS)):
+        parser.error(f"--rows takes keys among {', '.join(ROWS)}")
     RATIO = args.ratio
     PARTIAL = args.out.with_suffix(".partial.json")
     if args.small:
@@ -219,7 +255,7 @@ def main(argv=None) -> int:
     if args.report_partial:
         partial = json.loads(PARTIAL.read_text())
         markdown = report(partial["rows"], partial["dense"]) + (
-            f"\nPartial: the run was stopped after {len(partial['rows'])} of 10 rows.\n")
+            f"\nPartial: the run was stopped after {len(partial['rows'])} of {len(ROWS)} rows.\n")
         write_json(args.out.with_suffix(".json"), {**partial, "protocol": PROTOCOL.describe(),
                                                    "speed_protocol": SPEED.describe(), "environment": environment(),
                                                    "partial": True})
@@ -229,14 +265,31 @@ def main(argv=None) -> int:
     lm = load_model(args.model, kind="causal-lm")
     dense = lm.model.eval()
     calibration, test = calibration_windows(lm.tokenizer, PROTOCOL), test_windows(lm.tokenizer, PROTOCOL)
-    dense_row = {"name": "dense", "parameters": count_parameters(dense), "perplexity": perplexity(dense, test).perplexity,
-                 "size": _sizes_weights(dense)}
+    results = args.out.with_suffix(".json")
+    previous = json.loads(results.read_text()) if keys and results.exists() else None
+    if previous is not None and previous.get("protocol") != PROTOCOL.describe():
+        raise SystemExit(f"{args.out.with_suffix('.json')} was measured under another protocol; rerun every row")
+    if previous is not None:
+        dense_row = previous["dense"]  # the dense model is the same: its figures are kept as measured
+    else:
+        dense_row = {"name": "dense", "parameters": count_parameters(dense),
+                     "perplexity": perplexity(dense, test).perplexity, "size": _sizes_weights(dense)}
     print(f"dense: perplexity {dense_row['perplexity']:.2f}", flush=True)
     write_json(PARTIAL, {"dense": dense_row, "rows": FINISHED})
-    rows = run_all(dense, calibration, test)
-    markdown = report(rows, dense_row)
+    rows = run_all(dense, calibration, test, keys)
+    notes = ""
+    if previous is not None:
+        measured = {row["name"] for row in rows}
+        rows = sorted([row for row in previous["rows"] if row["name"] not in measured] + rows, key=_order)
+        notes = (f"\nRows measured by a later `--rows` run of this script, merged into the earlier results: "
+                 f"{', '.join(sorted(measured))}.\n")
+        if previous.get("partial"):
+            notes += "\nPartial: the last full run was stopped before its end; rows not listed were not measured.\n"
+    markdown = report(rows, dense_row) + notes
     write_json(args.out.with_suffix(".json"), {"dense": dense_row, "rows": rows, "protocol": PROTOCOL.describe(),
-                                               "speed_protocol": SPEED.describe(), "environment": environment()})
+                                               "speed_protocol": SPEED.describe(), "environment": environment(),
+                                               **({"partial": previous["partial"]} if previous and "partial" in previous
+                                                  else {})})
     args.out.with_suffix(".md").write_text(markdown)
     PARTIAL.unlink(missing_ok=True)
     print(markdown)

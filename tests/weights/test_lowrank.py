@@ -168,3 +168,41 @@ def test_cli_prunes_with_a_correction_and_writes_it_in_the_report(tiny_model_dir
 def test_cli_refuses_a_bad_budget_in_one_line(tiny_model_dir, tmp_path, capsys):
     assert main(["prune", str(tiny_model_dir), "--lowrank-budget", "1.5", "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_refitting_the_kept_values_keeps_2_4_and_lowers_the_first_layers_error(calibration, method):
+    plain, plain_result = _pruned(calibration, method, budget=0.1, iterations=2)
+    refit, refit_result = _pruned(calibration, method, budget=0.1, iterations=2, refit=True)
+    for name, module in refit.named_modules():
+        if type(module).__name__ == "LowRankCorrectedLinear":
+            assert is_valid_nm(module.weight != 0, SparsityPattern.parse("2:4")), name
+    first = "model.layers.0.self_attn.q_proj"
+    errors = [next(layer for layer in result.lowrank["layers"] if layer["name"] == first)["relative_error_after"]
+              for result in (plain_result, refit_result)]
+    assert errors[1] < errors[0]
+
+
+def test_the_kept_value_refit_never_raises_the_error_and_keeps_the_mask():
+    from prunekit.core.lowrank import refit_kept_values
+
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(4):
+        inputs = torch.randn(96, 16, generator=generator, dtype=torch.float64) @ torch.randn(
+            16, 16, generator=generator, dtype=torch.float64)
+        hessian = inputs.T @ inputs + 1e-3 * torch.eye(16, dtype=torch.float64)
+        target = torch.randn(8, 16, generator=generator, dtype=torch.float64)
+        sparse = target * (torch.rand(8, 16, generator=generator) < 0.5)
+
+        def error(weight):
+            difference = target - weight
+            return float(((difference @ hessian) * difference).sum())
+
+        fitted = refit_kept_values(target, sparse, hessian, steps=200)
+        assert torch.equal(fitted != 0, sparse != 0) or bool(((fitted != 0) <= (sparse != 0)).all())
+        assert error(fitted) <= error(sparse) * (1 + 1e-9)
+        # the optimum of each row on its kept columns, solved directly
+        for row in range(8):
+            kept = sparse[row] != 0
+            best = torch.linalg.solve(hessian[kept][:, kept], (target[row] @ hessian)[kept])
+            assert torch.allclose(fitted[row, kept], best, rtol=1e-5, atol=1e-7), (trial, row)

@@ -86,6 +86,9 @@ def prune(
     lowrank_budget: Optional[float] = typer.Option(None, help="add a rank-r correction per pruned layer, fitted to its "
                                                               "pruning error, with at most this fraction of extra "
                                                               "parameters, e.g. 0.1 [default: 0, none]"),
+    lowrank_kind: Optional[str] = typer.Option(None, help="what the budget buys: correction (S + L·R, a rank-r term "
+                                                          "beside the sparse weight) or armor (A·S·B, block-diagonal "
+                                                          "A and B fitted around it) [default: correction]"),
     blocks: Optional[str] = BLOCKS,
     trust_remote_code: bool = typer.Option(False, help="allow model code from the model directory"),
     recipe: Optional[Path] = RECIPE,
@@ -109,6 +112,7 @@ def prune(
                "format": compressed_format, "save_dense": dense,
                "save_compressed": compressed, "untie_embeddings": untie_embeddings or None, "blocks": blocks,
                "trust_remote_code": trust_remote_code or None, "stream": stream, "lowrank.budget": lowrank_budget,
+               "lowrank.kind": lowrank_kind,
                **_data(calib, test, calib_samples, test_windows, seq_len, seed, text_field),
                **_tasks(tasks, task_examples, task_seed)}
     built = build_recipe(WeightPruningRecipe, recipe, options,

@@ -8,8 +8,12 @@ Two layers share one storage convention: a rank-r product kept as two thin linea
   correction: ``y = x Sᵀ + b + lowrank_out(lowrank_in(x))``.
 - ``FactoredLinear`` replaces a linear by the product alone (SVD-LLM): ``y = lowrank_out(lowrank_in(x))``.
 
-The model's config records every such layer under ``prunekit_lowrank`` (name -> kind and rank), so a saved
-directory says which modules to rebuild before its tensors are loaded (``restore_lowrank``).
+A third layer keeps the same idea with another shape: ``ArmorLinear`` (ARMOR, ``weights.armor``) is an
+``nn.Linear`` whose sparse ``weight`` ``S`` sits between two block-diagonal factors, ``y = A S B x + b``, ``A``
+(``armor_out``) and ``B`` (``armor_in``) stored as stacks of ``block × block`` blocks.
+
+The model's config records every such layer under ``prunekit_lowrank`` (name -> kind, and rank or block
+size), so a saved directory says which modules to rebuild before its tensors are loaded (``restore_lowrank``).
 
 The fit: with ``H = X Xᵀ / n`` the layer's input second moment and ``H + δ I = C Cᵀ`` its (dampened)
 Cholesky factorisation, ``‖(E − L R) X‖²_F / n = ‖(E − L R) C‖²_F`` up to the dampening term, so the best
@@ -21,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,6 +36,7 @@ from prunekit.errors import PrunekitError
 CONFIG_KEY = "prunekit_lowrank"
 CORRECTION = "correction"
 FACTORED = "factored"
+ARMOR = "armor"
 
 
 class LowRankCorrectedLinear(nn.Linear):
@@ -66,15 +73,55 @@ class FactoredLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-_KINDS: dict[str, type[nn.Module]] = {CORRECTION: LowRankCorrectedLinear, FACTORED: FactoredLinear}
+def block_diagonal_apply(blocks: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """``inputs @ Dᵀ`` for ``D`` the block-diagonal matrix of ``blocks`` (n × b × b): each block maps its own
+    ``b`` consecutive features of the last dimension."""
+    count, size, _ = blocks.shape
+    grouped = inputs.reshape(*inputs.shape[:-1], count, size)
+    return torch.einsum("...jc,jrc->...jr", grouped, blocks).reshape(inputs.shape)
 
 
-def _record(model: nn.Module, name: str, kind: str, rank: int, bias: bool) -> None:
+def block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
+    """The dense (n·b) × (n·b) matrix of the blocks (for tests and checks; the layers never build it)."""
+    return torch.block_diag(*blocks.unbind(0))
+
+
+class ArmorLinear(nn.Linear):
+    """A (sparse) linear between two block-diagonal factors: ``y = A (S (B x)) + b``.
+
+    ``weight`` is ``S`` and stays what masks, N:M checks and the compressed format read; ``armor_in`` holds
+    ``B``'s ``in / block`` blocks, ``armor_out`` ``A``'s ``out / block`` blocks (each ``block × block``)."""
+
+    def __init__(self, in_features: int, out_features: int, block: int, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        if block < 1 or in_features % block or out_features % block:
+            raise PrunekitError(f"ARMOR block size {block} does not divide the layer's {out_features} × {in_features}")
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.block = block
+        self.armor_in = nn.Parameter(torch.empty(in_features // block, block, block, device=device, dtype=dtype))
+        self.armor_out = nn.Parameter(torch.empty(out_features // block, block, block, device=device, dtype=dtype))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        mixed = F.linear(block_diagonal_apply(self.armor_in, inputs), self.weight)
+        output = block_diagonal_apply(self.armor_out, mixed)
+        return output if self.bias is None else output + self.bias
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", block={self.block}"
+
+
+_KINDS: dict[str, type[nn.Module]] = {CORRECTION: LowRankCorrectedLinear, FACTORED: FactoredLinear,
+                                      ARMOR: ArmorLinear}
+# What each kind's size means in its record (and its constructor's third argument).
+_SIZE_KEY = {CORRECTION: "rank", FACTORED: "rank", ARMOR: "block"}
+
+
+def _record(model: nn.Module, name: str, kind: str, size: int, bias: bool) -> None:
     config = getattr(model, "config", None)
     if config is None:
         return
     entries = dict(getattr(config, CONFIG_KEY, None) or {})
-    entries[name] = {"kind": kind, "rank": rank, "bias": bias}
+    entries[name] = {"kind": kind, _SIZE_KEY[kind]: size, "bias": bias}
     setattr(config, CONFIG_KEY, entries)
 
 
@@ -130,6 +177,33 @@ def factor_linear(model: nn.Module, name: str, left: torch.Tensor, right: torch.
     return factored
 
 
+@torch.no_grad()
+def attach_armor(model: nn.Module, name: str, outer: torch.Tensor, sparse: torch.Tensor,
+                 inner: torch.Tensor) -> ArmorLinear:
+    """Make the linear ``name`` compute ``A S B x + b``: ``outer`` holds ``A``'s blocks, ``inner`` ``B``'s (each
+    n × b × b), ``sparse`` becomes its weight; its bias is kept."""
+    module = model.get_submodule(name)
+    if type(module) is not nn.Linear:
+        raise PrunekitError(f"{name} is a {type(module).__name__}; only plain nn.Linear layers take an ARMOR form")
+    block = inner.shape[-1]
+    if (tuple(sparse.shape) != (module.out_features, module.in_features) or outer.shape[1:] != (block, block)
+            or inner.shape[1:] != (block, block) or outer.shape[0] * block != module.out_features
+            or inner.shape[0] * block != module.in_features):
+        raise PrunekitError(f"ARMOR factors {tuple(outer.shape)}, {tuple(sparse.shape)}, {tuple(inner.shape)} do not "
+                            f"fit {name} ({module.out_features} × {module.in_features})")
+    weight = module.weight
+    layer = ArmorLinear(module.in_features, module.out_features, block, bias=module.bias is not None,
+                        device="meta", dtype=weight.dtype)
+    layer.weight, layer.bias = module.weight, module.bias
+    layer.weight.copy_(sparse)
+    layer.armor_in = nn.Parameter(inner.to(device=weight.device, dtype=weight.dtype).clone())
+    layer.armor_out = nn.Parameter(outer.to(device=weight.device, dtype=weight.dtype).clone())
+    layer.train(module.training)
+    _replace(model, name, layer)
+    _record(model, name, ARMOR, block, module.bias is not None)
+    return layer
+
+
 def restore_lowrank(model: nn.Module) -> nn.Module:
     """Rebuild, as empty meta-device modules, the low-rank layers the model's config records (before loading)."""
     config = getattr(model, "config", None)
@@ -138,31 +212,37 @@ def restore_lowrank(model: nn.Module) -> nn.Module:
         raise PrunekitError(f"the config's {CONFIG_KEY} is not a mapping of layer names")
     for name, entry in entries.items():
         try:
-            kind, rank, bias = entry["kind"], int(entry["rank"]), bool(entry["bias"])
+            kind = entry["kind"]
+            if kind not in _KINDS:
+                raise PrunekitError(f"the config's {CONFIG_KEY} names an unknown kind {kind!r} for {name}")
+            size, bias = int(entry[_SIZE_KEY[kind]]), bool(entry["bias"])
             module = model.get_submodule(name)
         except (AttributeError, KeyError, TypeError, ValueError):
             raise PrunekitError(f"the config's {CONFIG_KEY} entry for {name!r} does not match the model") from None
-        if kind not in _KINDS:
-            raise PrunekitError(f"the config's {CONFIG_KEY} names an unknown kind {kind!r} for {name}")
         if type(module) is _KINDS[kind]:
             continue
         if not isinstance(module, nn.Linear):
             raise PrunekitError(f"{name} is a {type(module).__name__}, not the linear its {CONFIG_KEY} entry says")
         dtype = module.weight.dtype
-        _replace(model, name, _KINDS[kind](module.in_features, module.out_features, rank, bias=bias,
+        _replace(model, name, _KINDS[kind](module.in_features, module.out_features, size, bias=bias,
                                            device="meta", dtype=dtype))
     return model
 
 
 def lowrank_layers(model: nn.Module) -> dict[str, nn.Module]:
-    return {name: module for name, module in model.named_modules()
-            if isinstance(module, (LowRankCorrectedLinear, FactoredLinear))}
+    return {name: module for name, module in model.named_modules() if isinstance(module, tuple(_KINDS.values()))}
 
 
 def lowrank_parameters(model: nn.Module) -> int:
-    """Parameters held by the low-rank factors (biases excluded: a factored layer keeps its own)."""
-    return sum(module.lowrank_in.weight.numel() + module.lowrank_out.weight.numel()
-               for module in lowrank_layers(model).values())
+    """Parameters held by the factors (low-rank or ARMOR's block-diagonal ones; biases and sparse weights
+    excluded: a factored layer keeps its own bias)."""
+    total = 0
+    for module in lowrank_layers(model).values():
+        if isinstance(module, ArmorLinear):
+            total += module.armor_in.numel() + module.armor_out.numel()
+        else:
+            total += module.lowrank_in.weight.numel() + module.lowrank_out.weight.numel()
+    return total
 
 
 # ------------------------------------------------------------------------------ the fit
@@ -246,3 +326,52 @@ def rank_for_fraction(out_features: int, in_features: int, fraction: float) -> i
     """The largest rank whose two factors hold at most ``fraction`` of the layer's ``out × in`` parameters."""
     return max(0, min(min(out_features, in_features), int(fraction * out_features * in_features
                                                           // (out_features + in_features))))
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.dot(a.reshape(-1), b.reshape(-1)))
+
+
+def conjugate_gradients(operator: Callable[[torch.Tensor], torch.Tensor], rhs: torch.Tensor, start: torch.Tensor,
+                        precondition: Callable[[torch.Tensor], torch.Tensor], steps: int) -> torch.Tensor:
+    """Preconditioned conjugate gradients for ``operator(x) = rhs`` (a symmetric positive operator on tensors),
+    from ``start``, at most ``steps`` steps; stops early where the curvature vanishes."""
+    solution = start.clone()
+    residual = rhs - operator(solution)
+    direction = precondition(residual)
+    product = _dot(residual, direction)
+    for _ in range(steps):
+        if product <= 0:
+            break
+        mapped = operator(direction)
+        curvature = _dot(direction, mapped)
+        if curvature <= 0:
+            break
+        step = product / curvature
+        solution.add_(direction, alpha=step)
+        residual.sub_(mapped, alpha=step)
+        preconditioned = precondition(residual)
+        following = _dot(residual, preconditioned)
+        direction = preconditioned.add_(direction, alpha=following / product)
+        product = following
+    return solution
+
+
+def refit_kept_values(target: torch.Tensor, sparse: torch.Tensor, second_moment: torch.Tensor,
+                      steps: int = 25) -> torch.Tensor:
+    """The values at ``sparse``'s nonzeros that best approximate ``target`` on the inputs: ``min ‖(T − S) X‖``
+    with the mask fixed, ``second_moment`` = ``X Xᵀ`` (dampened). Every row is its own least-squares problem on
+    its kept columns, solved together by conjugate gradients preconditioned with ``H⁻¹``; the result is never
+    worse than ``sparse`` itself (the start), since each step decreases the error."""
+    keep = (sparse != 0).to(second_moment.dtype)
+    hessian = second_moment.to(keep.dtype)
+    rhs = (target.to(keep.dtype) @ hessian) * keep
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
+
+    def operator(values: torch.Tensor) -> torch.Tensor:
+        return (values @ hessian) * keep
+
+    def precondition(residual: torch.Tensor) -> torch.Tensor:
+        return (residual @ inverse) * keep
+
+    return conjugate_gradients(operator, rhs, sparse.to(keep.dtype) * keep, precondition, steps)

@@ -38,8 +38,8 @@ from torch import nn
 
 from prunekit.core.calibration import Target
 from prunekit.core.config import RecipeModel
-from prunekit.core.lowrank import (Whitening, WhitenedSVD, attach_correction, output_energy, rank_for_fraction, whitened_svd,
-                                   whitening_factor)
+from prunekit.core.lowrank import (Whitening, WhitenedSVD, attach_correction, output_energy, rank_for_fraction,
+                                   refit_kept_values, whitened_svd, whitening_factor)
 from prunekit.core.statistics import InputHessian, LayerStatistics
 from prunekit.errors import PrunekitError
 
@@ -58,10 +58,26 @@ class LowRankSettings(RecipeModel):
     dampening: float = Field(0.01, gt=0, lt=1, description="fraction of the mean input second moment added to "
                                                             "its diagonal before whitening")
     iterations: int = Field(4, ge=0, description="rounds of re-pruning W − L R and refitting L R to W − S per "
-                                                 "layer, at the layer's share of the budget; 0 = prune once")
+                                                 "layer, at the layer's share of the budget; 0 = prune once "
+                                                 "(kind armor: its alternating rounds, at least 1)")
+    refit: bool = Field(False, description="correction only: in every round, refit the sparse part's kept values "
+                                           "to W − L R by least squares on the calibration inputs (mask fixed)")
+    kind: Literal["correction", "armor"] = Field("correction", description="correction: S + L·R (a rank-r term "
+                                                                          "beside the sparse weight); armor: "
+                                                                          "A·S·B, block-diagonal A and B "
+                                                                          "(weights.armor)")
+    reselect: int = Field(0, ge=0, description="armor only: re-choose the mask with the method every this many "
+                                               "rounds, on the problem seen through A and B; 0 = keep the "
+                                               "method's mask")
 
     @model_validator(mode="after")
     def _cap(self) -> "LowRankSettings":
+        if self.kind == "armor" and self.enabled:
+            if self.allocation != "uniform":
+                raise PrunekitError("ARMOR's block sizes come from each layer's own share of the budget; "
+                                    "use lowrank.allocation uniform")
+            if self.iterations < 1:
+                raise PrunekitError("ARMOR needs at least one alternating round; set lowrank.iterations 1 or more")
         if self.allocation == "global" and self.iterations:
             raise PrunekitError("global allocation chooses the ranks once every layer is pruned, but alternating needs "
                                 "each layer's rank while it is pruned; set lowrank.iterations 0 or allocation uniform")
@@ -129,6 +145,17 @@ class CorrectionResult:
                 "layers": [layer.to_dict() for layer in self.layers]}
 
 
+def build_correction(settings: LowRankSettings) -> "LowRankCorrection | None":
+    """The correction the settings ask for (``None`` at budget 0): this module's, or ARMOR's factorisation."""
+    if not settings.enabled:
+        return None
+    if settings.kind == "armor":
+        from prunekit.weights.armor import ArmorCorrection  # it builds on this module's records
+
+        return ArmorCorrection(settings)
+    return LowRankCorrection(settings)
+
+
 class LowRankCorrection:
     """Fits every pruned layer as it is pruned (``fit``), then chooses ranks and attaches them (``attach``)."""
 
@@ -170,11 +197,16 @@ class LowRankCorrection:
                    reprune: Callable[[torch.Tensor], object]) -> torch.Tensor:
         best_error = float(whitened_svd(dense - sparse, whitening, rank).errors[rank])
         best, current = sparse, sparse
+        # The method's kept values are not the least-squares fit of its own mask (SparseGPT updates only the
+        # columns after each one it prunes): refitting them removes a large share of a layer's error.
+        hessian = whitening.factor @ whitening.factor.T if self.settings.refit else None
         for _ in range(self.settings.iterations):
             left, right = whitened_svd(dense - current, whitening, rank).factors(rank, torch.float64)
             candidate = (dense - left @ right).to(target.weight.dtype)
             reprune(candidate)
             current = candidate.to(torch.float64)
+            if hessian is not None:
+                current = refit_kept_values(dense - left @ right, current, hessian)
             error = float(whitened_svd(dense - current, whitening, rank).errors[rank])
             if error < best_error:
                 best, best_error = current, error

@@ -21,7 +21,7 @@ from prunekit.errors import PrunekitError
 from prunekit.models.base import ModelAdapter, adapter_for
 from prunekit.models.layout import is_linear_like
 from prunekit.weights.base import OneShotMethod, get_method
-from prunekit.weights.lowrank import LowRankCorrection
+from prunekit.weights.lowrank import LowRankCorrection, build_correction
 from prunekit.weights.recipe import PruneSettings
 
 
@@ -164,8 +164,9 @@ class Pruner:
         self.method.prune(target.weight, stats, self.ratios[target.name], self.pattern)
         if self.correction is not None:
             ratio = self.ratios[target.name]
-            self.correction.fit(target, dense, stats,
-                                lambda weight: self.method.prune(weight, stats, ratio, self.pattern))
+            # The statistics are a parameter: ARMOR re-prunes its transformed problem with its own.
+            self.correction.fit(target, dense, stats, lambda weight, statistics=stats:
+                                self.method.prune(weight, statistics, ratio, self.pattern))
 
     def unreached(self, target: Target) -> None:
         """An expert no calibration token reached: pruned by magnitude (nothing else is known of it), and named."""
@@ -235,7 +236,7 @@ def plan_pruning(model: nn.Module, settings: PruneSettings, has_calibration: boo
     if pattern.is_nm:
         for target in targets:
             pattern.check_width(target.name, target.in_features)
-    correction = LowRankCorrection(settings.lowrank) if settings.lowrank.enabled else None
+    correction = build_correction(settings.lowrank)
     plan = PrunePlan(settings, method, pattern, allocation, settings.effective_ratio, targets, adapter, untie,
                      correction)
     if plan.needs_data and not has_calibration:
