@@ -192,6 +192,7 @@ def test_cli_prunes_with_armor_and_reloads_it(tiny_model_dir, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["recipe"]["lowrank"]["kind"] == "armor"
     assert 0 < report["lowrank"]["extra_fraction"] <= 0.1
+    assert "ARMOR's block-diagonal factors" in (out / "report.md").read_text()
     loaded = prunekit.load(out, kind="causal-lm")
     assert lowrank_parameters(loaded) == report["lowrank"]["extra_parameters"]
     again = tmp_path / "again"

@@ -416,7 +416,8 @@ def report_markdown(report: dict) -> str:
         ("dense weights on disk", human_bytes(size["dense_bytes"])),
     ]
     if report.get("lowrank"):
-        rows.insert(5, ("low-rank correction", _lowrank_summary(report["lowrank"])))
+        kind = "ARMOR" if report["lowrank"]["settings"].get("kind") == "armor" else "low-rank correction"
+        rows.insert(5, (kind, _lowrank_summary(report["lowrank"])))
     if size.get("compressed_bytes") and size.get("format") == COMPRESSED_TENSORS:
         rows.append(("compressed weights on disk", f"{human_bytes(size['compressed_bytes'])} "
                      f"({size['compressed_ratio']:.1%} of dense; compressed-tensors {size['compressed_tensors_layout']})"))
@@ -493,8 +494,11 @@ def _plot_search(directory: Path, search: SearchResult, name: str) -> None:
 
 
 def _lowrank_summary(lowrank: dict) -> str:
+    settings = lowrank["settings"]
+    how = ("ARMOR's block-diagonal factors" if settings.get("kind") == "armor"
+           else f"{settings['allocation']} allocation" + (", kept values refit" if settings.get("refit") else ""))
     return (f"{lowrank['extra_parameters']:,} extra parameters ({lowrank['extra_fraction']:.1%} of the targeted "
-            f"layers; {lowrank['settings']['allocation']} allocation), {lowrank['layers_corrected']} layers; mean "
+            f"layers; {how}), {lowrank['layers_corrected']} layers; mean "
             f"relative layer error {lowrank['mean_relative_error_before']:.4f} → {lowrank['mean_relative_error_after']:.4f}")
 
 
