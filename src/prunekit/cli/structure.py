@@ -45,7 +45,12 @@ def shrink(
                                                          "[default: channels,heads]"),
     heads: Optional[str] = typer.Option(None, help="grouped-query heads: kv (whole KV groups) or query (the same "
                                                    "number of query heads from every group) [default: kv]"),
-    allocation: Optional[str] = typer.Option(None, help="global (one ranking across layers) or uniform [default: global]"),
+    allocation: Optional[str] = typer.Option(None, help="global (one ranking across layers), uniform, or by "
+                                             "measurement: knapsack or evolutionary (every family's width searched "
+                                             "with the KL to the unpruned model) [default: global]"),
+    allocation_arg: Optional[list[str]] = typer.Option(None, help="search setting KEY=VALUE of knapsack/"
+                                                       "evolutionary, e.g. max_ratio=0.6, generations=10, "
+                                                       "database=DIR (resumable); repeatable"),
     floor: Optional[float] = typer.Option(None, help="smallest fraction of any family's units kept [default: 0.1]"),
     round_to: Optional[int] = typer.Option(None, help="kept neurons/channels are a multiple of this [default: 8]"),
     normalize: Optional[str] = typer.Option(None, help="cross-layer score normalisation: kind, mean, max, sum, "
@@ -103,13 +108,15 @@ def shrink(
     from prunekit.structure.recipe import RecoveryConfig, ShrinkRecipe
 
     contract.check_threads(threads)  # the threads of the speed measurement, a recipe setting
+    search = {f"allocation.search.{key}": value
+              for key, value in key_values(allocation_arg, "--allocation-arg").items()}
     options = {"model": model, "blocks": blocks, "ratio": ratio, "target": target, "granularity": granularity, "heads": heads,
                "importance": importance, "overrides": _overrides(override), "ignore": ignore or None,
                "evaluate": evaluate, "onnx": onnx, "lenient": lenient, "reconstruct": reconstruct,
                "reconstruct_damping": reconstruct_damping, "trust_remote_code": trust_remote_code or None,
                "allocation.name": allocation, "allocation.floor": floor, "allocation.round_to": round_to,
                "allocation.normalize": normalize, "depth.blocks": depth, "depth.criterion": depth_criterion,
-               "depth.search": depth_search,
+               "depth.search": depth_search, **search,
                "recovery.seconds": recover_seconds, "recovery.steps": recover_steps, "recovery.mode": recover_mode,
                "recovery.lr": recover_lr, "recovery.train_only": recover_train_only or None,
                "data.calibration": calib, "data.test": test, "data.calibration_samples": calib_samples,

@@ -6,6 +6,12 @@ Two strategies, one knob each:
 - ``global``: one threshold on normalised scores across all families (the least important units
   of the whole model go first), never below a per-family floor.
 
+And two measured ones (issue 18), ``knapsack`` and ``evolutionary``: every family's width is chosen
+by searching over a grid of widths with the model measured against the unpruned one
+(``prunekit.structure.search``). The search runs in ``prune_structure``; once found, the kept width
+of every family is stored in ``widths`` and ``allocate`` simply follows it, so a written recipe
+reproduces the model without searching.
+
 Kept widths are rounded to a multiple (``round_to``, for neurons and channels; heads are whole
 units already, and grouped-query heads stay a multiple of the number of groups). Per-family
 overrides fix a family's removed fraction; the rest is solved so the whole model reaches the
@@ -17,26 +23,73 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Mapping
+from typing import Any, Literal, Mapping
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from prunekit.core.allocation import get_allocation
+from prunekit.core.allocation.search import MeasuredAllocation
 from prunekit.errors import PrunekitError
 from prunekit.structure.graph import DependencyGraph, Family
 from prunekit.structure.importance.base import Normalization, normalize_scores
 
 Target = Literal["params", "macs"]
+SEARCHED = ("knapsack", "evolutionary")  # the allocations that measure the model (core.allocation's of that name)
+# How much more than the ratio searched widths may remove (a tiny model's budget quanta are coarse).
+_WIDTHS_SLACK = 0.05
 
 
 class WidthAllocation(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: Literal["uniform", "global"] = "global"
+    name: Literal["uniform", "global", "knapsack", "evolutionary"] = "global"
     floor: float = Field(0.1, ge=0.0, le=1.0, description="smallest fraction of a family's units that is kept")
     round_to: int = Field(8, ge=1, description="kept neurons/channels are a multiple of this (families of at least 2×)")
     normalize: Normalization | None = Field(None, description="cross-family normalisation for global ranking; "
                                                               "default: the criterion's own (kind for flap, cost for fisher, else mean)")
+    search: dict[str, Any] = Field(default_factory=dict, description="knapsack/evolutionary: the search's settings "
+                                   "(step, max_ratio, sensitivity_tokens, generations, offspring, stage_tokens, "
+                                   "survivors, seed, database; core.allocation)")
+    widths: dict[str, int] | None = Field(None, description="family -> kept units found by an earlier search; "
+                                                            "given, no search runs")
+
+    @model_validator(mode="after")
+    def _measured(self) -> "WidthAllocation":
+        if self.name not in SEARCHED:
+            if self.search or self.widths is not None:
+                raise PrunekitError(f"allocation {self.name} does not search: search settings and widths belong to "
+                                    "knapsack or evolutionary")
+            return self
+        self.measured()  # an unknown setting is refused here, before any loading
+        return self
+
+    @property
+    def searched(self) -> bool:
+        return self.name in SEARCHED
+
+    def measured(self) -> MeasuredAllocation:
+        """The core allocation that searches the widths (``core.allocation``'s knapsack or evolutionary)."""
+        if "levels" in self.search or "unit" in self.search:
+            raise PrunekitError("a width search's units are the families and its result their widths: leave out "
+                                "levels and unit")
+        return get_allocation({"name": self.name, **self.search})
+
+
+def check_search_combination(allocation: WidthAllocation, reconstruct: bool, overrides: Mapping[str, float] | None,
+                             compensation: bool = False) -> None:
+    """Refuse what a width search cannot measure: it zeroes units, so a refit or FLAP's bias compensation after
+    removal is not what it measured; and it chooses every family's width, so it takes no override."""
+    if not allocation.searched or allocation.widths is not None:
+        return
+    if reconstruct:
+        raise PrunekitError(f"allocation {allocation.name} measures the widths without a refit; leave out "
+                            "--reconstruct, or search first and reconstruct with the recipe it writes")
+    if overrides:
+        raise PrunekitError(f"allocation {allocation.name} chooses every family's width; leave out the overrides")
+    if compensation:
+        raise PrunekitError(f"allocation {allocation.name} measures the widths without bias compensation; use "
+                            "an importance without it (fisher, taylor, wanda, l2)")
 
 
 @dataclass
@@ -108,6 +161,17 @@ def allocate(graph: DependencyGraph, families: list[Family], scores: Mapping[str
         raise PrunekitError(f"the model has no {target} to remove")
     notes: list[str] = []
     bounds = {f.name: _Bounds(f, strategy.floor, strategy.round_to) for f in families}
+    if strategy.searched:
+        if strategy.widths is None:
+            raise PrunekitError(f"allocation {strategy.name} measures the model; run it through prune_structure "
+                                "(prunekit shrink), or give its widths")
+        plan = plan_from_widths(graph, families, scores, ratio, target, strategy.widths)
+        # A search removes the least number of whole levels reaching the ratio: far more is another ratio's widths.
+        if not ratio - 1e-9 <= plan.achieved <= ratio + _WIDTHS_SLACK:
+            raise PrunekitError(f"the allocation's widths remove {plan.achieved:.2%} of the {target}, not the "
+                                f"{ratio:.0%} asked: give ratio {plan.achieved:.4f}, or leave out the widths to "
+                                "search again")
+        return plan
 
     fixed: dict[str, int] = {}
     for pattern, value in (overrides or {}).items():
@@ -171,6 +235,32 @@ def allocate(graph: DependencyGraph, families: list[Family], scores: Mapping[str
         if count:
             removal[family.name] = _lowest(family, scores[family.name], count)
     return WidthPlan(removal, widths, target, ratio, total, measure(chosen), notes)
+
+
+def plan_from_widths(graph: DependencyGraph, families: list[Family], scores: Mapping[str, torch.Tensor], ratio: float,
+                     target: Target, widths: Mapping[str, int], notes: list[str] | None = None) -> WidthPlan:
+    """The plan keeping ``widths[family]`` units of every family (its lowest-scored units removed); a family
+    ``widths`` does not name is kept whole, a name that matches no family is refused."""
+    measure = graph.parameter_count if target == "params" else graph.mac_count
+    known = {f.name for f in families}
+    unknown = sorted(set(widths) - known)
+    if unknown:
+        raise PrunekitError(f"the allocation's widths name '{unknown[0]}', which is no prunable family of this model; "
+                            "search again")
+    removal: dict[str, list[int]] = {}
+    plan_widths: dict[str, tuple[int, int]] = {}
+    counts: dict[str, int] = {}
+    for family in families:
+        kept = int(widths.get(family.name, family.size))
+        if not 1 <= kept <= family.size or (family.size - kept) % family.groups:
+            raise PrunekitError(f"{family.name} cannot keep {kept} of its {family.size} {family.unit}s"
+                                + (f" (it removes the same number from each of its {family.groups} groups)"
+                                   if family.groups > 1 else ""))
+        plan_widths[family.name] = (family.size, kept)
+        if kept < family.size:
+            counts[family.name] = family.size - kept
+            removal[family.name] = _lowest(family, scores[family.name], family.size - kept)
+    return WidthPlan(removal, plan_widths, target, ratio, measure(), measure(counts), list(notes or []))
 
 
 def nothing_to_prune(graph: DependencyGraph) -> PrunekitError:

@@ -173,6 +173,10 @@ class ShrinkJob(Job[ShrinkRecipe]):
                                                settings=recipe.width_settings(),
                                                calibration=make_calibration(calibration, recipe.batch_size),
                                                adapter=adapter_for(loaded.model), graph=graph)
+                if width_result.search is not None:
+                    # the recipe written carries the widths found, so it reproduces the model without searching
+                    found = recipe.allocation.model_copy(update={"widths": width_result.search["widths"]})
+                    recipe = self.recipe = recipe.model_copy(update={"allocation": found})
         quality.after_pruning = judge("after pruning")
         if recipe.recovery is not None:
             recovery_result = _recover(loaded, recipe, protocol, original)
@@ -218,6 +222,9 @@ def _check(loaded: LoadedModel, recipe: ShrinkRecipe, protocol: TextProtocol) ->
         max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
         if max_positions and protocol.seq_len > max_positions:
             raise PrunekitError(f"--seq-len {protocol.seq_len} exceeds the encoder's {max_positions} positions")
+    if loaded.kind == ENCODER and recipe.allocation.searched and recipe.allocation.widths is None:
+        raise PrunekitError(f"allocation {recipe.allocation.name} measures the KL of a causal language model's "
+                            "logits; use global or uniform for encoders")
     if recipe.method is not None and loaded.kind != CAUSAL_LM:
         raise PrunekitError(f"{recipe.method['name']} is implemented for causal language models")
     if recipe.method is not None and recipe.ratio > 0:
@@ -499,6 +506,16 @@ def report_markdown(report: dict) -> str:
         notes = width["notes"]
         if notes:
             lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
+        search = width.get("search")
+        if search:
+            seconds = search["seconds"]
+            start = search["start_fitness"]
+            lines += [f"Width search ({settings['allocation']['name']}): KL to the unpruned model on "
+                      f"{search['fitness_tokens'][-1]} calibration tokens "
+                      + (f"{start:.5f} at the start, " if start is not None else "")
+                      + f"{search['fitness']:.5f} found; {search['evaluations']} candidates measured; unit costs "
+                      f"{seconds['unit_costs']:.1f} s, search {seconds['search']:.1f} s (unit costs included). "
+                      "The recipe written carries the widths found.", ""]
         lines += ["## Widths", "", markdown_table(["family", "units", "kept"],
                                                    [(k, v[0], v[1]) for k, v in width["plan"]["widths"].items()]), ""]
     protocol = report["protocol"]

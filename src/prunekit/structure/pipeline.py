@@ -21,11 +21,13 @@ from torch import nn
 
 from prunekit.errors import PrunekitError
 from prunekit.models.base import ModelAdapter, adapter_for
-from prunekit.structure.allocation import Target, WidthAllocation, WidthPlan, allocate, check_ratio, nothing_to_prune
+from prunekit.structure.allocation import (Target, WidthAllocation, WidthPlan, allocate, check_ratio,
+                                           check_search_combination, nothing_to_prune)
 from prunekit.structure.graph import KINDS, DependencyGraph, build_graph
 from prunekit.structure.heads import HeadMode
 from prunekit.structure.importance.base import Importance, ScoringContext, get_importance, is_consumer
 from prunekit.structure.reconstruct import DEFAULT_DAMPING, reconstruct as reconstruct_layers
+from prunekit.structure.search import search_widths, width_grid
 from prunekit.structure.shrink import ShrinkResult, compensation_targets, shrink
 from prunekit.structure.statistics import accumulate_gradients, input_moments
 
@@ -94,11 +96,12 @@ class StructuredResult:
     head_mode: str
     notes: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    search: dict | None = None  # what a knapsack/evolutionary width search did (structure.search.WidthSearch)
 
     def to_dict(self) -> dict:
         return {"plan": self.plan.to_dict(), "shrink": self.shrink.to_dict(), "families": self.families,
                 "importance": self.importance, "allocation": self.allocation, "granularity": self.granularity,
-                "head_mode": self.head_mode, "notes": self.notes, "seconds": self.seconds}
+                "head_mode": self.head_mode, "notes": self.notes, "seconds": self.seconds, "search": self.search}
 
 
 def resolve_granularity(granularity: Iterable[str] | str) -> list[str]:
@@ -164,6 +167,8 @@ class WidthSettings:
                       "ignore": tuple(self.ignore), "overrides": dict(self.overrides or {})}
         for name, value in normalised.items():
             object.__setattr__(self, name, value)
+        check_search_combination(allocation, self.reconstruct, self.overrides,
+                                 self.importance.compensation())
 
     @classmethod
     def of(cls, settings: "WidthSettings | None" = None, **changes: Any) -> "WidthSettings":
@@ -221,6 +226,12 @@ def check_plan(graph: DependencyGraph, settings: WidthSettings | None = None, **
     overrides that match nothing, everything ignored)."""
     settings = WidthSettings.of(settings, **changes)
     families = graph.select(list(settings.granularity), settings.ignore)
+    strategy = settings.allocation
+    if strategy.searched and strategy.widths is None:
+        if not families:
+            raise nothing_to_prune(graph)
+        width_grid(graph, families, settings.ratio, settings.target, strategy, strategy.measured())
+        return
     zeros = {f.name: torch.zeros(f.size, dtype=torch.float64) for f in families}
     allocate(graph, families, zeros, settings.ratio, settings.target, settings.allocation, settings.overrides)
 
@@ -293,8 +304,16 @@ def prune_structure(model: nn.Module, ratio: float | None = None, *, example_inp
     default_normalize = importance.default_normalize
     compensating = importance.compensation() and not settings.reconstruct
     reserve = _compensation_biases(graph, families, adapter) if (compensating and settings.target == "params") else 0
-    plan = allocate(graph, families, scores, settings.ratio, settings.target, strategy, settings.overrides,
-                    default_normalize, reserve)
+    search = None
+    if strategy.searched and strategy.widths is None:
+        plan, found = search_widths(graph, adapter, families, scores, settings.ratio, settings.target, strategy,
+                                    calibration.windows if calibration is not None else None)
+        search = found.to_dict()
+        timings["search_seconds"] = found.seconds["search"]
+        started = time.perf_counter()  # applying starts after the search
+    else:
+        plan = allocate(graph, families, scores, settings.ratio, settings.target, strategy, settings.overrides,
+                        default_normalize, reserve)
     compensation = None
     if settings.reconstruct:
         started_refit = time.perf_counter()
@@ -319,7 +338,7 @@ def prune_structure(model: nn.Module, ratio: float | None = None, *, example_inp
     timings["apply_seconds"] = time.perf_counter() - started
     return StructuredResult(plan, result, graph.summary(), importance.settings(),
                             {**strategy.model_dump(), "normalize": strategy.normalize or default_normalize},
-                            kinds, settings.head_mode, notes + plan.notes, timings)
+                            kinds, settings.head_mode, notes + plan.notes, timings, search)
 
 
 __all__ = ["Calibration", "KINDS", "StructuredResult", "WidthSettings", "check_plan", "classifier_calibration",

@@ -10,7 +10,7 @@ from prunekit.core.allocation import get_allocation
 from prunekit.core.allocation.search import MEASUREMENT
 from prunekit.core.config import RecipeModel, TextDataConfig, blocks_field
 from prunekit.errors import PrunekitError
-from prunekit.structure.allocation import WidthAllocation, check_ratio
+from prunekit.structure.allocation import WidthAllocation, check_ratio, check_search_combination
 from prunekit.structure.importance.base import get_importance
 from prunekit.structure.pipeline import WidthSettings, resolve_granularity
 from prunekit.structure.reconstruct import DEFAULT_DAMPING
@@ -180,6 +180,12 @@ class ShrinkRecipe(RecipeModel):
             raise PrunekitError("nothing to prune: give a ratio above 0 or a number of blocks to remove")
         if self.method is not None and self.target != "params":
             raise PrunekitError(f"{self.method['name']} removes a fraction of the parameters; leave out --target macs")
+        if self.allocation.searched:
+            if self.method is not None:
+                raise PrunekitError(f"allocation {self.allocation.name} chooses how many units each family keeps; "
+                                    f"{self.method['name']} deletes none: leave out one of them")
+            compensation = self.importance is not None and get_importance(self.importance).compensation()
+            check_search_combination(self.allocation, self.reconstruct, self.overrides, compensation)
         return self
 
 
