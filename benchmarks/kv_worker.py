@@ -4,8 +4,11 @@ virtual environment, transformers < 5.3), so it imports prunekit only for ``--to
 ``--mode quality``: for every prompt, method and ratio, the prompt is prefilled with the compression on; the
 kept positions of every block and key head are recorded (KVPress does not expose them: its compressed keys are
 matched, exactly, to the full cache's keys), then the continuation's mean loss is computed through the
-compressed cache with explicit position ids (the same code for both tools). ``--mode timing``: one timed prefill
-per method and ratio of the first prompt (the driver alternates the tools' processes).
+compressed cache with explicit position ids (the same code for both tools). ``--mode timing``: many timed
+prefills of the first prompt in this one process: ``--warmup`` untimed rounds, then ``--repeats`` timed rounds,
+each round a full-cache prefill (no compression) followed by one prefill of every (method, ratio) cell, the cells
+in forward order on even rounds and backward on odd ones; every sample is kept, so each cell has ``--repeats``
+samples and its own full-cache reference from the same process (the driver alternates the tools' processes).
 """
 
 from __future__ import annotations
@@ -73,6 +76,56 @@ def continuation_loss(model, cache, last, continuation, start: int) -> float:
     return float(torch.nn.functional.cross_entropy(logits[0], continuation[0]))
 
 
+def timed_prefill(model, prefix, context=None) -> tuple[float, float]:
+    """Wall seconds and process CPU seconds of one prefill (inside ``context`` when given: entering and leaving it
+    are not timed)."""
+    if context is None:
+        begin, cpu = time.perf_counter(), time.process_time()
+        prefill(model, prefix)
+        return time.perf_counter() - begin, time.process_time() - cpu
+    with context:
+        begin, cpu = time.perf_counter(), time.process_time()
+        prefill(model, prefix)
+        seconds = time.perf_counter() - begin, time.process_time() - cpu
+    return seconds
+
+
+def load_average() -> list[float]:
+    try:
+        return [float(x) for x in open("/proc/loadavg").read().split()[:3]]
+    except OSError:
+        return []
+
+
+def timing(tool: str, model, prefix, methods: list[str], ratios: list[float], warmup: int, repeats: int,
+           results: dict) -> None:
+    """``warmup`` untimed rounds then ``repeats`` timed ones; a round: the full cache, then every cell (forward on
+    even rounds, backward on odd). Every sample is recorded, in the order taken."""
+    cells = [(method, ratio) for method in methods for ratio in ratios]
+    # a fresh context per prefill (KVPress's press(model) is a one-shot context manager)
+    contexts = {cell: (lambda cell=cell: compressor(tool, model, *cell)[0]) for cell in cells}
+    results["full_seconds"], results["full_cpu_seconds"] = [], []
+    results["points"] = {f"{method}@{ratio}": [] for method, ratio in cells}
+    results["points_cpu"] = {f"{method}@{ratio}": [] for method, ratio in cells}
+    results["order"] = []
+    results["load_before"] = load_average()
+    for round_number in range(warmup + repeats):
+        keep = round_number >= warmup
+        seconds, cpu = timed_prefill(model, prefix)
+        if keep:
+            results["full_seconds"].append(seconds)
+            results["full_cpu_seconds"].append(cpu)
+            results["order"].append("full")
+        for method, ratio in cells if round_number % 2 == 0 else cells[::-1]:
+            seconds, cpu = timed_prefill(model, prefix, contexts[(method, ratio)]())
+            if keep:
+                results["points"][f"{method}@{ratio}"].append(seconds)
+                results["points_cpu"][f"{method}@{ratio}"].append(cpu)
+                results["order"].append(f"{method}@{ratio}")
+    results["load_after"] = load_average()
+    results["warmup"], results["repeats"] = warmup, repeats
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tool", choices=["prunekit", "kvpress"], required=True)
@@ -82,6 +135,8 @@ def main() -> None:
     parser.add_argument("--ratios", required=True)
     parser.add_argument("--mode", choices=["quality", "timing"], required=True)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1, help="timing: untimed rounds first")
+    parser.add_argument("--repeats", type=int, default=5, help="timing: timed rounds (samples per cell)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -92,18 +147,7 @@ def main() -> None:
     methods, ratios = args.methods.split(","), [float(r) for r in args.ratios.split(",")]
     results: dict = {"tool": args.tool, "mode": args.mode, "points": {}}
     if args.mode == "timing":
-        prefix = prompts[0][0]
-        prefill(model, prefix)  # warm-up
-        begin = time.perf_counter()
-        prefill(model, prefix)
-        results["full_seconds"] = time.perf_counter() - begin
-        for method in methods:
-            for ratio in ratios:
-                context, _ = compressor(args.tool, model, method, ratio)
-                with context:
-                    begin = time.perf_counter()
-                    prefill(model, prefix)
-                    results["points"][f"{method}@{ratio}"] = time.perf_counter() - begin
+        timing(args.tool, model, prompts[0][0], methods, ratios, args.warmup, args.repeats, results)
         torch.save(results, args.out)
         return
     results["full_losses"] = []
