@@ -152,11 +152,12 @@ def test_settings_are_checked_and_streaming_refuses_the_correction():
 def test_cli_prunes_with_a_correction_and_writes_it_in_the_report(tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     assert main(["prune", str(tiny_model_dir), "--method", "wanda", "--pattern", "2:4", "--lowrank-budget", "0.1",
-                 "--no-eval", "--calib-samples", "4", "--seq-len", "64", "--out", str(out)]) == 0
+                 "--lowrank-refit", "--no-eval", "--calib-samples", "4", "--seq-len", "64", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert 0 < report["lowrank"]["extra_fraction"] <= 0.1
-    assert report["recipe"]["lowrank"]["budget"] == 0.1
+    assert report["recipe"]["lowrank"]["budget"] == 0.1 and report["recipe"]["lowrank"]["refit"] is True
     assert "low-rank correction" in (out / "report.md").read_text()
+    assert "kept values refit" in (out / "report.md").read_text()
     loaded = prunekit.load(out, kind="causal-lm")
     assert lowrank_parameters(loaded) == report["lowrank"]["extra_parameters"]
     again = tmp_path / "again"

@@ -89,6 +89,8 @@ def prune(
     lowrank_kind: Optional[str] = typer.Option(None, help="what the budget buys: correction (S + L·R, a rank-r term "
                                                           "beside the sparse weight) or armor (A·S·B, block-diagonal "
                                                           "A and B fitted around it) [default: correction]"),
+    lowrank_refit: bool = typer.Option(False, "--lowrank-refit", help="with the correction: refit the sparse part's "
+                                       "kept values by least squares in every round (slower, a smaller error)"),
     blocks: Optional[str] = BLOCKS,
     trust_remote_code: bool = typer.Option(False, help="allow model code from the model directory"),
     recipe: Optional[Path] = RECIPE,
@@ -112,7 +114,7 @@ def prune(
                "format": compressed_format, "save_dense": dense,
                "save_compressed": compressed, "untie_embeddings": untie_embeddings or None, "blocks": blocks,
                "trust_remote_code": trust_remote_code or None, "stream": stream, "lowrank.budget": lowrank_budget,
-               "lowrank.kind": lowrank_kind,
+               "lowrank.kind": lowrank_kind, "lowrank.refit": lowrank_refit or None,
                **_data(calib, test, calib_samples, test_windows, seq_len, seed, text_field),
                **_tasks(tasks, task_examples, task_seed)}
     built = build_recipe(WeightPruningRecipe, recipe, options,
