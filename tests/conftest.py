@@ -60,6 +60,21 @@ def tokenizer(smollm2_dir):
     return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
+TINY_VOCAB = 256  # the vocabulary of the tiny Llamas the low-rank and rotation tests build
+
+
+@pytest.fixture(scope="module")
+def calibration() -> torch.Tensor:
+    """Eight 32-token windows of random ids below TINY_VOCAB: calibration for ``tiny_llama(vocab=TINY_VOCAB)``
+    (a module defining its own ``calibration`` fixture overrides this one)."""
+    return torch.randint(0, TINY_VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
+
+
+def tiny_inputs() -> torch.Tensor:
+    """Two 24-token inputs for the same tiny Llamas, other than the calibration windows."""
+    return torch.randint(0, TINY_VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
 def tiny_llama(layers: int = 2, hidden: int = 64, intermediate: int = 128, heads: int = 4, kv_heads: int = 2,
                vocab: int = 49152, seed: int = 0, tie: bool = True):
     """A random Llama-architecture model sharing SmolLM2's vocabulary, so its tokenizer works."""

@@ -17,9 +17,9 @@ from prunekit.structure.methods.slicegpt import (find_residual_layout, fold_norm
                                                  rotate_and_slice, untie_head)
 from prunekit.structure.saving import save_structured
 from prunekit.structure.shrink_method import get_shrink_method
-from tests.conftest import tiny_llama
+from tests.conftest import TINY_VOCAB as VOCAB
+from tests.conftest import tiny_inputs, tiny_llama
 
-VOCAB = 256
 SMALL = ["--calib-samples", "4", "--test-windows", "2", "--seq-len", "64", "--runs", "1", "--no-peak-memory"]
 
 
@@ -58,18 +58,9 @@ def _tiny(family: str = "llama", tie: bool = True, vocab: int = VOCAB):
     return _random_norms(getattr(transformers, model_class)(config).eval())
 
 
-@pytest.fixture(scope="module")
-def calibration():
-    return torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
-
-
-def _inputs():
-    return torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
-
-
 def _logits(model):
     with torch.no_grad():
-        return model(_inputs()).logits
+        return model(tiny_inputs()).logits
 
 
 def _layout(model, calibration):

@@ -10,18 +10,9 @@ from prunekit.core.lowrank import FactoredLinear, lowrank_layers, rank_for_fract
 from prunekit.structure.saving import save_structured
 from prunekit.errors import PrunekitError
 from prunekit.structure.shrink_method import get_shrink_method
-from tests.conftest import tiny_llama
+from tests.conftest import TINY_VOCAB as VOCAB
+from tests.conftest import tiny_inputs, tiny_llama
 
-VOCAB = 256
-
-
-@pytest.fixture(scope="module")
-def calibration():
-    return torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
-
-
-def _inputs():
-    return torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("sequential", ["layer", "dense"])
@@ -36,10 +27,10 @@ def test_full_rank_reproduces_every_layer(calibration, sequential):
         product = module.lowrank_out.weight @ module.lowrank_in.weight
         assert torch.allclose(product, weight, rtol=1e-4, atol=1e-5), name
     with torch.no_grad():
-        assert torch.allclose(model(_inputs()).logits, reference(_inputs()).logits, atol=1e-4)
+        assert torch.allclose(model(tiny_inputs()).logits, reference(tiny_inputs()).logits, atol=1e-4)
 
 
-def test_whitened_truncation_beats_plain_svd_on_the_calibration_inputs():
+def test_whitened_truncation_beats_plain_svd_on_the_calibrationtiny_inputs():
     """The point of whitening: at every rank the output error on X is at most plain truncated SVD's."""
     generator = torch.Generator().manual_seed(3)
     weight = torch.randn(24, 16, generator=generator, dtype=torch.float64)
@@ -76,4 +67,4 @@ def test_saved_and_reloaded_it_gives_identical_outputs(calibration, tmp_path):
     loaded = prunekit.load(tmp_path, kind="causal-lm")
     assert set(lowrank_layers(loaded)) == set(lowrank_layers(model))
     with torch.no_grad():
-        assert torch.equal(loaded(_inputs()).logits, model(_inputs()).logits)
+        assert torch.equal(loaded(tiny_inputs()).logits, model(tiny_inputs()).logits)

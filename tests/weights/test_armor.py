@@ -20,19 +20,10 @@ from prunekit.weights.armor import armor_block_size, fit_armor
 from prunekit.weights.base import get_method
 from prunekit.weights.lowrank import LowRankSettings
 from prunekit.weights.pipeline import prune_weights
-from tests.conftest import tiny_llama
+from tests.conftest import TINY_VOCAB as VOCAB
+from tests.conftest import tiny_inputs, tiny_llama
 
-VOCAB = 256
 TWO_FOUR = SparsityPattern.parse("2:4")
-
-
-@pytest.fixture(scope="module")
-def calibration():
-    return torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
-
-
-def _inputs():
-    return torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
 def _pruned(calibration, method="sparsegpt", budget=0.1, **lowrank):
@@ -133,7 +124,7 @@ def test_through_the_pipeline_the_sparse_part_stays_valid_2_4_and_helps(calibrat
     assert report["extra_fraction"] <= 0.1
     assert all(layer["relative_error_after"] <= layer["relative_error_before"] for layer in report["layers"])
     assert report["mean_relative_error_after"] < report["mean_relative_error_before"]
-    x = _inputs()
+    x = tiny_inputs()
     with torch.no_grad():
         reference = tiny_llama(vocab=VOCAB)(x).logits
         assert (model(x).logits - reference).square().mean() < (plain(x).logits - reference).square().mean()
@@ -147,7 +138,7 @@ def test_the_same_settings_give_the_same_model(calibration):
 
 def test_save_and_load_give_identical_outputs(calibration, tmp_path):
     model, _ = _pruned(calibration, "wanda")
-    x = _inputs()
+    x = tiny_inputs()
     with torch.no_grad():
         reference = model(x).logits
     for name, write in (("dense", write_dense), ("compressed", write_compressed)):

@@ -16,18 +16,9 @@ from prunekit.weights.lowrank import LowRankSettings
 from prunekit.weights.pipeline import (BlockSource, allocate_ratios, plan_pruning, prune_blocks, prune_weights,
                                         pruning_settings)
 from prunekit.weights.recipe import WeightPruningRecipe
-from tests.conftest import tiny_llama
+from tests.conftest import TINY_VOCAB as VOCAB
+from tests.conftest import tiny_inputs, tiny_llama
 
-VOCAB = 256
-
-
-@pytest.fixture(scope="module")
-def calibration():
-    return torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
-
-
-def _inputs():
-    return torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
 def _pruned(calibration, method="sparsegpt", budget=0.0, **lowrank):
@@ -51,7 +42,7 @@ def test_zero_budget_is_exactly_the_sparse_model(calibration):
     attached = plan.correction.attach(fitted, budget=0.0)
     assert attached.extra_parameters == 0 and not lowrank_layers(fitted) and len(attached.layers) == 14
     with torch.no_grad():
-        assert torch.equal(fitted(_inputs()).logits, plain(_inputs()).logits)
+        assert torch.equal(fitted(tiny_inputs()).logits, plain(tiny_inputs()).logits)
 
 
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
@@ -71,7 +62,7 @@ def test_the_sparse_part_is_the_same_valid_2_4_and_the_correction_helps(calibrat
     assert lowrank["extra_fraction"] <= 0.1
     assert all(layer["relative_error_after"] <= layer["relative_error_before"] for layer in lowrank["layers"])
     assert lowrank["mean_relative_error_after"] < lowrank["mean_relative_error_before"]
-    x = _inputs()
+    x = tiny_inputs()
     dense = tiny_llama(vocab=VOCAB)
     with torch.no_grad():
         reference = dense(x).logits
@@ -91,7 +82,7 @@ def test_alternating_keeps_2_4_and_removes_more_error_than_one_correction(calibr
     refined_first = next(layer for layer in refined_result.lowrank["layers"] if layer["name"] == first)
     assert refined_first["relative_error_after"] <= once_layers[first]["relative_error_after"] * (1 + 1e-6)
     assert refined_result.lowrank["mean_relative_error_after"] < once_result.lowrank["mean_relative_error_after"]
-    x = _inputs()
+    x = tiny_inputs()
     dense = tiny_llama(vocab=VOCAB)
     with torch.no_grad():
         reference = dense(x).logits
@@ -124,7 +115,7 @@ def test_global_allocation_beats_uniform_on_the_summed_relative_error(calibratio
 
 def test_save_and_load_give_identical_outputs(calibration, tmp_path):
     model, _ = _pruned(calibration, "wanda", budget=0.1)
-    x = _inputs()
+    x = tiny_inputs()
     with torch.no_grad():
         reference = model(x).logits
     (tmp_path / "dense").mkdir()
