@@ -137,7 +137,7 @@ def svd_llm_row(dense, calibration, test) -> dict:
     result = get_shrink_method("svd-llm").apply(model, calibration, RATIO, 4)
     seconds = time.perf_counter() - started
     return _row(f"SVD-LLM, {RATIO:.0%} removed", model, dense, test, seconds, _sizes_structure(model),
-                {"group": "20%", "method": "svd-llm", "details": {k: v for k, v in result.items() if k != "layers"}})
+                {"group": f"{RATIO:.0%}", "method": "svd-llm", "details": {k: v for k, v in result.items() if k != "layers"}})
 
 
 def slicegpt_row(dense, calibration, test, head: str) -> dict:
@@ -146,7 +146,7 @@ def slicegpt_row(dense, calibration, test, head: str) -> dict:
     result = get_shrink_method({"name": "slicegpt", "head": head}).apply(model, calibration, RATIO, 4)
     seconds = time.perf_counter() - started
     return _row(f"SliceGPT (head {head}), {RATIO:.0%} removed", model, dense, test, seconds,
-                _sizes_structure(model), {"group": "20%", "method": f"slicegpt-{head}",
+                _sizes_structure(model), {"group": f"{RATIO:.0%}", "method": f"slicegpt-{head}",
                                           "details": {k: v for k, v in result.items() if k != "kept_energy"}})
 
 
@@ -158,7 +158,7 @@ def fisher_row(dense, calibration, test) -> dict:
                     calibration=lm_calibration(calibration, 4), adapter=adapter_for(model))
     seconds = time.perf_counter() - started
     return _row(f"shrink default (Fisher, global), {RATIO:.0%} removed", model, dense, test, seconds,
-                _sizes_structure(model), {"group": "20%", "method": "fisher-global"})
+                _sizes_structure(model), {"group": f"{RATIO:.0%}", "method": "fisher-global"})
 
 
 ROWS = {  # key -> the row it measures, in the order a full run measures them (the target and 20 % first)
@@ -224,8 +224,8 @@ def report(rows: list[dict], dense_row: dict) -> str:
              if r['lowrank']['settings']['reselect'] else "the method's mask kept.")
           for r in rows if r.get("kind") == "armor"],
         "",
-        f"## {RATIO:.0%} of the parameters removed", "",
-        table("20%"), "",
+        *[line for group in sorted({r["group"] for r in rows} - {"2:4"})
+          for line in (f"## {group} of the parameters removed", "", table(group), "")],
         f"Protocol: {PROTOCOL.summary()}. Speed: {SPEED.describe()}; each model timed side by side with the dense "
         "model, passes alternating, in this one process; the dense figures differ from row to row by the machine's "
         "noise, the ratios are what compares.", ""])
