@@ -10,6 +10,7 @@ and ``python -m prunekit.tools.support`` (which writes docs/models.md) run the s
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,3 +51,9 @@ def checked_once(check: Callable[[ModelFactory, "object"], SupportResult], windo
         return check(lambda: tiny_model(model_type), windows)
 
     return result
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword ``model``'s forward takes its cache under: ``cache`` in newer transformers 5.x,
+    ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -12,16 +12,10 @@ from __future__ import annotations
 import torch
 
 from prunekit.errors import PrunekitError
-from prunekit.tools.support import ModelFactory, SupportResult, one_line
+from prunekit.tools.support import ModelFactory, SupportResult, cache_keyword, one_line
 
 PROMPT, CONTINUATION, NEW_TOKENS = 24, 4, 4
 RATIO = 0.5
-
-
-def _cache_kwarg(model) -> str:
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _prefill(model, ids: torch.Tensor):
@@ -29,7 +23,7 @@ def _prefill(model, ids: torch.Tensor):
 
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=ids, use_cache=True, **{_cache_kwarg(model): cache})
+        model(input_ids=ids, use_cache=True, **{cache_keyword(model): cache})
     return cache
 
 
@@ -76,7 +70,7 @@ def check(factory: ModelFactory, windows: torch.Tensor) -> SupportResult:
                 kept = {index: positions.clone() for index, positions in patch.kept_positions().items()}
                 layer_of = {attention.index: attention.layer for attention in patch.attentions}
                 held = {layer_of[index]: cache.layers[layer_of[index]].keys.shape[-2] for index in kept}
-                logits = model(input_ids=continuation, use_cache=True, **{_cache_kwarg(model): cache}).logits
+                logits = model(input_ids=continuation, use_cache=True, **{cache_keyword(model): cache}).logits
                 generated = _generate(model, ids)
         expected = PROMPT - int(PROMPT * RATIO)
         short = {layer: count for layer, count in held.items() if count != expected}
@@ -89,7 +83,7 @@ def check(factory: ModelFactory, windows: torch.Tensor) -> SupportResult:
             reference_cache = _gathered(_prefill(model, ids), kept, layer_of, model.config)
             positions = torch.arange(PROMPT, PROMPT + CONTINUATION).expand(2, -1)
             reference = model(input_ids=continuation, position_ids=positions, use_cache=True,
-                              **{_cache_kwarg(model): reference_cache}).logits
+                              **{cache_keyword(model): reference_cache}).logits
             after = model(input_ids=ids).logits
         if not torch.allclose(logits, reference, rtol=1e-4, atol=1e-4):
             difference = float((logits - reference).abs().max())

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from prunekit.errors import PrunekitError
-from prunekit.tools.support import ModelFactory, SupportResult, one_line
+from prunekit.tools.support import ModelFactory, SupportResult, cache_keyword, one_line
 
 RATIO = 0.5
 PADDING = 4  # the second sequence is shorter by this many tokens (left-padded in decoders, right in encoders)
@@ -123,7 +123,7 @@ def _with_cache(model: nn.Module, output: Any) -> dict[str, Any]:
     """The cache of ``output`` as the keyword ``model`` takes it: ``cache`` in newer transformers 5.x,
     ``past_key_values`` before."""
     cache = output.get("cache") if output.get("cache") is not None else output.get("past_key_values")
-    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+    return {cache_keyword(model): cache}
 
 
 def _greedy(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
