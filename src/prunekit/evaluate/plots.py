@@ -29,13 +29,8 @@ def plot_unit_ratios(names: Sequence[str], ratios: Sequence[float], start: Seque
     ax.bar(xs, [r * 100 for r in ratios], width=0.9, color=colours, label="chosen")
     if start is not None:
         ax.plot(xs, [r * 100 for r in start], color="#dd8452", linewidth=1.2, marker=".", label="start")
-    ax.set_xlabel("unit (model order; blue: attention, green: MLP or other)")
-    ax.set_ylabel("ratio removed (%)")
-    ax.set_ylim(0, 100)
-    ax.set_xlim(-0.5, len(names) - 0.5)
-    ax.set_title(title)
-    ax.legend(loc="lower right")
-    _save(fig, path)
+    _finish_percent_bars(fig, ax, len(names), "unit (model order; blue: attention, green: MLP or other)",
+                         "ratio removed (%)", title, path)
 
 
 def plot_layer_sparsity(names: Sequence[str], target: Sequence[float], achieved: Sequence[float],
@@ -44,10 +39,15 @@ def plot_layer_sparsity(names: Sequence[str], target: Sequence[float], achieved:
     xs = range(len(names))
     ax.bar(xs, [a * 100 for a in achieved], width=1.0, color="#4c72b0", label="achieved")
     ax.plot(xs, [t * 100 for t in target], color="#dd8452", linewidth=1.2, label="allocated")
-    ax.set_xlabel("layer (execution order)")
-    ax.set_ylabel("sparsity (%)")
+    _finish_percent_bars(fig, ax, len(names), "layer (execution order)", "sparsity (%)", title, path)
+
+
+def _finish_percent_bars(fig, ax, count: int, xlabel: str, ylabel: str, title: str, path: str | Path) -> None:
+    """Labels, a 0–100 % axis over ``count`` bars, the legend, and the atomic save."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 100)
-    ax.set_xlim(-0.5, len(names) - 0.5)
+    ax.set_xlim(-0.5, count - 0.5)
     ax.set_title(title)
     ax.legend(loc="lower right")
     _save(fig, path)
