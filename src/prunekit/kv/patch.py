@@ -74,7 +74,7 @@ def _check_layer(layer: Any) -> None:
     from transformers.cache_utils import DynamicLayer
 
     if type(layer) is not DynamicLayer:
-        if "SlidingWindow" in type(layer).__name__:
+        if _is_sliding(layer):
             # Its entries are cropped by count, not by position: after a compression the window would span more
             # than the model's sliding_window positions, so the model would attend where it never did.
             raise PrunekitError("kv compression shrinks full-attention cache layers; this model keeps a sliding-window "
