@@ -58,6 +58,7 @@ from prunekit.structure.recipe import ShrinkRecipe  # noqa: E402
 from prunekit.structure.saving import save_structured  # noqa: E402
 from prunekit.structure.shrink_method import get_shrink_method  # noqa: E402
 from prunekit.weights.pipeline import prune_weights  # noqa: E402
+from prunekit.weights.lowrank import LowRankSettings  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROTOCOL = TextProtocol()
@@ -112,10 +113,11 @@ def _row(name: str, model, dense, test, seconds: float, sizes: dict, extra: dict
 
 
 def sparse_row(dense, calibration, test, method: str, budget: float, kind: str = "correction",
-               refit: bool = False) -> dict:
+               refit: bool = False, stream: str = "auto") -> dict:
     model = copy.deepcopy(dense)
     started = time.perf_counter()
-    lowrank = {"budget": budget, "kind": kind, **(ARMOR if kind == "armor" else {}), **({"refit": True} if refit else {})}
+    lowrank = {"budget": budget, "kind": kind, **(ARMOR if kind == "armor" else {}), **({"refit": True} if refit else {}),
+               "stream": stream}
     result = prune_weights(model, method, pattern="2:4", calibration=calibration, lowrank=lowrank)
     seconds = time.perf_counter() - started
     summary = None
@@ -125,9 +127,12 @@ def sparse_row(dense, calibration, test, method: str, budget: float, kind: str =
         summary[f"{size}s"] = {layer["name"]: layer[size] for layer in result.lowrank["layers"]}
         assert summary["extra_parameters"] == lowrank_parameters(model)
     label = "armor" if kind == "armor" else "low-rank"
-    name = f"{method} 2:4" + (f" + {label} {budget:.0%}" if budget else "") + (" (kept values refit)" if refit else "")
+    stream = LowRankSettings(**lowrank).corrected_stream if budget else None
+    name = (f"{method} 2:4" + (f" + {label} {budget:.0%}" if budget else "") + (" (kept values refit)" if refit else "")
+            + (" (sparse stream)" if stream is False else ""))
     return _row(name, model, dense, test, seconds, _sizes_weights(model),
-                {"group": "2:4", "method": method, "budget": budget, "kind": kind, "refit": refit, "lowrank": summary,
+                {"group": "2:4", "method": method, "budget": budget, "kind": kind, "refit": refit,
+                 "stream": None if stream is None else "corrected" if stream else "sparse", "lowrank": summary,
                  "measured": time.strftime("%Y-%m-%d")})
 
 
@@ -166,6 +171,8 @@ ROWS = {  # key -> the row it measures, in the order a full run measures them (t
     "sparsegpt-lowrank10": lambda d, c, t: sparse_row(d, c, t, "sparsegpt", 0.1),
     "sparsegpt-armor10": lambda d, c, t: sparse_row(d, c, t, "sparsegpt", 0.1, "armor"),
     "sparsegpt-lowrank10-refit": lambda d, c, t: sparse_row(d, c, t, "sparsegpt", 0.1, refit=True),
+    "sparsegpt-lowrank10-refit-sparse-stream": lambda d, c, t: sparse_row(d, c, t, "sparsegpt", 0.1, refit=True,
+                                                                          stream="sparse"),
     "svd-llm": svd_llm_row,
     "fisher": fisher_row,
     "slicegpt-untie": lambda d, c, t: slicegpt_row(d, c, t, "untie"),

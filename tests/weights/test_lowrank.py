@@ -36,7 +36,8 @@ def test_zero_budget_is_exactly_the_sparse_model(calibration):
     assert all(torch.equal(a, b) for a, b in zip(sparse.state_dict().values(), plain.state_dict().values()))
     # Fitted, then attached at a zero budget: nothing is added, the outputs are the sparse model's bit for bit.
     fitted = tiny_llama(vocab=VOCAB)
-    plan = plan_pruning(fitted, pruning_settings("sparsegpt", pattern="2:4", lowrank={"budget": 0.1, "iterations": 0}))
+    plan = plan_pruning(fitted, pruning_settings("sparsegpt", pattern="2:4",
+                                                 lowrank={"budget": 0.1, "iterations": 0, "stream": "sparse"}))
     ratios = allocate_ratios(plan, lambda name: None, None)
     prune_blocks(plan, BlockSource(fitted), ratios, calibration)
     attached = plan.correction.attach(fitted, budget=0.0)
@@ -47,9 +48,10 @@ def test_zero_budget_is_exactly_the_sparse_model(calibration):
 
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
 def test_the_sparse_part_is_the_same_valid_2_4_and_the_correction_helps(calibration, method):
-    """Pruned once (no alternation), the correction leaves the sparse part bit for bit as the method made it."""
+    """Pruned once (no alternation) on the sparse stream, the correction leaves the sparse part bit for bit as the
+    method made it."""
     sparse, _ = _pruned(calibration, method, budget=0.0)
-    corrected, result = _pruned(calibration, method, budget=0.1, iterations=0)
+    corrected, result = _pruned(calibration, method, budget=0.1, iterations=0, stream="sparse")
     sparse_weights = dict(sparse.named_parameters())
     layers = lowrank_layers(corrected)
     assert layers, "no layer was corrected"
@@ -103,6 +105,48 @@ def test_the_budget_is_kept_and_spent(calibration, allocation):
         for layer in lowrank["layers"]:
             out_features, in_features = layer["shape"]
             assert layer["rank"] <= int(0.1 * out_features * in_features // (out_features + in_features))
+
+
+def _input_gram(model, name: str, windows: torch.Tensor) -> torch.Tensor:
+    """``X Xᵀ`` of the inputs ``model`` gives its layer ``name`` on ``windows``."""
+    grams = []
+
+    def record(module, args):
+        rows = args[0].reshape(-1, args[0].shape[-1]).double()
+        grams.append(rows.T @ rows)
+
+    handle = model.get_submodule(name).register_forward_pre_hook(record)
+    with torch.no_grad():
+        model(windows)
+    handle.remove()
+    return sum(grams)
+
+
+@pytest.mark.parametrize("stream", ["corrected", "sparse"])
+def test_later_layers_are_fitted_on_the_inputs_the_final_model_gives_them(calibration, stream):
+    """With the corrected stream, the last layer's recorded errors are its errors on the inputs of the final
+    (corrected) model; with the sparse stream, on those of the model without its corrections."""
+    model, result = _pruned(calibration, budget=0.1, iterations=0, stream=stream)
+    name = "model.layers.1.mlp.down_proj"
+    dense = dict(tiny_llama(vocab=VOCAB).named_parameters())[f"{name}.weight"].detach().double()
+    sparse = model.get_submodule(name).weight.detach().double()
+    if stream == "sparse":
+        for module in lowrank_layers(model).values():
+            module.lowrank_out.weight.data.zero_()  # the model the stream ran through: no corrections
+    gram = _input_gram(model, name, calibration)
+    relative = float(((dense - sparse) @ gram * (dense - sparse)).sum() / (dense @ gram * dense).sum())
+    recorded = next(layer for layer in result.lowrank["layers"] if layer["name"] == name)
+    assert recorded["relative_error_before"] == pytest.approx(relative, rel=1e-4)
+    assert result.lowrank["settings"]["stream"] == stream
+
+
+def test_the_corrected_stream_gives_the_model_closer_to_the_dense_one(calibration):
+    x = tiny_inputs()
+    with torch.no_grad():
+        reference = tiny_llama(vocab=VOCAB)(x).logits
+        errors = {stream: (_pruned(calibration, budget=0.1, iterations=0, stream=stream)[0](x).logits - reference)
+                  .square().mean() for stream in ("corrected", "sparse")}
+    assert errors["corrected"] < errors["sparse"]
 
 
 def test_global_allocation_beats_uniform_on_the_summed_relative_error(calibration):

@@ -37,7 +37,7 @@ from prunekit.core.calibration import Target
 from prunekit.core.lowrank import attach_armor, block_diagonal_apply, conjugate_gradients
 from prunekit.core.statistics import InputHessian, LayerStatistics
 from prunekit.errors import PrunekitError
-from prunekit.weights.lowrank import CorrectionResult, LayerCorrection, LowRankSettings
+from prunekit.weights.lowrank import CorrectionResult, HeldWeights, LayerCorrection, LowRankSettings
 
 # Conjugate-gradient steps per round (warm-started, so rounds add up). On SmolLM2 layers the refit of S's kept
 # values carries most of the gain (SparseGPT's sweep only updates later columns, so its values are not the least
@@ -211,13 +211,15 @@ def fit_armor(dense: torch.Tensor, sparse: torch.Tensor, stats: InputHessian, bl
     return ArmorFit(outer, current, inner, start, error, history)
 
 
-class ArmorCorrection:
+class ArmorCorrection(HeldWeights):
     """The ARMOR counterpart of ``weights.lowrank.LowRankCorrection``: ``fit`` each pruned layer as it is pruned,
-    ``attach`` the factors at the end (the calibration stream runs through the plain sparse layers)."""
+    ``attach`` the factors at the end; the calibration stream runs through ``A S B`` (or, with ``stream sparse``,
+    through the plain sparse layers)."""
 
     statistics: type[LayerStatistics] = InputHessian
 
     def __init__(self, settings: LowRankSettings):
+        super().__init__()
         self.settings = settings
         self.fits: dict[str, tuple[ArmorFit, float, torch.dtype]] = {}
 
@@ -235,6 +237,8 @@ class ArmorCorrection:
         fit = fit_armor(dense, target.weight.detach(), stats, block or 1, self.settings.iterations if block else 0,
                         self.settings.dampening, self.settings.reselect, reprune)
         self.fits[target.name] = (fit, self._energy(dense, stats), target.weight.dtype)
+        if fit.improved and self.settings.corrected_stream:
+            self.hold(target.weight, _left(fit.outer, _right(fit.sparse, fit.inner)))
 
     @staticmethod
     def _energy(dense: torch.Tensor, stats: InputHessian) -> float:
@@ -247,6 +251,7 @@ class ArmorCorrection:
         layer whose best is its sparse weight alone stays a plain linear."""
         if budget is not None and budget != self.settings.budget:
             raise PrunekitError("ARMOR's block sizes are fixed while the layers are pruned; refit for another budget")
+        self.restore()
         result = CorrectionResult(self.settings.model_dump(mode="json"))
         for name, (fit, energy, dtype) in self.fits.items():
             module = model.get_submodule(name)

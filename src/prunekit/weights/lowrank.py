@@ -21,9 +21,12 @@ One budget of extra parameters (``budget`` × the targeted layers' parameters) i
 
 No layer gets more than ``layer_cap`` of its own parameters. Each layer then takes, up to its allocated
 rank, the rank with the least error in the undampened norm, so a correction never increases a layer's
-error (the fit is exact in the dampened norm; the dampening alone could make a rank worse). The sequential
-calibration stream runs through the sparse layers (the correction is attached at the end): later layers'
-statistics are those the method alone would see.
+error (the fit is exact in the dampened norm; the dampening alone could make a rank worse).
+
+Which layers the sequential calibration stream runs through (``stream``): when a layer's rank is known as it
+is pruned (``uniform``, and ARMOR), the corrected layer (``S + L R`` held as one dense weight until its block
+has been run), so every later layer is pruned and corrected on the inputs the final model gives it; with
+``global`` ranks, the plain sparse layers (the corrections come at the end), as the method alone would see.
 """
 
 from __future__ import annotations
@@ -69,6 +72,11 @@ class LowRankSettings(RecipeModel):
     reselect: int = Field(0, ge=0, description="armor only: re-choose the mask with the method every this many "
                                                "rounds, on the problem seen through A and B; 0 = keep the "
                                                "method's mask")
+    stream: Literal["auto", "corrected", "sparse"] = Field("auto", description="what later layers are calibrated "
+                                                                               "on: corrected (each layer with its "
+                                                                               "correction; needs uniform ranks) or "
+                                                                               "sparse layers; auto = corrected "
+                                                                               "where the ranks allow it")
 
     @model_validator(mode="after")
     def _cap(self) -> "LowRankSettings":
@@ -81,6 +89,9 @@ class LowRankSettings(RecipeModel):
         if self.allocation == "global" and self.iterations:
             raise PrunekitError("global allocation chooses the ranks once every layer is pruned, but alternating needs "
                                 "each layer's rank while it is pruned; set lowrank.iterations 0 or allocation uniform")
+        if self.stream == "corrected" and self.allocation == "global":
+            raise PrunekitError("global allocation chooses the ranks once every layer is pruned, so the stream "
+                                "cannot run through the corrected layers; set lowrank.stream sparse (or auto)")
         if self.budget > self.layer_cap:
             raise PrunekitError(f"lowrank budget {self.budget} exceeds the per-layer cap {self.layer_cap}; "
                                 "raise lowrank.layer_cap")
@@ -89,6 +100,30 @@ class LowRankSettings(RecipeModel):
     @property
     def enabled(self) -> bool:
         return self.budget > 0
+
+    @property
+    def corrected_stream(self) -> bool:
+        return self.stream == "corrected" or (self.stream == "auto" and self.allocation == "uniform")
+
+
+class HeldWeights:
+    """Layers that carry their corrected weight as one dense tensor while their block is still being run, so
+    the calibration stream sees the corrected model; ``restore`` gives each its sparse weight back (called when
+    the block is done, before a streaming pipeline writes it)."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    @torch.no_grad()
+    def hold(self, weight: torch.Tensor, effective: torch.Tensor) -> None:
+        self.held.append((weight, weight.detach().clone()))
+        weight.copy_(effective.to(weight.dtype))
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for weight, sparse in self.held:
+            weight.copy_(sparse)
+        self.held.clear()
 
 
 @dataclass
@@ -156,12 +191,13 @@ def build_correction(settings: LowRankSettings) -> "LowRankCorrection | None":
     return LowRankCorrection(settings)
 
 
-class LowRankCorrection:
+class LowRankCorrection(HeldWeights):
     """Fits every pruned layer as it is pruned (``fit``), then chooses ranks and attaches them (``attach``)."""
 
     statistics: type[LayerStatistics] = InputHessian
 
     def __init__(self, settings: LowRankSettings):
+        super().__init__()
         self.settings = settings
         self.fits: dict[str, LayerFit] = {}
 
@@ -189,9 +225,19 @@ class LowRankCorrection:
                                                                                       self.settings.layer_cap)
         if self.settings.iterations and reprune is not None and share:
             sparse = self._alternate(target, dense, sparse, whitening, share, reprune)
-        self.fits[target.name] = LayerFit(target.name, (out_features, in_features),
-                                          whitened_svd(dense - sparse, whitening, cap),
-                                          output_energy(dense, whitening), target.weight.dtype)
+        fit = LayerFit(target.name, (out_features, in_features), whitened_svd(dense - sparse, whitening, cap),
+                       output_energy(dense, whitening), target.weight.dtype)
+        self.fits[target.name] = fit
+        if self.settings.corrected_stream:
+            rank = self._rank(fit, share)
+            if rank:
+                left, right = fit.svd.factors(rank, torch.float64)
+                self.hold(target.weight, sparse + left @ right)
+
+    @staticmethod
+    def _rank(fit: LayerFit, allocated: int) -> int:
+        """The rank, up to ``allocated``, with the least undampened error (0: the correction would not help)."""
+        return int(torch.argmin(fit.svd.errors[:allocated + 1]))
 
     def _alternate(self, target: Target, dense: torch.Tensor, sparse: torch.Tensor, whitening: Whitening, rank: int,
                    reprune: Callable[[torch.Tensor], object]) -> torch.Tensor:
@@ -243,14 +289,18 @@ class LowRankCorrection:
 
         A layer gets the rank, up to its allocated one, with the least undampened error: never more error
         than without a correction."""
+        self.restore()
         settings = self.settings.model_dump(mode="json")
         if budget is not None:
+            if self.settings.corrected_stream and budget != self.settings.budget:
+                raise PrunekitError("the calibration stream ran through the corrected layers at the settings' "
+                                    "budget; prune with lowrank.stream sparse to try other budgets on one run")
             settings["budget"] = budget
         result = CorrectionResult(settings, target_parameters=sum(fit.parameters for fit in self.fits.values()))
         for name, allocated in self.ranks(budget).items():
             fit = self.fits[name]
-            errors = fit.svd.errors[:allocated + 1]
-            rank = int(torch.argmin(errors))
+            errors = fit.svd.errors
+            rank = self._rank(fit, allocated)
             if rank:
                 left, right = fit.svd.factors(rank, fit.dtype)
                 attach_correction(model, name, left, right)  # a linear target's name is its module's path

@@ -168,6 +168,12 @@ class Pruner:
             self.correction.fit(target, dense, stats, lambda weight, statistics=stats:
                                 self.method.prune(weight, statistics, ratio, self.pattern))
 
+    def block_done(self) -> None:
+        """The block's outputs are computed: layers that carried their corrected weight for the stream get their
+        sparse weight back."""
+        if self.correction is not None:
+            self.correction.restore()
+
     def unreached(self, target: Target) -> None:
         """An expert no calibration token reached: pruned by magnitude (nothing else is known of it), and named."""
         from prunekit.weights.base import get_method
@@ -353,6 +359,7 @@ def prune_blocks(plan: PrunePlan, source: BlockSource, ratios: Mapping[str, floa
                     with torch.no_grad():
                         for target in targets:
                             pruner.process(target, None)
+                pruner.block_done()
                 source.block_done(index, block, steps)
             bar.advance()
     if outside:
@@ -368,6 +375,7 @@ def prune_blocks(plan: PrunePlan, source: BlockSource, ratios: Mapping[str, floa
                     for target in outside_targets:
                         if (target.block is None or not calibrated) and ratios[target.name] > 0:
                             pruner.process(target, None)
+                pruner.block_done()
                 source.outside_done(outside_targets)
         else:
             source.outside_done([])
