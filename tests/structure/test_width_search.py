@@ -25,7 +25,7 @@ from tests.conftest import tiny_llama
 
 # a coarse grid keeps the tests quick: two levels of a quarter of an MLP, one KV group
 EVOLUTION = {"step": 0.25, "max_ratio": 0.5, "sensitivity_tokens": 32, "generations": 3, "offspring": 4,
-             "stage_tokens": [32, 96], "survivors": [2]}
+             "stage_tokens": [32, 96], "survivors": [2], "start": "knapsack"}
 
 
 def _model(seed: int = 1):
@@ -91,7 +91,7 @@ def test_measuring_leaves_the_model_bit_for_bit_as_it_came_and_zeroing_equals_re
     assert problem.fitness(0, [0] * len(steps)) == 0.0
     assert math.isinf(problem.fitness(0, [last + 1 for last in steps]))  # past the floor: never measured
     # the zeroed units removed for real give the same logits: the measurement is the pruned model's
-    removal = {f.name: sorted(problem.removed[i][s]) for i, (f, s) in enumerate(zip(problem.grid.families, steps))}
+    removal = {f.name: problem.removed(i, s) for i, (f, s) in enumerate(zip(problem.grid.families, steps))}
     shrink(graph, removal, adapter=adapter_for(model))
     with torch.no_grad():
         shrunk_logits = model(input_ids=_windows()[:1]).logits
@@ -126,6 +126,30 @@ def test_evolution_never_ends_worse_than_its_start_and_a_seed_fixes_it():
     outcome = get_allocation({"name": "evolutionary", **EVOLUTION, "start": "uniform"}).search(problem)
     assert outcome.start_steps == [1] * len(grid.weights)
     assert outcome.fitness <= outcome.start_fitness
+
+
+def test_the_evolution_from_the_global_baseline_starts_at_global_and_never_ends_worse():
+    """On a grid as fine as the rounding (8 neurons, one KV group a level) the global allocation is a point of the
+    grid: the evolution starts exactly there, keeps its budget and ends no worse by its own fitness."""
+    fine = {k: v for k, v in EVOLUTION.items() if k not in ("step", "start")} | {"max_ratio": 0.85}
+    model = _model()
+    heuristic = _prune(_model(), "global")
+    result = _prune(model, {"name": "evolutionary", "search": fine})
+    search = result.search
+    start = {unit["name"]: unit["start_kept"] for unit in search["units"]}
+    assert start == {name: kept for name, (_, kept) in heuristic.plan.widths.items() if name in start}
+    assert search["fitness"] <= search["start_fitness"] and search["evaluations"] > 1
+    assert result.plan.total_after == heuristic.plan.total_after  # the evolution keeps the parent's budget
+    assert any(unit["kept"] != unit["start_kept"] for unit in search["units"]) or \
+        search["fitness"] == search["start_fitness"]
+
+
+def test_the_baseline_start_refuses_a_step_and_a_grid_short_of_the_global_widths():
+    with pytest.raises(PrunekitError, match="leave out step"):
+        _prune(_model(), {"name": "evolutionary", "search": {**EVOLUTION, "start": "baseline"}})
+    settings = {k: v for k, v in EVOLUTION.items() if k not in ("step", "start")} | {"max_ratio": 0.15}
+    with pytest.raises(PrunekitError, match="raise the search's max_ratio"):
+        _prune(_model(), {"name": "evolutionary", "search": settings})
 
 
 def test_the_search_state_resumes_from_its_database(tmp_path):
@@ -203,6 +227,7 @@ def test_shrink_by_search_writes_a_recipe_that_reproduces_the_model_bit_for_bit(
     (["--allocation", "knapsack", "--override", "model.layers.0.mlp=0.5"], "leave out the overrides"),
     (["--allocation", "knapsack", "--allocation-arg", "annealing=1"], "annealing"),
     (["--allocation", "global", "--allocation-arg", "step=0.2"], "allocation global does not search"),
+    (["--allocation", "evolutionary", "--allocation-arg", "step=0.2"], "leave out step"),
     (["--allocation", "knapsack", "--importance", "flap"], "without bias compensation"),
 ])
 def test_bad_search_options_are_one_line_exit_2(tiny_dir, tmp_path, capsys, extra, message):

@@ -73,7 +73,13 @@ class WidthAllocation(BaseModel):
         if "levels" in self.search or "unit" in self.search:
             raise PrunekitError("a width search's units are the families and its result their widths: leave out "
                                 "levels and unit")
-        return get_allocation({"name": self.name, **self.search})
+        search = dict(self.search)
+        if self.name == "evolutionary":
+            search.setdefault("start", "baseline")  # the global allocation: never worse than the default
+            if search["start"] == "baseline" and "step" in search:
+                raise PrunekitError("an evolution started from the global allocation searches on the families' "
+                                    "rounding grid; leave out step (or start from the knapsack)")
+        return get_allocation({"name": self.name, **search})
 
 
 def check_search_combination(allocation: WidthAllocation, reconstruct: bool, overrides: Mapping[str, float] | None,

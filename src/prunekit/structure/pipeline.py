@@ -307,7 +307,7 @@ def prune_structure(model: nn.Module, ratio: float | None = None, *, example_inp
     search = None
     if strategy.searched and strategy.widths is None:
         plan, found = search_widths(graph, adapter, families, scores, settings.ratio, settings.target, strategy,
-                                    calibration.windows if calibration is not None else None)
+                                    calibration.windows if calibration is not None else None, default_normalize)
         search = found.to_dict()
         timings["search_seconds"] = found.seconds["search"]
         started = time.perf_counter()  # applying starts after the search

@@ -7,6 +7,11 @@ scores the ``global`` allocation ranks), where ``per_step`` is the allocation's 
 rounded to the family's rounding unit (``round_to`` neurons; whole KV groups). A family's levels stop at its
 floor (or ``max_ratio``): a level beyond costs ``inf``, so neither the knapsack nor the evolution keeps it.
 
+``evolutionary`` starts by default from shrink's own ``global`` allocation (``start: baseline``): its grid is
+then the families' rounding unit (``round_to`` neurons, one KV group), on which the global widths lie, so the
+evolution begins exactly at the default's solution and, keeping the best, never ends worse by its fitness;
+``start: knapsack`` searches the coarser ``step`` grid from the knapsack's solution instead.
+
 The budget is exact: removing ``per_step`` units of a family removes the same number of parameters (or MACs)
 at every level and whatever the other families keep (checked on the graph's cost model, which refuses
 families that share a layer, as hidden width does), so the weights in parameters are exact and every
@@ -31,7 +36,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -41,8 +46,8 @@ from prunekit.core.progress import progress_bar
 from prunekit.errors import PrunekitError
 from prunekit.io.atomic import write_text
 from prunekit.models.base import ModelAdapter
-from prunekit.structure.allocation import (Target, WidthAllocation, WidthPlan, _Bounds, _left_whole, _lowest,
-                                           plan_from_widths)
+from prunekit.structure.allocation import (Normalization, Target, WidthAllocation, WidthPlan, _Bounds, _left_whole,
+                                           allocate, plan_from_widths)
 from prunekit.structure.graph import DependencyGraph, Family
 from prunekit.structure.shrink import zero_units
 from prunekit.weights.search.database import tensor_digest
@@ -65,16 +70,26 @@ class WidthGrid:
     skipped: list[str] = field(default_factory=list)  # families too small for one level: kept whole
 
 
+def starts_at_baseline(allocation: MeasuredAllocation) -> bool:
+    """An evolution started from the global allocation searches on the families' rounding grid."""
+    return getattr(allocation, "start", None) == "baseline"
+
+
 def width_grid(graph: DependencyGraph, families: list[Family], ratio: float, target: Target,
                strategy: WidthAllocation, allocation: MeasuredAllocation) -> WidthGrid:
     """The units, levels and exact weights of a width search; refuses a ratio the grid cannot reach."""
     measure = graph.parameter_count if target == "params" else graph.mac_count
     total = measure()
+    fine = starts_at_baseline(allocation)
     units, per_step, max_steps, sizes, skipped = [], [], [], [], []
     for family in families:
         bounds = _Bounds(family, strategy.floor, strategy.round_to)
-        per = max(bounds.step, round(allocation.step * family.size / bounds.step) * bounds.step)
-        last = min(allocation.max_step, (family.size - bounds.min_keep) // per)
+        if fine:  # the rounding grid, on which the global allocation's widths lie
+            per = bounds.step
+            last = min(int(allocation.max_ratio * family.size / per + 1e-9), (family.size - bounds.min_keep) // per)
+        else:
+            per = max(bounds.step, round(allocation.step * family.size / bounds.step) * bounds.step)
+            last = min(allocation.max_step, (family.size - bounds.min_keep) // per)
         cost = total - measure({family.name: per})
         if last < 1 or cost <= 0:
             skipped.append(family.name)
@@ -104,6 +119,18 @@ def width_grid(graph: DependencyGraph, families: list[Family], ratio: float, tar
     return WidthGrid(units, per_step, max_steps, weights, quantum, exact, goal, total, skipped)
 
 
+def _ranks(family: Family, scores: torch.Tensor) -> torch.Tensor:
+    """Every unit's position in its group's stable ascending order of scores: the lowest ``k`` of each group
+    (``structure.allocation._lowest``) are the units of rank below ``k``."""
+    scores = scores.double()
+    per_group = family.size // max(family.groups, 1)
+    ranks = torch.empty(family.size, dtype=torch.long)
+    for start in range(0, family.size, per_group):
+        order = torch.argsort(scores[start:start + per_group], stable=True)
+        ranks[start + order] = torch.arange(order.numel())
+    return ranks
+
+
 def _block_of(family: Family, adapter: ModelAdapter) -> int:
     """The first block a family's tensors live in (0 when outside the blocks: the run then starts at the top)."""
     pattern = re.compile(rf"^{re.escape(adapter.blocks_path)}\.(\d+)\.")
@@ -115,21 +142,23 @@ class WidthLevelProblem:
     """``core.allocation.search.LevelProblem`` over families' widths, measured by zeroing (module docstring)."""
 
     def __init__(self, graph: DependencyGraph, adapter: ModelAdapter, grid: WidthGrid,
-                 scores: Mapping[str, torch.Tensor], allocation: MeasuredAllocation, windows: torch.Tensor):
+                 scores: Mapping[str, torch.Tensor], allocation: MeasuredAllocation, windows: torch.Tensor,
+                 baseline: Callable[[], Mapping[str, int]] | None = None):
         self.graph, self.adapter, self.grid, self.allocation, self.windows = graph, adapter, grid, allocation, windows
+        self._baseline = baseline
         self.unit_names = [f.name for f in grid.families]
         self.unit_weights = list(grid.weights)
-        self.max_step = allocation.max_step
+        self.max_step = max(grid.max_steps) if starts_at_baseline(allocation) else allocation.max_step
         self.target = grid.target
         self.blocks = [_block_of(f, adapter) for f in grid.families]
         # A level's units are the family's lowest-scored; the lowest k are nested as k grows (a stable sort),
-        # so moving a level only zeroes or restores the units between the two levels.
-        self.removed = [[set(_lowest(f, scores[f.name], step * per)) for step in range(last + 1)]
-                        for f, per, last in zip(grid.families, grid.per_step, grid.max_steps)]
+        # so moving a level only zeroes or restores the units between the two levels: those whose rank (within
+        # their group) lies between the two levels' counts.
+        self.ranks = [_ranks(f, scores[f.name]) for f in grid.families]
         self.saved: list[tuple[dict[int, int], list[torch.Tensor]]] = []
         with torch.no_grad():
-            for family, removable in zip(grid.families, (levels[-1] for levels in self.removed)):
-                ordered = sorted(removable)
+            for unit, family in enumerate(grid.families):
+                ordered = self._between(unit, 0, grid.max_steps[unit])
                 index = torch.as_tensor(ordered, dtype=torch.long)
                 copies = [graph.tensor(m.tensor).index_select(m.dim, m.index[index].reshape(-1)).clone()
                           for m in family.members]
@@ -148,6 +177,17 @@ class WidthLevelProblem:
         self.key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
     # -- the model at candidate levels ------------------------------------------------------------------------
+
+    def removed(self, unit: int, step: int) -> list[int]:
+        """The units of family ``unit`` that level ``step`` removes, in index order."""
+        return self._between(unit, 0, step)
+
+    def _between(self, unit: int, low: int, high: int) -> list[int]:
+        """The units level ``high`` removes and level ``low`` keeps (``low`` ≤ ``high``), in index order."""
+        family, per = self.grid.families[unit], self.grid.per_step[unit]
+        each = per // family.groups
+        rank = self.ranks[unit]
+        return torch.nonzero((rank >= low * each) & (rank < high * each)).flatten().tolist()
 
     def _restore(self, unit: int, units: set[int]) -> None:
         family = self.grid.families[unit]
@@ -168,12 +208,33 @@ class WidthLevelProblem:
                 continue
             if not 0 <= step <= self.grid.max_steps[unit]:
                 raise ValueError(f"{self.unit_names[unit]} has no level {step}")
-            levels = self.removed[unit]
             if step > current:
-                zero_units(self.graph, self.grid.families[unit], sorted(levels[step] - levels[current]))
+                zero_units(self.graph, self.grid.families[unit], self._between(unit, current, step))
             else:
-                self._restore(unit, levels[current] - levels[step])
+                self._restore(unit, set(self._between(unit, step, current)))
             self.current[unit] = step
+
+    def baseline(self) -> list[int]:
+        """The steps of shrink's ``global`` allocation (the same scores, floor and rounding), which lie on the grid
+        when its step is the families' rounding unit (``step`` ≤ ``round_to`` / width)."""
+        if self._baseline is None:
+            raise PrunekitError("this width search has no baseline allocation to start from")
+        widths = self._baseline()
+        steps = []
+        for family, per, last in zip(self.grid.families, self.grid.per_step, self.grid.max_steps):
+            removed = family.size - widths.get(family.name, family.size)
+            if removed % per or removed // per > last:
+                raise PrunekitError(f"the global allocation keeps {family.size - removed} of {family.name}'s "
+                                    f"{family.size} {family.unit}s, beyond the search's grid ({per} {family.unit}s "
+                                    f"a level, at most {last} levels): raise the search's max_ratio")
+            steps.append(removed // per)
+        skipped = [name for name in self.grid.skipped if widths.get(name) not in (None, self._size(name))]
+        if skipped:
+            raise PrunekitError(f"the global allocation narrows {skipped[0]}, which the search's grid leaves whole")
+        return steps
+
+    def _size(self, name: str) -> int:
+        return next(f.size for f in self.graph.families if f.name == name)
 
     def feasible(self, steps: Sequence[int]) -> bool:
         return all(0 <= s <= last for s, last in zip(steps, self.grid.max_steps))
@@ -281,9 +342,11 @@ class WidthSearch:
 
 def search_widths(graph: DependencyGraph, adapter: ModelAdapter | None, families: list[Family],
                   scores: Mapping[str, torch.Tensor], ratio: float, target: Target, strategy: WidthAllocation,
-                  windows: torch.Tensor | None) -> tuple[WidthPlan, WidthSearch]:
+                  windows: torch.Tensor | None, default_normalize: Normalization = "mean") -> tuple[WidthPlan, WidthSearch]:
     """Search the width of every family (``strategy``: knapsack or evolutionary) on the calibration token
-    ``windows``; the model (``graph.model``) is left as it came. Returns the plan and what the search did."""
+    ``windows``; the model (``graph.model``) is left as it came. Returns the plan and what the search did.
+    ``default_normalize`` is the criterion's normalisation for the ``global`` allocation an evolution may start
+    from (``start: baseline``)."""
     allocation = strategy.measured()
     if adapter is None or windows is None:
         raise PrunekitError(f"allocation {strategy.name} measures the KL of a language model's logits; it needs a "
@@ -293,7 +356,13 @@ def search_widths(graph: DependencyGraph, adapter: ModelAdapter | None, families
     started = time.perf_counter()
     was_training = model.training
     model.eval()
-    problem = WidthLevelProblem(graph, adapter, grid, scores, allocation, windows)
+    def baseline() -> dict[str, int]:
+        heuristic = WidthAllocation(name="global", floor=strategy.floor, round_to=strategy.round_to,
+                                    normalize=strategy.normalize)
+        plan = allocate(graph, families, scores, ratio, target, heuristic, default_normalize=default_normalize)
+        return {name: kept for name, (_, kept) in plan.widths.items()}
+
+    problem = WidthLevelProblem(graph, adapter, grid, scores, allocation, windows, baseline)
     try:
         outcome: SearchOutcome = allocation.search(problem)
         fitness = outcome.fitness

@@ -1,7 +1,8 @@
 """Evolutionary allocation (after EvoPress, Sieberling et al., 2024): search the level of every unit by
 measuring whole candidates.
 
-One parent (the knapsack's solution, or every unit at the target level). Each generation makes ``offspring``
+One parent (the knapsack's solution, every unit at the target level, or the problem's ``baseline``: the allocation
+its command uses without a search). Each generation makes ``offspring``
 mutants of it: a mutation moves one unit a step up or down and others the other way until exactly the same
 number of parameters is removed (``mutate``), so every candidate meets the budget. Candidates are selected in stages
 of growing cost: all of them are measured on the first stage's few calibration tokens, the best
@@ -72,7 +73,10 @@ def _budget(steps: Sequence[int], weights: Sequence[int]) -> int:
 @ALLOCATIONS.register("evolutionary")
 class Evolutionary(MeasuredAllocation):
 
-    start: Literal["knapsack", "uniform"] = Field("knapsack", description="the first parent")
+    start: Literal["knapsack", "uniform", "baseline"] = Field(
+        "knapsack", description="the first parent: the knapsack's solution, every unit at one level, or the "
+                                "allocation the command uses without a search (prune: uniform; shrink: global, "
+                                "on a grid as fine as its rounding)")
     generations: int = Field(20, ge=0)
     offspring: int = Field(8, ge=1, description="mutants of the parent per generation")
     max_moves: int = Field(3, ge=1, description="a mutant makes 1 to this many level moves")
@@ -101,6 +105,10 @@ class Evolutionary(MeasuredAllocation):
             found = Knapsack(**{k: v for k, v in self.model_dump().items()
                                 if k in MeasuredAllocation.model_fields}).search(problem)
             return found.steps, found.predicted_cost
+        if self.start == "baseline":
+            if not hasattr(problem, "baseline"):
+                raise PrunekitError("this search has no baseline allocation to start from; start from the knapsack")
+            return problem.baseline(), None
         steps = uniform_steps(problem)
         if steps is None:
             raise PrunekitError("no uniform level meets the ratio exactly on this grid; start from the knapsack")

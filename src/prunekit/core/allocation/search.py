@@ -47,6 +47,10 @@ class LevelProblem(Protocol):
     def stages(self) -> int:
         """How many selection stages the fitness offers."""
 
+    def baseline(self) -> list[int]:
+        """The steps of the dimension's allocation without a search (the evolution's ``baseline`` start); raises
+        ``PrunekitError`` when it does not lie on the grid."""
+
     def load_state(self) -> dict | None:
         """A search's saved state (to resume), or None."""
 

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from prunekit.core.allocation.search import MEASUREMENT, MeasuredAllocation, SearchOutcome
+from prunekit.core.allocation.search import MEASUREMENT, MeasuredAllocation, SearchOutcome, uniform_steps
 from prunekit.core.progress import progress_bar
 from prunekit.errors import PrunekitError
 from prunekit.evaluate.resources import Measured
@@ -108,6 +108,14 @@ class WeightLevelProblem:
 
     def stages(self) -> int:
         return len(self.tokens)
+
+    def baseline(self) -> list[int]:
+        """prune's allocation without a search is uniform: every unit at the ratio's level."""
+        steps = uniform_steps(self)
+        if steps is None:
+            raise PrunekitError("the ratio is not a level of the search's grid, so no uniform start meets it exactly; "
+                                "start from the knapsack")
+        return steps
 
     def set_steps(self, steps: Sequence[int]) -> None:
         for unit, step in enumerate(steps):
