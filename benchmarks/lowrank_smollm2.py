@@ -44,7 +44,7 @@ os.environ.setdefault("PRUNEKIT_QUIET", "1")
 
 import torch  # noqa: E402
 
-from prunekit.core.lowrank import lowrank_parameters  # noqa: E402
+from prunekit.core.lowrank import lowrank_layers, lowrank_parameters  # noqa: E402
 from prunekit.core.text import TextProtocol, calibration_windows, test_windows  # noqa: E402
 from prunekit.evaluate.measure import count_parameters  # noqa: E402
 from prunekit.evaluate.perplexity import perplexity  # noqa: E402
@@ -166,6 +166,53 @@ def fisher_row(dense, calibration, test) -> dict:
                 _sizes_structure(model), {"group": f"{RATIO:.0%}", "method": "fisher-global"})
 
 
+FIDELITY_WINDOWS = 4  # test windows the fidelity checks compare logits on
+
+
+def _max_logit_difference(model, reference, test) -> dict:
+    worst, scale = 0.0, 0.0
+    with torch.inference_mode():
+        for window in test[:FIDELITY_WINDOWS]:
+            expected = reference(window[None]).logits
+            worst = max(worst, float((model(window[None]).logits - expected).abs().max()))
+            scale = max(scale, float(expected.abs().max()))
+    return {"max_abs": worst, "max_abs_logit": scale, "relative": worst / max(scale, 1e-30)}
+
+
+def fidelity_row(dense, calibration, test) -> dict:
+    """The two exactness claims on the real model: SliceGPT's folding and rotation without slicing, and
+    SVD-LLM at full rank, each leave the output unchanged up to float32 rounding."""
+    from prunekit.structure.methods.slicegpt import find_residual_layout, fold_norms, rotate_and_slice, untie_head
+
+    rotated = copy.deepcopy(dense)
+    layout = find_residual_layout(rotated, adapter_for(rotated), calibration[:1, :8])
+    untie_head(rotated, layout)
+    fold_norms(rotated, layout)
+    folded = _max_logit_difference(rotated, dense, test)
+    started = time.perf_counter()
+    rotate_and_slice(rotated, layout, calibration, 4, layout.width)
+    rotation_seconds = time.perf_counter() - started
+    sliced = _max_logit_difference(rotated, dense, test)
+    del rotated
+    factored = copy.deepcopy(dense)
+    get_shrink_method("svd-llm").factor(factored, calibration, 4, lambda out_features, in_features:
+                                        min(out_features, in_features))
+    worst_weight = 0.0
+    for name, module in lowrank_layers(factored).items():
+        weight = dense.get_submodule(name).weight
+        product = module.lowrank_out.weight @ module.lowrank_in.weight
+        worst_weight = max(worst_weight, float(((product - weight).abs().max() / weight.abs().max())))
+    full_rank = _max_logit_difference(factored, dense, test)
+    row = {"name": "fidelity", "group": "fidelity", "slicegpt_folded": folded, "slicegpt_rotated": sliced,
+           "slicegpt_rotation_seconds": rotation_seconds, "svd_llm_full_rank": full_rank,
+           "svd_llm_full_rank_max_relative_weight_error": worst_weight, "windows": min(FIDELITY_WINDOWS, len(test)),
+           "measured": time.strftime("%Y-%m-%d")}
+    print(f"fidelity: SliceGPT unsliced max |Δlogit| {sliced['max_abs']:.2e}, SVD-LLM full rank "
+          f"{full_rank['max_abs']:.2e}", flush=True)
+    FINISHED.append(row)
+    return row
+
+
 ROWS = {  # key -> the row it measures, in the order a full run measures them (the target and 20 % first)
     "sparsegpt": lambda d, c, t: sparse_row(d, c, t, "sparsegpt", 0.0),
     "sparsegpt-lowrank10": lambda d, c, t: sparse_row(d, c, t, "sparsegpt", 0.1),
@@ -181,6 +228,7 @@ ROWS = {  # key -> the row it measures, in the order a full run measures them (t
     "wanda-lowrank10": lambda d, c, t: sparse_row(d, c, t, "wanda", 0.1),
     "wanda-armor10": lambda d, c, t: sparse_row(d, c, t, "wanda", 0.1, "armor"),
     "sparsegpt-lowrank5": lambda d, c, t: sparse_row(d, c, t, "sparsegpt", 0.05),
+    "fidelity": fidelity_row,
     "wanda-lowrank5": lambda d, c, t: sparse_row(d, c, t, "wanda", 0.05),
 }
 
@@ -196,6 +244,23 @@ def _order(row: dict):
 def run_all(dense, calibration, test, keys=None) -> list[dict]:
     """The rows named by ``keys`` (all by default), in ``ROWS``' order."""
     return sorted([ROWS[key](dense, calibration, test) for key in ROWS if keys is None or key in keys], key=_order)
+
+
+def _fidelity_lines(rows: list[dict]) -> list[str]:
+    found = next((r for r in rows if r["group"] == "fidelity"), None)
+    if found is None:
+        return []
+
+    def cell(measured: dict) -> str:
+        return f"{measured['max_abs']:.2e} ({measured['relative']:.1e} of the largest logit)"
+
+    return ["## Fidelity: no compression, no change", "",
+            markdown_table(["check", f"max abs logit difference to dense ({found['windows']} test windows)"],
+                           [("SliceGPT: norms folded into the linears", cell(found["slicegpt_folded"])),
+                            ("SliceGPT: folded and rotated, not sliced", cell(found["slicegpt_rotated"])),
+                            ("SVD-LLM at full rank", cell(found["svd_llm_full_rank"]))]), "",
+            f"SVD-LLM at full rank: the largest relative error of a layer's L·R against its weight is "
+            f"{found['svd_llm_full_rank_max_relative_weight_error']:.1e}.", ""]
 
 
 def report(rows: list[dict], dense_row: dict) -> str:
@@ -231,7 +296,8 @@ def report(rows: list[dict], dense_row: dict) -> str:
              if r['lowrank']['settings']['reselect'] else "the method's mask kept.")
           for r in rows if r.get("kind") == "armor"],
         "",
-        *[line for group in sorted({r["group"] for r in rows} - {"2:4"})
+        *_fidelity_lines(rows),
+        *[line for group in sorted({r["group"] for r in rows} - {"2:4", "fidelity"})
           for line in (f"## {group} of the parameters removed", "", table(group), "")],
         f"Protocol: {PROTOCOL.summary()}. Speed: {SPEED.describe()}; each model timed side by side with the dense "
         "model, passes alternating, in this one process; the dense figures differ from row to row by the machine's "
