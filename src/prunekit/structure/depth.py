@@ -221,7 +221,9 @@ class _SkippedBlocks:
         self.max_step, self.target = 1, count
         # each stage measures on the first windows holding its tokens
         self.stage_windows = [min(len(windows), max(1, -(-tokens // int(windows[0].numel())))) for tokens in stage_tokens]
-        self.dense = [self._log_probs(window) for window in windows]
+        # only the windows a stage measures get dense log-probabilities (batch × tokens × vocabulary floats each)
+        self.windows = self.windows[:max(self.stage_windows)]
+        self.dense = [self._log_probs(window) for window in self.windows]
         self.state: dict | None = None
         self.cost_table: list[list[float]] | None = None
 
