@@ -14,7 +14,7 @@ from prunekit.core.calibration import SequentialCalibration
 from prunekit.weights.pipeline import plan_pruning, prune_weights, pruning_settings
 from prunekit.weights.search import search_levels
 from prunekit.weights.search.database import LevelDatabase, _LevelRecorder, group_units
-from prunekit.weights.search.fitness import KLMeter
+from prunekit.core.allocation.fitness import KLMeter
 from tests.conftest import tiny_llama
 
 SMALL_GRID = {"step": 0.25, "max_ratio": 0.75}

@@ -13,6 +13,9 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Sequence
+
+import torch
 
 from prunekit.core.cache import cache_dir
 from prunekit.io.atomic import write_text
@@ -53,3 +56,12 @@ def directory_digest(directory: str | os.PathLike) -> str:
     for file in files:
         combined.update(f"{file.relative_to(root).as_posix()}\0{file_digest(file)}\n".encode())
     return combined.hexdigest()
+
+
+def tensor_digest(tensors: Sequence[torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        tensor = tensor.detach().contiguous().cpu()
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

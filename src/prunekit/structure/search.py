@@ -21,7 +21,7 @@ Candidates are measured without rebuilding the model: the units a level removes 
 neuron whose gate, up and down slices are zero, or a KV group whose query, key, value and output slices are
 zero, contributes exactly nothing: zeroing is output-equivalent to removing) and put back from a saved copy
 when the level drops, so the model leaves the search bit for bit as it came. A unit's cost is
-KL(dense ‖ candidate) of the final logits with only that unit compressed (``weights.search.fitness.KLMeter``,
+KL(dense ‖ candidate) of the final logits with only that unit compressed (``core.allocation.fitness.KLMeter``,
 rerunning only the blocks from the unit's onwards); the fitness of a whole candidate is the same KL with
 every unit at its level. With the allocation's ``database`` directory, the unit costs (unit by unit) and the
 evolution's state (generation by generation) are kept there, so an interrupted search resumes.
@@ -41,18 +41,17 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from prunekit.core.allocation.search import MeasuredAllocation, SearchOutcome
+from prunekit.core.allocation.fitness import KLMeter, fitness_windows
+from prunekit.core.allocation.search import MeasuredAllocation, SearchOutcome, budget_quanta
 from prunekit.core.progress import progress_bar
 from prunekit.errors import PrunekitError
 from prunekit.io.atomic import write_text
+from prunekit.io.digest import tensor_digest
 from prunekit.models.base import ModelAdapter
 from prunekit.structure.allocation import (Normalization, Target, WidthAllocation, WidthPlan, _Bounds, _left_whole,
                                            allocate, plan_from_widths)
 from prunekit.structure.graph import DependencyGraph, Family
 from prunekit.structure.shrink import zero_units
-from prunekit.weights.search.database import tensor_digest
-from prunekit.weights.search.fitness import KLMeter, fitness_windows
-from prunekit.weights.search.run import budget_quanta
 
 
 @dataclass

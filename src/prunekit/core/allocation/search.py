@@ -17,6 +17,7 @@ carries its levels simply returns them, so a written recipe reproduces the model
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, Sequence
 
@@ -26,6 +27,7 @@ from prunekit.core.allocation.base import Allocation, LayerInfo, ScoreFn
 from prunekit.core.patterns import check_sparsity
 from prunekit.errors import PrunekitError
 
+_MAX_QUANTA = 200_000  # budget cells of the knapsack's table: beyond, unit sizes are rounded to coarser quanta
 MEASUREMENT = "measurement"  # what a measured allocation needs: the compressed model measured against the dense one
 
 
@@ -140,3 +142,13 @@ def uniform_steps(problem: LevelProblem) -> list[int] | None:
         return None
     step = problem.target // total
     return [step] * len(problem.unit_weights) if step <= problem.max_step else None
+
+
+def budget_quanta(sizes: Sequence[int]) -> tuple[list[int], int, bool]:
+    """Unit sizes in whole budget quanta: their greatest common divisor, so the budget is exact, unless the
+    knapsack's table would grow too large; returns (weights, quantum, exact)."""
+    quantum = math.gcd(*sizes) if sizes else 1
+    exact = True
+    if sum(sizes) // max(quantum, 1) > _MAX_QUANTA:
+        quantum, exact = math.ceil(sum(sizes) / _MAX_QUANTA), False
+    return [max(1, round(size / quantum)) for size in sizes], quantum, exact

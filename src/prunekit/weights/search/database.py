@@ -40,6 +40,7 @@ from prunekit.core.statistics import LayerStatistics
 from prunekit.errors import PrunekitError
 from prunekit.io import sparse_format
 from prunekit.io.atomic import atomic_file
+from prunekit.io.digest import tensor_digest
 from prunekit.models.base import ModelAdapter
 from prunekit.weights.pipeline import PrunePlan
 
@@ -93,15 +94,6 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
 def _keeps_values(dense: torch.Tensor, pruned: torch.Tensor, mask: torch.Tensor) -> bool:
     """Whether the method only zeroed weights (the kept ones are bit for bit the dense ones)."""
     return bool(torch.equal(_bits(dense)[mask], _bits(pruned)[mask]))
-
-
-def tensor_digest(tensors: Sequence[torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        tensor = tensor.detach().contiguous().cpu()
-        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 class _LevelRecorder:

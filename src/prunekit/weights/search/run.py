@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +18,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from prunekit.core.allocation.search import MEASUREMENT, MeasuredAllocation, SearchOutcome, uniform_steps
+from prunekit.core.allocation.fitness import KLMeter, fitness_windows
+from prunekit.core.allocation.search import (MEASUREMENT, MeasuredAllocation, SearchOutcome, budget_quanta,
+                                              uniform_steps)
 from prunekit.core.progress import progress_bar
 from prunekit.errors import PrunekitError
 from prunekit.evaluate.resources import Measured
@@ -27,9 +28,7 @@ from prunekit.io.atomic import write_text
 from prunekit.weights.pipeline import PrunePlan, check_finite, plan_pruning
 from prunekit.weights.recipe import PruneSettings
 from prunekit.weights.search.database import LevelDatabase, Unit, group_units, tensor_digest
-from prunekit.weights.search.fitness import KLMeter, fitness_windows
 
-_MAX_QUANTA = 200_000  # budget cells of the knapsack's table: beyond, unit sizes are rounded to coarser quanta
 
 
 def needs_search(settings: PruneSettings) -> bool:
@@ -38,16 +37,6 @@ def needs_search(settings: PruneSettings) -> bool:
 
     allocation = get_allocation(settings.allocation)
     return MEASUREMENT in allocation.needs and getattr(allocation, "levels", None) is None
-
-
-def budget_quanta(sizes: Sequence[int]) -> tuple[list[int], int, bool]:
-    """Unit sizes in whole budget quanta: their greatest common divisor, so the budget is exact, unless the
-    knapsack's table would grow too large; returns (weights, quantum, exact)."""
-    quantum = math.gcd(*sizes) if sizes else 1
-    exact = True
-    if sum(sizes) // max(quantum, 1) > _MAX_QUANTA:
-        quantum, exact = math.ceil(sum(sizes) / _MAX_QUANTA), False
-    return [max(1, round(size / quantum)) for size in sizes], quantum, exact
 
 
 @dataclass

@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunekit.core.blocks import BlockInputs, capture_block_inputs, replay_after_blocks
+from prunekit.core.blocks import BlockInputs, BlockStructure, capture_block_inputs, replay_after_blocks
 from prunekit.core.memory import release_freed_memory
 from prunekit.errors import PrunekitError
-from prunekit.models.base import ModelAdapter
 
 
 def fitness_windows(calibration: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -45,7 +44,7 @@ class KLMeter:
     dense weights it had when the meter was made."""
 
     @torch.no_grad()
-    def __init__(self, model: nn.Module, adapter: ModelAdapter, windows: torch.Tensor, keep_block_inputs: bool):
+    def __init__(self, model: nn.Module, adapter: BlockStructure, windows: torch.Tensor, keep_block_inputs: bool):
         self.model, self.adapter, self.windows = model, adapter, windows
         if windows.shape[0] == 0:
             raise PrunekitError("no calibration windows to measure the fitness on")
