@@ -283,15 +283,19 @@ def _left_whole(graph: DependencyGraph) -> str:
     return f" ({share:.0%} of the parameters lie in parts left whole: {'; '.join(dict.fromkeys(graph.whole.values()))})"
 
 
-def _lowest(family: Family, scores: torch.Tensor, count: int) -> list[int]:
-    """The ``count`` lowest-scoring units; with groups, the same number from every group."""
+def unit_ranks(family: Family, scores: torch.Tensor) -> torch.Tensor:
+    """Every unit's position in its group's stable ascending order of scores (the whole family when it has no
+    groups): the lowest ``k`` of each group are the units of rank below ``k``, nested as ``k`` grows."""
     scores = scores.double()
-    if family.groups <= 1:
-        return sorted(torch.argsort(scores, stable=True)[:count].tolist())
-    per_group = family.size // family.groups
-    each = count // family.groups
-    chosen = []
-    for group in range(family.groups):
-        local = scores[group * per_group:(group + 1) * per_group]
-        chosen += (torch.argsort(local, stable=True)[:each] + group * per_group).tolist()
-    return sorted(chosen)
+    per_group = family.size // max(family.groups, 1)
+    ranks = torch.empty(family.size, dtype=torch.long)
+    for start in range(0, family.size, per_group):
+        order = torch.argsort(scores[start:start + per_group], stable=True)
+        ranks[start + order] = torch.arange(order.numel())
+    return ranks
+
+
+def _lowest(family: Family, scores: torch.Tensor, count: int) -> list[int]:
+    """The ``count`` lowest-scoring units, in index order; with groups, the same number from every group."""
+    each = count // max(family.groups, 1)
+    return torch.nonzero(unit_ranks(family, scores) < each).flatten().tolist()

@@ -49,7 +49,7 @@ from prunekit.io.atomic import write_text
 from prunekit.io.digest import tensor_digest
 from prunekit.models.base import ModelAdapter
 from prunekit.structure.allocation import (Normalization, Target, WidthAllocation, WidthPlan, _Bounds, _left_whole,
-                                           allocate, plan_from_widths)
+                                           allocate, plan_from_widths, unit_ranks)
 from prunekit.structure.graph import DependencyGraph, Family
 from prunekit.structure.shrink import zero_units
 
@@ -118,18 +118,6 @@ def width_grid(graph: DependencyGraph, families: list[Family], ratio: float, tar
     return WidthGrid(units, per_step, max_steps, weights, quantum, exact, goal, total, skipped)
 
 
-def _ranks(family: Family, scores: torch.Tensor) -> torch.Tensor:
-    """Every unit's position in its group's stable ascending order of scores: the lowest ``k`` of each group
-    (``structure.allocation._lowest``) are the units of rank below ``k``."""
-    scores = scores.double()
-    per_group = family.size // max(family.groups, 1)
-    ranks = torch.empty(family.size, dtype=torch.long)
-    for start in range(0, family.size, per_group):
-        order = torch.argsort(scores[start:start + per_group], stable=True)
-        ranks[start + order] = torch.arange(order.numel())
-    return ranks
-
-
 def _block_of(family: Family, adapter: ModelAdapter) -> int:
     """The first block a family's tensors live in (0 when outside the blocks: the run then starts at the top)."""
     pattern = re.compile(rf"^{re.escape(adapter.blocks_path)}\.(\d+)\.")
@@ -153,7 +141,7 @@ class WidthLevelProblem:
         # A level's units are the family's lowest-scored; the lowest k are nested as k grows (a stable sort),
         # so moving a level only zeroes or restores the units between the two levels: those whose rank (within
         # their group) lies between the two levels' counts.
-        self.ranks = [_ranks(f, scores[f.name]) for f in grid.families]
+        self.ranks = [unit_ranks(f, scores[f.name]) for f in grid.families]
         self.saved: list[tuple[dict[int, int], list[torch.Tensor]]] = []
         with torch.no_grad():
             for unit, family in enumerate(grid.families):
@@ -214,8 +202,8 @@ class WidthLevelProblem:
             self.current[unit] = step
 
     def baseline(self) -> list[int]:
-        """The steps of shrink's ``global`` allocation (the same scores, floor and rounding), which lie on the grid
-        when its step is the families' rounding unit (``step`` ≤ ``round_to`` / width)."""
+        """The steps of shrink's ``global`` allocation (the same scores, floor and rounding) on this grid, whose
+        levels are the families' rounding unit when the evolution starts there (``width_grid``)."""
         if self._baseline is None:
             raise PrunekitError("this width search has no baseline allocation to start from")
         widths = self._baseline()
