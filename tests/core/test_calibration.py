@@ -5,9 +5,10 @@ import copy
 import pytest
 import torch
 
-from prunekit.core.calibration import HEAD, Target, run_sequential
+from prunekit.core.calibration import HEAD, SequentialCalibration, Target, run_sequential
 from prunekit.core.patterns import SparsityPattern
-from prunekit.core.statistics import InputHessian, InputNorms
+from prunekit.core.statistics import InputHessian, InputNorms, TwinInputHessian
+from prunekit.errors import PrunekitError
 from prunekit.models import adapter_for
 from prunekit.weights import get_method
 from prunekit.weights.pipeline import select_targets
@@ -137,3 +138,58 @@ def test_nan_activations_are_reported():
     with pytest.raises(PrunekitError, match="NaN or inf after block 0"):
         run_sequential(model, adapter_for(model), torch.randint(0, 512, (2, 8)), targets,
                        Recorder(get_method("wanda")))
+
+
+class TwinRecorder:
+    """Zeroes the smaller half of every weight (by magnitude) and keeps the paired statistics each layer saw."""
+
+    def __init__(self, prune=True):
+        self.prune, self.seen = prune, {}
+
+    def statistics(self, target):
+        return TwinInputHessian
+
+    def process(self, target, stats):
+        self.seen[target.name] = stats
+        if self.prune:
+            get_method("magnitude").prune(target.module.weight.data, None, 0.5, SparsityPattern())
+
+
+def test_the_twin_stream_pairs_each_layer_with_the_dense_models_inputs():
+    model = tiny_llama(layers=2, vocab=512, tie=False)
+    dense = copy.deepcopy(model)
+    windows = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(3))
+    targets = select_targets(model, adapter_for(model), include=["model.layers.*", "lm_head"])
+    recorder = TwinRecorder()
+    run_sequential(model, adapter_for(model), windows, targets, recorder, batch_size=2, twin=True)
+    for name in ("model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj",
+                 "lm_head"):
+        # every layer before it in the forward pass is pruned, the layer itself not yet: its input is the one the
+        # final model gives it; the dense input is the unpruned model's
+        x = torch.cat(_inputs_of(model, model.get_submodule(name), windows, 2)).reshape(-1, 64 if "down" not in name
+                                                                                         else 128)
+        d = torch.cat(_inputs_of(dense, dense.get_submodule(name), windows, 2)).reshape(x.shape)
+        stats, gram, shift = recorder.seen[name], x.T @ x, (d - x).T @ x
+        assert (d - x).abs().max() > 1e-2 * x.abs().max()  # the streams really parted
+        torch.testing.assert_close(stats.gram_matrix(), gram, rtol=1e-4, atol=1e-5 * float(gram.abs().max()))
+        torch.testing.assert_close(stats.shift, shift, rtol=1e-4, atol=1e-4 * float(shift.abs().max()))
+    assert not recorder.seen["model.layers.0.self_attn.q_proj"].shift.any()  # the first layer: one stream
+
+
+def test_a_twin_stream_over_an_unchanged_model_never_parts():
+    model = tiny_llama(layers=2, vocab=512)
+    windows = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(4))
+    recorder = TwinRecorder(prune=False)
+    steps = SequentialCalibration(adapter_for(model), recorder, twin=True)
+    steps.capture(model, windows, 2)
+    blocks = adapter_for(model).blocks()
+    steps.run_block(0, blocks[0], [])  # nothing to process: the one block runs both streams
+    steps.run_block(1, blocks[1], select_targets(model, adapter_for(model), include=["model.layers.1.*"]))
+    assert all(torch.equal(a, b) for a, b in zip(steps.inputs.hidden, steps.inputs.reference_hidden))
+    assert len(recorder.seen) == 7 and not any(stats.shift.any() for stats in recorder.seen.values())
+
+
+def test_the_twin_stream_needs_layer_order():
+    model = tiny_llama(layers=1, vocab=512)
+    with pytest.raises(PrunekitError, match="layer by layer"):
+        SequentialCalibration(adapter_for(model), TwinRecorder(), "block", twin=True)

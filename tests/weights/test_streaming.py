@@ -259,3 +259,19 @@ def test_truncated_shard_is_refused_before_starting(tmp_path, tokenizer):
     with pytest.raises(PrunekitError, match=f"shard {shard.name} of .* is truncated"):
         prune_streaming(model, tmp_path / "out", method="magnitude")
     assert not (tmp_path / "out").exists() and not partial_dir(tmp_path / "out").exists()
+
+
+def test_asymmetric_calibration_streams_like_in_memory(tmp_path):
+    """The dense twin stream runs beside the pruned one block by block from disk, as it does in memory."""
+    from transformers import LlamaForCausalLM
+
+    path = _untied_checkpoint(tmp_path)
+    windows = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(1))
+    model = LlamaForCausalLM.from_pretrained(path).eval()
+    in_memory = prune_weights(model, "sparsegpt", 0.5, calibration=windows, asymmetric=True)
+    streamed = prune_streaming(path, tmp_path / "out", method="sparsegpt", ratio=0.5, calibration=windows,
+                               asymmetric=True, save_compressed=False)
+    assert in_memory.sequential == streamed.result.sequential == "layer, asymmetric"
+    reference = model.state_dict()
+    for name, tensor in _state(tmp_path / "out").items():
+        assert torch.equal(tensor, reference[name]), name

@@ -68,6 +68,8 @@ def prune(
     allocation_arg: Optional[list[str]] = typer.Option(None, help="allocation setting, e.g. threshold_m=5, lambda=0.08, "
                                                                   "generations=20 or stage_tokens=[512,2048]"),
     sequential: Optional[str] = typer.Option(None, help="layer (one pass, later layers see pruned earlier ones) or block (reference two-pass order)"),
+    asymmetric: bool = typer.Option(False, "--asymmetric", help="fit each layer to the dense model's output from "
+                                    "the pruned model's inputs (one more forward pass; layer order only)"),
     batch_size: Optional[int] = typer.Option(None, help="windows per forward pass [default: 4]"),
     dtype: Optional[str] = typer.Option(None, help="float32, bfloat16 or float16: computed and stored in this dtype, streamed or not [default: float32]"),
     device: Optional[str] = typer.Option(None, help="cpu or cuda; under torchrun one GPU per process, NCCL [default: cpu]"),
@@ -110,7 +112,7 @@ def prune(
                                overrides)
     options = {"model": model, "ratio": ratio, "pattern": pattern, "evaluate": evaluate, "include": include or None,
                "exclude": exclude or None, "overrides": overrides, "sequential": sequential,
-               "batch_size": batch_size, "dtype": dtype, "device": device, "codec": codec,
+               "asymmetric": asymmetric or None, "batch_size": batch_size, "dtype": dtype, "device": device, "codec": codec,
                "format": compressed_format, "save_dense": dense,
                "save_compressed": compressed, "untie_embeddings": untie_embeddings or None, "blocks": blocks,
                "trust_remote_code": trust_remote_code or None, "stream": stream, "lowrank.budget": lowrank_budget,

@@ -67,9 +67,15 @@ class BlockInputs:
     # see how its layers are reached (called as modules, or their weights used directly).
     probe_hidden: torch.Tensor | None = None
     probe_calls: list[BlockCall] | None = None
+    # The same batches as the dense model carries them (asymmetric calibration's twin stream); None: no twin.
+    reference_hidden: list[torch.Tensor | None] | None = None
 
     def call(self, block: nn.Module, index: int, batch: int) -> torch.Tensor:
         return self._call(block, self.calls[batch][index], self.hidden[batch])
+
+    def call_reference(self, block: nn.Module, index: int, batch: int) -> torch.Tensor:
+        assert self.reference_hidden is not None
+        return self._call(block, self.calls[batch][index], self.reference_hidden[batch])
 
     def call_probe(self, block: nn.Module, index: int) -> torch.Tensor:
         assert self.probe_hidden is not None and self.probe_calls is not None
@@ -87,7 +93,8 @@ class BlockInputs:
         return {"hidden": self.hidden, "calls": [[(c.args, c.kwargs) for c in batch] for batch in self.calls],
                 "hidden_name": self.hidden_name, "template": self.template, "notes": self.notes,
                 "probe_hidden": self.probe_hidden,
-                "probe_calls": [(c.args, c.kwargs) for c in self.probe_calls] if self.probe_calls else None}
+                "probe_calls": [(c.args, c.kwargs) for c in self.probe_calls] if self.probe_calls else None,
+                "reference_hidden": self.reference_hidden}
 
     @classmethod
     def from_state(cls, state: dict) -> "BlockInputs":
@@ -96,7 +103,8 @@ class BlockInputs:
         probe_calls = state.get("probe_calls")
         return cls(list(state["hidden"]), calls, state["hidden_name"], tuple(template) if template is not None else None,
                    list(state.get("notes", [])), state.get("probe_hidden"),
-                   [BlockCall(tuple(a), dict(k)) for a, k in probe_calls] if probe_calls else None)
+                   [BlockCall(tuple(a), dict(k)) for a, k in probe_calls] if probe_calls else None,
+                   state.get("reference_hidden"))
 
 
 def _hidden_parameter(block: nn.Module) -> str:

@@ -23,6 +23,7 @@ calibration token reaches is handed to ``processor.unreached`` (when the process
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Literal, Protocol
@@ -36,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 from prunekit.core.blocks import BlockInputs, BlockStructure, capture_block_inputs, replay_after_blocks
 from prunekit.core.memory import release_freed_memory
 from prunekit.core.progress import progress_bar
-from prunekit.core.statistics import LayerStatistics
+from prunekit.core.statistics import LayerStatistics, TwinInputHessian
 from prunekit.errors import PrunekitError
 
 Mode = Literal["layer", "block", "dense"]
@@ -303,10 +304,27 @@ class _Processing:
         self.processor.process(target, stats)
 
 
+def _twin(block: nn.Module) -> tuple[nn.Module, dict[nn.Module, nn.Module]]:
+    """A dense copy of ``block`` (taken before any of its layers is processed), and its module for each of the
+    block's modules."""
+    try:
+        twin = copy.deepcopy(block)
+    except Exception as error:  # a block holding something that cannot be copied (a lock, a handle, ...)
+        raise PrunekitError(f"asymmetric calibration needs a dense copy of each block, and {type(block).__name__} "
+                            f"cannot be copied ({type(error).__name__}: {error}); leave out --asymmetric") from None
+    twins = dict(twin.named_modules(remove_duplicate=False))
+    return twin, {module: twins[name] for name, module in block.named_modules(remove_duplicate=False)}
+
+
 def _run_block_layerwise(block: nn.Module, index: int, inputs: BlockInputs, targets: list[Target],
                          processor: _Processing) -> list[torch.Tensor]:
+    """Run the calibration batches through ``block`` as coroutines that pause before each target, which is
+    processed once every batch has reached it. With a twin stream (``inputs.reference_hidden``), a dense copy of
+    the block runs the dense model's batches in step, and each target's statistics pair both inputs; its
+    outputs become the twin stream's next inputs."""
     direct = {t.module: t for t in targets if not t.routed}
     routed = _routed_groups(targets)
+    twin, twin_of = _twin(block) if inputs.reference_hidden is not None else (None, {})
 
     def pause(module, args):
         current = greenlet.getcurrent()
@@ -318,23 +336,38 @@ def _run_block_layerwise(block: nn.Module, index: int, inputs: BlockInputs, targ
         if current.parent is not None:
             current.parent.switch(_Arrival(module, args, kwargs))
 
-    handles = [module.register_forward_pre_hook(pause) for module in direct]
-    handles += [module.register_forward_pre_hook(pause_routed, with_kwargs=True) for module in routed]
-    runners = [greenlet.greenlet(lambda b=b: inputs.call(block, index, b)) for b in range(len(inputs.hidden))]
+    paused = list(direct) + [twin_of[module] for module in direct if module in twin_of]
+    paused_routed = list(routed) + [twin_of[module] for module in routed if module in twin_of]
+    handles = [module.register_forward_pre_hook(pause) for module in paused]
+    handles += [module.register_forward_pre_hook(pause_routed, with_kwargs=True) for module in paused_routed]
+    batches = range(len(inputs.hidden))
+    runners = [greenlet.greenlet(lambda b=b: inputs.call(block, index, b)) for b in batches]
+    twin_runners = ([greenlet.greenlet(lambda b=b: inputs.call_reference(twin, index, b)) for b in batches]
+                    if twin is not None else [])
     try:
-        events = []
-        for batch, runner in enumerate(runners):
-            events.append(runner.switch())
+        events, twin_events = [], []
+        for batch in batches:
+            events.append(runners[batch].switch())
             # The running block holds its input for as long as it needs it; the list would keep
             # the whole calibration set's block inputs alive until the block ends.
             inputs.hidden[batch] = None
+            if twin is not None:
+                twin_events.append(twin_runners[batch].switch())
+                inputs.reference_hidden[batch] = None
         processed: set[nn.Module] = set()
         shared: tuple[type | None, LayerStatistics | None, list[torch.Tensor]] | None = None
         while True:
             arrived = [isinstance(event, _Arrival) for event in events]
-            if not any(arrived):
-                return events
             module = events[0].module if arrived[0] else None
+            if twin is not None and any(
+                    (event.module is not twin_of.get(module)) if isinstance(event, _Arrival) else module is not None
+                    for event in twin_events):
+                raise PrunekitError(f"the dense and the pruned model took different paths through block {index}; "
+                                    "leave out --asymmetric for this model")
+            if not any(arrived):
+                if twin is not None:
+                    inputs.reference_hidden = twin_events
+                return events
             if not all(arrived) or any(event.module is not module for event in events):
                 raise PrunekitError("calibration batches took different paths through a block; "
                                     "use --sequential block for this model")
@@ -347,6 +380,7 @@ def _run_block_layerwise(block: nn.Module, index: int, inputs: BlockInputs, targ
             else:
                 target = direct[module]
                 xs = [event.inputs for event in events]
+                dense_xs = [event.inputs for event in twin_events]
                 cls = processor.statistics(target)
                 # Layers fed the very same tensors (q/k/v, gate/up) share one set of statistics.
                 if shared is not None and shared[0] is cls and all(a is b for a, b in zip(xs, shared[2])):
@@ -354,20 +388,32 @@ def _run_block_layerwise(block: nn.Module, index: int, inputs: BlockInputs, targ
                 else:
                     stats = _new_stats(processor, target)
                     if stats is not None:
-                        for x in xs:
-                            stats.add(x)
+                        _add_batches(stats, xs, dense_xs)
                     shared = (cls, stats, xs)
                 processor.handle(target, stats)
-                del xs
+                del xs, dense_xs
             processed.add(module)
-            del events
+            del events, twin_events
             events = [runner.switch() for runner in runners]
+            twin_events = [runner.switch() for runner in twin_runners]
     finally:
         for handle in handles:
             handle.remove()
-        for runner in runners:
+        for runner in runners + twin_runners:
             if not runner.dead:
                 runner.throw(greenlet.GreenletExit)
+
+
+def _add_batches(stats: LayerStatistics, xs: list[torch.Tensor], dense_xs: list[torch.Tensor]) -> None:
+    """Every batch's inputs, paired with the dense model's where there is a twin stream."""
+    if dense_xs and not isinstance(stats, TwinInputHessian):
+        raise PrunekitError(f"asymmetric calibration needs paired statistics, not {type(stats).__name__}")
+    if dense_xs:
+        for x, dense in zip(xs, dense_xs):
+            stats.add_pair(x, dense)
+    else:
+        for x in xs:
+            stats.add(x)
 
 
 def _collect_block(block: nn.Module, index: int, inputs: BlockInputs, targets: list[Target],
@@ -436,11 +482,15 @@ class SequentialCalibration:
     """
 
     def __init__(self, structure: BlockStructure, processor: LayerProcessor | None, mode: Mode = "layer",
-                 reduce: StatsReducer | None = None):
+                 reduce: StatsReducer | None = None, twin: bool = False):
         if mode not in ("layer", "block", "dense"):
             raise PrunekitError(f"unknown sequential mode '{mode}'; choose layer, block or dense")
+        if twin and mode != "layer":
+            raise PrunekitError("asymmetric calibration pairs every layer's inputs with the dense model's, layer by "
+                                "layer; use --sequential layer")
         self.structure, self.processor, self.mode = structure, processor, mode
         self.reduce = reduce
+        self.twin = twin  # carry the dense model's activations beside the pruned model's (asymmetric calibration)
         self.inputs: BlockInputs | None = None
         self.windows: torch.Tensor | None = None
         self.batch_size = 1
@@ -453,6 +503,8 @@ class SequentialCalibration:
         self.attach(model, windows, batch_size)
         self.inputs = capture_block_inputs(model, self.structure, windows, batch_size)
         _check_finite(self.inputs.hidden, "before the first block")
+        if self.twin:  # the streams part at the first pruned layer; until then they are the same tensors
+            self.inputs.reference_hidden = list(self.inputs.hidden)
 
     @torch.no_grad()
     def run_block(self, index: int, block: nn.Module, targets: list[Target]) -> None:
@@ -460,9 +512,14 @@ class SequentialCalibration:
         assert self.inputs is not None, "capture() first"
         inputs = self.inputs
         batches = range(len(inputs.hidden))
+        if self.twin and inputs.reference_hidden is None:
+            raise PrunekitError("the saved calibration activations carry no dense twin stream; resume without "
+                                "--asymmetric, or start again")
         if not targets:
             if inputs.probe_hidden is not None:
                 inputs.probe_hidden = inputs.call_probe(block, index)
+            if self.twin:  # a block with nothing to process is still dense: the same block serves both streams
+                inputs.reference_hidden = [inputs.call_reference(block, index, b) for b in batches]
             outputs = [inputs.call(block, index, b) for b in batches]
         else:
             targets = _how_reached(block, index, inputs, targets)
@@ -482,6 +539,8 @@ class SequentialCalibration:
                                     + (f" (and {len(missed) - 1} more)" if len(missed) > 1 else "")
                                     + f" in block {index}; leave it out with --exclude")
         _check_finite(outputs, f"after block {index}")
+        if self.twin:
+            _check_finite(inputs.reference_hidden, f"after block {index} of the dense model")
         inputs.hidden = outputs
         release_freed_memory()
 
@@ -490,11 +549,14 @@ class SequentialCalibration:
         return [self.windows[start:start + self.batch_size] for start in range(0, self.windows.shape[0], self.batch_size)]
 
     @torch.no_grad()
-    def head_inputs(self) -> list[torch.Tensor]:
-        """What the head receives for each batch, computed by the model's own code after the last block."""
+    def head_inputs(self, dense: bool = False) -> list[torch.Tensor]:
+        """What the head receives for each batch, computed by the model's own code after the last block (from the
+        dense twin stream with ``dense``)."""
         assert self.inputs is not None
         found: list[torch.Tensor] = []
-        for batch, hidden in zip(self.batches(), self.inputs.hidden):
+        streams = self.inputs.reference_hidden if dense else self.inputs.hidden
+        assert streams is not None
+        for batch, hidden in zip(self.batches(), streams):
             replay_after_blocks(self.model, self.structure, batch.to(hidden.device), hidden,
                                 self.inputs.template, on_head=found.append, stop_at_head=True)
         if len(found) != len(self.inputs.hidden):
@@ -507,11 +569,11 @@ class SequentialCalibration:
         """Targets after the blocks (the LM head) see what the model feeds its head."""
         processor = _Processing(self.processor, self.reduce)
         head_inputs = self.head_inputs()
+        dense_inputs = self.head_inputs(dense=True) if self.twin else []
         for target in targets:
             stats = _new_stats(processor, target)
             if stats is not None:
-                for hidden in head_inputs:
-                    stats.add(hidden)
+                _add_batches(stats, head_inputs, dense_inputs)
             processor.handle(target, stats)
 
     @torch.no_grad()
@@ -537,13 +599,13 @@ def group_by_block(targets: list[Target]) -> dict[int, list[Target]]:
 
 def run_sequential(model: nn.Module, structure: BlockStructure, windows: torch.Tensor, targets: list[Target],
                    processor: LayerProcessor, mode: Mode = "layer", batch_size: int = 4,
-                   description: str = "Calibrating", reduce: StatsReducer | None = None) -> None:
+                   description: str = "Calibrating", reduce: StatsReducer | None = None, twin: bool = False) -> None:
     """Feed ``windows`` block by block, calling ``processor.process`` on every target as described above.
 
     ``mode="dense"`` only collects: statistics of every layer of the unmodified model, outputs
     propagated from the same pass (the processor must not change weights).
     """
-    calibration = SequentialCalibration(structure, processor, mode, reduce)
+    calibration = SequentialCalibration(structure, processor, mode, reduce, twin)
     by_block = group_by_block(targets)
     blocks = structure.blocks()
     last_block = max((b for b in by_block if b != HEAD), default=-1)

@@ -163,3 +163,55 @@ class InputHessian(InputNorms):
         self.gram += other_gram.to(self.gram.device)
         self.rows += other.rows
         return self
+
+
+class TwinInputHessian(InputHessian):
+    """``X Xᵀ`` of a layer's inputs in the model being pruned, and ``Dᵀ = Σ (X_d − X)ᵀ X`` against the inputs
+    ``X_d`` the dense model gives the same layer for the same tokens (a dense twin of the calibration stream).
+
+    With both, a layer can be fitted to the dense model's output rather than to its own: the least-squares
+    ``M`` of ``‖W X_d − M X‖`` is ``W* = W + (W D)(X Xᵀ)⁻¹`` (``dense_output_weight``),
+    and ``‖W X_d − M X‖² = ‖(W* − M) X‖² + const``, so any method that prunes ``W`` in the ``X Xᵀ`` norm prunes
+    ``W*`` in it for the asymmetric objective (GPTAQ's observation for quantisation). ``add(x)`` alone pairs
+    the inputs with themselves: no shift (routed experts, whose tokens differ between the streams).
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        super().__init__(in_features, device)
+        self.shift = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+
+    def add_pair(self, inputs: torch.Tensor, dense_inputs: torch.Tensor) -> None:
+        if dense_inputs.shape != inputs.shape:
+            raise ValueError(f"dense inputs {tuple(dense_inputs.shape)} do not match inputs {tuple(inputs.shape)}")
+        x = self._flatten(inputs).detach()
+        self.shift.addmm_((self._flatten(dense_inputs).detach() - x).T, x)
+        self.add(inputs)
+
+    def accumulators(self) -> list[torch.Tensor]:
+        return [self.gram, self.shift]
+
+    def merge_(self, other: "TwinInputHessian") -> "TwinInputHessian":  # type: ignore[override]
+        super().merge_(other)
+        self.shift += other.shift.to(self.shift.device)
+        return self
+
+    @torch.no_grad()
+    def dense_output_weight(self, weight: torch.Tensor, dampening: float) -> torch.Tensor:
+        """``W* = W + (W D)(X Xᵀ + λI)⁻¹``, ``λ`` = ``dampening`` × the mean diagonal; ``weight`` itself (the same
+        tensor) where the two streams agreed on every token."""
+        if self.rows == 0 or not bool(self.shift.any()):
+            return weight
+        gram = self.gram_matrix().to(torch.float64)
+        lam = dampening * float(gram.diagonal().mean().clamp_min(1e-12))
+        gram.diagonal().add_(lam)
+        factor, info = torch.linalg.cholesky_ex(gram)
+        for _ in range(4):  # a rank-deficient X Xᵀ (dead inputs) with a tiny λ: more dampening, as SparseGPT does
+            if int(info) == 0:
+                break
+            gram.diagonal().add_(lam * 9)
+            lam *= 10
+            factor, info = torch.linalg.cholesky_ex(gram)
+        if int(info) != 0:
+            raise ValueError("the inputs' second moment is not positive definite even when dampened")
+        moved = weight.to(torch.float64) @ self.shift.to(torch.float64)
+        return (weight.to(torch.float64) + torch.cholesky_solve(moved.T, factor).T).to(weight.dtype)

@@ -16,13 +16,17 @@ from prunekit.core.calibration import HEAD, SequentialCalibration, StatsReducer,
 from prunekit.core.masks import sparsity_of
 from prunekit.core.patterns import SparsityPattern
 from prunekit.core.progress import progress_bar
-from prunekit.core.statistics import InputNorms, LayerStatistics
+from prunekit.core.statistics import InputNorms, LayerStatistics, TwinInputHessian
 from prunekit.errors import PrunekitError
 from prunekit.models.base import ModelAdapter, adapter_for
 from prunekit.models.layout import is_linear_like
 from prunekit.weights.base import OneShotMethod, get_method
 from prunekit.weights.lowrank import LowRankCorrection, build_correction
 from prunekit.weights.recipe import PruneSettings
+
+# W* = W + W D (X Xᵀ + λI)⁻¹ with λ as SparseGPT dampens its Hessian: 1 % of the mean diagonal keeps the solve
+# stable where inputs are nearly dead without shrinking well-measured directions.
+ASYMMETRIC_DAMPENING = 0.01
 
 
 @dataclass
@@ -150,16 +154,22 @@ class Pruner:
     (``weights.lowrank``) then fits the layer's pruning error from the same statistics."""
 
     def __init__(self, method: OneShotMethod, ratios: Mapping[str, float], pattern: SparsityPattern,
-                 correction: LowRankCorrection | None = None):
+                 correction: LowRankCorrection | None = None, asymmetric: bool = False):
         self.method, self.ratios, self.pattern, self.correction = method, ratios, pattern, correction
+        self.asymmetric = asymmetric
         self.unreached_targets: list[str] = []
 
     def statistics(self, target: Target) -> type[LayerStatistics] | None:
+        if self.asymmetric:
+            return TwinInputHessian  # X Xᵀ also carries the input norms Wanda reads
         if self.correction is not None:
-            return self.correction.statistics  # X Xᵀ also carries the input norms Wanda reads
+            return self.correction.statistics
         return self.method.statistics
 
     def process(self, target: Target, stats: LayerStatistics | None) -> None:
+        if isinstance(stats, TwinInputHessian):
+            # From here on the layer's problem is W* in the X Xᵀ norm: its method and its correction see W*.
+            target.weight.copy_(stats.dense_output_weight(target.weight, ASYMMETRIC_DAMPENING))
         dense = target.weight.clone() if self.correction is not None else None
         self.method.prune(target.weight, stats, self.ratios[target.name], self.pattern)
         if self.correction is not None:
@@ -255,6 +265,9 @@ def plan_pruning(model: nn.Module, settings: PruneSettings, has_calibration: boo
             needer = method.name if method.needs_calibration else "the low-rank correction"
             raise PrunekitError(f"{needer} needs the inputs of {outside[0]}, which calibration does not see; "
                                 "prune embeddings with magnitude")
+    if settings.asymmetric and not plan.calibrated:
+        raise PrunekitError(f"asymmetric calibration fits each layer to the dense model's output on calibration "
+                            f"data, and {method.name} reads none; leave out --asymmetric")
     if "scores" in allocation.needs and (not method.comparable_across_layers or method.needs_calibration):
         raise PrunekitError(f"allocation '{allocation.name}' ranks scores across layers, but {method.name}'s "
                             "scores are only comparable within a layer; use magnitude, or uniform/owl")
@@ -330,13 +343,13 @@ def prune_blocks(plan: PrunePlan, source: BlockSource, ratios: Mapping[str, floa
                  inputs=None, outside: bool = True) -> Pruner:
     """The one loop of one-shot pruning: block by block (from ``first``, with ``inputs`` the activations saved
     before it), then the targets outside the blocks. Every weight is checked finite as its block is loaded."""
-    pruner = Pruner(plan.method, ratios, plan.pattern, plan.correction)
     settings = plan.settings
+    pruner = Pruner(plan.method, ratios, plan.pattern, plan.correction, settings.asymmetric)
     calibrated = plan.calibrated
     active = plan.active(ratios)
     by_block = group_by_block([t for t in active if t.block is not None and t.block != HEAD])
     blocks = plan.adapter.blocks()
-    steps = SequentialCalibration(plan.adapter, pruner, settings.sequential, reduce)
+    steps = SequentialCalibration(plan.adapter, pruner, settings.sequential, reduce, twin=settings.asymmetric)
     head_targets = [t for t in active if t.block == HEAD]
     if calibrated and (first < len(blocks) or (outside and head_targets)):
         if inputs is not None:
@@ -412,7 +425,8 @@ def prune_result(plan: PrunePlan, layers: list[LayerResult], pruner: Pruner | No
                  calibration: torch.Tensor | None, allocation_seconds: float = 0.0) -> PruneResult:
     return PruneResult(method=plan.method.settings(), pattern=str(plan.pattern), allocation=plan.allocation.settings(),
                        sparsity=plan.ratio,
-                       sequential=plan.settings.sequential if plan.calibrated else "none",
+                       sequential=(plan.settings.sequential + (", asymmetric" if plan.settings.asymmetric else "")
+                                   if plan.calibrated else "none"),
                        layers=layers, seconds=time.perf_counter() - started, allocation_seconds=allocation_seconds,
                        calibration_windows=int(calibration.shape[0]) if calibration is not None and plan.needs_data
                        else 0, unreached_experts=list(pruner.unreached_targets) if pruner else [])

@@ -33,6 +33,9 @@ class PruneSettings(RecipeModel):
     exclude: list[str] = Field(default_factory=list)
     untie_embeddings: bool = False
     sequential: Literal["layer", "block"] = "layer"
+    asymmetric: bool = Field(False, description="fit each layer to the dense model's output from the pruned "
+                                                "model's inputs (a dense twin of the calibration stream: one more "
+                                                "forward pass and one more set of activations); layer order only")
     batch_size: int = Field(4, ge=1)
     blocks: str | None = blocks_field()
     lowrank: LowRankSettings = Field(default_factory=LowRankSettings,
@@ -61,6 +64,9 @@ class PruneSettings(RecipeModel):
     @model_validator(mode="after")
     def _resolve_ratio(self) -> "PruneSettings":
         pattern = SparsityPattern.parse(self.pattern)
+        if self.asymmetric and self.sequential != "layer":
+            raise PrunekitError("asymmetric calibration pairs every layer's inputs with the dense model's, layer by "
+                                "layer; use --sequential layer")
         if self.ratio is not None:
             check_sparsity(self.ratio, "ratio")
         if pattern.is_nm:
