@@ -113,12 +113,13 @@ def _row(name: str, model, dense, test, seconds: float, sizes: dict, extra: dict
 
 
 def sparse_row(dense, calibration, test, method: str, budget: float, kind: str = "correction",
-               refit: bool = False, stream: str = "auto") -> dict:
+               refit: bool = False, stream: str = "auto", asymmetric: bool = False) -> dict:
     model = copy.deepcopy(dense)
     started = time.perf_counter()
     lowrank = {"budget": budget, "kind": kind, **(ARMOR if kind == "armor" else {}), **({"refit": True} if refit else {}),
                "stream": stream}
-    result = prune_weights(model, method, pattern="2:4", calibration=calibration, lowrank=lowrank)
+    result = prune_weights(model, method, pattern="2:4", calibration=calibration, lowrank=lowrank,
+                           asymmetric=asymmetric)
     seconds = time.perf_counter() - started
     summary = None
     if result.lowrank is not None:
@@ -129,10 +130,11 @@ def sparse_row(dense, calibration, test, method: str, budget: float, kind: str =
     label = "armor" if kind == "armor" else "low-rank"
     stream = LowRankSettings(**lowrank).corrected_stream if budget else None
     name = (f"{method} 2:4" + (f" + {label} {budget:.0%}" if budget else "") + (" (kept values refit)" if refit else "")
-            + (" (sparse stream)" if stream is False else ""))
+            + (" (sparse stream)" if stream is False else "") + (" (asymmetric)" if asymmetric else ""))
     return _row(name, model, dense, test, seconds, _sizes_weights(model),
                 {"group": "2:4", "method": method, "budget": budget, "kind": kind, "refit": refit,
                  "stream": None if stream is None else "corrected" if stream else "sparse", "lowrank": summary,
+                 "asymmetric": asymmetric,
                  "measured": time.strftime("%Y-%m-%d")})
 
 
@@ -220,6 +222,10 @@ ROWS = {  # key -> the row it measures, in the order a full run measures them (t
     "sparsegpt-lowrank10-refit": lambda d, c, t: sparse_row(d, c, t, "sparsegpt", 0.1, refit=True),
     "sparsegpt-lowrank10-refit-sparse-stream": lambda d, c, t: sparse_row(d, c, t, "sparsegpt", 0.1, refit=True,
                                                                           stream="sparse"),
+    "sparsegpt-asymmetric": lambda d, c, t: sparse_row(d, c, t, "sparsegpt", 0.0, asymmetric=True),
+    "sparsegpt-lowrank10-refit-asymmetric": lambda d, c, t: sparse_row(d, c, t, "sparsegpt", 0.1, refit=True,
+                                                                       asymmetric=True),
+    "wanda-asymmetric": lambda d, c, t: sparse_row(d, c, t, "wanda", 0.0, asymmetric=True),
     "svd-llm": svd_llm_row,
     "fisher": fisher_row,
     "slicegpt-untie": lambda d, c, t: slicegpt_row(d, c, t, "untie"),

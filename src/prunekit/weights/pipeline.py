@@ -24,10 +24,6 @@ from prunekit.weights.base import OneShotMethod, get_method
 from prunekit.weights.lowrank import LowRankCorrection, build_correction
 from prunekit.weights.recipe import PruneSettings
 
-# W* = W + W D (X Xᵀ + λI)⁻¹ with λ as SparseGPT dampens its Hessian: 1 % of the mean diagonal keeps the solve
-# stable where inputs are nearly dead without shrinking well-measured directions.
-ASYMMETRIC_DAMPENING = 0.01
-
 
 @dataclass
 class LayerResult:
@@ -154,9 +150,10 @@ class Pruner:
     (``weights.lowrank``) then fits the layer's pruning error from the same statistics."""
 
     def __init__(self, method: OneShotMethod, ratios: Mapping[str, float], pattern: SparsityPattern,
-                 correction: LowRankCorrection | None = None, asymmetric: bool = False):
+                 correction: LowRankCorrection | None = None, asymmetric: bool = False,
+                 asymmetric_dampening: float = 0.1):
         self.method, self.ratios, self.pattern, self.correction = method, ratios, pattern, correction
-        self.asymmetric = asymmetric
+        self.asymmetric, self.asymmetric_dampening = asymmetric, asymmetric_dampening
         self.unreached_targets: list[str] = []
 
     def statistics(self, target: Target) -> type[LayerStatistics] | None:
@@ -169,7 +166,7 @@ class Pruner:
     def process(self, target: Target, stats: LayerStatistics | None) -> None:
         if isinstance(stats, TwinInputHessian):
             # From here on the layer's problem is W* in the X Xᵀ norm: its method and its correction see W*.
-            target.weight.copy_(stats.dense_output_weight(target.weight, ASYMMETRIC_DAMPENING))
+            target.weight.copy_(stats.dense_output_weight(target.weight, self.asymmetric_dampening))
         dense = target.weight.clone() if self.correction is not None else None
         self.method.prune(target.weight, stats, self.ratios[target.name], self.pattern)
         if self.correction is not None:
@@ -344,7 +341,8 @@ def prune_blocks(plan: PrunePlan, source: BlockSource, ratios: Mapping[str, floa
     """The one loop of one-shot pruning: block by block (from ``first``, with ``inputs`` the activations saved
     before it), then the targets outside the blocks. Every weight is checked finite as its block is loaded."""
     settings = plan.settings
-    pruner = Pruner(plan.method, ratios, plan.pattern, plan.correction, settings.asymmetric)
+    pruner = Pruner(plan.method, ratios, plan.pattern, plan.correction, settings.asymmetric,
+                    settings.asymmetric_dampening)
     calibrated = plan.calibrated
     active = plan.active(ratios)
     by_block = group_by_block([t for t in active if t.block is not None and t.block != HEAD])

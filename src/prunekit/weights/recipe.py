@@ -36,6 +36,12 @@ class PruneSettings(RecipeModel):
     asymmetric: bool = Field(False, description="fit each layer to the dense model's output from the pruned "
                                                 "model's inputs (a dense twin of the calibration stream: one more "
                                                 "forward pass and one more set of activations); layer order only")
+    # 0.1, not SparseGPT's 0.01: the shift is fitted on the calibration tokens and must carry over to others; on
+    # SmolLM2 2:4 SparseGPT it gave 77.24 perplexity at 0.01, 66.02 at 0.1, 75.00 at 1.0 (75.30 symmetric)
+    asymmetric_dampening: float = Field(0.1, gt=0, description="asymmetric calibration: fraction of the mean input "
+                                                               "second moment added to its diagonal when fitting a "
+                                                               "layer to the dense outputs (larger = a smaller, "
+                                                               "safer shift)")
     batch_size: int = Field(4, ge=1)
     blocks: str | None = blocks_field()
     lowrank: LowRankSettings = Field(default_factory=LowRankSettings,
