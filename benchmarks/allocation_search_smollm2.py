@@ -9,7 +9,12 @@ One row per invocation keeps each run under ten minutes on the shared CPU (run t
     flock /tmp/prunekit-cpu.lock python benchmarks/allocation_search_smollm2.py --rows depth6-knapsack
 
 Weight rows are kept per ratio: ``--rows wanda-owl --ratio 0.6`` is stored as ``wanda-owl@0.6`` beside
-``wanda-owl@0.7``, and the Markdown has one table per ratio.
+``wanda-owl@0.7``, and the Markdown has one table per ratio. A search row whose level database was computed over
+the reference stream (``prunekit.weights.search.database``: the default for SparseGPT, which updates the kept
+weights) is stored as ``sparsegpt-knapsack@0.7+reference`` beside the dense-stream row measured before that stream
+existed (or with ``--allocation-arg database_stream=dense``); the table says which stream each row's database used,
+and, where the search ran its sequential check (``prunekit.weights.search.run``), both allocations' KL once pruned
+sequentially and which one the search returned.
 
 A search row that runs out of time can be run again: the level database (per block), the unit costs (per unit)
 and the evolution (per generation) are kept in ``--database`` and resume; ``search_seconds`` then counts only
@@ -89,9 +94,17 @@ DEPTH_ROWS = [f"depth6-{criterion}" for criterion in ("influence", "perplexity",
 SEARCHES = ("knapsack", "evolutionary")
 
 
-def row_key(row: str, ratio: float) -> str:
-    """Where a weight row's result is kept: its name and ratio (``wanda-owl@0.7``), so ratios stay apart."""
-    return f"{row}@{ratio:g}"
+def row_key(row: str, ratio: float, stream: str = "dense") -> str:
+    """Where a weight row's result is kept: its name and ratio (``wanda-owl@0.7``), so ratios stay apart, and a
+    search over the reference stream's database beside one over the dense stream's."""
+    return f"{row}@{ratio:g}" + ("" if stream == "dense" else f"+{stream}")
+
+
+def database_stream(row: dict) -> str | None:
+    """The stream a search row's level database was computed over (rows measured before the choice existed were
+    dense); None for a row without a search."""
+    search = row.get("search")
+    return None if not search else search["database"].get("stream", "dense")
 
 
 def _keyed(data: dict) -> dict:
@@ -130,7 +143,8 @@ def run_row(row: str, model_path: str | None, database: Path, ratio: float, extr
     fitness = meter.kl()
     del meter
     ppl = perplexity(model, test, 4, "Perplexity").perplexity
-    return {"row": row, "key": row_key(row, ratio), "method": method, "allocation": allocation_name, "ratio": ratio,
+    stream = "dense" if search is None else search.database["stream"]
+    return {"row": row, "key": row_key(row, ratio, stream), "method": method, "allocation": allocation_name, "ratio": ratio,
             "achieved_ratio": result.achieved_sparsity, "perplexity": ppl, "fitness_kl": fitness,
             "search_seconds": searched - started if search else 0.0, "prune_seconds": finished - searched,
             "peak_rss_bytes": measured.peak_rss,
@@ -284,21 +298,31 @@ def _shrink_markdown(rows: list[dict]) -> str:
 
 def _weights_markdown(rows: list[dict], ratio: float) -> str:
     table = []
-    for row in sorted(rows, key=lambda r: ROWS.index(r["row"]) if r["row"] in ROWS else 99):
+    for row in sorted(rows, key=lambda r: (ROWS.index(r["row"]) if r["row"] in ROWS else 99,
+                                           database_stream(r) == "reference")):
         search = row["search"]
         parts = ""
+        stream = database_stream(row)
+        if stream == "reference":
+            database = search["database"]
+            stream = f"reference ({database['reference_ratio']:g}, {database['sequential']})"
         if search:
             seconds = search["seconds"]
             parts = (f"database {seconds['database']:.0f} s{' (reused)' if search['database']['reused'] else ''}, "
                      f"unit costs {seconds['unit_costs']:.0f} s, search {seconds['search']:.0f} s (costs included)")
             if search.get("fitness") is not None:
                 parts += f"; KL {search['start_fitness']:.4f} → {search['fitness']:.4f}, {search['evaluations']} candidates"
-        table.append((row["method"], row["allocation"], f"{row['perplexity']:.2f}", f"{row['fitness_kl']:.4f}",
-                      f"{row['search_seconds']:.0f} s" if search else "–", f"{row['prune_seconds']:.0f} s",
-                      f"{row['peak_rss_bytes'] / 2**20:.0f} MiB", parts or "–"))
+            check = search.get("sequential_check")
+            if check:
+                parts += (f"; sequential check {seconds['sequential_check']:.0f} s on {check['tokens']} tokens: "
+                          f"{check['start']} {check['start_kl']:.4f}, found {check['found_kl']:.4f}, "
+                          f"returned {check['start'] if check['kept'] == 'start' else 'found'}")
+        table.append((row["method"], row["allocation"], stream or "–", f"{row['perplexity']:.2f}",
+                      f"{row['fitness_kl']:.4f}", f"{row['search_seconds']:.0f} s" if search else "–",
+                      f"{row['prune_seconds']:.0f} s", f"{row['peak_rss_bytes'] / 2**20:.0f} MiB", parts or "–"))
     return (f"## Weight pruning at {ratio:.0%} of the targeted layers' weights\n\n"
-            + markdown_table(["method", "allocation", "test perplexity", "fitness KL", "search wall", "prune wall",
-                              "peak RSS", "search parts"], table) + "\n\n")
+            + markdown_table(["method", "allocation", "database stream", "test perplexity", "fitness KL",
+                              "search wall", "prune wall", "peak RSS", "search parts"], table) + "\n\n")
 
 
 def _markdown(data: dict) -> str:
@@ -316,9 +340,16 @@ def _markdown(data: dict) -> str:
             + weights
             + ("Weight search settings: the defaults of `knapsack` / `evolutionary` (levels 0..0.9 by 0.1, one unit "
                "per attention and per MLP, KL costs on 512 tokens; 20 generations of 8 offspring, stages of 512 and "
-               "2048 tokens keeping 2 then 1) unless `settings` in the JSON says otherwise. The level database and "
-               "the unit costs depend on the method and the calibration, not on the ratio: every ratio's searches "
-               "read the same ones.\n\n" if weight_rows else "")
+               "2048 tokens keeping 2 then 1) unless `settings` in the JSON says otherwise. Database stream: the "
+               "calibration inputs the level database pruned every layer from: the dense model's, or the reference "
+               "stream's (every earlier layer pruned at the ratio uniformly, in the pipeline's sequential mode; "
+               "the default for SparseGPT since the stream existed, the dense rows of SparseGPT were measured "
+               "before). A dense-stream database and its unit costs depend on the method and the calibration, not "
+               "on the ratio: every ratio's searches read the same ones; a reference-stream database belongs to its "
+               "ratio. Sequential check: after the search, the search's start (the evolution's: the knapsack's "
+               "levels; the knapsack's: uniform) and its found levels pruned as `prune` prunes them and measured "
+               "on the last stage's tokens; the search returns the better (on by default with the reference "
+               "stream); its wall time is part of the search wall.\n\n" if weight_rows else "")
             + (_shrink_markdown(shrink_rows) if shrink_rows else "")
             + (_depth_markdown(depth_rows) if depth_rows else "")
             + f"Environment: {json.dumps(data.get('environment', {}))}\n")

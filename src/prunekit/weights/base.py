@@ -29,6 +29,8 @@ class OneShotMethod(Method):
     """Whether scores of different layers can be ranked together (what global allocation needs)."""
     per_row: ClassVar[bool] = False
     """Whether unstructured pruning removes the same fraction in every output row."""
+    updates_kept_weights: ClassVar[bool] = False
+    """Whether ``prune`` changes the weights it keeps (SparseGPT's update) rather than only zeroing the others."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

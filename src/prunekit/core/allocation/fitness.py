@@ -58,6 +58,7 @@ class KLMeter:
                 self.block_inputs.append(hidden)
             hidden = [self._call(index, window, h) for window, h in enumerate(hidden)]
         self.dense_output = hidden if keep_block_inputs else None
+        self.rebased = False  # whether the kept block inputs are those of other weights than the dense ones
         self.dense_log_probs = [F.log_softmax(self._final_logits(window, h).float(), dim=-1)
                                 for window, h in enumerate(hidden)]
         release_freed_memory()
@@ -77,13 +78,16 @@ class KLMeter:
 
     @torch.no_grad()
     def kl(self, first_block: int = 0) -> float:
-        """Mean over tokens of KL(dense ‖ current) of the next-token distributions. ``first_block``: the
-        model is still dense before it (needs ``keep_block_inputs``), so the run starts there."""
+        """Mean over tokens of KL(dense ‖ current) of the next-token distributions. ``first_block``: before it the
+        model is still the one whose block inputs are kept (the dense one, or the one ``rebase`` saw), so the run
+        starts there (needs ``keep_block_inputs``)."""
         if first_block > 0 and self.block_inputs is None:
             raise ValueError("starting after block 0 needs the kept dense block inputs")
         blocks = len(self.adapter.blocks())
         if first_block >= blocks:
-            return 0.0
+            if not self.rebased:
+                return 0.0
+            first_block = blocks - 1  # the base model's own KL: its last block's kept input is where it starts
         total = 0.0
         for window in range(self.windows.shape[0]):
             hidden = self.block_inputs[first_block][window] if first_block else self.first_hidden[window]
@@ -95,11 +99,29 @@ class KLMeter:
         return total / self.tokens
 
     @torch.no_grad()
+    def rebase(self) -> None:
+        """Keep the hidden states the model's *current* weights give every block instead of the dense ones:
+        ``kl(first_block)`` then measures a model that differs from the current one only from ``first_block`` on
+        (the KL is still to the dense model). A search centred on a compressed model (every unit at one level)
+        measures one unit's move from it at the cost of the blocks after the unit, as around the dense model."""
+        if self.block_inputs is None:
+            raise ValueError("rebasing replaces the kept block inputs; make the meter with keep_block_inputs")
+        hidden = list(self.first_hidden)
+        inputs = []
+        for index in range(len(self.adapter.blocks())):
+            inputs.append(hidden)
+            hidden = [self._call(index, window, h) for window, h in enumerate(hidden)]
+        self.block_inputs = inputs
+        self.rebased = True
+        self.dense_output = None  # block_error compares a block with its dense inputs and outputs, gone now
+        release_freed_memory()
+
+    @torch.no_grad()
     def block_error(self, index: int) -> float:
         """‖output − dense output‖² / ‖dense output − input‖² of block ``index`` on the dense inputs: how much
         of what the block adds to its input the current weights change (the local proxy of a unit's cost)."""
         if self.block_inputs is None or self.dense_output is None:
-            raise ValueError("the reconstruction error needs the kept dense block inputs")
+            raise ValueError("the reconstruction error needs the kept dense block inputs (and no rebase)")
         dense_next = self.block_inputs[index + 1] if index + 1 < len(self.block_inputs) else self.dense_output
         outputs = [self._call(index, window, h) for window, h in enumerate(self.block_inputs[index])]
         error = sum(float((o - d).double().square().sum()) for o, d in zip(outputs, dense_next))

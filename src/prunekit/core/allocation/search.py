@@ -40,7 +40,8 @@ class LevelProblem(Protocol):
     target: int  # Σ weight · step every solution must reach exactly
 
     def costs(self) -> list[list[float]]:
-        """Per unit and step: what compressing that unit alone to that step costs (step 0 costs 0)."""
+        """Per unit and step: what moving that unit alone to that step costs, from the problem's base model (the
+        dense one, where step 0 costs 0; or a compressed one, whose own step costs 0 and others may cost less)."""
 
     def fitness(self, stage: int, steps: Sequence[int]) -> float:
         """Lower is better: the divergence of the model compressed to ``steps`` from the dense one, measured on
@@ -90,6 +91,15 @@ class MeasuredAllocation(Allocation):
                           "compressed, or the relative error of its block's output (a cheaper proxy)")
     sensitivity_tokens: int = Field(512, ge=1, description="calibration tokens measuring each unit's cost")
     database: str | None = Field(None, description="directory of the level database [default: the user cache]")
+    database_stream: Literal["auto", "dense", "reference"] = Field(
+        "auto", description="weight pruning: the calibration inputs the level database prunes every layer from: "
+                            "the dense model's, or those the model gives it with every earlier layer pruned at "
+                            "the ratio uniformly (reference); auto: reference for a method that updates the kept "
+                            "weights (SparseGPT), dense otherwise (prunekit.weights.search.database)")
+    sequential_check: bool | None = Field(
+        None, description="weight pruning: after the search, prune the model sequentially at the search's start "
+                          "(the knapsack's: the uniform ratio) and at the found levels, measure both on the last "
+                          "stage's tokens and keep the better [default: with the reference stream]")
 
     @field_validator("levels")
     @classmethod
@@ -131,8 +141,10 @@ class MeasuredAllocation(Allocation):
         return [self.sensitivity_tokens]
 
     def search_settings(self) -> dict[str, Any]:
-        """The settings that decide the search's result (what keys a resumable state), without found levels."""
-        return {key: value for key, value in self.settings().items() if key not in ("levels", "database")}
+        """The settings that decide the search's result (what keys a resumable state), without found levels; the
+        sequential check runs after the search and changes nothing in it, so a search resumes whatever it says."""
+        return {key: value for key, value in self.settings().items()
+                if key not in ("levels", "database", "sequential_check")}
 
 
 def uniform_steps(problem: LevelProblem) -> list[int] | None:

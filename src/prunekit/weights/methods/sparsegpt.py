@@ -62,6 +62,7 @@ def _drop_lowest(scores: torch.Tensor, count: int) -> torch.Tensor:
 @METHODS.register("sparsegpt")
 class SparseGPT(OneShotMethod):
     statistics: ClassVar[type[LayerStatistics]] = InputHessian
+    updates_kept_weights: ClassVar[bool] = True
 
     dampening: float = Field(0.01, gt=0, lt=1, description="fraction of the mean Hessian diagonal added to it")
     block_size: int = Field(128, ge=1, description="columns pruned together before the lazy update")
