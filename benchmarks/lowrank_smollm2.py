@@ -138,12 +138,13 @@ def sparse_row(dense, calibration, test, method: str, budget: float, kind: str =
                  "measured": time.strftime("%Y-%m-%d")})
 
 
-def svd_llm_row(dense, calibration, test) -> dict:
+def svd_llm_row(dense, calibration, test, update: bool = False) -> dict:
     model = copy.deepcopy(dense)
     started = time.perf_counter()
-    result = get_shrink_method("svd-llm").apply(model, calibration, RATIO, 4)
+    result = get_shrink_method({"name": "svd-llm", "update": update}).apply(model, calibration, RATIO, 4)
     seconds = time.perf_counter() - started
-    return _row(f"SVD-LLM, {RATIO:.0%} removed", model, dense, test, seconds, _sizes_structure(model),
+    name = f"SVD-LLM{' + second-factor update' if update else ''}, {RATIO:.0%} removed"
+    return _row(name, model, dense, test, seconds, _sizes_structure(model),
                 {"group": f"{RATIO:.0%}", "method": "svd-llm", "details": {k: v for k, v in result.items() if k != "layers"}})
 
 
@@ -227,6 +228,7 @@ ROWS = {  # key -> the row it measures, in the order a full run measures them (t
                                                                        asymmetric=True),
     "wanda-asymmetric": lambda d, c, t: sparse_row(d, c, t, "wanda", 0.0, asymmetric=True),
     "svd-llm": svd_llm_row,
+    "svd-llm-update": lambda d, c, t: svd_llm_row(d, c, t, update=True),
     "fisher": fisher_row,
     "slicegpt-untie": lambda d, c, t: slicegpt_row(d, c, t, "untie"),
     "slicegpt-tied": lambda d, c, t: slicegpt_row(d, c, t, "tied"),

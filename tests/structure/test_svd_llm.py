@@ -68,3 +68,40 @@ def test_saved_and_reloaded_it_gives_identical_outputs(calibration, tmp_path):
     assert set(lowrank_layers(loaded)) == set(lowrank_layers(model))
     with torch.no_grad():
         assert torch.equal(loaded(tiny_inputs()).logits, model(tiny_inputs()).logits)
+
+
+def test_the_second_factor_refit_is_the_least_squares_fit_and_never_worse():
+    """For the R the whitened truncation keeps, the refitted L has the least output error on X (no twin: X_d = X)."""
+    from prunekit.core.statistics import InputHessian
+    from prunekit.structure.methods.svd_llm import refit_second_factor
+
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(20, 16, generator=generator)
+    x = torch.randn(300, 16, generator=generator) * torch.logspace(-2, 1, 16)
+    stats = InputHessian(16)
+    stats.add(x)
+    svd = whitened_svd(weight.double(), whitening_factor(stats.gram_matrix().double() / 300, 0.01))
+    for rank in (2, 6, 12):
+        left, right = svd.factors(rank, torch.float32)
+        refit, relative = refit_second_factor(weight, right, stats)
+        error = lambda m: float((x.double() @ (weight - m @ right).double().T).square().sum())  # noqa: E731
+        best = torch.linalg.lstsq(x.double() @ right.double().T, x.double() @ weight.double().T).solution.T
+        assert error(refit) <= error(left) * (1 + 1e-6)
+        torch.testing.assert_close(refit.double(), best, rtol=1e-3, atol=1e-4)
+        assert relative == pytest.approx(error(refit) / float((x.double() @ weight.double().T).square().sum()),
+                                         rel=1e-4)
+
+
+def test_the_update_brings_the_factored_model_closer_to_the_dense_one():
+    """With enough tokens for the refit (on 8 × 32 tokens it overfits the 128-wide inputs and loses)."""
+    calibration = torch.randint(0, VOCAB, (64, 32), generator=torch.Generator().manual_seed(0))
+    x = tiny_inputs()
+    with torch.no_grad():
+        reference = tiny_llama(vocab=VOCAB, layers=4)(x).logits
+        errors = {}
+        for update in (False, True):
+            model = tiny_llama(vocab=VOCAB, layers=4)
+            result = get_shrink_method({"name": "svd-llm", "update": update}).apply(model, calibration, 0.2, 4)
+            assert result["method"]["update"] is update
+            errors[update] = float((model(x).logits - reference).square().mean())
+    assert errors[True] < errors[False]

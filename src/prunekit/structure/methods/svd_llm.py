@@ -10,6 +10,13 @@ Layers are visited block by block through the calibration stream (``sequential``
 is fitted on the inputs the already factored layers produce, so later layers absorb part of earlier errors;
 ``dense`` fits every layer on the unpruned model's activations, as the paper's whitening does.
 
+``update`` refits the second factor in closed form once the first is fixed: ``L = argmin ‖W X_d − L R X‖``, i.e.
+``L = W (X X_dᵀ)ᵀ Rᵀ (R X Xᵀ Rᵀ)⁻¹``, where ``X`` are the inputs the already factored layers give the layer and
+``X_d`` the dense model's (in ``layer`` order a dense twin of the calibration stream carries them,
+``core.statistics.TwinInputHessian``; in ``dense`` order they are the same). Later layers then undo part of what
+earlier truncations changed, and in either order the refit is the exact least-squares ``L`` for the ``R`` kept
+(SVD-LLM's whitened truncation is optimal only in the dampened norm).
+
 The rank is uniform in the sense of a parameter ratio: every targeted linear keeps the same fraction of its
 parameters, the fraction chosen so that ``ratio`` of the whole model's parameters is removed (the embeddings and
 norms are not factored, so the linears give up a little more than ``ratio`` of their own).
@@ -27,7 +34,7 @@ from torch import nn
 from prunekit.core.calibration import SequentialCalibration, Target
 from prunekit.core.lowrank import factor_linear, output_energy, rank_for_fraction, whitened_svd, whitening_factor
 from prunekit.core.progress import progress_bar
-from prunekit.core.statistics import InputHessian, LayerStatistics
+from prunekit.core.statistics import InputHessian, LayerStatistics, TwinInputHessian
 from prunekit.errors import PrunekitError
 from prunekit.models.base import adapter_for
 from prunekit.structure.shrink_method import SHRINK_METHODS, ShrinkMethod
@@ -51,12 +58,13 @@ class _Factorer:
     """A calibration processor: fits each target as its statistics complete, and makes the stream see the
     factored layer (its weight becomes ``L R``) so later layers are fitted on what the shrunk model computes."""
 
-    def __init__(self, rank_of: Callable[[int, int], int], dampening: float):
-        self.rank_of, self.dampening = rank_of, dampening
+    def __init__(self, rank_of: Callable[[int, int], int], dampening: float, update: bool = False,
+                 twin: bool = False):
+        self.rank_of, self.dampening, self.update, self.twin = rank_of, dampening, update, twin
         self.done: list[tuple[Target, _Factored]] = []
 
     def statistics(self, target: Target) -> type[LayerStatistics]:
-        return InputHessian
+        return TwinInputHessian if self.twin else InputHessian
 
     @torch.no_grad()
     def process(self, target: Target, stats: LayerStatistics | None) -> None:
@@ -68,8 +76,26 @@ class _Factorer:
         svd = whitened_svd(weight, whitening, rank)
         left, right = svd.factors(rank, weight.dtype)
         error = float(svd.errors[rank]) / max(output_energy(weight, whitening), 1e-30)
+        if self.update and rank:
+            left, error = refit_second_factor(weight, right, stats)
         weight.copy_(left @ right)
         self.done.append((target, _Factored(target.name, (out_features, in_features), rank, left, right, error)))
+
+
+@torch.no_grad()
+def refit_second_factor(weight: torch.Tensor, right: torch.Tensor, stats: InputHessian) -> tuple[torch.Tensor, float]:
+    """The least-squares ``L`` of ``‖W X_d − L R X‖`` for a fixed ``R`` (``X_d = X`` without a twin stream), and the
+    relative error ``‖(W − L R) X‖² / ‖W X‖²`` of the result on the layer's own inputs."""
+    gram = stats.gram_matrix().to(torch.float64)
+    cross = gram + stats.shift.to(torch.float64) if isinstance(stats, TwinInputHessian) else gram
+    weight64, right64 = weight.to(torch.float64), right.to(torch.float64)
+    normal = right64 @ gram @ right64.T
+    # R has full row rank and X Xᵀ is a sum over thousands of tokens: the floor only guards dead directions
+    normal.diagonal().add_(1e-10 * float(normal.diagonal().mean().clamp_min(1e-30)))
+    left = torch.linalg.solve(normal, right64 @ cross.T @ weight64.T).T
+    residual = weight64 - left @ right64
+    energy = float(((weight64 @ gram) * weight64).sum())
+    return left.to(weight.dtype), float(((residual @ gram) * residual).sum()) / max(energy, 1e-30)
 
 
 @SHRINK_METHODS.register("svd-llm")
@@ -79,6 +105,9 @@ class SvdLLM(ShrinkMethod):
     sequential: Literal["layer", "dense"] = Field("layer", description="layer: each layer fitted on the inputs the "
                                                                        "already factored layers produce; dense: on "
                                                                        "the unpruned model's")
+    update: bool = Field(False, description="refit each layer's second factor in closed form to the dense model's "
+                                            "outputs from the inputs the factored layers give it (layer order: a "
+                                            "dense twin of the calibration stream)")
 
     def apply(self, model: nn.Module, calibration: torch.Tensor, ratio: float, batch_size: int) -> dict[str, Any]:
         adapter = adapter_for(model)
@@ -104,8 +133,10 @@ class SvdLLM(ShrinkMethod):
         """Factor every linear of the blocks at ``rank_of(out, in)``; the model is changed in place."""
         adapter = adapter_for(model)
         blocks = adapter.blocks()
-        factorer = _Factorer(rank_of, self.dampening)
-        steps = SequentialCalibration(adapter, factorer, "layer" if self.sequential == "layer" else "dense")
+        twin = self.update and self.sequential == "layer"
+        factorer = _Factorer(rank_of, self.dampening, self.update, twin)
+        steps = SequentialCalibration(adapter, factorer, "layer" if self.sequential == "layer" else "dense",
+                                      twin=twin)
         steps.capture(model, calibration, batch_size)
         with progress_bar("Factoring (svd-llm)", len(blocks)) as bar:
             for index, block in enumerate(blocks):
