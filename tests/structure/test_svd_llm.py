@@ -83,7 +83,7 @@ def test_the_second_factor_refit_is_the_least_squares_fit_and_never_worse():
     svd = whitened_svd(weight.double(), whitening_factor(stats.gram_matrix().double() / 300, 0.01))
     for rank in (2, 6, 12):
         left, right = svd.factors(rank, torch.float32)
-        refit, relative = refit_second_factor(weight, right, stats)
+        refit, relative = refit_second_factor(weight, right, stats, 1e-12)
         error = lambda m: float((x.double() @ (weight - m @ right).double().T).square().sum())  # noqa: E731
         best = torch.linalg.lstsq(x.double() @ right.double().T, x.double() @ weight.double().T).solution.T
         assert error(refit) <= error(left) * (1 + 1e-6)

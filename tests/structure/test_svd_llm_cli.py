@@ -17,7 +17,8 @@ SMALL = ["--calib-samples", "4", "--test-windows", "2", "--seq-len", "64", "--ru
 def test_recipes_default_to_deleting_units_and_name_the_method():
     assert ShrinkRecipe.build({}).method is None
     recipe = ShrinkRecipe.build({"method": "svd-llm"})
-    assert recipe.method == {"name": "svd-llm", "dampening": 0.01, "sequential": "layer", "update": False}
+    assert recipe.method == {"name": "svd-llm", "dampening": 0.01, "sequential": "layer", "update": False,
+                             "update_dampening": 0.1}
     assert recipe.with_default_importance("causal-lm").importance is None
     assert ShrinkRecipe.model_validate(yaml.safe_load(recipe.to_yaml())).method == recipe.method
     with pytest.raises(PrunekitError, match="macs"):

@@ -59,8 +59,9 @@ class _Factorer:
     factored layer (its weight becomes ``L R``) so later layers are fitted on what the shrunk model computes."""
 
     def __init__(self, rank_of: Callable[[int, int], int], dampening: float, update: bool = False,
-                 twin: bool = False):
+                 twin: bool = False, update_dampening: float = 0.1):
         self.rank_of, self.dampening, self.update, self.twin = rank_of, dampening, update, twin
+        self.update_dampening = update_dampening
         self.done: list[tuple[Target, _Factored]] = []
 
     def statistics(self, target: Target) -> type[LayerStatistics]:
@@ -77,21 +78,23 @@ class _Factorer:
         left, right = svd.factors(rank, weight.dtype)
         error = float(svd.errors[rank]) / max(output_energy(weight, whitening), 1e-30)
         if self.update and rank:
-            left, error = refit_second_factor(weight, right, stats)
+            left, error = refit_second_factor(weight, right, stats, self.update_dampening)
         weight.copy_(left @ right)
         self.done.append((target, _Factored(target.name, (out_features, in_features), rank, left, right, error)))
 
 
 @torch.no_grad()
-def refit_second_factor(weight: torch.Tensor, right: torch.Tensor, stats: InputHessian) -> tuple[torch.Tensor, float]:
-    """The least-squares ``L`` of ``‖W X_d − L R X‖`` for a fixed ``R`` (``X_d = X`` without a twin stream), and the
-    relative error ``‖(W − L R) X‖² / ‖W X‖²`` of the result on the layer's own inputs."""
+def refit_second_factor(weight: torch.Tensor, right: torch.Tensor, stats: InputHessian,
+                        dampening: float) -> tuple[torch.Tensor, float]:
+    """The least-squares ``L`` of ``‖W X_d − L R X‖`` for a fixed ``R`` (``X_d = X`` without a twin stream), with
+    ``X Xᵀ`` dampened by ``dampening`` × its mean diagonal as ``prune --asymmetric`` dampens its shift, and the
+    relative error ``‖(W − L R) X‖² / ‖W X‖²`` of the result on the layer's own inputs (undampened)."""
     gram = stats.gram_matrix().to(torch.float64)
-    cross = gram + stats.shift.to(torch.float64) if isinstance(stats, TwinInputHessian) else gram
+    dampened = gram.clone()
+    dampened.diagonal().add_(dampening * float(gram.diagonal().mean().clamp_min(1e-30)))
+    cross = dampened + stats.shift.to(torch.float64) if isinstance(stats, TwinInputHessian) else dampened
     weight64, right64 = weight.to(torch.float64), right.to(torch.float64)
-    normal = right64 @ gram @ right64.T
-    # R has full row rank and X Xᵀ is a sum over thousands of tokens: the floor only guards dead directions
-    normal.diagonal().add_(1e-10 * float(normal.diagonal().mean().clamp_min(1e-30)))
+    normal = right64 @ dampened @ right64.T
     left = torch.linalg.solve(normal, right64 @ cross.T @ weight64.T).T
     residual = weight64 - left @ right64
     energy = float(((weight64 @ gram) * weight64).sum())
@@ -108,6 +111,9 @@ class SvdLLM(ShrinkMethod):
     update: bool = Field(False, description="refit each layer's second factor in closed form to the dense model's "
                                             "outputs from the inputs the factored layers give it (layer order: a "
                                             "dense twin of the calibration stream)")
+    update_dampening: float = Field(0.1, gt=0, description="the update's dampening: fraction of the mean input "
+                                                           "second moment added to its diagonal (as prune "
+                                                           "--asymmetric's)")
 
     def apply(self, model: nn.Module, calibration: torch.Tensor, ratio: float, batch_size: int) -> dict[str, Any]:
         adapter = adapter_for(model)
@@ -134,7 +140,7 @@ class SvdLLM(ShrinkMethod):
         adapter = adapter_for(model)
         blocks = adapter.blocks()
         twin = self.update and self.sequential == "layer"
-        factorer = _Factorer(rank_of, self.dampening, self.update, twin)
+        factorer = _Factorer(rank_of, self.dampening, self.update, twin, self.update_dampening)
         steps = SequentialCalibration(adapter, factorer, "layer" if self.sequential == "layer" else "dense",
                                       twin=twin)
         steps.capture(model, calibration, batch_size)
