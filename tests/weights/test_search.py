@@ -136,6 +136,7 @@ def test_prune_cli_searches_then_its_recipe_reproduces_the_masks(tiny_model_dir,
     report = json.loads((searched / "report.json").read_text())
     assert report["search"]["achieved_ratio"] == pytest.approx(0.5)
     assert "## Allocation by search" in (searched / "report.md").read_text()
+    assert "| database stream | the dense model's inputs |" in (searched / "report.md").read_text()
     assert (searched / "allocation.png").exists()
     shutil.rmtree(tmp_path / "db")  # the recipe needs no database: it does not search again
     assert main(["prune", "--recipe", str(searched / "recipe.yaml"), "--out", str(again)]) == 0
@@ -150,3 +151,16 @@ def test_prune_cli_searches_then_its_recipe_reproduces_the_masks(tiny_model_dir,
                  "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "overrides" in err
+
+
+def test_a_sparsegpt_search_reports_its_reference_stream_and_sequential_check(tiny_model_dir, tmp_path):
+    out = tmp_path / "searched"
+    assert main(["prune", str(tiny_model_dir), "--method", "sparsegpt", "--no-eval", "--no-compressed",
+                 "--calib-samples", "2", "--seq-len", "32", "--ratio", "0.5", "--allocation", "knapsack",
+                 "--allocation-arg", "step=0.25", "--allocation-arg", "max_ratio=0.75", "--allocation-arg",
+                 "sensitivity_tokens=32", "--allocation-arg", f"database={tmp_path / 'db'}", "--out", str(out)]) == 0
+    search = json.loads((out / "report.json").read_text())["search"]
+    assert search["database"]["stream"] == "reference" and search["sequential_check"]["kept"] in ("start", "found")
+    markdown = (out / "report.md").read_text()
+    assert "| database stream | reference: every earlier layer pruned at 0.5 (layer order) |" in markdown
+    assert "| sequential check | pruned as prune prunes, on " in markdown

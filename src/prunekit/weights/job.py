@@ -466,12 +466,24 @@ def _search_markdown(search: dict | None) -> list[str]:
         rows.append(("fitness (KL to dense, last stage)", f"{search['start_fitness']:.5f} at the start → "
                                                           f"{search['fitness']:.5f} ({search['evaluations']} "
                                                           "candidates measured)"))
-    rows += [("level database", f"{search['database']['path']} ("
-                                + ("reused" if search["database"]["reused"] else
-                                   f"{search['database']['blocks_built']} blocks built")
-                                + f", {human_bytes(search['database']['bytes'])})"),
-             ("wall time", f"database {seconds['database']:.1f} s, unit costs {seconds['unit_costs']:.1f} s, "
-                           f"search {seconds['search']:.1f} s (costs included)"),
+    database = search["database"]
+    stream = database.get("stream", "dense")
+    rows += [("level database", f"{database['path']} ("
+                                + ("reused" if database["reused"] else f"{database['blocks_built']} blocks built")
+                                + f", {human_bytes(database['bytes'])})"),
+             ("database stream", "the dense model's inputs" if stream == "dense" else
+              f"{stream}: every earlier layer pruned at {database.get('reference_ratio', 0):g} "
+              f"({database.get('sequential', 'layer')} order)")]
+    check = search.get("sequential_check")
+    if check:
+        kept = "the found levels" if check["kept"] == "found" else f"the start ({check['start']})"
+        rows.append(("sequential check", f"pruned as prune prunes, on {check['tokens']} tokens: start "
+                                         f"({check['start']}) {check['start_kl']:.5f}, found {check['found_kl']:.5f}; "
+                                         f"kept {kept}"))
+    rows += [("wall time", f"database {seconds['database']:.1f} s, unit costs {seconds['unit_costs']:.1f} s, "
+                           f"search {seconds['search']:.1f} s (costs included)"
+                           + (f", sequential check {seconds['sequential_check']:.1f} s"
+                              if seconds.get("sequential_check") else "")),
              ("peak RSS during the search", human_bytes(search["peak_rss_bytes"]))]
     units = [(u["name"], f"{u['parameters']:,}", f"{u['ratio']:.2f}",
               "–" if u["start_ratio"] is None else f"{u['start_ratio']:.2f}",
