@@ -8,6 +8,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from prunekit.core.lowrank import whitening_factor
+
 try:  # symmetric rank-k update: half the multiply-adds of X Xᵀ through a general matmul
     from scipy.linalg.blas import ssyrk as _ssyrk
 except ImportError:  # pragma: no cover - scipy comes with gensim
@@ -201,17 +203,7 @@ class TwinInputHessian(InputHessian):
         tensor) where the two streams agreed on every token."""
         if self.rows == 0 or not bool(self.shift.any()):
             return weight
-        gram = self.gram_matrix().to(torch.float64)
-        lam = dampening * float(gram.diagonal().mean().clamp_min(1e-12))
-        gram.diagonal().add_(lam)
-        factor, info = torch.linalg.cholesky_ex(gram)
-        for _ in range(4):  # a rank-deficient X Xᵀ (dead inputs) with a tiny λ: more dampening, as SparseGPT does
-            if int(info) == 0:
-                break
-            gram.diagonal().add_(lam * 9)
-            lam *= 10
-            factor, info = torch.linalg.cholesky_ex(gram)
-        if int(info) != 0:
-            raise ValueError("the inputs' second moment is not positive definite even when dampened")
+        # X Xᵀ + λI, dampened further where dead inputs leave it singular (SparseGPT's remedy)
+        factor = whitening_factor(self.gram_matrix(), dampening).factor
         moved = weight.to(torch.float64) @ self.shift.to(torch.float64)
         return (weight.to(torch.float64) + torch.cholesky_solve(moved.T, factor).T).to(weight.dtype)

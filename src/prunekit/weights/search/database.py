@@ -129,10 +129,11 @@ class _LevelRecorder:
     def statistics(self, target: Target) -> type[LayerStatistics] | None:
         return self.plan.method.statistics
 
-    def _prune_copy(self, dense: torch.Tensor, stats: LayerStatistics | None,
-                    ratio: float) -> tuple[str, torch.Tensor]:
-        pruned = dense.clone()
-        mask = self.plan.method.prune(pruned, stats, ratio, self.plan.pattern)
+    def _prune(self, weight: torch.Tensor, dense: torch.Tensor, stats: LayerStatistics | None,
+               ratio: float) -> tuple[str, torch.Tensor]:
+        """Prune ``weight`` (``dense``'s copy, or the target's own weight) at ``ratio``; the level as stored."""
+        mask = self.plan.method.prune(weight, stats, ratio, self.plan.pattern)
+        pruned = weight.detach().clone() if weight is not dense else weight
         return ("mask", mask) if _keeps_values(dense, pruned, mask) else ("weights", pruned)
 
     @torch.no_grad()
@@ -141,16 +142,14 @@ class _LevelRecorder:
         at_reference = None
         if self.reference is not None:
             self.replaced[target.name] = (target, dense)
-            mask = self.plan.method.prune(target.weight, stats, self.reference, self.plan.pattern)
-            pruned = target.weight.detach().clone()
-            at_reference = ("mask", mask) if _keeps_values(dense, pruned, mask) else ("weights", pruned)
+            at_reference = self._prune(target.weight, dense, stats, self.reference)
         if not self.record:
             return
         levels: list[tuple[str, torch.Tensor]] = [("dense", dense)]
         for ratio in self.grid[1:]:
             # the stream's own layer when the reference ratio is a level: the same arithmetic, done once
             on_reference = at_reference is not None and abs(ratio - self.reference) < 1e-12
-            levels.append(at_reference if on_reference else self._prune_copy(dense, stats, ratio))
+            levels.append(at_reference if on_reference else self._prune(dense.clone(), dense, stats, ratio))
         self.found[target.name] = levels
 
     @torch.no_grad()

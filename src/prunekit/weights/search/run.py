@@ -160,7 +160,6 @@ class WeightLevelProblem:
         started = time.perf_counter()
         path = (self.database.directory
                 / f"costs-{self.allocation.sensitivity}-{self.allocation.sensitivity_tokens}.json")
-        table = []
         if any(self.cost_base):
             path = path.with_name(f"{path.stem}-around-level-{self.cost_base[0]}.json")
         saved = json.loads(path.read_text()) if path.exists() else {}
